@@ -1,0 +1,203 @@
+/* fp_rawio.c - raw IPv4 socket I/O with batching and per-flow BPF filters. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/filter.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "fastpunch/fp_rawio.h"
+#include "fp_wire.h"
+
+#define BATCH_CHUNK 256 /* mmsghdr entries per sendmmsg/recvmmsg call */
+
+int fp_raw_open_send(int sndbuf)
+{
+    int fd = socket(AF_INET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_RAW);
+    if (fd < 0)
+        return -errno;
+    if (sndbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+int fp_bpf_flow_filter(struct sock_filter *prog, int cap, uint32_t saddr, uint32_t daddr,
+                       uint16_t sport, uint16_t dport)
+{
+    /* The packet seen by an AF_INET raw socket starts at the IP header.
+     * Every test jumps to the final "reject" on mismatch; jump offsets are
+     * filled in once the program length is known. */
+    struct sock_filter p[16];
+    int n = 0;
+    int rejects[8], nrej = 0;
+#define EMIT(c, k) (p[n++] = (struct sock_filter)BPF_STMT((c), (k)))
+#define TEST_EQ(k) (rejects[nrej++] = n, p[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (k), 0, 0))
+    EMIT(BPF_LD | BPF_B | BPF_ABS, 9); /* protocol */
+    TEST_EQ(IPPROTO_TCP);
+    if (saddr) {
+        EMIT(BPF_LD | BPF_W | BPF_ABS, 12);
+        TEST_EQ(saddr);
+    }
+    if (daddr) {
+        EMIT(BPF_LD | BPF_W | BPF_ABS, 16);
+        TEST_EQ(daddr);
+    }
+    /* first fragments only: the TCP header must be there */
+    EMIT(BPF_LD | BPF_H | BPF_ABS, 6);
+    p[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, 0x1fff, 0, 0);
+    rejects[nrej++] = -(n - 1); /* JSET: reject on true */
+    if (sport || dport) {
+        EMIT(BPF_LDX | BPF_B | BPF_MSH, 0); /* X = IHL * 4 */
+        if (sport) {
+            EMIT(BPF_LD | BPF_H | BPF_IND, 0);
+            TEST_EQ(sport);
+        }
+        if (dport) {
+            EMIT(BPF_LD | BPF_H | BPF_IND, 2);
+            TEST_EQ(dport);
+        }
+    }
+    EMIT(BPF_RET | BPF_K, 0x40000); /* accept whole packet */
+    int reject_at = n;
+    EMIT(BPF_RET | BPF_K, 0);
+#undef EMIT
+#undef TEST_EQ
+    for (int i = 0; i < nrej; i++) {
+        if (rejects[i] >= 0) { /* JEQ: fall through on match, jump on mismatch */
+            int at = rejects[i];
+            p[at].jt = 0;
+            p[at].jf = (uint8_t)(reject_at - at - 1);
+        } else { /* JSET: jump to reject on true */
+            int at = -rejects[i];
+            p[at].jt = (uint8_t)(reject_at - at - 1);
+            p[at].jf = 0;
+        }
+    }
+    if (n > cap)
+        return -EINVAL;
+    memcpy(prog, p, sizeof(struct sock_filter) * (size_t)n);
+    return n;
+}
+
+int fp_raw_open_recv(uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport, int rcvbuf)
+{
+    struct sock_filter prog[16];
+    int n = fp_bpf_flow_filter(prog, 16, saddr, daddr, sport, dport);
+    if (n < 0)
+        return n;
+    struct sock_fprog fprog = {.len = (unsigned short)n, .filter = prog};
+
+    int fd = socket(AF_INET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
+    if (fd < 0)
+        return -errno;
+    int e = 0;
+    if (rcvbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf) < 0)
+        e = errno;
+    if (!e && setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &fprog, sizeof fprog) < 0)
+        e = errno;
+    if (e) {
+        close(fd);
+        return -e;
+    }
+    /* Packets that arrived between socket() and the filter bypassed it:
+     * drain them so the caller only ever sees filtered traffic. */
+    uint8_t scratch[64];
+    while (recv(fd, scratch, sizeof scratch, MSG_DONTWAIT | MSG_TRUNC) >= 0)
+        ;
+    return fd;
+}
+
+static void dest_of(const uint8_t *pkt, uint32_t len, struct sockaddr_in *sa)
+{
+    memset(sa, 0, sizeof *sa);
+    sa->sin_family = AF_INET;
+    if (len >= 20)
+        memcpy(&sa->sin_addr.s_addr, pkt + 16, 4); /* already network order */
+}
+
+long fp_raw_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
+                       size_t count)
+{
+    struct mmsghdr msgs[BATCH_CHUNK];
+    struct iovec iovs[BATCH_CHUNK];
+    struct sockaddr_in addrs[BATCH_CHUNK];
+    size_t done = 0;
+
+    while (done < count) {
+        size_t n = count - done < BATCH_CHUNK ? count - done : BATCH_CHUNK;
+        for (size_t i = 0; i < n; i++) {
+            const uint8_t *pkt = buf + (done + i) * stride;
+            uint32_t len = lens[done + i];
+            dest_of(pkt, len, &addrs[i]);
+            iovs[i].iov_base = (void *)pkt;
+            iovs[i].iov_len = len;
+            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
+            msgs[i].msg_hdr.msg_name = &addrs[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof addrs[i];
+            msgs[i].msg_hdr.msg_iov = &iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int r = sendmmsg(fd, msgs, (unsigned)n, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return done ? (long)done : -errno;
+        }
+        done += (size_t)r;
+        if ((size_t)r < n)
+            break; /* the socket buffer filled: report a short count */
+    }
+    return (long)done;
+}
+
+long fp_raw_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
+                      size_t count)
+{
+    size_t done = 0;
+    while (done < count) {
+        const uint8_t *pkt = buf + done * stride;
+        struct sockaddr_in sa;
+        dest_of(pkt, lens[done], &sa);
+        ssize_t r = sendto(fd, pkt, lens[done], 0, (struct sockaddr *)&sa, sizeof sa);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return done ? (long)done : -errno;
+        }
+        done++;
+    }
+    return (long)done;
+}
+
+long fp_raw_recv_batch(int fd, uint8_t *buf, size_t stride, uint32_t *lens, size_t count)
+{
+    struct mmsghdr msgs[BATCH_CHUNK];
+    struct iovec iovs[BATCH_CHUNK];
+    size_t n = count < BATCH_CHUNK ? count : BATCH_CHUNK;
+
+    for (size_t i = 0; i < n; i++) {
+        iovs[i].iov_base = buf + i * stride;
+        iovs[i].iov_len = stride;
+        memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
+        msgs[i].msg_hdr.msg_iov = &iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    for (;;) {
+        int r = recvmmsg(fd, msgs, (unsigned)n, MSG_DONTWAIT, NULL);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            return -errno;
+        }
+        for (int i = 0; i < r; i++)
+            lens[i] = msgs[i].msg_len > stride ? (uint32_t)stride : msgs[i].msg_len;
+        return r;
+    }
+}

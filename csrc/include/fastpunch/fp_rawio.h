@@ -1,0 +1,44 @@
+/* fp_rawio.h - raw IPv4 sockets: IP_HDRINCL send with sendmmsg, receive with
+ * recvmmsg behind a classic BPF filter scoped to one flow. Linux only. */
+#ifndef FASTPUNCH_FP_RAWIO_H
+#define FASTPUNCH_FP_RAWIO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Open a non-blocking IPPROTO_RAW socket (IP_HDRINCL implied). Returns the
+ * descriptor or -errno (-EPERM without CAP_NET_RAW). sndbuf > 0 sets SO_SNDBUF. */
+int fp_raw_open_send(int sndbuf);
+
+/* Open a non-blocking raw IPPROTO_TCP socket that sees only segments matching
+ * the given IPv4 4-tuple (host order; 0 is a wildcard), first fragments only.
+ * The filter is attached before anything queued earlier is drained, so the
+ * socket never yields a foreign packet. Returns the descriptor or -errno. */
+int fp_raw_open_recv(uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
+                     int rcvbuf);
+
+/* Write the classic BPF program used above into prog (cap entries; 16 is
+ * always enough). Returns the instruction count or -EINVAL. Exposed so the
+ * filter can be tested on its own. */
+struct sock_filter;
+int fp_bpf_flow_filter(struct sock_filter *prog, int cap, uint32_t saddr, uint32_t daddr,
+                       uint16_t sport, uint16_t dport);
+
+/* Send count datagrams laid out stride bytes apart with lengths lens[]: each
+ * is addressed to the destination in its own IP header. Uses sendmmsg in
+ * chunks. Returns the number sent (possibly short when the socket buffer
+ * fills: EAGAIN after at least one) or -errno when none was sent. */
+long fp_raw_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
+                       size_t count);
+
+/* The same, one sendto(2) per datagram (the baseline sendmmsg is measured
+ * against). */
+long fp_raw_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
+                      size_t count);
+
+/* Receive up to count datagrams with recvmmsg into buf (stride bytes each);
+ * lens[i] gets each length (truncated datagrams are cut at stride). Returns
+ * the count received (0 when none is waiting) or -errno. */
+long fp_raw_recv_batch(int fd, uint8_t *buf, size_t stride, uint32_t *lens, size_t count);
+
+#endif

@@ -1,0 +1,910 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Binding of the C segment engine (csrc/). The Python face is fastpunch.packet.
+
+Errors: every negative code from C goes through _error(), the one place that
+turns codes into exceptions (fastpunch.errors.error_from_code).
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+from fastpunch._cdefs cimport *
+
+import collections
+import enum
+
+from fastpunch import errors as _errors
+
+cdef extern from "arpa/inet.h" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+    uint32_t ntohl(uint32_t)
+    uint32_t htonl(uint32_t)
+cdef extern from "sys/socket.h" nogil:
+    int AF_INET
+cdef extern from "unistd.h" nogil:
+    int close(int fd)
+
+
+# ---------------------------------------------------------------- errors
+
+cdef object _error(long code, str operation):
+    cdef int c = <int>(-code if code < 0 else code)
+    return _errors.error_from_code(
+        c, fp_reason_name(c).decode(), fp_reason_text(c).decode(), operation)
+
+
+def reason_name(int code):
+    """Stable identifier of an engine result code (for tests and logs)."""
+    return fp_reason_name(code).decode()
+
+
+# ---------------------------------------------------------------- constants
+
+class Flags(enum.IntFlag):
+    """TCP control bits (RFC 9293 §3.1, RFC 3168, RFC 9768 AE)."""
+    FIN = 0x001
+    SYN = 0x002
+    RST = 0x004
+    PSH = 0x008
+    ACK = 0x010
+    URG = 0x020
+    ECE = 0x040
+    CWR = 0x080
+    AE = 0x100
+
+
+cdef str _FLAG_LETTERS = "FSRPAUEC"
+
+
+def flags_str(int flags):
+    """Flags as letters in scapy's order ("S", "SA", "FPA", ...)."""
+    return "".join([_FLAG_LETTERS[i] for i in range(8) if flags & (1 << i)])
+
+
+class FlowState(enum.IntEnum):
+    CLOSED = FP_CLOSED
+    SYN_SENT = FP_SYN_SENT
+    SYN_RECEIVED = FP_SYN_RECEIVED
+    ESTABLISHED = FP_ESTABLISHED
+    RESET = FP_RESET
+
+
+class FlowEvent(enum.IntEnum):
+    NONE = 0
+    ESTABLISHED = 1
+    RESET = 2
+    UNACCEPTABLE = 3
+    BAD_ACK = 4
+    IGNORED = 5
+    SYN_RETRANSMIT = 6
+
+
+Reply = collections.namedtuple("Reply", "flags seq ack window")
+Reply.__doc__ = "Numbers of one segment to send: control bits, SEQ, ACK, window field."
+
+cdef object _reply(const fp_reply *r):
+    return Reply(r.flags, r.seq, r.ack, r.window)
+
+
+# ---------------------------------------------------------------- addresses
+
+cdef int _addr(object a, uint32_t *out) except -1:
+    cdef uint32_t net
+    if isinstance(a, int):
+        if not 0 <= a <= 0xffffffff:
+            raise ValueError(f"IPv4 address out of range: {a!r}")
+        out[0] = <uint32_t>a
+        return 0
+    if isinstance(a, str):
+        b = (<str>a).encode("ascii", "replace")
+        if inet_pton(AF_INET, b, &net) == 1:
+            out[0] = ntohl(net)
+            return 0
+        raise ValueError(f"not an IPv4 address: {a!r}")
+    if hasattr(a, "packed") and getattr(a, "version", 0) == 4:   # ipaddress.IPv4Address
+        out[0] = <uint32_t>int(a)
+        return 0
+    raise TypeError(f"IPv4 address must be str, int or IPv4Address, not {type(a).__name__}")
+
+
+cdef str _ntoa(uint32_t a):
+    return f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}"
+
+
+def ip_to_int(a):
+    """Host-order integer of an IPv4 address given as str, int or IPv4Address."""
+    cdef uint32_t v
+    _addr(a, &v)
+    return v
+
+
+def int_to_ip(uint32_t a):
+    return _ntoa(a)
+
+
+# ---------------------------------------------------------------- checksums
+
+cdef inline int _wire_to_int(fp_sum16 v) noexcept nogil:
+    cdef uint8_t *b = <uint8_t *>&v
+    return b[0] << 8 | b[1]
+
+
+cdef inline fp_sum16 _int_to_wire16(uint32_t v) noexcept nogil:
+    cdef fp_sum16 w
+    cdef uint8_t *b = <uint8_t *>&w
+    b[0] = (v >> 8) & 0xff
+    b[1] = v & 0xff
+    return w
+
+
+cdef inline uint32_t _int_to_wire32(uint32_t v) noexcept nogil:
+    cdef uint32_t w
+    cdef uint8_t *b = <uint8_t *>&w
+    b[0] = v >> 24
+    b[1] = (v >> 16) & 0xff
+    b[2] = (v >> 8) & 0xff
+    b[3] = v & 0xff
+    return w
+
+
+def checksum(const uint8_t[::1] data not None):
+    """RFC 1071 Internet checksum of data, as the big-endian value on the wire.
+
+    Over a region that includes its own correct checksum field the result is 0.
+    """
+    cdef fp_sum16 c
+    with nogil:
+        c = fp_csum(&data[0] if data.shape[0] else NULL, <size_t>data.shape[0])
+    return _wire_to_int(c)
+
+
+def tcp_checksum(src, dst, const uint8_t[::1] segment not None):
+    """Checksum of a TCP segment (header + data) under the IPv4 pseudo-header.
+
+    With the checksum field zeroed this is the value to store; over a segment
+    carrying a correct checksum it is 0.
+    """
+    cdef uint32_t s, d
+    _addr(src, &s)
+    _addr(dst, &d)
+    if segment.shape[0] > 0xffff:
+        raise ValueError("a TCP segment is at most 65535 bytes")
+    cdef uint64_t acc = fp_csum_pseudo(s, d, 6, <uint16_t>segment.shape[0])
+    acc = fp_csum_add(acc, &segment[0] if segment.shape[0] else NULL, <size_t>segment.shape[0])
+    return _wire_to_int(fp_csum_fold(acc))
+
+
+def checksum_update(int check, unsigned long old, unsigned long new, int width=16):
+    """RFC 1624 incremental update of checksum ``check`` when a ``width``-bit
+    field (16 or 32) changes from ``old`` to ``new``. Values are big-endian ints."""
+    if not 0 <= check <= 0xffff:
+        raise ValueError("checksum must be a 16-bit value")
+    cdef fp_sum16 c = _int_to_wire16(<uint32_t>check)
+    if width == 16:
+        if old > 0xffff or new > 0xffff:
+            raise ValueError("16-bit field values must be below 65536")
+        return _wire_to_int(fp_csum_replace2(c, _int_to_wire16(<uint32_t>old),
+                                             _int_to_wire16(<uint32_t>new)))
+    if width == 32:
+        if old > 0xffffffff or new > 0xffffffff:
+            raise ValueError("32-bit field values must be below 2**32")
+        return _wire_to_int(fp_csum_replace4(c, _int_to_wire32(<uint32_t>old),
+                                             _int_to_wire32(<uint32_t>new)))
+    raise ValueError("width must be 16 or 32")
+
+
+def checksum_many(const uint8_t[::1] data not None, Py_ssize_t stride, Py_ssize_t length,
+                  uint16_t[::1] out not None):
+    """Checksum len(out) regions of ``length`` bytes placed ``stride`` bytes apart
+    in data; out[i] receives region i's checksum in wire byte order (as memcpy'd
+    into a header). Validates a received batch in one call."""
+    cdef Py_ssize_t count = out.shape[0]
+    if stride < length or length < 0:
+        raise ValueError("stride must be at least length")
+    if count and (count - 1) * stride + length > data.shape[0]:
+        raise ValueError("data is too short for that many regions")
+    if count == 0:
+        return
+    with nogil:
+        fp_csum_many(&data[0], <size_t>stride, <size_t>length, <size_t>count, &out[0])
+
+
+# ---------------------------------------------------------------- sequence numbers
+
+def seq_before(uint32_t a, uint32_t b):
+    """a precedes b modulo 2**32 (the kernel's before())."""
+    return bool(fp_before(a, b))
+
+
+def seq_after(uint32_t a, uint32_t b):
+    return bool(fp_after(a, b))
+
+
+def seq_between(uint32_t x, uint32_t lo, uint32_t hi):
+    """lo <= x <= hi modulo 2**32."""
+    return bool(fp_between(x, lo, hi))
+
+
+def seq_acceptable(uint32_t rcv_nxt, uint32_t rcv_wnd, uint32_t seq, uint32_t seg_len):
+    """RFC 9293 §3.10.7.4 acceptability test (seg_len counts SYN and FIN)."""
+    return bool(fp_seq_acceptable(rcv_nxt, rcv_wnd, seq, seg_len))
+
+
+# ---------------------------------------------------------------- TCP options
+
+cdef class TCPOptions:
+    """TCP options of a segment: MSS, window scale, SACK-permitted, timestamps,
+    SACK blocks. Immutable; absent options read as None (or False / ())."""
+    cdef fp_tcp_opts o
+
+    def __init__(self, *, mss=None, wscale=None, bint sack_permitted=False,
+                 timestamp=None, sack=()):
+        memset(&self.o, 0, sizeof(self.o))
+        if mss is not None:
+            if not 0 <= mss <= 0xffff:
+                raise ValueError("mss must fit in 16 bits")
+            self.o.present |= FP_OPT_MSS
+            self.o.mss = mss
+        if wscale is not None:
+            if not 0 <= wscale <= 14:
+                raise ValueError("wscale must be 0..14 (RFC 7323 §2.3)")
+            self.o.present |= FP_OPT_WSCALE
+            self.o.wscale = wscale
+        if sack_permitted:
+            self.o.present |= FP_OPT_SACK_PERM
+        if timestamp is not None:
+            tsval, tsecr = timestamp
+            self.o.present |= FP_OPT_TIMESTAMP
+            self.o.ts_val = tsval
+            self.o.ts_ecr = tsecr
+        blocks = tuple(sack)
+        if blocks:
+            if len(blocks) > FP_MAX_SACK_BLOCKS:
+                raise ValueError("at most 4 SACK blocks fit in a TCP header")
+            self.o.present |= FP_OPT_SACK
+            self.o.sack_count = <uint8_t>len(blocks)
+            for i, (left, right) in enumerate(blocks):
+                self.o.sack[i].left = left
+                self.o.sack[i].right = right
+        cdef uint8_t scratch[40]
+        cdef int n = fp_tcp_opts_encode(&self.o, scratch, 40)
+        if n < 0:
+            raise _error(n, "build")
+
+    @staticmethod
+    cdef TCPOptions _wrap(const fp_tcp_opts *o):
+        cdef TCPOptions t = TCPOptions.__new__(TCPOptions)
+        t.o = o[0]
+        return t
+
+    @staticmethod
+    def decode(const uint8_t[::1] data not None):
+        """Parse a raw option block (the bytes after the fixed TCP header)."""
+        cdef fp_tcp_opts o
+        if data.shape[0] > 40:
+            raise _errors.MalformedPacket("tcp-option-space", "TCP options exceed 40 bytes")
+        cdef int rc = fp_tcp_opts_decode(&data[0] if data.shape[0] else NULL,
+                                         <size_t>data.shape[0], &o)
+        if rc < 0:
+            raise _error(rc, "parse")
+        return TCPOptions._wrap(&o)
+
+    def encode(self):
+        """The option block in the layout Linux sends (4-byte aligned)."""
+        cdef uint8_t buf[40]
+        cdef int n = fp_tcp_opts_encode(&self.o, buf, 40)
+        if n < 0:
+            raise _error(n, "build")
+        return PyBytes_FromStringAndSize(<char *>buf, n)
+
+    @property
+    def mss(self):
+        return self.o.mss if self.o.present & FP_OPT_MSS else None
+
+    @property
+    def wscale(self):
+        return self.o.wscale if self.o.present & FP_OPT_WSCALE else None
+
+    @property
+    def sack_permitted(self):
+        return bool(self.o.present & FP_OPT_SACK_PERM)
+
+    @property
+    def timestamp(self):
+        if self.o.present & FP_OPT_TIMESTAMP:
+            return (self.o.ts_val, self.o.ts_ecr)
+        return None
+
+    @property
+    def sack(self):
+        if not self.o.present & FP_OPT_SACK:
+            return ()
+        return tuple([(self.o.sack[i].left, self.o.sack[i].right)
+                      for i in range(self.o.sack_count)])
+
+    @property
+    def unknown(self):
+        """How many options of kinds we do not interpret were skipped."""
+        return self.o.unknown
+
+    def _key(self):
+        return (self.mss, self.wscale, self.sack_permitted, self.timestamp, self.sack)
+
+    def __eq__(self, other):
+        if not isinstance(other, TCPOptions):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        parts = []
+        for name, value in zip(("mss", "wscale", "sack_permitted", "timestamp", "sack"),
+                               self._key()):
+            if value not in (None, False, ()):
+                parts.append(f"{name}={value!r}")
+        return f"TCPOptions({', '.join(parts)})"
+
+
+# ---------------------------------------------------------------- parse
+
+cdef class Segment:
+    """A parsed IPv4/TCP datagram. Fields are read lazily from the C struct."""
+    cdef fp_segment s
+    cdef bytes _data
+
+    @property
+    def src(self):
+        return _ntoa(self.s.ip.saddr)
+
+    @property
+    def dst(self):
+        return _ntoa(self.s.ip.daddr)
+
+    @property
+    def src_int(self):
+        return self.s.ip.saddr
+
+    @property
+    def dst_int(self):
+        return self.s.ip.daddr
+
+    @property
+    def tos(self):
+        return self.s.ip.tos
+
+    @property
+    def total_length(self):
+        return self.s.ip.total_len
+
+    @property
+    def ip_header_length(self):
+        return self.s.ip.hlen
+
+    @property
+    def ip_id(self):
+        return self.s.ip.id
+
+    @property
+    def df(self):
+        return bool(self.s.ip.frag & FP_IP_DF)
+
+    @property
+    def ip_flags(self):
+        """The three IP flag bits as an int (RF=4, DF=2, MF=1)."""
+        return self.s.ip.frag >> 13
+
+    @property
+    def ttl(self):
+        return self.s.ip.ttl
+
+    @property
+    def ip_checksum(self):
+        return self.s.ip.check
+
+    @property
+    def ip_options(self):
+        return self._data[20:self.s.ip.hlen]
+
+    @property
+    def sport(self):
+        return self.s.tcp.sport
+
+    @property
+    def dport(self):
+        return self.s.tcp.dport
+
+    @property
+    def seq(self):
+        return self.s.tcp.seq
+
+    @property
+    def ack(self):
+        return self.s.tcp.ack
+
+    @property
+    def tcp_header_length(self):
+        return self.s.tcp.doff
+
+    @property
+    def flags(self):
+        return self.s.tcp.flags
+
+    @property
+    def flags_str(self):
+        return flags_str(self.s.tcp.flags)
+
+    @property
+    def window(self):
+        return self.s.tcp.window
+
+    @property
+    def tcp_checksum(self):
+        return self.s.tcp.check
+
+    @property
+    def urgent(self):
+        return self.s.tcp.urg
+
+    @property
+    def options(self):
+        return TCPOptions._wrap(&self.s.tcp.opts)
+
+    @property
+    def payload(self):
+        cdef Py_ssize_t start = self.s.ip.hlen + self.s.tcp.doff
+        return self._data[start:self.s.ip.total_len]
+
+    @property
+    def payload_length(self):
+        return self.s.payload_len
+
+    @property
+    def seg_len(self):
+        """SEG.LEN of RFC 9293: payload plus one for SYN and one for FIN."""
+        return self.s.payload_len + (self.s.tcp.flags & 2) // 2 + (self.s.tcp.flags & 1)
+
+    def __repr__(self):
+        return (f"<Segment {self.src}:{self.sport} > {self.dst}:{self.dport} "
+                f"[{self.flags_str}] seq={self.seq} ack={self.ack} win={self.window} "
+                f"len={self.s.payload_len}>")
+
+
+cdef Segment _parse(bytes data, int verify):
+    cdef Segment seg = Segment.__new__(Segment)
+    cdef int rc = fp_segment_parse(<const uint8_t *>PyBytes_AS_STRING(data),
+                                   <size_t>PyBytes_GET_SIZE(data), verify, &seg.s)
+    if rc < 0:
+        raise _error(rc, "parse")
+    seg._data = data
+    return seg
+
+
+def parse(data, *, bint verify=True):
+    """Parse one IPv4 datagram carrying TCP.
+
+    Raises MalformedPacket (a ValueError) with a ``reason`` for anything that
+    is not a well-formed, complete, unfragmented IPv4/TCP datagram; checksums
+    are verified unless ``verify`` is false. Never crashes on any input.
+    """
+    if type(data) is not bytes:
+        data = bytes(data)
+    return _parse(<bytes>data, FP_VERIFY_IP | FP_VERIFY_TCP if verify else 0)
+
+
+# ---------------------------------------------------------------- build
+
+cdef int _fill_headers(fp_ipv4 *ip, fp_tcp *tcp, src, dst, uint16_t sport, uint16_t dport,
+                       uint32_t seq, uint32_t ack, uint16_t flags, uint16_t window,
+                       TCPOptions options, uint8_t ttl, uint16_t ip_id, uint8_t tos, bint df,
+                       uint16_t urgent) except -1:
+    memset(ip, 0, sizeof(fp_ipv4))
+    memset(tcp, 0, sizeof(fp_tcp))
+    _addr(src, &ip.saddr)
+    _addr(dst, &ip.daddr)
+    ip.ttl = ttl
+    ip.id = ip_id
+    ip.tos = tos
+    ip.frag = FP_IP_DF if df else 0
+    ip.proto = 6
+    tcp.sport = sport
+    tcp.dport = dport
+    tcp.seq = seq
+    tcp.ack = ack
+    tcp.flags = flags & 0xfff
+    tcp.window = window
+    tcp.urg = urgent
+    if options is not None:
+        tcp.opts = options.o
+    return 0
+
+
+def build(src, dst, uint16_t sport, uint16_t dport, uint32_t seq=0, uint32_t ack=0,
+          uint16_t flags=Flags.SYN, uint16_t window=65535, TCPOptions options=None,
+          const uint8_t[::1] payload=None, uint8_t ttl=64, uint16_t ip_id=0, uint8_t tos=0,
+          bint df=True, uint16_t urgent=0, const uint8_t[::1] ip_options=None):
+    """Build one IPv4/TCP datagram with both checksums; returns bytes."""
+    cdef fp_ipv4 ip
+    cdef fp_tcp tcp
+    _fill_headers(&ip, &tcp, src, dst, sport, dport, seq, ack, flags, window, options,
+                  ttl, ip_id, tos, df, urgent)
+    cdef Py_ssize_t plen = payload.shape[0] if payload is not None else 0
+    cdef const uint8_t *pptr = &payload[0] if plen else NULL
+    if ip_options is not None and ip_options.shape[0]:
+        if ip_options.shape[0] > 40:
+            raise _error(-FP_E_IP_OPTIONS, "build")
+        ip.options = &ip_options[0]
+        ip.options_len = <uint8_t>ip_options.shape[0]
+    cdef Py_ssize_t cap = 120 + plen
+    cdef uint8_t stackbuf[1600]
+    cdef uint8_t *buf = stackbuf
+    if cap > 1600:
+        buf = <uint8_t *>PyMem_Malloc(cap)
+        if buf == NULL:
+            raise MemoryError()
+    cdef int n
+    try:
+        n = fp_segment_build(buf, <size_t>cap, &ip, &tcp, pptr, <size_t>plen)
+        if n < 0:
+            raise _error(n, "build")
+        return PyBytes_FromStringAndSize(<char *>buf, n)
+    finally:
+        if buf != stackbuf:
+            PyMem_Free(buf)
+
+
+cdef class SegmentBatch:
+    """A reusable buffer of up to ``capacity`` datagrams, one every ``stride``
+    bytes, built in one C call and sent in one sendmmsg loop."""
+    cdef readonly Py_ssize_t capacity
+    cdef readonly Py_ssize_t stride
+    cdef Py_ssize_t count
+    cdef bytearray _buf
+    cdef uint8_t *_ptr
+    cdef uint32_t *_lens
+
+    def __cinit__(self, Py_ssize_t capacity, Py_ssize_t stride=2048):
+        if capacity <= 0 or stride < 40 or stride > 65535:
+            raise ValueError("capacity must be positive and stride within 40..65535")
+        self.capacity = capacity
+        self.stride = stride
+        self.count = 0
+        self._buf = bytearray(capacity * stride)
+        self._ptr = <uint8_t *>PyByteArray_AS_STRING(self._buf)
+        self._lens = <uint32_t *>PyMem_Malloc(sizeof(uint32_t) * capacity)
+        if self._lens == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self._lens)
+
+    def fill(self, Py_ssize_t count, src, dst, uint16_t sport, uint16_t dport,
+             uint32_t seq=0, uint32_t ack=0, uint16_t flags=Flags.SYN,
+             uint16_t window=65535, TCPOptions options=None,
+             const uint8_t[::1] payloads=None, Py_ssize_t payload_len=0,
+             uint8_t ttl=64, uint16_t ip_id=0, uint8_t tos=0, bint df=True,
+             const uint16_t[::1] sports=None, const uint16_t[::1] dports=None,
+             const uint32_t[::1] seqs=None, const uint8_t[::1] ttls=None,
+             const uint32_t[::1] saddrs=None, const uint32_t[::1] daddrs=None):
+        """Build ``count`` segments from one template in one C call.
+
+        Segment i carries payloads[i*payload_len:(i+1)*payload_len] (a stream
+        chopped into equal segments; seq advances by payload_len unless seqs is
+        given) and takes sports[i], dports[i], seqs[i], ttls[i], saddrs[i],
+        daddrs[i] (host-order ints) from whichever arrays are given. Returns count.
+        """
+        cdef fp_ipv4 ip
+        cdef fp_tcp tcp
+        cdef fp_batch_vary vary
+        if not 0 <= count <= self.capacity:
+            raise ValueError(f"count must be within 0..{self.capacity}")
+        _fill_headers(&ip, &tcp, src, dst, sport, dport, seq, ack, flags, window, options,
+                      ttl, ip_id, tos, df, 0)
+        memset(&vary, 0, sizeof(vary))
+        if sports is not None:
+            _need(sports.shape[0], count, "sports")
+            vary.sports = &sports[0] if count else NULL
+        if dports is not None:
+            _need(dports.shape[0], count, "dports")
+            vary.dports = &dports[0] if count else NULL
+        if seqs is not None:
+            _need(seqs.shape[0], count, "seqs")
+            vary.seqs = &seqs[0] if count else NULL
+        if ttls is not None:
+            _need(ttls.shape[0], count, "ttls")
+            vary.ttls = &ttls[0] if count else NULL
+        if saddrs is not None:
+            _need(saddrs.shape[0], count, "saddrs")
+            vary.saddrs = &saddrs[0] if count else NULL
+        if daddrs is not None:
+            _need(daddrs.shape[0], count, "daddrs")
+            vary.daddrs = &daddrs[0] if count else NULL
+        cdef const uint8_t *pptr = NULL
+        if payload_len < 0:
+            raise ValueError("payload_len must not be negative")
+        if payload_len:
+            if payloads is None or payloads.shape[0] < payload_len * count:
+                raise ValueError("payloads must hold count * payload_len bytes")
+            if count:
+                pptr = &payloads[0]
+        cdef long rc
+        with nogil:
+            rc = fp_segment_build_batch(self._ptr, <size_t>self.stride, <size_t>count, &ip,
+                                        &tcp, pptr, <size_t>payload_len, &vary, self._lens)
+        if rc < 0:
+            self.count = 0
+            raise _error(rc, "build")
+        self.count = count
+        return count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, Py_ssize_t i):
+        if i < 0:
+            i += self.count
+        if not 0 <= i < self.count:
+            raise IndexError("segment index out of range")
+        return PyBytes_FromStringAndSize(<char *>self._ptr + i * self.stride, self._lens[i])
+
+    @property
+    def lengths(self):
+        return [self._lens[i] for i in range(self.count)]
+
+    @property
+    def buffer(self):
+        """The whole underlying buffer (capacity * stride bytes)."""
+        return memoryview(self._buf)
+
+
+cdef int _need(Py_ssize_t have, Py_ssize_t count, str name) except -1:
+    if have < count:
+        raise ValueError(f"{name} has {have} entries, fewer than count={count}")
+    return 0
+
+
+# ---------------------------------------------------------------- flow tracking
+
+cdef class FlowTracker:
+    """Sequence-number state of one crafted TCP flow (RFC 9293 names).
+
+    Feed it every segment of the flow received with input(); it says what
+    happened and which segment (if any) to send back.
+    """
+    cdef fp_flow f
+
+    def __init__(self, uint32_t iss, uint32_t rcv_wnd=65535, wscale=7):
+        cdef int ws = -1 if wscale is None else wscale
+        cdef int rc = fp_flow_init(&self.f, iss, rcv_wnd, ws)
+        if rc < 0:
+            raise ValueError("wscale must be None or 0..14")
+
+    def syn_sent(self):
+        """We send our SYN now; returns its numbers."""
+        cdef fp_reply r
+        if fp_flow_syn_sent(&self.f, &r) < 0:
+            raise _errors.LocalProtocolError(
+                f"cannot send a SYN in state {FlowState(self.f.state).name}")
+        return _reply(&r)
+
+    def assume_syn(self, uint32_t irs, uint16_t window=65535, wscale=None):
+        """The peer's SYN is known out of band (its exchanged ISN): move to
+        SYN-RECEIVED and return the SYN-ACK to send."""
+        cdef fp_reply r
+        cdef int ws = -1 if wscale is None else wscale
+        if fp_flow_assume_syn(&self.f, irs, window, ws, &r) < 0:
+            raise _errors.LocalProtocolError(
+                f"cannot assume a SYN in state {FlowState(self.f.state).name}")
+        return _reply(&r)
+
+    def input(self, Segment seg not None):
+        """Process a received segment: returns (FlowEvent, Reply or None)."""
+        cdef fp_reply r
+        cdef int action = 0
+        cdef int ev = fp_flow_input(&self.f, &seg.s.tcp, seg.s.payload_len, &action, &r)
+        return FlowEvent(ev), (_reply(&r) if action == FP_ACT_SEND else None)
+
+    def ack(self):
+        cdef fp_reply r
+        fp_flow_ack(&self.f, &r)
+        return _reply(&r)
+
+    @property
+    def state(self):
+        return FlowState(self.f.state)
+
+    @property
+    def iss(self):
+        return self.f.iss
+
+    @property
+    def irs(self):
+        return self.f.irs
+
+    @property
+    def snd_una(self):
+        return self.f.snd_una
+
+    @property
+    def snd_nxt(self):
+        return self.f.snd_nxt
+
+    @property
+    def snd_wnd(self):
+        """Peer's receive window in bytes (scaled)."""
+        return self.f.snd_wnd
+
+    @property
+    def rcv_nxt(self):
+        return self.f.rcv_nxt
+
+    @property
+    def rcv_wnd(self):
+        return self.f.rcv_wnd
+
+    @property
+    def snd_wscale(self):
+        return self.f.snd_wscale
+
+    @property
+    def rcv_wscale(self):
+        return self.f.rcv_wscale
+
+    @property
+    def wscale_ok(self):
+        return bool(self.f.wscale_ok)
+
+    def __repr__(self):
+        return (f"<FlowTracker {self.state.name} iss={self.f.iss} irs={self.f.irs} "
+                f"snd_una={self.f.snd_una} snd_nxt={self.f.snd_nxt} rcv_nxt={self.f.rcv_nxt}>")
+
+
+def rst_for(Segment seg not None):
+    """The RST answering an unwanted segment (RFC 9293 §3.10.7.1)."""
+    cdef fp_reply r
+    fp_rst_for(&seg.s.tcp, seg.s.payload_len, &r)
+    return _reply(&r)
+
+
+# ---------------------------------------------------------------- raw sockets
+
+cdef class RawSender:
+    """Non-blocking IP_HDRINCL raw socket; each datagram goes to the address in
+    its own header. Needs CAP_NET_RAW."""
+    cdef int fd
+
+    def __cinit__(self, int sndbuf=0):
+        self.fd = -1
+        cdef int fd = fp_raw_open_send(sndbuf)
+        if fd < 0:
+            raise _error(fd, "raw-socket")
+        self.fd = fd
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
+
+    def fileno(self):
+        return self.fd
+
+    cdef int _check_open(self) except -1:
+        if self.fd < 0:
+            raise ValueError("raw socket is closed")
+        return 0
+
+    def send(self, bytes datagram not None):
+        """Send one datagram; returns 1, or raises (BlockingIOError when full)."""
+        self._check_open()
+        cdef uint32_t n = <uint32_t>PyBytes_GET_SIZE(datagram)
+        cdef long rc = fp_raw_send_each(self.fd, <const uint8_t *>PyBytes_AS_STRING(datagram),
+                                        n, &n, 1)
+        if rc < 0:
+            raise _error(rc, "raw-socket")
+        return rc
+
+    def send_batch(self, SegmentBatch batch not None, Py_ssize_t start=0, Py_ssize_t count=-1):
+        """sendmmsg the batch's segments [start, start+count); returns how many
+        the kernel took (short when the socket buffer fills)."""
+        return self._send(batch, start, count, True)
+
+    def send_each(self, SegmentBatch batch not None, Py_ssize_t start=0, Py_ssize_t count=-1):
+        """The same with one sendto(2) per segment: the baseline for send_batch."""
+        return self._send(batch, start, count, False)
+
+    cdef long _send(self, SegmentBatch batch, Py_ssize_t start, Py_ssize_t count,
+                    bint batched) except -1:
+        self._check_open()
+        if count < 0:
+            count = batch.count - start
+        if start < 0 or count < 0 or start + count > batch.count:
+            raise ValueError("start/count outside the batch")
+        cdef long rc
+        cdef const uint8_t *base = batch._ptr + start * batch.stride
+        with nogil:
+            if batched:
+                rc = fp_raw_send_batch(self.fd, base, <size_t>batch.stride,
+                                       batch._lens + start, <size_t>count)
+            else:
+                rc = fp_raw_send_each(self.fd, base, <size_t>batch.stride,
+                                      batch._lens + start, <size_t>count)
+        if rc < 0:
+            raise _error(rc, "raw-socket")
+        return rc
+
+    def close(self):
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+cdef class RawReceiver:
+    """Non-blocking raw TCP receive socket that sees only one flow's segments
+    (a classic BPF filter on the 4-tuple; None/0 are wildcards). Use fileno()
+    with loop.add_reader(). Needs CAP_NET_RAW."""
+    cdef int fd
+    cdef Py_ssize_t capacity, stride
+    cdef uint8_t *_buf
+    cdef uint32_t *_lens
+
+    def __cinit__(self, src=None, dst=None, uint16_t sport=0, uint16_t dport=0, int rcvbuf=0,
+                  Py_ssize_t capacity=64, Py_ssize_t stride=2048):
+        self.fd = -1
+        cdef uint32_t s = 0, d = 0
+        if src is not None:
+            _addr(src, &s)
+        if dst is not None:
+            _addr(dst, &d)
+        if capacity <= 0 or stride < 60:
+            raise ValueError("capacity must be positive and stride at least 60")
+        self.capacity = capacity
+        self.stride = stride
+        self._buf = <uint8_t *>PyMem_Malloc(capacity * stride)
+        self._lens = <uint32_t *>PyMem_Malloc(sizeof(uint32_t) * capacity)
+        if self._buf == NULL or self._lens == NULL:
+            raise MemoryError()
+        cdef int fd = fp_raw_open_recv(s, d, sport, dport, rcvbuf)
+        if fd < 0:
+            raise _error(fd, "raw-socket")
+        self.fd = fd
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
+        PyMem_Free(self._buf)
+        PyMem_Free(self._lens)
+
+    def fileno(self):
+        return self.fd
+
+    def recv_many(self):
+        """Every datagram waiting (up to capacity), as a list of bytes; [] if none."""
+        if self.fd < 0:
+            raise ValueError("raw socket is closed")
+        cdef long n
+        with nogil:
+            n = fp_raw_recv_batch(self.fd, self._buf, <size_t>self.stride, self._lens,
+                                  <size_t>self.capacity)
+        if n < 0:
+            raise _error(n, "raw-socket")
+        return [PyBytes_FromStringAndSize(<char *>self._buf + i * self.stride, self._lens[i])
+                for i in range(n)]
+
+    def close(self):
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

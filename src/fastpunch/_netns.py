@@ -1,0 +1,158 @@
+"""Minimal network-namespace plumbing (pyroute2): two namespaces joined by a
+veth pair, for the engine's live tests and benchmarks. The NAT lab builds its
+topologies on the same calls.
+
+Names carry the creating pid (``fpt<pid>x<n>a``) so a crashed run's leftovers
+are recognisable and :func:`sweep_stale` removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+from fastpunch.errors import InsufficientPrivilegeError, KernelFeatureMissing
+
+T = TypeVar("T")
+PREFIX = "fpt"
+_counter = itertools.count()
+
+
+def _pyroute2():
+    try:
+        import pyroute2
+        from pyroute2 import netns
+    except ImportError as exc:
+        raise KernelFeatureMissing("pyroute2", "pip install pyroute2 (or fastpunch[test])") from exc
+    return pyroute2, netns
+
+
+@contextlib.contextmanager
+def inside(ns: str) -> Iterator[None]:
+    """Run the block with the current thread in namespace ``ns``. Sockets made
+    inside stay in that namespace after the block."""
+    _, netns = _pyroute2()
+    netns.pushns(ns)
+    try:
+        yield
+    finally:
+        netns.popns()
+
+
+def run_in(ns: str, fn: Callable[..., T], *args, **kwargs) -> T:
+    with inside(ns):
+        return fn(*args, **kwargs)
+
+
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_STXCSUM = 0x00000017
+
+
+def disable_tx_checksum(ifname: str) -> None:
+    """Turn off TX checksum offload on ``ifname`` (current namespace).
+
+    A veth left with offload on hands locally generated segments to the peer
+    as CHECKSUM_PARTIAL: raw sockets there see an unfinished checksum. With it
+    off the kernel writes real checksums, so what the engine receives can be
+    verified exactly as a NIC would deliver it.
+    """
+    import ctypes
+    import fcntl
+    import socket
+    import struct
+
+    value = ctypes.create_string_buffer(struct.pack("II", _ETHTOOL_STXCSUM, 0), 8)
+    ifr = struct.pack("16sP", ifname.encode(), ctypes.addressof(value))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifr)
+
+
+@dataclass
+class VethPair:
+    """Namespaces ``ns_a`` and ``ns_b`` joined by veth ``if_a``/``if_b`` with
+    ``addr_a``/``addr_b`` (RFC 5737 TEST-NET-2 by default)."""
+
+    addr_a: str = "198.51.100.1"
+    addr_b: str = "198.51.100.2"
+    prefixlen: int = 24
+
+    def __post_init__(self) -> None:
+        n = next(_counter)
+        tag = f"{PREFIX}{os.getpid()}x{n}"
+        self.ns_a, self.ns_b = f"{tag}a", f"{tag}b"
+        self.if_a, self.if_b = f"{tag}a"[-15:], f"{tag}b"[-15:]
+        self._created: list[str] = []
+
+    def up(self) -> "VethPair":
+        if os.geteuid() != 0:
+            raise InsufficientPrivilegeError("CAP_NET_ADMIN", "creating network namespaces")
+        pyroute2, netns = _pyroute2()
+        try:
+            for ns in (self.ns_a, self.ns_b):
+                netns.create(ns)
+                self._created.append(ns)
+            with pyroute2.IPRoute() as ipr:
+                ipr.link("add", ifname=self.if_a, kind="veth", peer=self.if_b)
+                for ifname, ns in ((self.if_a, self.ns_a), (self.if_b, self.ns_b)):
+                    idx = ipr.link_lookup(ifname=ifname)[0]
+                    ipr.link("set", index=idx, net_ns_fd=ns)
+            for ifname, ns, addr in ((self.if_a, self.ns_a, self.addr_a),
+                                     (self.if_b, self.ns_b, self.addr_b)):
+                with pyroute2.NetNS(ns) as ipr:
+                    lo = ipr.link_lookup(ifname="lo")[0]
+                    ipr.link("set", index=lo, state="up")
+                    idx = ipr.link_lookup(ifname=ifname)[0]
+                    ipr.addr("add", index=idx, address=addr, prefixlen=self.prefixlen)
+                    ipr.link("set", index=idx, state="up")
+                with inside(ns):
+                    disable_tx_checksum(ifname)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        _, netns = _pyroute2()
+        for ns in self._created:  # the veth pair dies with its namespaces
+            with contextlib.suppress(OSError, FileNotFoundError):
+                netns.remove(ns)
+        self._created.clear()
+
+    def __enter__(self) -> "VethPair":
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def ours(prefix: str = PREFIX) -> list[str]:
+    """Namespaces whose names say this library made them."""
+    _, netns = _pyroute2()
+    return [ns for ns in netns.listnetns() if re.match(rf"^{prefix}\d+x\d+[ab]$", ns)]
+
+
+def sweep_stale(prefix: str = PREFIX) -> list[str]:
+    """Remove namespaces left by processes that no longer exist."""
+    _, netns = _pyroute2()
+    removed = []
+    for ns in ours(prefix):
+        pid = int(re.match(rf"^{prefix}(\d+)x", ns).group(1))
+        if not _pid_alive(pid):
+            with contextlib.suppress(OSError):
+                netns.remove(ns)
+                removed.append(ns)
+    return removed

@@ -1,0 +1,286 @@
+"""nftables rules as data, applied atomically through libnftables (cffi, ABI mode).
+
+Every ruleset fastpunch installs lives in a table it owns, named
+``fastpunch_<pid>_<n>`` so a crashed process's tables can be found and swept
+(:func:`sweep_stale`). A table is written in one libnftables transaction
+(``add table; delete table; table {...}``) so it appears whole or not at all.
+
+The rule the engine needs most: keep the local kernel from answering a crafted
+flow with RSTs. An *input* drop would also hide the peer's packets from our raw
+socket (LOCAL_IN runs before raw delivery), so the kernel's RSTs are dropped in
+the *output* hook, scoped to the flow's exact ports and peer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+from fastpunch.errors import InsufficientPrivilegeError, KernelFeatureMissing, NetfilterError
+
+__all__ = [
+    "Nftables",
+    "Chain",
+    "Table",
+    "RstSuppression",
+    "ScopedTable",
+    "suppress_rsts",
+    "sweep_stale",
+    "TABLE_PREFIX",
+]
+
+TABLE_PREFIX = "fastpunch_"
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+_CDEF = """
+struct nft_ctx;
+struct nft_ctx *nft_ctx_new(uint32_t flags);
+void nft_ctx_free(struct nft_ctx *ctx);
+int nft_ctx_buffer_output(struct nft_ctx *ctx);
+const char *nft_ctx_get_output_buffer(struct nft_ctx *ctx);
+int nft_ctx_buffer_error(struct nft_ctx *ctx);
+const char *nft_ctx_get_error_buffer(struct nft_ctx *ctx);
+unsigned int nft_ctx_output_get_flags(struct nft_ctx *ctx);
+void nft_ctx_output_set_flags(struct nft_ctx *ctx, unsigned int flags);
+int nft_run_cmd_from_buffer(struct nft_ctx *nft, const char *buf);
+"""
+_NFT_CTX_OUTPUT_JSON = 1 << 4
+_LIB_NAMES = ("libnftables.so.1", "libnftables.so")
+
+_lib_lock = threading.Lock()
+_ffi = None
+_lib = None
+
+
+def _load():
+    global _ffi, _lib
+    with _lib_lock:
+        if _lib is None:
+            try:
+                import cffi
+            except ImportError as exc:  # pragma: no cover - cffi is a hard dependency
+                raise KernelFeatureMissing("cffi", "pip install cffi") from exc
+            ffi = cffi.FFI()
+            ffi.cdef(_CDEF)
+            last: Optional[OSError] = None
+            for name in _LIB_NAMES:
+                try:
+                    _lib = ffi.dlopen(name)
+                    break
+                except OSError as exc:
+                    last = exc
+            else:
+                raise KernelFeatureMissing(
+                    "libnftables",
+                    "install it (Debian/Ubuntu: apt-get install libnftables1 nftables; "
+                    f"Alpine: apk add nftables-libs); loader said: {last}",
+                )
+            _ffi = ffi
+    return _ffi, _lib
+
+
+class Nftables:
+    """A thin libnftables handle. Each :meth:`run` uses a fresh context, so the
+    command applies in the network namespace of the calling thread at call time."""
+
+    def run(self, commands: str, *, json_output: bool = False) -> str:
+        ffi, lib = _load()
+        ctx = lib.nft_ctx_new(0)
+        if ctx == ffi.NULL:
+            raise NetfilterError("libnftables could not create a context")
+        try:
+            lib.nft_ctx_buffer_output(ctx)
+            lib.nft_ctx_buffer_error(ctx)
+            if json_output:
+                lib.nft_ctx_output_set_flags(
+                    ctx, lib.nft_ctx_output_get_flags(ctx) | _NFT_CTX_OUTPUT_JSON
+                )
+            rc = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
+            out = ffi.string(lib.nft_ctx_get_output_buffer(ctx)).decode(errors="replace")
+            err = ffi.string(lib.nft_ctx_get_error_buffer(ctx)).decode(errors="replace")
+        finally:
+            lib.nft_ctx_free(ctx)
+        if rc != 0:
+            if "Operation not permitted" in err or "Permission denied" in err:
+                raise InsufficientPrivilegeError("CAP_NET_ADMIN", "changing nftables rules")
+            if "Could not process rule: No such file or directory" in err and "hook" in commands:
+                raise KernelFeatureMissing("nf_tables", "the kernel lacks CONFIG_NF_TABLES")
+            raise NetfilterError("nftables refused the ruleset", err)
+        return out
+
+    def tables(self, family: str = "ip") -> list[str]:
+        """Names of the tables of one family in the current namespace."""
+        data = json.loads(self.run(f"list tables {family}", json_output=True) or "{}")
+        return [
+            item["table"]["name"]
+            for item in data.get("nftables", [])
+            if "table" in item and item["table"].get("family") == family
+        ]
+
+
+def _check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ValueError(f"not a usable nftables name: {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A base chain: hook, priority, policy and rules (each an nft rule text)."""
+
+    name: str
+    hook: str
+    rules: Sequence[str] = ()
+    type: str = "filter"
+    priority: int = 0
+    policy: str = "accept"
+
+    def render(self) -> str:
+        _check_name(self.name)
+        head = f"type {self.type} hook {self.hook} priority {self.priority}; policy {self.policy};"
+        body = "".join(f" {rule};" for rule in self.rules)
+        return f"chain {self.name} {{ {head}{body} }}"
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name, "hook": self.hook, "rules": list(self.rules), "type": self.type,
+            "priority": self.priority, "policy": self.policy,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Chain":
+        return cls(**{**d, "rules": tuple(d.get("rules", ()))})
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table we own, rendered as readable nft text and applied atomically."""
+
+    name: str
+    chains: Sequence[Chain] = field(default_factory=tuple)
+    family: str = "ip"
+
+    def render(self) -> str:
+        _check_name(self.name)
+        chains = "; ".join(c.render() for c in self.chains)
+        return f"table {self.family} {self.name} {{ {chains}{';' if chains else ''} }}"
+
+    def apply_commands(self) -> str:
+        # add+delete first: replaces an older table of the same name in the
+        # same transaction, and is harmless when there is none.
+        return (
+            f"add table {self.family} {self.name}\n"
+            f"delete table {self.family} {self.name}\n"
+            f"{self.render()}\n"
+        )
+
+    def delete_commands(self) -> str:
+        # idempotent: add then delete never fails on a missing table
+        return f"add table {self.family} {self.name}\ndelete table {self.family} {self.name}\n"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "family": self.family,
+                "chains": [c.as_dict() for c in self.chains]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Table":
+        return cls(d["name"], tuple(Chain.from_dict(c) for c in d["chains"]), d.get("family", "ip"))
+
+
+@dataclass(frozen=True)
+class RstSuppression:
+    """Drop the local kernel's RSTs for one crafted flow: from ``local_port``
+    to ``peer``:``peer_port`` (either may be None for "any")."""
+
+    local_port: int
+    peer: Optional[str] = None
+    peer_port: Optional[int] = None
+
+    def rule(self) -> str:
+        if not 0 < self.local_port < 65536:
+            raise ValueError("local_port must be 1..65535")
+        parts = []
+        if self.peer is not None:
+            import ipaddress
+
+            parts.append(f"ip daddr {ipaddress.IPv4Address(self.peer)}")
+        parts.append(f"tcp sport {self.local_port}")
+        if self.peer_port is not None:
+            if not 0 < self.peer_port < 65536:
+                raise ValueError("peer_port must be 1..65535")
+            parts.append(f"tcp dport {self.peer_port}")
+        parts.append("tcp flags & rst == rst counter drop")
+        return " ".join(parts)
+
+
+_counter = itertools.count()
+
+
+def owned_table_name(tag: str = "t") -> str:
+    """A fresh table name carrying this process's pid (for the stale sweep)."""
+    _check_name(tag)
+    return f"{TABLE_PREFIX}{os.getpid()}_{tag}{next(_counter)}"
+
+
+class ScopedTable:
+    """Context manager: the table exists inside the block and is gone after it,
+    whatever happens (exceptions, cancellation). Removal is idempotent."""
+
+    def __init__(self, table: Table, nft: Optional[Nftables] = None) -> None:
+        self.table = table
+        self.nft = nft or Nftables()
+        self.applied = False
+
+    def apply(self) -> "ScopedTable":
+        self.nft.run(self.table.apply_commands())
+        self.applied = True
+        return self
+
+    def remove(self) -> None:
+        if self.applied:
+            self.nft.run(self.table.delete_commands())
+            self.applied = False
+
+    def __enter__(self) -> "ScopedTable":
+        return self.apply()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def suppress_rsts(rules: Iterable[RstSuppression], nft: Optional[Nftables] = None) -> ScopedTable:
+    """A scoped table dropping the kernel's RSTs for the given flows."""
+    table = Table(
+        owned_table_name("rst"),
+        (Chain("out", "output", tuple(r.rule() for r in rules)),),
+    )
+    return ScopedTable(table, nft)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(nft: Optional[Nftables] = None, family: str = "ip") -> list[str]:
+    """Delete tables left by fastpunch processes that no longer exist.
+    Returns the names removed."""
+    nft = nft or Nftables()
+    removed = []
+    pattern = re.compile(rf"^{TABLE_PREFIX}(\d+)_")
+    for name in nft.tables(family):
+        m = pattern.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            nft.run(Table(name, family=family).delete_commands())
+            removed.append(name)
+    return removed
