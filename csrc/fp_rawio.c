@@ -13,7 +13,7 @@
 
 #define BATCH_CHUNK 256 /* mmsghdr entries per sendmmsg/recvmmsg call */
 
-int fp_raw_open_send(int sndbuf)
+int fp_raw_open_send(int sndbuf, uint32_t mark)
 {
     int fd = socket(AF_INET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_RAW);
     if (fd < 0)
@@ -22,6 +22,11 @@ int fp_raw_open_send(int sndbuf)
         int e = errno;
         close(fd);
         return -e;
+    }
+    if (mark && setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof mark) < 0) {
+        int e = errno;
+        close(fd);
+        return e == EPERM ? FP_RAW_MARK_DENIED : -e;
     }
     return fd;
 }

@@ -114,6 +114,16 @@ void fp_flow_ack(const struct fp_flow *f, struct fp_reply *ack)
     make(f, FP_TCP_ACK, f->snd_nxt, ack);
 }
 
+int fp_flow_send(struct fp_flow *f, uint32_t len, int fin, struct fp_reply *seg)
+{
+    if (f->state != FP_ESTABLISHED)
+        return -FP_E_INVAL;
+    uint16_t flags = FP_TCP_ACK | (len ? FP_TCP_PSH : 0) | (fin ? FP_TCP_FIN : 0);
+    make(f, flags, f->snd_nxt, seg);
+    f->snd_nxt += len + (fin ? 1u : 0u);
+    return 0;
+}
+
 static int peer_wscale_of(const struct fp_tcp *seg)
 {
     return (seg->opts.present & FP_OPT_WSCALE) ? seg->opts.wscale : -1;

@@ -116,9 +116,11 @@ cdef extern from "fastpunch/fp_seq.h" nogil:
                       fp_reply *reply)
     void fp_rst_for(const fp_tcp *seg, uint32_t payload_len, fp_reply *rst)
     void fp_flow_ack(const fp_flow *f, fp_reply *ack)
+    int fp_flow_send(fp_flow *f, uint32_t len, int fin, fp_reply *seg)
 
 cdef extern from "fastpunch/fp_rawio.h" nogil:
-    int fp_raw_open_send(int sndbuf)
+    int FP_RAW_MARK_DENIED
+    int fp_raw_open_send(int sndbuf, uint32_t mark)
     int fp_raw_open_recv(uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
                          int rcvbuf)
     long fp_raw_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,

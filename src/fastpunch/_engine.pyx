@@ -712,6 +712,15 @@ cdef class FlowTracker:
         fp_flow_ack(&self.f, &r)
         return _reply(&r)
 
+    def send(self, uint32_t length, bint fin=False):
+        """We send ``length`` bytes (and FIN when ``fin``): returns the segment's
+        numbers and advances snd_nxt past it. Only once ESTABLISHED."""
+        cdef fp_reply r
+        if fp_flow_send(&self.f, length, fin, &r) < 0:
+            raise _errors.LocalProtocolError(
+                f"cannot send data in state {FlowState(self.f.state).name}")
+        return _reply(&r)
+
     @property
     def state(self):
         return FlowState(self.f.state)
@@ -771,14 +780,22 @@ def rst_for(Segment seg not None):
 
 # ---------------------------------------------------------------- raw sockets
 
+#: SO_MARK the engine puts on its own segments so that RST-suppression rules
+#: (fastpunch.netfilter.RstSuppression) drop the kernel's RSTs and not ours.
+ENGINE_MARK = 0x46500001
+
+
 cdef class RawSender:
     """Non-blocking IP_HDRINCL raw socket; each datagram goes to the address in
-    its own header. Needs CAP_NET_RAW."""
+    its own header. Needs CAP_NET_RAW; ``mark`` (SO_MARK, 0 for none) needs
+    CAP_NET_ADMIN."""
     cdef int fd
 
-    def __cinit__(self, int sndbuf=0):
+    def __cinit__(self, int sndbuf=0, uint32_t mark=0):
         self.fd = -1
-        cdef int fd = fp_raw_open_send(sndbuf)
+        cdef int fd = fp_raw_open_send(sndbuf, mark)
+        if fd == FP_RAW_MARK_DENIED:
+            raise _errors.InsufficientPrivilegeError("CAP_NET_ADMIN", "marking raw packets (SO_MARK)")
         if fd < 0:
             raise _error(fd, "raw-socket")
         self.fd = fd
@@ -802,7 +819,7 @@ cdef class RawSender:
         cdef long rc = fp_raw_send_each(self.fd, <const uint8_t *>PyBytes_AS_STRING(datagram),
                                         n, &n, 1)
         if rc < 0:
-            raise _error(rc, "raw-socket")
+            raise _error(rc, "raw-send")
         return rc
 
     def send_batch(self, SegmentBatch batch not None, Py_ssize_t start=0, Py_ssize_t count=-1):
@@ -831,7 +848,7 @@ cdef class RawSender:
                 rc = fp_raw_send_each(self.fd, base, <size_t>batch.stride,
                                       batch._lens + start, <size_t>count)
         if rc < 0:
-            raise _error(rc, "raw-socket")
+            raise _error(rc, "raw-send")
         return rc
 
     def close(self):
@@ -894,7 +911,7 @@ cdef class RawReceiver:
             n = fp_raw_recv_batch(self.fd, self._buf, <size_t>self.stride, self._lens,
                                   <size_t>self.capacity)
         if n < 0:
-            raise _error(n, "raw-socket")
+            raise _error(n, "raw-recv")
         return [PyBytes_FromStringAndSize(<char *>self._buf + i * self.stride, self._lens[i])
                 for i in range(n)]
 

@@ -113,4 +113,7 @@ def error_from_code(code: int, reason: str, text: str, operation: str) -> Except
     if code in (_errno.EPERM, _errno.EACCES) and operation in _CAPABILITY_FOR:
         cap, action = _CAPABILITY_FOR[operation]
         return InsufficientPrivilegeError(cap, action)
+    if code == _errno.EPERM and operation == "raw-send":
+        return OSError(code, "raw send: Operation not permitted (a netfilter rule in the output "
+                             "path dropped the datagram)")
     return OSError(code, f"{operation}: {_os.strerror(code)}")

@@ -21,6 +21,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
+# SO_MARK carried by the engine's own segments: RST suppression must not drop
+# the RSTs we craft on purpose.
+from fastpunch._engine import ENGINE_MARK
 from fastpunch.errors import InsufficientPrivilegeError, KernelFeatureMissing, NetfilterError
 
 __all__ = [
@@ -195,11 +198,13 @@ class Table:
 @dataclass(frozen=True)
 class RstSuppression:
     """Drop the local kernel's RSTs for one crafted flow: from ``local_port``
-    to ``peer``:``peer_port`` (either may be None for "any")."""
+    to ``peer``:``peer_port`` (either may be None for "any"). Segments carrying
+    ``exempt_mark`` (the engine's RawSender mark) pass."""
 
     local_port: int
     peer: Optional[str] = None
     peer_port: Optional[int] = None
+    exempt_mark: Optional[int] = ENGINE_MARK
 
     def rule(self) -> str:
         if not 0 < self.local_port < 65536:
@@ -214,7 +219,10 @@ class RstSuppression:
             if not 0 < self.peer_port < 65536:
                 raise ValueError("peer_port must be 1..65535")
             parts.append(f"tcp dport {self.peer_port}")
-        parts.append("tcp flags & rst == rst counter drop")
+        parts.append("tcp flags & rst == rst")
+        if self.exempt_mark is not None:
+            parts.append(f"meta mark != {self.exempt_mark:#x}")
+        parts.append("counter drop")
         return " ".join(parts)
 
 

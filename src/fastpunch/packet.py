@@ -8,6 +8,7 @@
 """
 
 from fastpunch._engine import (
+    ENGINE_MARK as ENGINE_MARK,
     Flags as Flags,
     FlowEvent as FlowEvent,
     FlowState as FlowState,
@@ -38,7 +39,7 @@ from fastpunch.errors import MalformedPacket as MalformedPacket
 from fastpunch.errors import PacketBuildError as PacketBuildError
 
 __all__ = [
-    "Flags", "FlowEvent", "FlowState", "FlowTracker", "MalformedPacket", "PacketBuildError",
+    "ENGINE_MARK", "Flags", "FlowEvent", "FlowState", "FlowTracker", "MalformedPacket", "PacketBuildError",
     "RawReceiver", "RawSender", "Reply", "Segment", "SegmentBatch", "TCPOptions", "build",
     "checksum", "checksum_many", "checksum_update", "flags_str", "int_to_ip", "ip_to_int",
     "parse", "reason_name", "rst_for", "seq_acceptable", "seq_after", "seq_before",

@@ -7,8 +7,12 @@
 #include <stdint.h>
 
 /* Open a non-blocking IPPROTO_RAW socket (IP_HDRINCL implied). Returns the
- * descriptor or -errno (-EPERM without CAP_NET_RAW). sndbuf > 0 sets SO_SNDBUF. */
-int fp_raw_open_send(int sndbuf);
+ * descriptor or -errno (-EPERM without CAP_NET_RAW). sndbuf > 0 sets SO_SNDBUF;
+ * mark != 0 sets SO_MARK so netfilter rules can tell the engine's own segments
+ * from the kernel's; it needs CAP_NET_ADMIN, and without it the result is
+ * FP_RAW_MARK_DENIED (distinct from the -EPERM of a missing CAP_NET_RAW). */
+#define FP_RAW_MARK_DENIED (-1000)
+int fp_raw_open_send(int sndbuf, uint32_t mark);
 
 /* Open a non-blocking raw IPPROTO_TCP socket that sees only segments matching
  * the given IPv4 4-tuple (host order; 0 is a wildcard), first fragments only.

@@ -82,6 +82,10 @@ int fp_flow_input(struct fp_flow *f, const struct fp_tcp *seg, uint32_t payload_
 /* The RST answering an unwanted segment (RFC 9293 §3.10.7.1). */
 void fp_rst_for(const struct fp_tcp *seg, uint32_t payload_len, struct fp_reply *rst);
 
+/* We send len bytes of data (plus FIN when fin): the segment's numbers
+ * (PSH|ACK, or FIN|ACK) and snd_nxt advanced past it. Only in ESTABLISHED. */
+int fp_flow_send(struct fp_flow *f, uint32_t len, int fin, struct fp_reply *seg);
+
 /* A plain ACK for the flow's current numbers. */
 void fp_flow_ack(const struct fp_flow *f, struct fp_reply *ack);
 

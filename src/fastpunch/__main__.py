@@ -1,0 +1,5 @@
+import sys
+
+from fastpunch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,79 @@
+"""The ``fastpunch`` command. Errors become one line on stderr and an exit
+code; a traceback only with --debug."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from fastpunch import __version__
+from fastpunch.errors import FastpunchError, InsufficientPrivilegeError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PRIVILEGE = 77  # sysexits EX_NOPERM
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fastpunch import demo
+
+    report = demo.run()
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    print(f"fastpunch {__version__}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fastpunch import _netns, netfilter
+
+    tables = netfilter.sweep_stale()
+    spaces = _netns.sweep_stale()
+    print(f"removed {len(tables)} stale nftables tables, {len(spaces)} stale namespaces")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastpunch", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="crafted TCP handshake with a real kernel in fresh namespaces")
+    p.add_argument("--json", action="store_true", help="also print the report as JSON")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("sweep", help="remove tables and namespaces left by crashed processes")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=_cmd_version)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except InsufficientPrivilegeError as exc:
+        if args.debug:
+            raise
+        print(f"fastpunch: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_PRIVILEGE
+    except (FastpunchError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"fastpunch: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

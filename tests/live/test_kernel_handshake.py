@@ -1,0 +1,195 @@
+"""The kernel is the judge: crafted segments against real Linux TCP in fresh
+namespaces. A kernel that accepts our SYN, completes accept() on our ACK and
+exchanges data has verified our checksums, sequence numbers and options."""
+
+from __future__ import annotations
+
+import array
+import select
+import socket
+import time
+
+import pytest
+
+from fastpunch import netfilter
+from fastpunch._netns import inside
+from fastpunch.packet import (
+    Flags,
+    FlowState,
+    RawReceiver,
+    RawSender,
+    SegmentBatch,
+    TCPOptions,
+    build,
+    parse,
+)
+from fastpunch.rawflow import HandshakeFailed, RawFlow
+
+pytestmark = pytest.mark.live
+
+SERVER_PORT = 8080
+
+
+def listener(ns: str, addr: str, port: int = SERVER_PORT) -> socket.socket:
+    with inside(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((addr, port))
+        s.listen(8)
+    return s
+
+
+def collect(rx: RawReceiver, want: int, timeout: float = 3.0, until=None) -> list:
+    """Parse everything rx sees until ``want`` segments (or until(seg) is true)."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        ready, _, _ = select.select([rx], [], [], max(0.0, deadline - time.monotonic()))
+        if ready:
+            for datagram in rx.recv_many():
+                seg = parse(datagram)  # verify=True: the kernel's checksums must hold
+                got.append(seg)
+                if until is not None and until(seg):
+                    return got
+    return got
+
+
+def test_crafted_syn_gets_the_kernels_synack(veth):
+    srv = listener(veth.ns_b, veth.addr_b)
+    try:
+        with inside(veth.ns_a):
+            rst_guard = netfilter.suppress_rsts(
+                [netfilter.RstSuppression(40001, veth.addr_b, SERVER_PORT)])
+            with rst_guard, RawSender() as tx, RawReceiver(
+                    src=veth.addr_b, dst=veth.addr_a, sport=SERVER_PORT, dport=40001) as rx:
+                syn = build(veth.addr_a, veth.addr_b, 40001, SERVER_PORT, seq=0xFFFFFFF0,
+                            flags=Flags.SYN, window=64240,
+                            options=TCPOptions(mss=1400, wscale=6, sack_permitted=True,
+                                               timestamp=(12345, 0)))
+                tx.send(syn)
+                got = collect(rx, 1, until=lambda s: s.flags & Flags.SYN)
+    finally:
+        srv.close()
+    assert got, "no SYN-ACK from the kernel"
+    synack = got[-1]
+    assert synack.flags & 0xFF == Flags.SYN | Flags.ACK
+    assert synack.ack == 0xFFFFFFF1          # our ISN + 1, modulo 2**32
+    assert (synack.sport, synack.dport) == (SERVER_PORT, 40001)
+    opts = synack.options
+    assert opts.mss is not None and opts.mss <= 1460
+    assert opts.wscale is not None            # we offered WS, so Linux answers with its own
+    assert opts.sack_permitted
+    assert opts.timestamp is not None and opts.timestamp[1] == 12345  # TSecr echoes our TSval
+
+
+def test_engine_handshake_makes_accept_return_and_data_flows_both_ways(veth):
+    srv = listener(veth.ns_b, veth.addr_b)
+    srv.settimeout(5)
+    try:
+        with inside(veth.ns_a):
+            flow = RawFlow(veth.addr_a, 40002, veth.addr_b, SERVER_PORT, iss=0xFFFFFF00)
+        with flow, inside(veth.ns_a), flow.rst_suppression():
+            flow.connect(timeout=5)
+            assert flow.tracker.state == FlowState.ESTABLISHED
+            conn, peer = srv.accept()        # the kernel completed its side
+            with conn:
+                assert peer == (veth.addr_a, 40002)
+                request = b"hello from crafted segments " * 200   # several segments
+                flow.send(request)
+                got = b""
+                conn.settimeout(5)
+                while len(got) < len(request):
+                    chunk = conn.recv(65536)
+                    assert chunk, "kernel closed the connection"
+                    got += chunk
+                assert got == request
+                flow.wait_acked()            # the kernel's ACKs cover all our data
+                answer = bytes(range(256)) * 40
+                conn.sendall(answer)
+                assert flow.receive(len(answer)) == answer
+                # sequence numbers wrapped past 2**32 during the exchange
+                assert flow.tracker.snd_nxt < 0xFFFFFF00
+                info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+                state = info[0]
+                assert state == 1            # TCP_ESTABLISHED on the kernel side
+                flow.abort()                 # our crafted RST passes the suppression rule
+                with pytest.raises(ConnectionResetError):
+                    conn.recv(1)
+    finally:
+        srv.close()
+    assert flow.stats.malformed == 0
+
+
+def test_without_rst_suppression_the_local_kernel_resets_the_flow(veth):
+    """Why the nftables rule exists: the kernel of the crafting host answers
+    the peer's SYN-ACK with a RST, and the peer's kernel tears down."""
+    srv = listener(veth.ns_b, veth.addr_b)
+    try:
+        with inside(veth.ns_b):
+            watch = RawReceiver(src=veth.addr_a, dst=veth.addr_b, sport=40003, dport=SERVER_PORT)
+        with inside(veth.ns_a), RawSender() as tx, watch:
+            tx.send(build(veth.addr_a, veth.addr_b, 40003, SERVER_PORT, seq=1000,
+                          options=TCPOptions(mss=1460)))
+            seen = collect(watch, 3, until=lambda s: s.flags & Flags.RST)
+    finally:
+        srv.close()
+    assert any(s.flags & Flags.RST and s.seq == 1001 for s in seen), seen
+
+
+def test_rst_suppression_table_is_scoped_and_removed(veth):
+    nft = netfilter.Nftables()
+    with inside(veth.ns_a):
+        guard = netfilter.suppress_rsts(
+            [netfilter.RstSuppression(40004, veth.addr_b, SERVER_PORT)], nft)
+        with guard:
+            listing = nft.run(f"list table ip {guard.table.name}")
+            assert "tcp sport 40004" in listing and "ip daddr 198.51.100.2" in listing
+            assert guard.table.name in nft.tables()
+        assert guard.table.name not in nft.tables()
+        guard.remove()   # idempotent
+
+
+def test_bpf_filter_shows_each_receiver_only_its_flow(veth):
+    with inside(veth.ns_b):
+        rx1 = RawReceiver(src=veth.addr_a, dst=veth.addr_b, sport=41001, dport=9)
+        rx2 = RawReceiver(src=veth.addr_a, dst=veth.addr_b, sport=41002, dport=9)
+        guard = netfilter.suppress_rsts([netfilter.RstSuppression(9)])
+    with inside(veth.ns_b), guard, rx1, rx2, inside(veth.ns_a), RawSender() as tx:
+        for i in range(20):
+            tx.send(build(veth.addr_a, veth.addr_b, 41001 + i % 4, 9, seq=i))
+        a = collect(rx1, 5)
+        b = collect(rx2, 5)
+    assert sorted(s.seq for s in a) == [0, 4, 8, 12, 16]
+    assert sorted(s.seq for s in b) == [1, 5, 9, 13, 17]
+
+
+def test_sendmmsg_batch_is_delivered_whole(veth):
+    n = 512
+    batch = SegmentBatch(n, stride=128)
+    sports = array.array("H", range(20000, 20000 + n))
+    seqs = array.array("I", (i * 7919 for i in range(n)))
+    batch.fill(n, veth.addr_a, veth.addr_b, 0, 7, flags=Flags.SYN,
+               options=TCPOptions(mss=1460, wscale=7), sports=sports, seqs=seqs)
+    with inside(veth.ns_b):
+        rx = RawReceiver(src=veth.addr_a, dst=veth.addr_b, dport=7, rcvbuf=4 << 20,
+                         capacity=256)
+        guard = netfilter.suppress_rsts([netfilter.RstSuppression(7)])
+    with inside(veth.ns_b), guard, rx, inside(veth.ns_a), RawSender(sndbuf=4 << 20) as tx:
+        sent = 0
+        deadline = time.monotonic() + 5
+        while sent < n and time.monotonic() < deadline:
+            try:
+                sent += tx.send_batch(batch, sent)
+            except BlockingIOError:
+                select.select([], [tx], [], 0.05)
+        got = collect(rx, n, timeout=5)
+    assert sent == n
+    assert sorted((s.sport, s.seq) for s in got) == sorted(zip(sports, seqs))
+
+
+def test_handshake_to_a_closed_port_fails_cleanly(veth):
+    with inside(veth.ns_a):
+        flow = RawFlow(veth.addr_a, 40005, veth.addr_b, 8999)
+    with flow, inside(veth.ns_a), flow.rst_suppression():
+        with pytest.raises(HandshakeFailed, match="reset"):
+            flow.connect(timeout=3)
