@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
-from fastpunch.errors import InsufficientPrivilegeError, KernelFeatureMissing
+from fastpunch import _caps
+from fastpunch.errors import KernelFeatureMissing
 
 T = TypeVar("T")
 PREFIX = "fpt"
@@ -88,8 +89,7 @@ class VethPair:
         self._created: list[str] = []
 
     def up(self) -> "VethPair":
-        if os.geteuid() != 0:
-            raise InsufficientPrivilegeError("CAP_NET_ADMIN", "creating network namespaces")
+        _caps.require("creating network namespaces", _caps.CAP_SYS_ADMIN, _caps.CAP_NET_ADMIN)
         pyroute2, netns = _pyroute2()
         try:
             for ns in (self.ns_a, self.ns_b):

@@ -9,13 +9,12 @@ data. Everything is removed afterwards, whatever happens.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from typing import Callable
 
+from fastpunch import _caps
 from fastpunch._netns import VethPair, inside
-from fastpunch.errors import InsufficientPrivilegeError
 from fastpunch.packet import Flags, SegmentBatch, TCPOptions
 from fastpunch.rawflow import RawFlow
 
@@ -24,9 +23,8 @@ CLIENT_PORT = 40000
 
 
 def run(echo: Callable[[str], None] = print) -> dict:
-    if os.geteuid() != 0:
-        raise InsufficientPrivilegeError(
-            "CAP_NET_ADMIN and CAP_NET_RAW", "the demo (namespaces, raw sockets, nftables)")
+    _caps.require("the demo (namespaces, raw sockets, nftables)",
+                  _caps.CAP_SYS_ADMIN, _caps.CAP_NET_ADMIN, _caps.CAP_NET_RAW)
     report: dict = {}
     with VethPair() as pair:
         echo(f"namespaces {pair.ns_a} ({pair.addr_a}) <-veth-> {pair.ns_b} ({pair.addr_b})")
