@@ -24,7 +24,9 @@ ldflags = []
 if debug or sanitize:
     cflags += ["-O0", "-g", "-UNDEBUG"]
 else:
-    cflags += ["-O3"]
+    # Small footprint for embedded gateways: no debug info, stripped.
+    cflags += ["-O3", "-g0"]
+    ldflags += ["-s"]
 if sanitize:
     cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     ldflags += ["-fsanitize=address,undefined"]
