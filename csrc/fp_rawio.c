@@ -1,5 +1,7 @@
 /* fp_rawio.c - raw IPv4 socket I/O with batching and per-flow BPF filters. */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <linux/filter.h>
 #include <netinet/in.h>
