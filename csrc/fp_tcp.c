@@ -176,6 +176,18 @@ int fp_segment_parse(const uint8_t *buf, size_t len, int verify, struct fp_segme
     return fp_tcp_opts_decode(t + FP_TCP_MIN_HLEN, doff - FP_TCP_MIN_HLEN, &h->opts);
 }
 
+long fp_segment_parse_batch(const uint8_t *buf, size_t stride, const uint32_t *lens,
+                            size_t count, int verify, struct fp_segment *out, int32_t *status)
+{
+    long ok = 0;
+    for (size_t i = 0; i < count; i++) {
+        size_t len = lens[i] < stride ? lens[i] : stride;
+        status[i] = fp_segment_parse(buf + i * stride, len, verify, &out[i]);
+        ok += status[i] == 0;
+    }
+    return ok;
+}
+
 /* Fill both checksums of a datagram whose IP header is ihl bytes and whose
  * TCP part (header + data) is tlen bytes. */
 static void finish_checksums(uint8_t *p, size_t ihl, size_t tcp_hlen, size_t tlen,

@@ -1,6 +1,6 @@
 # cython: language_level=3
 # The C declarations of csrc/, declared once. _engine.pyx is the only user.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "fastpunch/fp_errors.h" nogil:
     int FP_E_BASE
@@ -78,6 +78,8 @@ cdef extern from "fastpunch/fp_tcp.h" nogil:
     int fp_tcp_opts_encode(const fp_tcp_opts *o, uint8_t *out, size_t cap)
     int fp_tcp_opts_decode(const uint8_t *p, size_t len, fp_tcp_opts *o)
     int fp_segment_parse(const uint8_t *buf, size_t len, int verify, fp_segment *out)
+    long fp_segment_parse_batch(const uint8_t *buf, size_t stride, const uint32_t *lens,
+                                size_t count, int verify, fp_segment *out, int32_t *status)
     int fp_segment_build(uint8_t *buf, size_t cap, const fp_ipv4 *ip, const fp_tcp *tcp,
                          const uint8_t *payload, size_t payload_len)
     long fp_segment_build_batch(uint8_t *out, size_t stride, size_t count,

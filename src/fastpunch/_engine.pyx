@@ -7,7 +7,7 @@ turns codes into exceptions (fastpunch.errors.error_from_code).
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from fastpunch._cdefs cimport *
@@ -495,6 +495,146 @@ def parse(data, *, bint verify=True):
     return _parse(<bytes>data, FP_VERIFY_IP | FP_VERIFY_TCP if verify else 0)
 
 
+# ---------------------------------------------------------------- batch parse
+
+# (name, array typecode) of the columns ParsedBatch fills in C.
+_COLUMNS = (("status", "i"), ("src", "I"), ("dst", "I"), ("sport", "H"), ("dport", "H"),
+            ("seq", "I"), ("ack", "I"), ("flags", "H"), ("window", "H"),
+            ("payload_length", "I"), ("mss", "H"), ("ts_val", "I"))
+
+
+cdef class ParsedBatch:
+    """Up to ``capacity`` datagrams parsed in one C call, read as columns.
+
+    ``RawReceiver.recv_into(batch)`` receives straight into the batch's own
+    buffer (recvmmsg) and parses; ``parse_from()`` copies a buffer in first.
+    Columns are memoryviews (zero copy) over C arrays: ``status`` is 0 for a
+    good datagram or the negative reason code (see ``reason_name``);
+    ``mss``/``ts_val`` are 0 when the option is absent. ``batch[i]`` gives a
+    full ``Segment`` (or raises MalformedPacket for a bad one).
+    """
+    cdef readonly Py_ssize_t capacity
+    cdef readonly Py_ssize_t stride
+    cdef readonly Py_ssize_t count
+    cdef readonly Py_ssize_t good
+    cdef int verify
+    cdef uint8_t *_buf
+    cdef uint32_t *_lens
+    cdef fp_segment *_segs
+    cdef int32_t *_status
+    cdef object _arrays        # dict name -> array.array
+    cdef uint32_t *_src
+    cdef uint32_t *_dst
+    cdef uint16_t *_sport
+    cdef uint16_t *_dport
+    cdef uint32_t *_seq
+    cdef uint32_t *_ack
+    cdef uint16_t *_flags
+    cdef uint16_t *_window
+    cdef uint32_t *_plen
+    cdef uint16_t *_mss
+    cdef uint32_t *_tsval
+
+    def __cinit__(self, Py_ssize_t capacity=1024, Py_ssize_t stride=2048, bint verify=True):
+        if capacity <= 0 or stride < 60 or stride > 65535:
+            raise ValueError("capacity must be positive and stride within 60..65535")
+        self.capacity, self.stride, self.verify = capacity, stride, (
+            FP_VERIFY_IP | FP_VERIFY_TCP if verify else 0)
+        self._buf = <uint8_t *>PyMem_Malloc(capacity * stride)
+        self._lens = <uint32_t *>PyMem_Malloc(sizeof(uint32_t) * capacity)
+        self._segs = <fp_segment *>PyMem_Malloc(sizeof(fp_segment) * capacity)
+        if self._buf == NULL or self._lens == NULL or self._segs == NULL:
+            raise MemoryError()
+        import array as _array
+        self._arrays = {name: _array.array(code, bytes(_array.array(code).itemsize * capacity))
+                        for name, code in _COLUMNS}
+        self._status = <int32_t *>_addr_of(self._arrays["status"])
+        self._src = <uint32_t *>_addr_of(self._arrays["src"])
+        self._dst = <uint32_t *>_addr_of(self._arrays["dst"])
+        self._sport = <uint16_t *>_addr_of(self._arrays["sport"])
+        self._dport = <uint16_t *>_addr_of(self._arrays["dport"])
+        self._seq = <uint32_t *>_addr_of(self._arrays["seq"])
+        self._ack = <uint32_t *>_addr_of(self._arrays["ack"])
+        self._flags = <uint16_t *>_addr_of(self._arrays["flags"])
+        self._window = <uint16_t *>_addr_of(self._arrays["window"])
+        self._plen = <uint32_t *>_addr_of(self._arrays["payload_length"])
+        self._mss = <uint16_t *>_addr_of(self._arrays["mss"])
+        self._tsval = <uint32_t *>_addr_of(self._arrays["ts_val"])
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+        PyMem_Free(self._lens)
+        PyMem_Free(self._segs)
+
+    cdef Py_ssize_t _parse(self, Py_ssize_t count) noexcept nogil:
+        cdef Py_ssize_t i
+        cdef fp_segment *s
+        cdef long good = fp_segment_parse_batch(self._buf, <size_t>self.stride, self._lens,
+                                                <size_t>count, self.verify, self._segs,
+                                                self._status)
+        for i in range(count):
+            s = &self._segs[i]
+            if self._status[i] != 0:
+                memset(s, 0, sizeof(fp_segment))
+            self._src[i] = s.ip.saddr
+            self._dst[i] = s.ip.daddr
+            self._sport[i] = s.tcp.sport
+            self._dport[i] = s.tcp.dport
+            self._seq[i] = s.tcp.seq
+            self._ack[i] = s.tcp.ack
+            self._flags[i] = s.tcp.flags
+            self._window[i] = s.tcp.window
+            self._plen[i] = s.payload_len
+            self._mss[i] = s.tcp.opts.mss if s.tcp.opts.present & FP_OPT_MSS else 0
+            self._tsval[i] = s.tcp.opts.ts_val if s.tcp.opts.present & FP_OPT_TIMESTAMP else 0
+        self.count = count
+        self.good = good
+        return good
+
+    def parse_from(self, const uint8_t[::1] data not None, Py_ssize_t stride,
+                   const uint32_t[::1] lens not None):
+        """Copy len(lens) datagrams, one every ``stride`` bytes of data, and
+        parse them. Returns how many parsed."""
+        cdef Py_ssize_t count = lens.shape[0], i, n
+        if count > self.capacity:
+            raise ValueError(f"at most {self.capacity} datagrams")
+        if count and ((count - 1) * stride + min(lens[count - 1], stride) > data.shape[0]):
+            raise ValueError("data is too short for those lengths")
+        with nogil:
+            for i in range(count):
+                n = min(<Py_ssize_t>lens[i], stride, self.stride)
+                memcpy(self._buf + i * self.stride, &data[0] + i * stride, n)
+                self._lens[i] = <uint32_t>n
+            n = self._parse(count)
+        return n
+
+    def column(self, str name):
+        """One column as a zero-copy memoryview of the first ``count`` rows."""
+        return memoryview(self._arrays[name])[:self.count]
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, Py_ssize_t i):
+        if i < 0:
+            i += self.count
+        if not 0 <= i < self.count:
+            raise IndexError("datagram index out of range")
+        data = PyBytes_FromStringAndSize(<char *>self._buf + i * self.stride, self._lens[i])
+        return _parse(data, self.verify)
+
+    def reason(self, Py_ssize_t i):
+        """None for a good datagram, else the MalformedPacket reason name."""
+        if not 0 <= i < self.count:
+            raise IndexError("datagram index out of range")
+        return None if self._status[i] == 0 else fp_reason_name(self._status[i]).decode()
+
+
+cdef void *_addr_of(object arr) except NULL:
+    cdef const uint8_t[::1] view = memoryview(arr).cast("B")
+    return <void *>&view[0]
+
+
 # ---------------------------------------------------------------- build
 
 cdef int _fill_headers(fp_ipv4 *ip, fp_tcp *tcp, src, dst, uint16_t sport, uint16_t dport,
@@ -914,6 +1054,22 @@ cdef class RawReceiver:
             raise _error(n, "raw-recv")
         return [PyBytes_FromStringAndSize(<char *>self._buf + i * self.stride, self._lens[i])
                 for i in range(n)]
+
+    def recv_into(self, ParsedBatch batch not None):
+        """recvmmsg straight into ``batch``'s buffer and parse everything in C.
+        Returns how many datagrams arrived (0 when none is waiting); see
+        ``batch.good`` and ``batch.column("status")`` for which parsed."""
+        if self.fd < 0:
+            raise ValueError("raw socket is closed")
+        cdef long n
+        with nogil:
+            n = fp_raw_recv_batch(self.fd, batch._buf, <size_t>batch.stride, batch._lens,
+                                  <size_t>batch.capacity)
+            if n >= 0:
+                batch._parse(n)
+        if n < 0:
+            raise _error(n, "raw-recv")
+        return n
 
     def close(self):
         if self.fd >= 0:

@@ -142,17 +142,24 @@ class Chain:
     type: str = "filter"
     priority: int = 0
     policy: str = "accept"
+    device: Optional[str] = None   # netdev family ingress/egress hooks
 
     def render(self) -> str:
         _check_name(self.name)
-        head = f"type {self.type} hook {self.hook} priority {self.priority}; policy {self.policy};"
+        device = ""
+        if self.device is not None:
+            if not re.match(r"^[A-Za-z0-9_.-]{1,15}$", self.device):
+                raise ValueError(f"not an interface name: {self.device!r}")
+            device = f' device "{self.device}"'
+        head = (f"type {self.type} hook {self.hook}{device} priority {self.priority}; "
+                f"policy {self.policy};")
         body = "".join(f" {rule};" for rule in self.rules)
         return f"chain {self.name} {{ {head}{body} }}"
 
     def as_dict(self) -> dict:
         return {
             "name": self.name, "hook": self.hook, "rules": list(self.rules), "type": self.type,
-            "priority": self.priority, "policy": self.policy,
+            "priority": self.priority, "policy": self.policy, "device": self.device,
         }
 
     @classmethod

@@ -13,6 +13,7 @@ from fastpunch._engine import (
     FlowEvent as FlowEvent,
     FlowState as FlowState,
     FlowTracker as FlowTracker,
+    ParsedBatch as ParsedBatch,
     RawReceiver as RawReceiver,
     RawSender as RawSender,
     Reply as Reply,
@@ -39,7 +40,7 @@ from fastpunch.errors import MalformedPacket as MalformedPacket
 from fastpunch.errors import PacketBuildError as PacketBuildError
 
 __all__ = [
-    "ENGINE_MARK", "Flags", "FlowEvent", "FlowState", "FlowTracker", "MalformedPacket", "PacketBuildError",
+    "ENGINE_MARK", "Flags", "FlowEvent", "FlowState", "FlowTracker", "MalformedPacket", "PacketBuildError", "ParsedBatch",
     "RawReceiver", "RawSender", "Reply", "Segment", "SegmentBatch", "TCPOptions", "build",
     "checksum", "checksum_many", "checksum_update", "flags_str", "int_to_ip", "ip_to_int",
     "parse", "reason_name", "rst_for", "seq_acceptable", "seq_after", "seq_before",

@@ -187,6 +187,32 @@ def test_sendmmsg_batch_is_delivered_whole(veth):
     assert sorted((s.sport, s.seq) for s in got) == sorted(zip(sports, seqs))
 
 
+def test_recv_into_parses_a_received_batch_in_c(veth):
+    from fastpunch.packet import ParsedBatch
+
+    n = 200
+    batch = SegmentBatch(n, stride=128)
+    batch.fill(n, veth.addr_a, veth.addr_b, 50000, 7, flags=Flags.SYN,
+               options=TCPOptions(mss=1400, timestamp=(42, 0)),
+               seqs=array.array("I", range(n)))
+    parsed = ParsedBatch(256)
+    with inside(veth.ns_b):
+        rx = RawReceiver(src=veth.addr_a, dst=veth.addr_b, sport=50000, dport=7,
+                         rcvbuf=1 << 20, capacity=256)
+        guard = netfilter.suppress_rsts([netfilter.RstSuppression(7)])
+    seqs = []
+    with inside(veth.ns_b), guard, rx, inside(veth.ns_a), RawSender() as tx:
+        assert tx.send_batch(batch) == n
+        deadline = time.monotonic() + 5
+        while len(seqs) < n and time.monotonic() < deadline:
+            select.select([rx], [], [], 0.2)
+            got = rx.recv_into(parsed)
+            assert parsed.good == got                      # every datagram verified
+            seqs += parsed.column("seq").tolist()
+            assert set(parsed.column("mss").tolist()) <= {1400}
+    assert sorted(seqs) == list(range(n))
+
+
 def test_handshake_to_a_closed_port_fails_cleanly(veth):
     with inside(veth.ns_a):
         flow = RawFlow(veth.addr_a, 40005, veth.addr_b, 8999)

@@ -95,3 +95,51 @@ def test_stride_too_small_for_the_datagram_is_refused():
 def test_bad_geometry_is_refused(capacity, stride):
     with pytest.raises((ValueError, OverflowError)):
         SegmentBatch(capacity, stride)
+
+
+# -- batched parse ---------------------------------------------------------------------
+
+from fastpunch.packet import ParsedBatch  # noqa: E402
+from fastpunch.errors import MalformedPacket  # noqa: E402
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=120) | st.just(b""), max_size=40), st.data())
+def test_batched_parse_agrees_with_one_at_a_time(junk, data):
+    stride = 128
+    good = SegmentBatch(64, stride=stride)
+    n = data.draw(st.integers(0, 24))
+    good.fill(n, "192.0.2.1", "198.51.100.2", 5, 6, seqs=array.array("I", range(n)),
+              options=TCPOptions(mss=1300, timestamp=(77, 0)), payloads=bytes(range(200)) * n,
+              payload_len=data.draw(st.integers(0, 40)))
+    datagrams = [good[i] for i in range(n)] + [j[:stride] for j in junk]
+    datagrams = data.draw(st.permutations(datagrams))
+    buf = b"".join(d.ljust(stride, b"\0") for d in datagrams)
+    lens = array.array("I", map(len, datagrams))
+    pb = ParsedBatch(64, stride=256)
+    assert pb.parse_from(buf, stride, lens) == pb.good
+    assert len(pb) == len(datagrams)
+    cols = {name: pb.column(name) for name in ("status", "seq", "sport", "mss", "ts_val",
+                                               "payload_length", "flags", "src")}
+    for i, d in enumerate(datagrams):
+        try:
+            seg = parse(d)
+        except MalformedPacket as exc:
+            assert cols["status"][i] != 0 and pb.reason(i) == exc.reason
+            continue
+        assert cols["status"][i] == 0 and pb.reason(i) is None
+        assert (cols["seq"][i], cols["sport"][i], cols["flags"][i], cols["src"][i]) == (
+            seg.seq, seg.sport, seg.flags, seg.src_int)
+        assert cols["mss"][i] == (seg.options.mss or 0)
+        assert cols["ts_val"][i] == (seg.options.timestamp or (0,))[0]
+        assert cols["payload_length"][i] == seg.payload_length
+        assert pb[i].payload == seg.payload
+    assert pb.good == sum(1 for s in cols["status"] if s == 0)
+
+
+def test_parsed_batch_refuses_more_than_its_capacity():
+    pb = ParsedBatch(2, stride=128)
+    with pytest.raises(ValueError):
+        pb.parse_from(b"\0" * 384, 128, array.array("I", [20, 20, 20]))
+    with pytest.raises(ValueError):
+        pb.parse_from(b"\0" * 10, 128, array.array("I", [20]))

@@ -34,6 +34,14 @@ def test_table_renders_one_line_ruleset_with_required_semicolons():
         "add table ip fastpunch_1_x0", "delete table ip fastpunch_1_x0"]
 
 
+def test_netdev_chain_names_its_device_and_refuses_odd_names():
+    c = Chain("drop_all", "ingress", (), policy="drop", device="veth0")
+    assert c.render() == ('chain drop_all { type filter hook ingress device "veth0" priority 0; '
+                          'policy drop; }')
+    with pytest.raises(ValueError):
+        Chain("c", "ingress", device='x"; flush ruleset').render()
+
+
 def test_table_round_trips_through_dict():
     t = Table("fastpunch_1_x1", (Chain("pre", "prerouting", ("drop",), type="filter",
                                        priority=-150, policy="drop"),), family="inet")

@@ -10,7 +10,7 @@ from fastpunch import errors
 def test_packet_exports():
     assert sorted(fastpunch.packet.__all__) == sorted([
         "ENGINE_MARK", "Flags", "FlowEvent", "FlowState", "FlowTracker", "MalformedPacket",
-        "PacketBuildError", "RawReceiver", "RawSender", "Reply", "Segment", "SegmentBatch",
+        "PacketBuildError", "ParsedBatch", "RawReceiver", "RawSender", "Reply", "Segment", "SegmentBatch",
         "TCPOptions", "build", "checksum", "checksum_many", "checksum_update", "flags_str",
         "int_to_ip", "ip_to_int", "parse", "reason_name", "rst_for", "seq_acceptable",
         "seq_after", "seq_before", "seq_between", "tcp_checksum"])

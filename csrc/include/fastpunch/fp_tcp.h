@@ -92,6 +92,12 @@ struct fp_segment {
 /* Parse an IPv4 datagram carrying TCP. verify: FP_VERIFY_* bits. */
 int fp_segment_parse(const uint8_t *buf, size_t len, int verify, struct fp_segment *out);
 
+/* Parse count datagrams laid out stride bytes apart with lengths lens[]
+ * (a recvmmsg buffer). out[i] and status[i] (0 or a negative FP_E_* code)
+ * describe datagram i. Returns how many parsed. */
+long fp_segment_parse_batch(const uint8_t *buf, size_t stride, const uint32_t *lens,
+                            size_t count, int verify, struct fp_segment *out, int32_t *status);
+
 /* Build one IPv4/TCP segment into buf: both checksums computed. The
  * ip.hlen/total_len/check, tcp.doff/check fields of the inputs are ignored.
  * Returns the datagram length or a negative FP_E_* code. */
