@@ -1,0 +1,389 @@
+"""A small internet in network namespaces: sites behind gateways of chosen
+profiles, joined by an "internet" core namespace that hosts the CCS.
+
+    internet ns  br0: 203.0.113.1 (CCS), 203.0.113.2 (relay)
+       |-- gateway a  wan 203.0.113.10   lan 10.1.0.1/24  -- host a 10.1.0.2
+       |-- gateway b  wan 203.0.113.20   lan 10.2.0.1/24  -- host b 10.2.0.2
+    (no-NAT profiles give the site a public /28 from 198.51.100.0/24 instead;
+     cgn puts a home NAT 10.i.0.1 | 100.64.i.2 behind a carrier NAT
+     100.64.i.1 | 203.0.113.(10 i))
+
+Links are pyroute2 calls, rules are fastpunch.netfilter tables applied in
+each namespace, sysctls are written per namespace. Names carry the creating
+pid so a crashed lab is found and swept (:func:`sweep_stale`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import itertools
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+from fastpunch import _caps
+from fastpunch._netns import disable_tx_checksum, inside
+from fastpunch.errors import FastpunchError, KernelFeatureMissing
+from fastpunch.lab.profiles import CGN, PROFILES, Profile, gateway_tables
+from fastpunch.netfilter import Nftables
+
+__all__ = ["Lab", "Site", "LabError", "sweep_stale", "CCS_ADDR", "RELAY_ADDR"]
+
+CCS_ADDR = "203.0.113.1"
+RELAY_ADDR = "203.0.113.2"
+PUBLIC_NET = "203.0.113.0/24"
+PREFIX = "fpl"
+_NS_RE = re.compile(rf"^{PREFIX}(\d+)x(\d+)-")
+_counter = itertools.count()
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class LabError(FastpunchError):
+    """The lab could not be built as asked."""
+
+
+@dataclass
+class Site:
+    name: str
+    profile: str
+    index: int
+    host_ns: str
+    gateway_ns: str                 # the gateway nearest the internet
+    host_addr: str                  # the host's own address
+    public_addr: str                # the address the internet sees
+    gateway_lan: str
+    home_ns: Optional[str] = None   # cgn only: the home NAT behind the carrier
+    namespaces: list = field(default_factory=list)
+
+    @property
+    def nat(self) -> bool:
+        return self.profile == CGN or PROFILES[self.profile].nat != "none"
+
+
+def _pyroute2():
+    try:
+        import pyroute2
+    except ImportError as exc:
+        raise KernelFeatureMissing("pyroute2", "pip install pyroute2") from exc
+    return pyroute2
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with open(f"/proc/sys/{path}", "w") as f:
+        f.write(value)
+
+
+class Lab:
+    """``with Lab(a="nat", b="napt-random", loss=1.0) as lab: ...``
+
+    Sites are keyword arguments (site name -> profile). ``loss`` is a percent
+    per direction on every site's WAN link, or a dict per site.
+    ``conntrack_timeouts`` sets nf_conntrack_tcp_timeout_<state> on every
+    gateway (e.g. ``{"syn_sent": 5}``) to make mapping expiry testable.
+    """
+
+    def __init__(self, *, loss: Union[float, dict] = 0.0,
+                 conntrack_timeouts: Optional[dict] = None, **sites: str) -> None:
+        if not sites:
+            raise LabError("a lab needs at least one site, e.g. Lab(a='nat')")
+        for name, profile in sites.items():
+            if not re.match(r"^[a-z][a-z0-9]{0,5}$", name):
+                raise LabError(f"site names are 1-6 lowercase letters/digits: {name!r}")
+            if profile not in PROFILES and profile != CGN:
+                raise LabError(f"unknown profile {profile!r} for site {name}; "
+                               f"choose from {', '.join(sorted(PROFILES) + [CGN])}")
+        if len(sites) > 20:
+            raise LabError("at most 20 sites")
+        self.tag = f"{PREFIX}{os.getpid()}x{next(_counter)}"
+        self.profiles = dict(sites)
+        self.loss = loss if isinstance(loss, dict) else {s: loss for s in sites}
+        self.conntrack_timeouts = dict(conntrack_timeouts or {})
+        self.inet_ns = f"{self.tag}-inet"
+        self.ccs_addr, self.relay_addr = CCS_ADDR, RELAY_ADDR
+        self.sites: dict[str, Site] = {}
+        self._namespaces: list[str] = []
+        self._procs: list[subprocess.Popen] = []
+        self._links = itertools.count()
+        self._nft = Nftables()
+
+    # -- building ----------------------------------------------------------------
+    def up(self) -> "Lab":
+        _caps.require("building a lab (namespaces, links, nftables)",
+                      _caps.CAP_SYS_ADMIN, _caps.CAP_NET_ADMIN)
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _ns(self, role: str) -> str:
+        pyroute2 = _pyroute2()
+        name = f"{self.tag}-{role}"
+        pyroute2.netns.create(name)
+        self._namespaces.append(name)
+        with pyroute2.NetNS(name) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        return name
+
+    def _veth(self, ns1: str, name1: str, ns2: str, name2: str) -> None:
+        pyroute2 = _pyroute2()
+        k = next(self._links)
+        tmp = [f"fl{os.getpid() % 100000}{k}{side}"[-15:] for side in "ab"]
+        with pyroute2.IPRoute() as ipr:
+            ipr.link("add", ifname=tmp[0], kind="veth", peer=tmp[1])
+            for t, ns in zip(tmp, (ns1, ns2)):
+                ipr.link("set", index=ipr.link_lookup(ifname=t)[0], net_ns_fd=ns)
+        for t, ns, final in ((tmp[0], ns1, name1), (tmp[1], ns2, name2)):
+            with pyroute2.NetNS(ns) as ipr:
+                idx = ipr.link_lookup(ifname=t)[0]
+                ipr.link("set", index=idx, ifname=final)
+                ipr.link("set", index=idx, state="up")
+            with inside(ns):
+                disable_tx_checksum(final)
+
+    def _addr(self, ns: str, ifname: str, cidr: str) -> None:
+        pyroute2 = _pyroute2()
+        iface = ipaddress.ip_interface(cidr)
+        with pyroute2.NetNS(ns) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0],
+                     address=str(iface.ip), prefixlen=iface.network.prefixlen)
+
+    def _route(self, ns: str, dst: str, gateway: str) -> None:
+        pyroute2 = _pyroute2()
+        with pyroute2.NetNS(ns) as ipr:
+            ipr.route("add", dst=dst, gateway=gateway)
+
+    def _sysctls(self, ns: str, values: dict) -> None:
+        with inside(ns):
+            for path, value in values.items():
+                _write_sysctl(path, str(value))
+
+    def _gateway(self, ns: str, profile: Profile, wan_addr: str, loss: float) -> None:
+        sysctls = {"net/ipv4/ip_forward": "1", **profile.sysctls}
+        with inside(ns):
+            # conntrack's per-namespace sysctls exist once its tables are in use
+            for table in gateway_tables(profile, "wan", "lan", wan_addr, loss):
+                self._nft.run(table.apply_commands())
+            self._nft.run("add table inet lab_ct\n"
+                          "add chain inet lab_ct pre { type filter hook prerouting priority -200; }\n"
+                          "add rule inet lab_ct pre ct state new counter")
+            for state, seconds in self.conntrack_timeouts.items():
+                sysctls[f"net/netfilter/nf_conntrack_tcp_timeout_{state}"] = str(int(seconds))
+            for path, value in sysctls.items():
+                _write_sysctl(path, value)
+
+    def _build(self) -> None:
+        pyroute2 = _pyroute2()
+        inet = self._ns("inet")
+        with pyroute2.NetNS(inet) as ipr:
+            ipr.link("add", ifname="br0", kind="bridge")
+            idx = ipr.link_lookup(ifname="br0")[0]
+            ipr.link("set", index=idx, state="up")
+        for cidr in (f"{CCS_ADDR}/24", f"{RELAY_ADDR}/24"):
+            self._addr(inet, "br0", cidr)
+        self._sysctls(inet, {"net/ipv4/ip_forward": "1"})
+
+        for i, (name, profile) in enumerate(self.profiles.items(), start=1):
+            loss = float(self.loss.get(name, 0.0))
+            wan_addr = f"203.0.113.{10 * i}"
+            host = self._ns(f"h{name}")
+            gw = self._ns(f"g{name}")
+            site_ns = [host, gw]
+            self._veth(gw, "wan", inet, f"s{name}")
+            with pyroute2.NetNS(inet) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname=f"s{name}")[0],
+                         master=ipr.link_lookup(ifname="br0")[0])
+            self._addr(gw, "wan", f"{wan_addr}/24")
+            self._route(gw, "default", CCS_ADDR)
+            home = None
+            if profile == CGN:
+                # host -- home NAT (10.i/24 | 100.64.i.2) -- carrier NAT (100.64.i.1 | wan)
+                home = self._ns(f"n{name}")
+                site_ns.append(home)
+                self._veth(home, "wan", gw, "lan")
+                self._addr(gw, "lan", f"100.64.{i}.1/24")
+                self._addr(home, "wan", f"100.64.{i}.2/24")
+                self._route(home, "default", f"100.64.{i}.1")
+                self._veth(host, "eth0", home, "lan")
+                lan_gw, host_addr, prefix = f"10.{i}.0.1", f"10.{i}.0.2", 24
+                self._addr(home, "lan", f"{lan_gw}/{prefix}")
+                self._gateway(gw, PROFILES["nat"], wan_addr, loss)
+                self._gateway(home, PROFILES["nat"], f"100.64.{i}.2", 0.0)
+                public = wan_addr
+            else:
+                p = PROFILES[profile]
+                self._veth(host, "eth0", gw, "lan")
+                if p.nat == "none":
+                    base = 16 * i
+                    lan_gw, host_addr, prefix = f"198.51.100.{base + 1}", f"198.51.100.{base + 2}", 28
+                    self._route(inet, f"198.51.100.{base}/28", wan_addr)
+                    public = host_addr
+                else:
+                    lan_gw, host_addr, prefix = f"10.{i}.0.1", f"10.{i}.0.2", 24
+                    public = wan_addr
+                self._addr(gw, "lan", f"{lan_gw}/{prefix}")
+                self._gateway(gw, p, wan_addr, loss)
+            self._addr(host, "eth0", f"{host_addr}/{prefix}")
+            self._route(host, "default", lan_gw)
+            self.sites[name] = Site(name, profile, i, host, gw, host_addr, public, lan_gw,
+                                    home, site_ns)
+        # every gateway reaches every public /28 through the internet core
+        for site in self.sites.values():
+            for other in self.sites.values():
+                if other is not site and not other.nat:
+                    self._route(site.gateway_ns, f"198.51.100.{16 * other.index}/28",
+                                f"203.0.113.{10 * other.index}")
+
+    # -- teardown ---------------------------------------------------------------
+    def down(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+        self._procs.clear()
+        pyroute2 = _pyroute2()
+        for ns in reversed(self._namespaces):   # links die with their namespaces
+            with contextlib.suppress(OSError, FileNotFoundError):
+                pyroute2.netns.remove(ns)
+        self._namespaces.clear()
+
+    def __enter__(self) -> "Lab":
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    @property
+    def namespaces(self) -> list[str]:
+        return list(self._namespaces)
+
+    # -- using it -----------------------------------------------------------------
+    def ns(self, where: str) -> str:
+        """Namespace of a site's host ("a"), a gateway ("gw-a", "home-a" for
+        cgn), the core ("inet"), or a raw namespace name."""
+        if where in ("inet", "internet", "ccs"):
+            return self.inet_ns
+        if where in self.sites:
+            return self.sites[where].host_ns
+        m = re.match(r"^(gw|home)-(\w+)$", where)
+        if m and m.group(2) in self.sites:
+            site = self.sites[m.group(2)]
+            ns = site.gateway_ns if m.group(1) == "gw" else site.home_ns
+            if ns:
+                return ns
+        if where in self._namespaces:
+            return where
+        raise LabError(f"no such place in this lab: {where!r} (sites: {', '.join(self.sites)}, "
+                       "gw-SITE, home-SITE for cgn, inet)")
+
+    def inside(self, where: str):
+        """Context manager: this thread works in that namespace."""
+        return inside(self.ns(where))
+
+    def _preexec(self, where: str):
+        fd = os.open(f"/run/netns/{self.ns(where)}", os.O_RDONLY | os.O_CLOEXEC)
+
+        def enter() -> None:
+            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                os._exit(126)
+        return fd, enter
+
+    def run(self, where: str, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
+        """Run a command inside a namespace and wait for it."""
+        fd, enter = self._preexec(where)
+        try:
+            kwargs.setdefault("capture_output", True)
+            kwargs.setdefault("text", True)
+            kwargs.setdefault("timeout", 120)
+            return subprocess.run(list(argv), preexec_fn=enter, **kwargs)
+        finally:
+            os.close(fd)
+
+    def spawn(self, where: str, argv: Sequence[str], **kwargs) -> subprocess.Popen:
+        """Start a command inside a namespace; it is killed at teardown."""
+        fd, enter = self._preexec(where)
+        try:
+            proc = subprocess.Popen(list(argv), preexec_fn=enter, **kwargs)
+        finally:
+            os.close(fd)
+        self._procs.append(proc)
+        return proc
+
+    def conntrack(self, where: str) -> list[dict]:
+        """Live TCP/UDP conntrack entries of a gateway: original and reply
+        tuples and the TCP state."""
+        pyroute2 = _pyroute2()
+        entries = []
+        with self.inside(where), pyroute2.Conntrack() as ct:
+            for e in ct.dump_entries():
+                orig, reply = e.tuple_orig, e.tuple_reply
+                entries.append({
+                    "proto": {6: "tcp", 17: "udp", 1: "icmp"}.get(orig.proto, orig.proto),
+                    "state": _tcp_state(e),
+                    "orig": (orig.saddr, orig.sport, orig.daddr, orig.dport),
+                    "reply": (reply.saddr, reply.sport, reply.daddr, reply.dport),
+                    "timeout": getattr(e, "timeout", None),
+                })
+        return entries
+
+    def describe(self) -> dict:
+        return {
+            "tag": self.tag, "ccs": self.ccs_addr, "relay": self.relay_addr,
+            "namespaces": self.namespaces,
+            "sites": {n: {"profile": s.profile, "host": s.host_addr, "public": s.public_addr,
+                          "host_ns": s.host_ns, "gateway_ns": s.gateway_ns,
+                          "home_ns": s.home_ns, "loss": self.loss.get(n, 0.0)}
+                      for n, s in self.sites.items()},
+        }
+
+
+# enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
+_TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
+               "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
+
+
+def _tcp_state(entry) -> Optional[str]:
+    state = getattr(getattr(entry, "protoinfo", None), "state", None)
+    if state is None:
+        return None
+    if isinstance(state, int) and 0 <= state < len(_TCP_STATES):
+        return _TCP_STATES[state]
+    return str(getattr(state, "name", state))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def lab_namespaces() -> Iterator[tuple[str, int]]:
+    run_dir = "/run/netns"
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        m = _NS_RE.match(name)
+        if m:
+            yield name, int(m.group(1))
+
+
+def sweep_stale(all_labs: bool = False) -> list[str]:
+    """Remove the namespaces of labs whose creating process is gone (or every
+    lab's with ``all_labs``). Returns the names removed."""
+    pyroute2 = _pyroute2()
+    removed = []
+    for name, pid in lab_namespaces():
+        if all_labs or not _pid_alive(pid):
+            with contextlib.suppress(OSError):
+                pyroute2.netns.remove(name)
+                removed.append(name)
+    return removed

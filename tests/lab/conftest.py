@@ -1,0 +1,1 @@
+from fastpunch.lab.pytest_plugin import lab_factory  # noqa: F401
