@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
 from fastpunch import _caps
+from fastpunch._proc import pid_alive
 from fastpunch.errors import KernelFeatureMissing
 
 T = TypeVar("T")
@@ -129,16 +130,6 @@ class VethPair:
         self.down()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def ours(prefix: str = PREFIX) -> list[str]:
     """Namespaces whose names say this library made them."""
     _, netns = _pyroute2()
@@ -151,7 +142,7 @@ def sweep_stale(prefix: str = PREFIX) -> list[str]:
     removed = []
     for ns in ours(prefix):
         pid = int(re.match(rf"^{prefix}(\d+)x", ns).group(1))
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             with contextlib.suppress(OSError):
                 netns.remove(ns)
                 removed.append(ns)

@@ -33,8 +33,10 @@ def _cmd_version(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from fastpunch import _netns, netfilter
 
+    from fastpunch import lab
+
     tables = netfilter.sweep_stale()
-    spaces = _netns.sweep_stale()
+    spaces = _netns.sweep_stale() + lab.sweep_stale()
     print(f"removed {len(tables)} stale nftables tables, {len(spaces)} stale namespaces")
     return 0
 
@@ -50,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="remove tables and namespaces left by crashed processes")
     p.set_defaults(func=_cmd_sweep)
+
+    from fastpunch.lab.cli import add_subparser as add_lab
+
+    add_lab(sub)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_cmd_version)

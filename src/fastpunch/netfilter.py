@@ -24,6 +24,7 @@ from typing import Iterable, Optional, Sequence
 # SO_MARK carried by the engine's own segments: RST suppression must not drop
 # the RSTs we craft on purpose.
 from fastpunch._engine import ENGINE_MARK
+from fastpunch._proc import pid_alive
 from fastpunch.errors import InsufficientPrivilegeError, KernelFeatureMissing, NetfilterError
 
 __all__ = [
@@ -277,16 +278,6 @@ def suppress_rsts(rules: Iterable[RstSuppression], nft: Optional[Nftables] = Non
     return ScopedTable(table, nft)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale(nft: Optional[Nftables] = None, family: str = "ip") -> list[str]:
     """Delete tables left by fastpunch processes that no longer exist.
     Returns the names removed."""
@@ -295,7 +286,7 @@ def sweep_stale(nft: Optional[Nftables] = None, family: str = "ip") -> list[str]
     pattern = re.compile(rf"^{TABLE_PREFIX}(\d+)_")
     for name in nft.tables(family):
         m = pattern.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             nft.run(Table(name, family=family).delete_commands())
             removed.append(name)
     return removed

@@ -66,3 +66,22 @@ def test_missing_libnftables_names_the_package(monkeypatch):
     monkeypatch.setattr(netfilter, "_LIB_NAMES", ("libnftables-does-not-exist.so.9",))
     with pytest.raises(netfilter.KernelFeatureMissing, match="apt-get install libnftables1"):
         netfilter.Nftables().run("list tables")
+
+
+def test_a_zombie_counts_as_dead():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from fastpunch._proc import pid_alive
+
+    assert pid_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while pid_alive(child.pid) and time.monotonic() < deadline:   # exits, not yet reaped
+        time.sleep(0.01)
+    assert not pid_alive(child.pid)
+    assert os.path.exists(f"/proc/{child.pid}")                   # still a zombie
+    child.wait()
+    assert not pid_alive(child.pid)

@@ -27,6 +27,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 from fastpunch import _caps
 from fastpunch._netns import disable_tx_checksum, inside
+from fastpunch._proc import pid_alive
 from fastpunch.errors import FastpunchError, KernelFeatureMissing
 from fastpunch.lab.profiles import CGN, PROFILES, Profile, gateway_tables
 from fastpunch.netfilter import Nftables
@@ -99,7 +100,8 @@ class Lab:
                                f"choose from {', '.join(sorted(PROFILES) + [CGN])}")
         if len(sites) > 20:
             raise LabError("at most 20 sites")
-        self.tag = f"{PREFIX}{os.getpid()}x{next(_counter)}"
+        self._owner = os.getpid()
+        self.tag = f"{PREFIX}{self._owner}x{next(_counter)}"
         self.profiles = dict(sites)
         self.loss = loss if isinstance(loss, dict) else {s: loss for s in sites}
         self.conntrack_timeouts = dict(conntrack_timeouts or {})
@@ -242,6 +244,8 @@ class Lab:
 
     # -- teardown ---------------------------------------------------------------
     def down(self) -> None:
+        if os.getpid() != self._owner:
+            return      # a forked copy (pyroute2 helpers fork) never tears down
         for proc in self._procs:
             if proc.poll() is None:
                 proc.kill()
@@ -288,12 +292,7 @@ class Lab:
         return inside(self.ns(where))
 
     def _preexec(self, where: str):
-        fd = os.open(f"/run/netns/{self.ns(where)}", os.O_RDONLY | os.O_CLOEXEC)
-
-        def enter() -> None:
-            if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                os._exit(126)
-        return fd, enter
+        return setns_preexec(self.ns(where))
 
     def run(self, where: str, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
         """Run a command inside a namespace and wait for it."""
@@ -317,21 +316,9 @@ class Lab:
         return proc
 
     def conntrack(self, where: str) -> list[dict]:
-        """Live TCP/UDP conntrack entries of a gateway: original and reply
-        tuples and the TCP state."""
-        pyroute2 = _pyroute2()
-        entries = []
-        with self.inside(where), pyroute2.Conntrack() as ct:
-            for e in ct.dump_entries():
-                orig, reply = e.tuple_orig, e.tuple_reply
-                entries.append({
-                    "proto": {6: "tcp", 17: "udp", 1: "icmp"}.get(orig.proto, orig.proto),
-                    "state": _tcp_state(e),
-                    "orig": (orig.saddr, orig.sport, orig.daddr, orig.dport),
-                    "reply": (reply.saddr, reply.sport, reply.daddr, reply.dport),
-                    "timeout": getattr(e, "timeout", None),
-                })
-        return entries
+        """Live conntrack entries of a gateway: original and reply tuples, the
+        TCP state and the seconds left."""
+        return conntrack_entries(self.ns(where))
 
     def describe(self) -> dict:
         return {
@@ -358,14 +345,30 @@ def _tcp_state(entry) -> Optional[str]:
     return str(getattr(state, "name", state))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+def conntrack_entries(ns: str) -> list[dict]:
+    pyroute2 = _pyroute2()
+    entries = []
+    with inside(ns), pyroute2.Conntrack() as ct:
+        for e in ct.dump_entries():
+            orig, reply = e.tuple_orig, e.tuple_reply
+            entries.append({
+                "proto": {6: "tcp", 17: "udp", 1: "icmp"}.get(orig.proto, orig.proto),
+                "state": _tcp_state(e),
+                "orig": (orig.saddr, orig.sport, orig.daddr, orig.dport),
+                "reply": (reply.saddr, reply.sport, reply.daddr, reply.dport),
+                "timeout": getattr(e, "timeout", None),
+            })
+    return entries
+
+
+def setns_preexec(ns: str):
+    """(fd, fn): fn moves a forked child into ``ns`` before exec; close fd after."""
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def enter() -> None:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            os._exit(126)
+    return fd, enter
 
 
 def lab_namespaces() -> Iterator[tuple[str, int]]:
@@ -382,7 +385,7 @@ def sweep_stale(all_labs: bool = False) -> list[str]:
     pyroute2 = _pyroute2()
     removed = []
     for name, pid in lab_namespaces():
-        if all_labs or not _pid_alive(pid):
+        if all_labs or not pid_alive(pid):
             with contextlib.suppress(OSError):
                 pyroute2.netns.remove(name)
                 removed.append(name)

@@ -1,0 +1,5 @@
+import sys
+
+from fastpunch.lab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""``fastpunch lab up | exec | status | down``."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from fastpunch._proc import pid_alive
+from fastpunch.lab import keeper
+from fastpunch.lab.profiles import CGN, PROFILES
+from fastpunch.lab.topology import LabError, conntrack_entries, setns_preexec, sweep_stale
+
+PROFILE_CHOICES = sorted(PROFILES) + [CGN]
+
+
+def add_subparser(sub) -> None:
+    lab = sub.add_parser("lab", help="a small internet of NATs in network namespaces")
+    cmds = lab.add_subparsers(dest="lab_command", required=True)
+
+    up = cmds.add_parser("up", help="build a lab and keep it until `lab down`")
+    for site in "abcd":
+        up.add_argument(f"--{site}", choices=PROFILE_CHOICES, help=f"profile of site {site}")
+    up.add_argument("--site", action="append", default=[], metavar="NAME=PROFILE",
+                    help="more sites")
+    up.add_argument("--loss", type=float, default=0.0, help="loss percent per direction")
+    up.add_argument("--json", action="store_true", help="print the lab as JSON")
+    up.set_defaults(func=cmd_up)
+
+    ex = cmds.add_parser("exec", help="run a command in a site's host (or gw-SITE, inet)")
+    ex.add_argument("where")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    ex.add_argument("--lab", help="lab tag when several are up")
+    ex.set_defaults(func=cmd_exec)
+
+    st = cmds.add_parser("status", help="sites, addresses and live conntrack entries")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    dn = cmds.add_parser("down", help="tear labs down (all, or --lab TAG) and sweep stale ones")
+    dn.add_argument("--lab", help="only this lab")
+    dn.set_defaults(func=cmd_down)
+
+
+def _states() -> list[dict]:
+    states = []
+    for path in sorted(glob.glob(os.path.join(keeper.STATE_DIR, "*.json"))):
+        with open(path) as f:
+            state = json.load(f)
+        if not pid_alive(state["keeper"]):
+            os.unlink(path)          # a keeper that died without cleaning up
+            continue
+        states.append(state)
+    return states
+
+
+def _pick(tag) -> dict:
+    states = _states()
+    if tag:
+        states = [s for s in states if s["tag"] == tag]
+    if not states:
+        raise LabError("no lab is up" + (f" with tag {tag}" if tag else "") +
+                       " (start one with `fastpunch lab up --a nat --b nat`)")
+    if len(states) > 1:
+        raise LabError("several labs are up; choose one with --lab: " +
+                       ", ".join(s["tag"] for s in states))
+    return states[0]
+
+
+def _namespace(state: dict, where: str) -> str:
+    if where in ("inet", "internet", "ccs"):
+        return next(n for n in state["namespaces"] if n.endswith("-inet"))
+    sites = state["sites"]
+    if where in sites:
+        return sites[where]["host_ns"]
+    for role, key in (("gw-", "gateway_ns"), ("home-", "home_ns")):
+        if where.startswith(role) and where[len(role):] in sites and sites[where[len(role):]][key]:
+            return sites[where[len(role):]][key]
+    raise LabError(f"no such place: {where!r} (sites: {', '.join(sites)}, gw-SITE, inet)")
+
+
+def cmd_up(args) -> int:
+    sites = {s: getattr(args, s) for s in "abcd" if getattr(args, s)}
+    for item in args.site:
+        name, _, profile = item.partition("=")
+        sites[name] = profile
+    if not sites:
+        raise LabError("give at least one site, e.g. --a nat --b napt-random")
+    spec = {**sites, "loss": args.loss}
+    os.makedirs(keeper.STATE_DIR, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fastpunch.lab.keeper", json.dumps(spec)],
+                            start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = keeper.state_path(proc.pid)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            error = ""
+            if os.path.exists(path + ".error"):
+                with open(path + ".error") as f:
+                    error = f.read()
+                os.unlink(path + ".error")
+            if proc.poll() is None:
+                proc.terminate()
+            raise LabError(f"the lab did not come up: {error or 'keeper exited'}")
+        time.sleep(0.05)
+    with open(path) as f:
+        state = json.load(f)
+    if args.json:
+        print(json.dumps(state))
+    else:
+        _print_lab(state, with_conntrack=False)
+    return 0
+
+
+def cmd_exec(args) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise LabError("give a command after --, e.g. fastpunch lab exec a -- ss -tn")
+    fd, enter = setns_preexec(_namespace(_pick(args.lab), args.where))
+    try:
+        return subprocess.call(argv, preexec_fn=enter)
+    finally:
+        os.close(fd)
+
+
+def _print_lab(state: dict, with_conntrack: bool) -> None:
+    print(f"lab {state['tag']} (keeper pid {state['keeper']}): CCS {state['ccs']}, "
+          f"relay {state['relay']}")
+    for name, site in state["sites"].items():
+        print(f"  site {name}: {site['profile']:<15} host {site['host']:<15} "
+              f"public {site['public']:<15} loss {site['loss']}%")
+        if with_conntrack:
+            for gw_key in ("home_ns", "gateway_ns"):
+                ns = site[gw_key]
+                if not ns:
+                    continue
+                entries = conntrack_entries(ns)
+                print(f"    {'gw' if gw_key == 'gateway_ns' else 'home'}-{name}: "
+                      f"{len(entries)} conntrack entries")
+                for e in entries:
+                    o, r = e["orig"], e["reply"]
+                    print(f"      {e['proto']} {e['state'] or '':<12} {o[0]}:{o[1]} -> "
+                          f"{o[2]}:{o[3]}  reply {r[0]}:{r[1]} -> {r[2]}:{r[3]}  "
+                          f"({e['timeout']} s)")
+
+
+def cmd_status(args) -> int:
+    states = _states()
+    if args.json:
+        for state in states:
+            state["conntrack"] = {n: conntrack_entries(s["gateway_ns"])
+                                  for n, s in state["sites"].items()}
+        print(json.dumps(states))
+        return 0
+    if not states:
+        print("no lab is up")
+    for state in states:
+        _print_lab(state, with_conntrack=True)
+    return 0
+
+
+def cmd_down(args) -> int:
+    states = _states()
+    if args.lab:
+        states = [s for s in states if s["tag"] == args.lab]
+    for state in states:
+        os.kill(state["keeper"], signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    for state in states:
+        while (os.path.exists(keeper.state_path(state["keeper"])) and pid_alive(state["keeper"])
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        print(f"lab {state['tag']} torn down")
+    stale = sweep_stale()
+    if stale:
+        print(f"removed {len(stale)} namespaces of crashed labs: {', '.join(stale)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from fastpunch.cli import main as fastpunch_main
+
+    return fastpunch_main(["lab", *(sys.argv[1:] if argv is None else argv)])
