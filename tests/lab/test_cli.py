@@ -39,8 +39,10 @@ def tags():
 
 def test_up_exec_status_down(cli):
     before = tags()
-    state = json.loads(cli("lab", "up", "--a", "nat", "--b", "napt-random", "--json").stdout)
+    state = json.loads(cli("lab", "up", "--a", "nat", "--b", "napt-random", "--delay", "5",
+                           "--json").stdout)
     assert state["sites"]["a"]["public"] == "203.0.113.10"
+    assert state["sites"]["b"]["delay_ms"] == 5.0
     assert state["tag"] in tags()
     out = cli("lab", "exec", "a", "--", sys.executable, "-c",
               "import socket; s = socket.socket(); s.connect(('203.0.113.2', 9))",

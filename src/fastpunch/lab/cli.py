@@ -29,6 +29,10 @@ def add_subparser(sub) -> None:
     up.add_argument("--site", action="append", default=[], metavar="NAME=PROFILE",
                     help="more sites")
     up.add_argument("--loss", type=float, default=0.0, help="loss percent per direction")
+    up.add_argument("--delay", type=float, default=0.0, metavar="MS",
+                    help="one-way delay of every site's access link")
+    up.add_argument("--rate", type=float, default=0.0, metavar="MBIT",
+                    help="rate limit of every site's access link, each direction")
     up.add_argument("--json", action="store_true", help="print the lab as JSON")
     up.set_defaults(func=cmd_up)
 
@@ -91,7 +95,7 @@ def cmd_up(args) -> int:
         sites[name] = profile
     if not sites:
         raise LabError("give at least one site, e.g. --a nat --b napt-random")
-    spec = {**sites, "loss": args.loss}
+    spec = {**sites, "loss": args.loss, "delay_ms": args.delay, "rate_mbit": args.rate}
     os.makedirs(keeper.STATE_DIR, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "fastpunch.lab.keeper", json.dumps(spec)],
                             start_new_session=True, stdin=subprocess.DEVNULL,
@@ -134,7 +138,8 @@ def _print_lab(state: dict, with_conntrack: bool) -> None:
           f"relay {state['relay']}")
     for name, site in state["sites"].items():
         print(f"  site {name}: {site['profile']:<15} host {site['host']:<15} "
-              f"public {site['public']:<15} loss {site['loss']}%")
+              f"public {site['public']:<15} loss {site['loss']}% delay {site['delay_ms']} ms"
+              f" rate {site['rate_mbit'] or '-'} Mbit/s")
         if with_conntrack:
             for gw_key in ("home_ns", "gateway_ns"):
                 ns = site[gw_key]

@@ -82,13 +82,17 @@ def _write_sysctl(path: str, value: str) -> None:
 class Lab:
     """``with Lab(a="nat", b="napt-random", loss=1.0) as lab: ...``
 
-    Sites are keyword arguments (site name -> profile). ``loss`` is a percent
-    per direction on every site's WAN link, or a dict per site.
+    Sites are keyword arguments (site name -> profile). Impairments apply to
+    each site's access link (its gateway's WAN side), in both directions,
+    and take one value for every site or a dict per site: ``loss`` (percent
+    per direction), ``delay_ms`` (one-way, so a site's RTT to the internet
+    core grows by twice it), ``rate_mbit`` (each direction).
     ``conntrack_timeouts`` sets nf_conntrack_tcp_timeout_<state> on every
     gateway (e.g. ``{"syn_sent": 5}``) to make mapping expiry testable.
     """
 
-    def __init__(self, *, loss: Union[float, dict] = 0.0,
+    def __init__(self, *, loss: Union[float, dict] = 0.0, delay_ms: Union[float, dict] = 0.0,
+                 rate_mbit: Union[float, dict] = 0.0,
                  conntrack_timeouts: Optional[dict] = None, **sites: str) -> None:
         if not sites:
             raise LabError("a lab needs at least one site, e.g. Lab(a='nat')")
@@ -103,7 +107,17 @@ class Lab:
         self._owner = os.getpid()
         self.tag = f"{PREFIX}{self._owner}x{next(_counter)}"
         self.profiles = dict(sites)
-        self.loss = loss if isinstance(loss, dict) else {s: loss for s in sites}
+        def per_site(value, what, limit):
+            values = value if isinstance(value, dict) else {s: value for s in sites}
+            for site, v in values.items():
+                if site not in sites or not 0 <= float(v) < limit:
+                    raise LabError(f"{what} for {site!r} must be a site of this lab and in "
+                                   f"0..{limit}: {v!r}")
+            return {s: float(values.get(s, 0.0)) for s in sites}
+
+        self.loss = per_site(loss, "loss", 100)
+        self.delay_ms = per_site(delay_ms, "delay_ms", 10_000)
+        self.rate_mbit = per_site(rate_mbit, "rate_mbit", 100_000)
         self.conntrack_timeouts = dict(conntrack_timeouts or {})
         self.inet_ns = f"{self.tag}-inet"
         self.ccs_addr, self.relay_addr = CCS_ADDR, RELAY_ADDR
@@ -180,6 +194,38 @@ class Lab:
             for path, value in sysctls.items():
                 _write_sysctl(path, value)
 
+    def _delay(self, ns: str, ms: float) -> None:
+        """Hold every packet crossing the gateway's WAN side for ``ms``."""
+        import sys
+
+        proc = self.spawn(ns, [sys.executable, "-m", "fastpunch.lab.delay", "--queue", "1",
+                               "--ms", str(ms)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()            # printed once the queue is bound
+        if not line.startswith("delaying"):
+            raise LabError(f"the delay process failed: {proc.stderr.read().strip()}")
+        for chain, flag in (("PREROUTING", "-i"), ("POSTROUTING", "-o")):
+            argv = ["iptables", "-t", "mangle", "-A", chain, flag, "wan", "-j", "NFQUEUE",
+                    "--queue-num", "1"]
+            try:
+                result = self.run(ns, argv)
+            except FileNotFoundError as exc:
+                raise KernelFeatureMissing(
+                    "iptables", "the NFQUEUE target for lab delay needs it: "
+                    "apt-get install iptables") from exc
+            if result.returncode:
+                raise LabError(f"{' '.join(argv)}: {result.stderr.strip()}")
+
+    def _rate(self, ns: str, mbit: float) -> None:
+        """Token bucket on both egresses of the gateway: wan (upload), lan (download)."""
+        pyroute2 = _pyroute2()
+        rate = int(mbit * 1_000_000 / 8)                 # bytes per second
+        burst = max(64 * 1024, rate // 100)              # whole GSO segments, 10 ms at rate
+        with pyroute2.NetNS(ns) as ipr:
+            for ifname in ("wan", "lan"):
+                ipr.tc("add", "tbf", index=ipr.link_lookup(ifname=ifname)[0], handle="1:",
+                       rate=rate, burst=burst, latency="50ms")
+
     def _build(self) -> None:
         pyroute2 = _pyroute2()
         inet = self._ns("inet")
@@ -192,7 +238,7 @@ class Lab:
         self._sysctls(inet, {"net/ipv4/ip_forward": "1"})
 
         for i, (name, profile) in enumerate(self.profiles.items(), start=1):
-            loss = float(self.loss.get(name, 0.0))
+            loss = self.loss[name]
             wan_addr = f"203.0.113.{10 * i}"
             host = self._ns(f"h{name}")
             gw = self._ns(f"g{name}")
@@ -233,6 +279,10 @@ class Lab:
                 self._gateway(gw, p, wan_addr, loss)
             self._addr(host, "eth0", f"{host_addr}/{prefix}")
             self._route(host, "default", lan_gw)
+            if self.delay_ms[name]:
+                self._delay(gw, self.delay_ms[name])
+            if self.rate_mbit[name]:
+                self._rate(gw, self.rate_mbit[name])
             self.sites[name] = Site(name, profile, i, host, gw, host_addr, public, lan_gw,
                                     home, site_ns)
         # every gateway reaches every public /28 through the internet core
@@ -326,7 +376,8 @@ class Lab:
             "namespaces": self.namespaces,
             "sites": {n: {"profile": s.profile, "host": s.host_addr, "public": s.public_addr,
                           "host_ns": s.host_ns, "gateway_ns": s.gateway_ns,
-                          "home_ns": s.home_ns, "loss": self.loss.get(n, 0.0)}
+                          "home_ns": s.home_ns, "loss": self.loss[n],
+                          "delay_ms": self.delay_ms[n], "rate_mbit": self.rate_mbit[n]}
                       for n, s in self.sites.items()},
         }
 
