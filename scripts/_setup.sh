@@ -32,6 +32,9 @@ if [ -n "$missing" ]; then
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
+# The lab's upnp gateway needs miniupnpd >= 2.3.9 (Debian 12 ships 2.3.1).
+"$ROOT/scripts/build-miniupnpd"
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"

@@ -175,10 +175,13 @@ class Table:
     name: str
     chains: Sequence[Chain] = field(default_factory=tuple)
     family: str = "ip"
+    regular_chains: Sequence[str] = ()      # empty non-base chains (jump targets)
 
     def render(self) -> str:
         _check_name(self.name)
-        chains = "; ".join(c.render() for c in self.chains)
+        parts = [c.render() for c in self.chains]
+        parts += [f"chain {_check_name(name)} {{ }}" for name in self.regular_chains]
+        chains = "; ".join(parts)
         return f"table {self.family} {self.name} {{ {chains}{';' if chains else ''} }}"
 
     def apply_commands(self) -> str:
@@ -196,11 +199,13 @@ class Table:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "family": self.family,
-                "chains": [c.as_dict() for c in self.chains]}
+                "chains": [c.as_dict() for c in self.chains],
+                "regular_chains": list(self.regular_chains)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Table":
-        return cls(d["name"], tuple(Chain.from_dict(c) for c in d["chains"]), d.get("family", "ip"))
+        return cls(d["name"], tuple(Chain.from_dict(c) for c in d["chains"]), d.get("family", "ip"),
+                   tuple(d.get("regular_chains", ())))
 
 
 @dataclass(frozen=True)

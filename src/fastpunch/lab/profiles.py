@@ -24,6 +24,7 @@ class Profile:
     unsolicited: str             # what the gateway itself does with unsolicited WAN SYNs:
                                  # "accept" | "drop" | "rst"
     strict: bool = False         # tcp_loose=0, tcp_be_liberal=0, INVALID dropped
+    upnp: bool = False           # miniupnpd on the LAN side (UPnP-IGD, NAT-PMP, PCP)
     description: str = ""
     sysctls: dict = field(default_factory=dict)
 
@@ -49,9 +50,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
                         "tcp_be_liberal=0, INVALID dropped",
             sysctls={"net/netfilter/nf_conntrack_tcp_loose": "0",
                      "net/netfilter/nf_conntrack_tcp_be_liberal": "0"}),
+    Profile("upnp", "preserve", True, "drop", upnp=True,
+            description="nat plus miniupnpd on the LAN side granting port mappings "
+                        "over UPnP-IGD, NAT-PMP and PCP"),
 )}
 # "cgn" is a topology (a home "nat" behind a carrier "nat"), not a ruleset.
 CGN = "cgn"
+UPNP_TABLE = "lab_upnp"
 SEQUENTIAL_BASE = 20000
 SEQUENTIAL_SPAN = 256       # ports in the sequential allocator's cycle
 
@@ -65,6 +70,8 @@ def gateway_tables(profile: Profile, wan: str, lan: str, wan_addr: str,
         if profile.strict:
             forward.append("ct state invalid counter drop")
         forward += ["ct state established,related accept", f'iifname "{lan}" accept']
+        if profile.upnp:
+            forward.append("ct status dnat accept")      # inbound through a granted mapping
         inbound = [f'iifname "{wan}" ct state established,related accept']
         if profile.unsolicited == "rst":
             inbound.append(f'iifname "{wan}" tcp flags & (syn | ack) == syn '
@@ -95,6 +102,16 @@ def gateway_tables(profile: Profile, wan: str, lan: str, wan_addr: str,
         tables.append(Table("lab_nat", (
             Chain("postrouting", "postrouting", tuple(rules), type="nat", priority=100),
         ), family="ip"))
+    if profile.upnp:
+        # miniupnpd writes its rules into these chains (named in its config)
+        tables.append(Table(UPNP_TABLE, (
+            Chain("forward", "forward", ("jump miniupnpd",), priority=-10),
+            Chain("prerouting", "prerouting", ("jump prerouting_miniupnpd",), type="nat",
+                  priority=-100),
+            Chain("postrouting", "postrouting", ("jump postrouting_miniupnpd",), type="nat",
+                  priority=100),
+        ), family="inet", regular_chains=("miniupnpd", "prerouting_miniupnpd",
+                                          "postrouting_miniupnpd")))
     if loss_percent:
         if not 0 < loss_percent < 100:
             raise ValueError("loss must be a percentage between 0 and 100")

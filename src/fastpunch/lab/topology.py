@@ -124,6 +124,7 @@ class Lab:
         self.sites: dict[str, Site] = {}
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen] = []
+        self._tmp: Optional[str] = None          # config files of daemons (miniupnpd)
         self._links = itertools.count()
         self._nft = Nftables()
 
@@ -216,6 +217,40 @@ class Lab:
             if result.returncode:
                 raise LabError(f"{' '.join(argv)}: {result.stderr.strip()}")
 
+    def _miniupnpd(self, ns: str, wan_addr: str, lan_net: str) -> None:
+        """Start miniupnpd on the gateway's LAN side and wait until it serves."""
+        import tempfile
+        import uuid
+
+        from fastpunch.lab.profiles import UPNP_TABLE
+
+        binary = find_miniupnpd()
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix=f"{self.tag}-")
+        conf = os.path.join(self._tmp, f"miniupnpd-{os.path.basename(ns)}.conf")
+        with open(conf, "w") as f:
+            f.write("\n".join([
+                "ext_ifname=wan", f"ext_ip={wan_addr}", "ext_allow_private_ipv4=yes",
+                "listening_ip=lan", "port=5000", "enable_natpmp=yes", "enable_upnp=yes",
+                "secure_mode=yes", "system_uptime=yes", f"uuid={uuid.uuid4()}",
+                f"upnp_table_name={UPNP_TABLE}", f"upnp_nat_table_name={UPNP_TABLE}",
+                "upnp_forward_chain=miniupnpd", "upnp_nat_chain=prerouting_miniupnpd",
+                "upnp_nat_postrouting_chain=postrouting_miniupnpd",
+                f"allow 1024-65535 {lan_net} 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535", ""]))
+        proc = self.spawn(ns, [binary, "-d", "-f", conf, "-P", conf + ".pid"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = []
+        for line in proc.stdout:                  # -d: logs on stderr, never detaches
+            log.append(line.rstrip())
+            if "Listening for NAT-PMP/PCP" in line:
+                break
+        else:
+            raise LabError("miniupnpd did not start: " + " | ".join(log[-5:]))
+        # keep draining its log so it never blocks on a full pipe
+        import threading
+
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+
     def _rate(self, ns: str, mbit: float) -> None:
         """Token bucket on both egresses of the gateway: wan (upload), lan (download)."""
         pyroute2 = _pyroute2()
@@ -277,6 +312,8 @@ class Lab:
                     public = wan_addr
                 self._addr(gw, "lan", f"{lan_gw}/{prefix}")
                 self._gateway(gw, p, wan_addr, loss)
+                if p.upnp:
+                    self._miniupnpd(gw, wan_addr, f"10.{i}.0.0/24")
             self._addr(host, "eth0", f"{host_addr}/{prefix}")
             self._route(host, "default", lan_gw)
             if self.delay_ms[name]:
@@ -307,6 +344,11 @@ class Lab:
             with contextlib.suppress(OSError, FileNotFoundError):
                 pyroute2.netns.remove(ns)
         self._namespaces.clear()
+        if self._tmp is not None:
+            import shutil
+
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     def __enter__(self) -> "Lab":
         return self.up()
@@ -394,6 +436,34 @@ def _tcp_state(entry) -> Optional[str]:
     if isinstance(state, int) and 0 <= state < len(_TCP_STATES):
         return _TCP_STATES[state]
     return str(getattr(state, "name", state))
+
+
+MINIUPNPD_MIN = (2, 3, 9)
+_MINIUPNPD_CANDIDATES = ("/usr/local/sbin/miniupnpd-fastpunch", "/usr/sbin/miniupnpd")
+
+
+def find_miniupnpd() -> str:
+    """A miniupnpd that accepts the lab's RFC 5737 WAN addresses (>= 2.3.9,
+    ``ext_allow_private_ipv4``); FASTPUNCH_MINIUPNPD overrides the search."""
+    import shutil
+
+    candidates = [os.environ.get("FASTPUNCH_MINIUPNPD", "")] + list(_MINIUPNPD_CANDIDATES)
+    candidates.append(shutil.which("miniupnpd") or "")
+    seen = []
+    for path in filter(None, candidates):
+        if not os.access(path, os.X_OK):
+            continue
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+        m = re.search(r"miniupnpd (\d+)\.(\d+)\.(\d+)", out.stdout + out.stderr)
+        if m and tuple(map(int, m.groups())) >= MINIUPNPD_MIN:
+            return path
+        seen.append(f"{path} ({m.group(0) if m else 'unknown version'})")
+    raise KernelFeatureMissing(
+        "miniupnpd >= 2.3.9",
+        "the upnp gateway needs ext_allow_private_ipv4 for its RFC 5737 WAN address; "
+        "Debian 12's miniupnpd 2.3.1 refuses it. Run scripts/build-miniupnpd (builds "
+        "Debian 13's source package) or install miniupnpd-nftables from Debian 13+"
+        + (f"; found only {', '.join(seen)}" if seen else ""))
 
 
 def conntrack_entries(ns: str) -> list[dict]:
