@@ -88,3 +88,20 @@ def test_without_capabilities_the_lab_names_them():
          "except PermissionError as e:\n print('OK', e.capability)"],
         capture_output=True, text=True, timeout=60)
     assert "OK CAP_SYS_ADMIN and CAP_NET_ADMIN" in proc.stdout, proc.stderr
+
+
+def test_a_miniupnpd_too_old_for_the_lab_is_named_with_the_way_out(monkeypatch):
+    import shutil
+
+    from fastpunch.errors import KernelFeatureMissing
+    from fastpunch.lab import topology
+
+    if not shutil.which("miniupnpd") and not os.path.exists("/usr/sbin/miniupnpd"):
+        pytest.skip("no Debian miniupnpd to show the refusal with")
+    monkeypatch.setattr(topology, "_MINIUPNPD_CANDIDATES", ("/usr/sbin/miniupnpd",))
+    monkeypatch.delenv("FASTPUNCH_MINIUPNPD", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(KernelFeatureMissing) as err:
+        topology.find_miniupnpd()
+    message = str(err.value)
+    assert "scripts/build-miniupnpd" in message and "found only /usr/sbin/miniupnpd" in message
