@@ -925,20 +925,12 @@ def rst_for(Segment seg not None):
 ENGINE_MARK = 0x46500001
 
 
-cdef class RawSender:
-    """Non-blocking IP_HDRINCL raw socket; each datagram goes to the address in
-    its own header. Needs CAP_NET_RAW; ``mark`` (SO_MARK, 0 for none) needs
-    CAP_NET_ADMIN."""
+cdef class _RawSocket:
+    """What both raw sockets share: one descriptor, closed exactly once."""
     cdef int fd
 
-    def __cinit__(self, int sndbuf=0, uint32_t mark=0):
+    def __cinit__(self, *args, **kwargs):
         self.fd = -1
-        cdef int fd = fp_raw_open_send(sndbuf, mark)
-        if fd == FP_RAW_MARK_DENIED:
-            raise _errors.InsufficientPrivilegeError("CAP_NET_ADMIN", "marking raw packets (SO_MARK)")
-        if fd < 0:
-            raise _error(fd, "raw-socket")
-        self.fd = fd
 
     def __dealloc__(self):
         if self.fd >= 0:
@@ -951,6 +943,31 @@ cdef class RawSender:
         if self.fd < 0:
             raise ValueError("raw socket is closed")
         return 0
+
+    def close(self):
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+cdef class RawSender(_RawSocket):
+    """Non-blocking IP_HDRINCL raw socket; each datagram goes to the address in
+    its own header. Needs CAP_NET_RAW; ``mark`` (SO_MARK, 0 for none) needs
+    CAP_NET_ADMIN."""
+
+    def __cinit__(self, int sndbuf=0, uint32_t mark=0):
+        cdef int fd = fp_raw_open_send(sndbuf, mark)
+        if fd == FP_RAW_MARK_DENIED:
+            raise _errors.InsufficientPrivilegeError("CAP_NET_ADMIN", "marking raw packets (SO_MARK)")
+        if fd < 0:
+            raise _error(fd, "raw-socket")
+        self.fd = fd
 
     def send(self, bytes datagram not None):
         """Send one datagram; returns 1, or raises (BlockingIOError when full)."""
@@ -991,30 +1008,17 @@ cdef class RawSender:
             raise _error(rc, "raw-send")
         return rc
 
-    def close(self):
-        if self.fd >= 0:
-            close(self.fd)
-            self.fd = -1
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-cdef class RawReceiver:
+cdef class RawReceiver(_RawSocket):
     """Non-blocking raw TCP receive socket that sees only one flow's segments
     (a classic BPF filter on the 4-tuple; None/0 are wildcards). Use fileno()
     with loop.add_reader(). Needs CAP_NET_RAW."""
-    cdef int fd
     cdef Py_ssize_t capacity, stride
     cdef uint8_t *_buf
     cdef uint32_t *_lens
 
     def __cinit__(self, src=None, dst=None, uint16_t sport=0, uint16_t dport=0, int rcvbuf=0,
                   Py_ssize_t capacity=64, Py_ssize_t stride=2048):
-        self.fd = -1
         cdef uint32_t s = 0, d = 0
         if src is not None:
             _addr(src, &s)
@@ -1033,19 +1037,13 @@ cdef class RawReceiver:
             raise _error(fd, "raw-socket")
         self.fd = fd
 
-    def __dealloc__(self):
-        if self.fd >= 0:
-            close(self.fd)
+    def __dealloc__(self):          # the base class closes the descriptor
         PyMem_Free(self._buf)
         PyMem_Free(self._lens)
 
-    def fileno(self):
-        return self.fd
-
     def recv_many(self):
         """Every datagram waiting (up to capacity), as a list of bytes; [] if none."""
-        if self.fd < 0:
-            raise ValueError("raw socket is closed")
+        self._check_open()
         cdef long n
         with nogil:
             n = fp_raw_recv_batch(self.fd, self._buf, <size_t>self.stride, self._lens,
@@ -1059,8 +1057,7 @@ cdef class RawReceiver:
         """recvmmsg straight into ``batch``'s buffer and parse everything in C.
         Returns how many datagrams arrived (0 when none is waiting); see
         ``batch.good`` and ``batch.column("status")`` for which parsed."""
-        if self.fd < 0:
-            raise ValueError("raw socket is closed")
+        self._check_open()
         cdef long n
         with nogil:
             n = fp_raw_recv_batch(self.fd, batch._buf, <size_t>batch.stride, batch._lens,
@@ -1070,14 +1067,3 @@ cdef class RawReceiver:
         if n < 0:
             raise _error(n, "raw-recv")
         return n
-
-    def close(self):
-        if self.fd >= 0:
-            close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

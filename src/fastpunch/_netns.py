@@ -13,15 +13,15 @@ import itertools
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Iterator
 
 from fastpunch import _caps
 from fastpunch._proc import pid_alive
 from fastpunch.errors import KernelFeatureMissing
 
-T = TypeVar("T")
 PREFIX = "fpt"
 _counter = itertools.count()
+_links = itertools.count()
 
 
 def _pyroute2():
@@ -43,11 +43,6 @@ def inside(ns: str) -> Iterator[None]:
         yield
     finally:
         netns.popns()
-
-
-def run_in(ns: str, fn: Callable[..., T], *args, **kwargs) -> T:
-    with inside(ns):
-        return fn(*args, **kwargs)
 
 
 _SIOCETHTOOL = 0x8946
@@ -73,6 +68,35 @@ def disable_tx_checksum(ifname: str) -> None:
         fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifr)
 
 
+def create_namespace(name: str) -> str:
+    """A new network namespace with its loopback up."""
+    pyroute2, netns = _pyroute2()
+    netns.create(name)
+    with pyroute2.NetNS(name) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    return name
+
+
+def veth_between(ns1: str, name1: str, ns2: str, name2: str) -> None:
+    """A veth pair with end ``name1`` in ``ns1`` and ``name2`` in ``ns2``, both
+    up, TX checksum offload off. The pair is made in the root namespace under
+    temporary names (only unique there) and renamed once moved."""
+    pyroute2, _ = _pyroute2()
+    k = next(_links)
+    tmp = [f"fv{os.getpid() % 100000}x{k}{side}"[-15:] for side in "ab"]
+    with pyroute2.IPRoute() as ipr:
+        ipr.link("add", ifname=tmp[0], kind="veth", peer=tmp[1])
+        for t, ns in zip(tmp, (ns1, ns2)):
+            ipr.link("set", index=ipr.link_lookup(ifname=t)[0], net_ns_fd=ns)
+    for t, ns, final in ((tmp[0], ns1, name1), (tmp[1], ns2, name2)):
+        with pyroute2.NetNS(ns) as ipr:
+            idx = ipr.link_lookup(ifname=t)[0]
+            ipr.link("set", index=idx, ifname=final)
+            ipr.link("set", index=idx, state="up")
+        with inside(ns):
+            disable_tx_checksum(final)
+
+
 @dataclass
 class VethPair:
     """Namespaces ``ns_a`` and ``ns_b`` joined by veth ``if_a``/``if_b`` with
@@ -91,26 +115,16 @@ class VethPair:
 
     def up(self) -> "VethPair":
         _caps.require("creating network namespaces", _caps.CAP_SYS_ADMIN, _caps.CAP_NET_ADMIN)
-        pyroute2, netns = _pyroute2()
+        pyroute2, _ = _pyroute2()
         try:
             for ns in (self.ns_a, self.ns_b):
-                netns.create(ns)
-                self._created.append(ns)
-            with pyroute2.IPRoute() as ipr:
-                ipr.link("add", ifname=self.if_a, kind="veth", peer=self.if_b)
-                for ifname, ns in ((self.if_a, self.ns_a), (self.if_b, self.ns_b)):
-                    idx = ipr.link_lookup(ifname=ifname)[0]
-                    ipr.link("set", index=idx, net_ns_fd=ns)
+                self._created.append(create_namespace(ns))
+            veth_between(self.ns_a, self.if_a, self.ns_b, self.if_b)
             for ifname, ns, addr in ((self.if_a, self.ns_a, self.addr_a),
                                      (self.if_b, self.ns_b, self.addr_b)):
                 with pyroute2.NetNS(ns) as ipr:
-                    lo = ipr.link_lookup(ifname="lo")[0]
-                    ipr.link("set", index=lo, state="up")
-                    idx = ipr.link_lookup(ifname=ifname)[0]
-                    ipr.addr("add", index=idx, address=addr, prefixlen=self.prefixlen)
-                    ipr.link("set", index=idx, state="up")
-                with inside(ns):
-                    disable_tx_checksum(ifname)
+                    ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=addr,
+                             prefixlen=self.prefixlen)
         except BaseException:
             self.down()
             raise

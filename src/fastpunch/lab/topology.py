@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
 from fastpunch import _caps
-from fastpunch._netns import disable_tx_checksum, inside
+from fastpunch._netns import create_namespace, inside, veth_between
 from fastpunch._proc import pid_alive
 from fastpunch.errors import FastpunchError, KernelFeatureMissing
 from fastpunch.lab.profiles import CGN, PROFILES, Profile, gateway_tables
@@ -125,7 +125,6 @@ class Lab:
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen] = []
         self._tmp: Optional[str] = None          # config files of daemons (miniupnpd)
-        self._links = itertools.count()
         self._nft = Nftables()
 
     # -- building ----------------------------------------------------------------
@@ -140,29 +139,9 @@ class Lab:
         return self
 
     def _ns(self, role: str) -> str:
-        pyroute2 = _pyroute2()
         name = f"{self.tag}-{role}"
-        pyroute2.netns.create(name)
-        self._namespaces.append(name)
-        with pyroute2.NetNS(name) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        return name
-
-    def _veth(self, ns1: str, name1: str, ns2: str, name2: str) -> None:
-        pyroute2 = _pyroute2()
-        k = next(self._links)
-        tmp = [f"fl{os.getpid() % 100000}{k}{side}"[-15:] for side in "ab"]
-        with pyroute2.IPRoute() as ipr:
-            ipr.link("add", ifname=tmp[0], kind="veth", peer=tmp[1])
-            for t, ns in zip(tmp, (ns1, ns2)):
-                ipr.link("set", index=ipr.link_lookup(ifname=t)[0], net_ns_fd=ns)
-        for t, ns, final in ((tmp[0], ns1, name1), (tmp[1], ns2, name2)):
-            with pyroute2.NetNS(ns) as ipr:
-                idx = ipr.link_lookup(ifname=t)[0]
-                ipr.link("set", index=idx, ifname=final)
-                ipr.link("set", index=idx, state="up")
-            with inside(ns):
-                disable_tx_checksum(final)
+        self._namespaces.append(name)           # recorded first: removed even if half-made
+        return create_namespace(name)
 
     def _addr(self, ns: str, ifname: str, cidr: str) -> None:
         pyroute2 = _pyroute2()
@@ -278,7 +257,7 @@ class Lab:
             host = self._ns(f"h{name}")
             gw = self._ns(f"g{name}")
             site_ns = [host, gw]
-            self._veth(gw, "wan", inet, f"s{name}")
+            veth_between(gw, "wan", inet, f"s{name}")
             with pyroute2.NetNS(inet) as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname=f"s{name}")[0],
                          master=ipr.link_lookup(ifname="br0")[0])
@@ -289,11 +268,11 @@ class Lab:
                 # host -- home NAT (10.i/24 | 100.64.i.2) -- carrier NAT (100.64.i.1 | wan)
                 home = self._ns(f"n{name}")
                 site_ns.append(home)
-                self._veth(home, "wan", gw, "lan")
+                veth_between(home, "wan", gw, "lan")
                 self._addr(gw, "lan", f"100.64.{i}.1/24")
                 self._addr(home, "wan", f"100.64.{i}.2/24")
                 self._route(home, "default", f"100.64.{i}.1")
-                self._veth(host, "eth0", home, "lan")
+                veth_between(host, "eth0", home, "lan")
                 lan_gw, host_addr, prefix = f"10.{i}.0.1", f"10.{i}.0.2", 24
                 self._addr(home, "lan", f"{lan_gw}/{prefix}")
                 self._gateway(gw, PROFILES["nat"], wan_addr, loss)
@@ -301,7 +280,7 @@ class Lab:
                 public = wan_addr
             else:
                 p = PROFILES[profile]
-                self._veth(host, "eth0", gw, "lan")
+                veth_between(host, "eth0", gw, "lan")
                 if p.nat == "none":
                     base = 16 * i
                     lan_gw, host_addr, prefix = f"198.51.100.{base + 1}", f"198.51.100.{base + 2}", 28
