@@ -1,0 +1,273 @@
+"""The CCS wire format: versioned, length-prefixed frames of typed fields.
+
+    frame  = version:u8  type:u8  length:u16   payload[length]     (length <= MAX_FRAME)
+    field  = id:u8  length:u16  value[length]                       (per-field caps)
+
+Every message is a frozen dataclass; its fields, their wire ids, kinds and
+size caps are data (``SCHEMA``), so encoding, decoding and validation are one
+loop each. Decoding refuses, with a stable error code, anything malformed,
+oversized, unknown, duplicated or missing. No I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import struct
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from fastpunch.errors import RemoteProtocolError
+
+__all__ = ["VERSION", "MAX_FRAME", "WireError", "Message", "encode", "decode_frame", "MESSAGES"]
+
+VERSION = 1
+MAX_FRAME = 8192          # bytes of payload; every field is capped far below this
+HEADER = struct.Struct("!BBH")
+FIELD = struct.Struct("!BH")
+
+
+class WireError(RemoteProtocolError):
+    """The peer sent bytes that are not a valid frame. ``code`` is stable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
+
+
+# field kinds: (encode, decode, fixed size or None)
+def _u(n: int):
+    fmt = {1: "!B", 2: "!H", 4: "!I", 8: "!Q"}[n]
+    return (lambda v: struct.pack(fmt, v), lambda b: struct.unpack(fmt, b)[0], n)
+
+
+_KINDS = {
+    "u8": _u(1), "u16": _u(2), "u32": _u(4), "u64": _u(8),
+    "bool": (lambda v: b"\x01" if v else b"\x00", lambda b: {b"\x00": False, b"\x01": True}[b], 1),
+    "bytes": (bytes, bytes, None),
+    "str": (lambda v: v.encode("utf-8"), lambda b: b.decode("utf-8"), None),
+    "ipv4": (lambda v: ipaddress.IPv4Address(v).packed, lambda b: str(ipaddress.IPv4Address(b)), 4),
+    "strs": (lambda v: "\n".join(v).encode("utf-8"),
+             lambda b: tuple(b.decode("utf-8").split("\n")) if b else (), None),
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every message. Subclasses declare TYPE and FIELDS:
+    FIELDS maps attribute -> (wire id, kind, max bytes, required)."""
+
+    TYPE: ClassVar[int] = 0
+    FIELDS: ClassVar[dict] = {}
+
+
+def _msg(type_id: int, fields: dict):
+    def wrap(cls):
+        cls.TYPE = type_id
+        cls.FIELDS = fields
+        return dataclass(frozen=True)(cls)
+    return wrap
+
+
+NAME = 64          # device names
+NONCE = 32
+MAC = 32
+REASON = 256
+
+
+# -- client -> server -----------------------------------------------------------------
+@_msg(1, {"name": (1, "str", NAME, True), "nonce": (2, "bytes", NONCE, True)})
+class Hello(Message):
+    name: str
+    nonce: bytes
+
+
+@_msg(2, {"mac": (1, "bytes", MAC, True)})
+class AuthResponse(Message):
+    mac: bytes
+
+
+@_msg(3, {"seq": (1, "u32", 4, True)})
+class Heartbeat(Message):
+    seq: int
+
+
+NEXT_INFO = {
+    "port": (10, "u16", 2, True), "isn": (11, "u32", 4, True), "mss": (12, "u16", 2, True),
+    "wscale": (13, "u8", 1, False), "sack_permitted": (14, "bool", 1, True),
+    "timestamps": (15, "bool", 1, True), "nat": (16, "str", 32, True),
+    "local_addr": (17, "ipv4", 4, False),
+}
+
+
+@_msg(4, {"request": (1, "u32", 4, True), "peer": (2, "str", NAME, True), **NEXT_INFO})
+class RendezvousRequest(Message):
+    """A asks for B, with A's next-connection info."""
+    request: int
+    peer: str
+    port: int
+    isn: int
+    mss: int
+    sack_permitted: bool
+    timestamps: bool
+    nat: str
+    wscale: Optional[int] = None
+    local_addr: Optional[str] = None
+
+
+@_msg(5, {"request": (1, "u32", 4, True), **NEXT_INFO})
+class RendezvousAnswer(Message):
+    """B's next-connection info for an offered rendezvous."""
+    request: int
+    port: int
+    isn: int
+    mss: int
+    sack_permitted: bool
+    timestamps: bool
+    nat: str
+    wscale: Optional[int] = None
+    local_addr: Optional[str] = None
+
+
+# -- server -> client -----------------------------------------------------------------
+@_msg(64, {"nonce": (1, "bytes", NONCE, True)})
+class Challenge(Message):
+    nonce: bytes
+
+
+@_msg(65, {"mac": (1, "bytes", MAC, True), "addr": (2, "ipv4", 4, True),
+           "port": (3, "u16", 2, True), "heartbeat": (4, "u16", 2, True)})
+class AuthOk(Message):
+    """Server proof, and the address and port the CCS sees (reflexive)."""
+    mac: bytes
+    addr: str
+    port: int
+    heartbeat: int
+
+
+@_msg(66, {"seq": (1, "u32", 4, True)})
+class HeartbeatAck(Message):
+    seq: int
+
+
+@_msg(67, {"request": (1, "u32", 4, True), "peer": (2, "str", NAME, True)})
+class RendezvousOffer(Message):
+    """To B: peer wants to connect; answer with RendezvousAnswer."""
+    request: int
+    peer: str
+
+
+PEER_INFO = {
+    "peer": (2, "str", NAME, True), "addr": (3, "ipv4", 4, True), "key": (4, "bytes", 32, True),
+    "plan": (5, "strs", 256, True), "start_at": (6, "u64", 8, True), "role": (7, "str", 16, True),
+    **NEXT_INFO,
+}
+
+
+@_msg(68, {"request": (1, "u32", 4, True), **PEER_INFO})
+class RendezvousReady(Message):
+    """The peer's info, the per-pair session key, the plan and a common start
+    time (ms since the epoch). ``role`` is "initiator" or "responder"."""
+    request: int
+    peer: str
+    addr: str
+    key: bytes
+    plan: tuple
+    start_at: int
+    role: str
+    port: int
+    isn: int
+    mss: int
+    sack_permitted: bool
+    timestamps: bool
+    nat: str
+    wscale: Optional[int] = None
+    local_addr: Optional[str] = None
+
+
+@_msg(69, {"request": (1, "u32", 4, True), "code": (2, "str", 32, True),
+           "reason": (3, "str", REASON, True)})
+class RendezvousRefused(Message):
+    request: int
+    code: str
+    reason: str
+
+
+@_msg(70, {"code": (1, "str", 32, True), "reason": (2, "str", REASON, True)})
+class Error(Message):
+    """Fatal: the server closes the connection after it."""
+    code: str
+    reason: str
+
+
+MESSAGES: dict[int, type] = {cls.TYPE: cls for cls in (
+    Hello, AuthResponse, Heartbeat, RendezvousRequest, RendezvousAnswer,
+    Challenge, AuthOk, HeartbeatAck, RendezvousOffer, RendezvousReady, RendezvousRefused, Error)}
+
+
+def encode(msg: Message) -> bytes:
+    parts = []
+    for name, (fid, kind, cap, required) in msg.FIELDS.items():
+        value = getattr(msg, name)
+        if value is None:
+            if required:
+                raise ValueError(f"{type(msg).__name__}.{name} is required")
+            continue
+        raw = _KINDS[kind][0](value)
+        if len(raw) > cap:
+            raise ValueError(f"{type(msg).__name__}.{name} is {len(raw)} bytes, cap {cap}")
+        parts.append(FIELD.pack(fid, len(raw)) + raw)
+    payload = b"".join(parts)
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"{type(msg).__name__} exceeds the {MAX_FRAME}-byte frame cap")
+    return HEADER.pack(VERSION, msg.TYPE, len(payload)) + payload
+
+
+def decode_frame(buf: bytearray) -> Optional[Message]:
+    """Take one whole frame off the front of ``buf`` and decode it; None when
+    the frame is not complete yet. Raises WireError for anything invalid."""
+    if len(buf) < HEADER.size:
+        return None
+    version, type_id, length = HEADER.unpack_from(buf)
+    if version != VERSION:
+        raise WireError("bad-version", f"protocol version {version}, expected {VERSION}")
+    if length > MAX_FRAME:
+        raise WireError("frame-too-large", f"frame of {length} bytes, cap {MAX_FRAME}")
+    cls = MESSAGES.get(type_id)
+    if cls is None:
+        raise WireError("unknown-type", f"unknown message type {type_id}")
+    if len(buf) < HEADER.size + length:
+        return None
+    payload = bytes(buf[HEADER.size:HEADER.size + length])
+    del buf[:HEADER.size + length]
+    by_id = {fid: (name, kind, cap) for name, (fid, kind, cap, _) in cls.FIELDS.items()}
+    values: dict[str, Any] = {}
+    off = 0
+    while off < len(payload):
+        if off + FIELD.size > len(payload):
+            raise WireError("truncated-field", f"{cls.__name__}: field header cut short")
+        fid, flen = FIELD.unpack_from(payload, off)
+        off += FIELD.size
+        if off + flen > len(payload):
+            raise WireError("truncated-field", f"{cls.__name__}: field {fid} overruns the frame")
+        if fid not in by_id:
+            raise WireError("unknown-field", f"{cls.__name__}: unknown field {fid}")
+        name, kind, cap = by_id[fid]
+        if name in values:
+            raise WireError("duplicate-field", f"{cls.__name__}.{name} given twice")
+        fixed = _KINDS[kind][2]
+        if flen > cap or (fixed is not None and flen != fixed):
+            raise WireError("bad-field-size", f"{cls.__name__}.{name}: {flen} bytes")
+        try:
+            values[name] = _KINDS[kind][1](payload[off:off + flen])
+        except (UnicodeDecodeError, KeyError, ValueError) as exc:
+            raise WireError("bad-field-value", f"{cls.__name__}.{name}: {exc}") from None
+        off += flen
+    missing = [n for n, (_, _, _, req) in cls.FIELDS.items() if req and n not in values]
+    if missing:
+        raise WireError("missing-field", f"{cls.__name__} lacks {', '.join(missing)}")
+    return cls(**values)
+
+
+def fields_of(msg: Message) -> dict:
+    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
