@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lab(sub)
 
+    from fastpunch.ccs.cli import add_subparsers as add_ccs
+
+    add_ccs(sub)
+
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_cmd_version)
     return parser

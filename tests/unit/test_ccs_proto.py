@@ -105,7 +105,8 @@ def test_rendezvous_messages_flow_once_ready():
     assert pump(server.send(offer), client) == [offer]
     ready = wire.RendezvousReady(request=7, peer="viewer", addr="203.0.113.20", key=os.urandom(32),
                                  plan=("symmetric", "relay"), start_at=1_700_000_000_000,
-                                 role="initiator", port=40001, isn=9, mss=1400,
+                                 role="initiator", relay_token=os.urandom(32),
+                                 relay_addr="203.0.113.1", relay_port=7444, port=40001, isn=9, mss=1400,
                                  sack_permitted=False, timestamps=True, nat="napt-random")
     assert pump(server.send(ready), client) == [ready]
     assert pump(client.send(wire.Heartbeat(1)), server) == [wire.Heartbeat(1)]

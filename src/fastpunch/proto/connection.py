@@ -193,10 +193,10 @@ class Connection:
         return self.send(AuthResponse(auth.client_proof(self._key, self.name, self.server_nonce,
                                                         self.client_nonce)))
 
-    def accept(self, addr: str, port: int, heartbeat: int) -> bytes:
+    def accept(self, addr: str, port: int, heartbeat: int, node: Optional[str] = None) -> bytes:
         """Server: after a verified AuthResponse."""
         return self.send(AuthOk(auth.server_proof(self._key, self.name, self.server_nonce,
-                                                  self.client_nonce), addr, port, heartbeat))
+                                                  self.client_nonce), addr, port, heartbeat, node))
 
     def error(self, code: str, reason: str) -> bytes:
         """Server: a fatal error; the connection is closed afterwards."""

@@ -73,6 +73,7 @@ NAME = 64          # device names
 NONCE = 32
 MAC = 32
 REASON = 256
+RELAY_TOKEN = 32
 
 
 # -- client -> server -----------------------------------------------------------------
@@ -136,13 +137,16 @@ class Challenge(Message):
 
 
 @_msg(65, {"mac": (1, "bytes", MAC, True), "addr": (2, "ipv4", 4, True),
-           "port": (3, "u16", 2, True), "heartbeat": (4, "u16", 2, True)})
+           "port": (3, "u16", 2, True), "heartbeat": (4, "u16", 2, True),
+           "node": (5, "str", NAME, False)})
 class AuthOk(Message):
-    """Server proof, and the address and port the CCS sees (reflexive)."""
+    """Server proof, and the address and port the CCS sees (reflexive).
+    ``node`` names the CCS node, for logs."""
     mac: bytes
     addr: str
     port: int
     heartbeat: int
+    node: Optional[str] = None
 
 
 @_msg(66, {"seq": (1, "u32", 4, True)})
@@ -160,6 +164,8 @@ class RendezvousOffer(Message):
 PEER_INFO = {
     "peer": (2, "str", NAME, True), "addr": (3, "ipv4", 4, True), "key": (4, "bytes", 32, True),
     "plan": (5, "strs", 256, True), "start_at": (6, "u64", 8, True), "role": (7, "str", 16, True),
+    "relay_token": (8, "bytes", RELAY_TOKEN, True), "relay_addr": (9, "ipv4", 4, True),
+    "relay_port": (18, "u16", 2, True),
     **NEXT_INFO,
 }
 
@@ -167,7 +173,9 @@ PEER_INFO = {
 @_msg(68, {"request": (1, "u32", 4, True), **PEER_INFO})
 class RendezvousReady(Message):
     """The peer's info, the per-pair session key, the plan and a common start
-    time (ms since the epoch). ``role`` is "initiator" or "responder"."""
+    time (ms since the epoch). ``role`` is "initiator" or "responder".
+    ``relay_token`` admits this side, once, to the CCS relay for this pair
+    at ``relay_addr``:``relay_port``."""
     request: int
     peer: str
     addr: str
@@ -175,6 +183,9 @@ class RendezvousReady(Message):
     plan: tuple
     start_at: int
     role: str
+    relay_token: bytes
+    relay_addr: str
+    relay_port: int
     port: int
     isn: int
     mss: int
@@ -267,6 +278,27 @@ def decode_frame(buf: bytearray) -> Optional[Message]:
     if missing:
         raise WireError("missing-field", f"{cls.__name__} lacks {', '.join(missing)}")
     return cls(**values)
+
+
+@dataclass(frozen=True)
+class NextInfo:
+    """A device's next-connection info: the source port its next connection
+    will use, its ISN and TCP options, and its NAT guess."""
+    port: int
+    isn: int
+    mss: int = 1460
+    sack_permitted: bool = True
+    timestamps: bool = True
+    nat: str = "unknown"
+    wscale: Optional[int] = 7
+    local_addr: Optional[str] = None
+
+    def fields(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def next_info_of(msg: Message) -> NextInfo:
+    return NextInfo(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(NextInfo)})
 
 
 def fields_of(msg: Message) -> dict:

@@ -1,0 +1,2 @@
+"""The central communications station: device keys, authorization, presence
+and rendezvous over TLS. See docs/ccs.md."""

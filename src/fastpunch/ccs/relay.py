@@ -1,0 +1,265 @@
+"""The CCS relay: when nothing direct works, the CCS joins the two devices'
+relay connections and moves their bytes with splice(2), socket -> pipe ->
+socket inside the kernel, never through Python buffers.
+
+Admission is by single-use tokens issued with a rendezvous (over the
+authenticated TLS control connection), one per side:
+
+    device -> relay   "FPR1" token[32]
+    relay  -> device  status[1]     0 = joined (the peer is there), else a refusal
+
+A device that arrives first waits (bounded) for its peer. The relay port is
+plain TCP on purpose: the stream is end to end encrypted with the session
+key (which the relay never learns), and splice cannot see through TLS. A
+stolen token can at worst take the slot; the secure channel's key
+confirmation then fails and the devices retry.
+
+Quotas: a global cap on concurrent relays, a per-device cap on concurrent
+relays, and a per-device byte quota; a relay that exhausts its quota is
+cut (both sockets shut down) and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+MAGIC = b"FPR1"
+HELLO_BYTES = len(MAGIC) + 32
+CHUNK = 1 << 20
+F_SETPIPE_SZ = 1031
+
+JOINED, UNKNOWN_TOKEN, BUSY, DEVICE_BUSY, QUOTA, PEER_TIMEOUT, BAD_HELLO = range(7)
+STATUS_TEXT = {
+    UNKNOWN_TOKEN: ("unknown-token", "the relay token is unknown, used or expired"),
+    BUSY: ("relay-busy", "the CCS carries its maximum number of relays"),
+    DEVICE_BUSY: ("device-busy", "this device has its maximum number of relays open"),
+    QUOTA: ("quota", "this device has used its relay byte quota"),
+    PEER_TIMEOUT: ("peer-timeout", "the peer did not join the relay in time"),
+    BAD_HELLO: ("bad-hello", "the relay hello is malformed"),
+}
+
+
+@dataclass
+class _Ticket:
+    pair: int
+    side: int
+    device: str
+    expires: float
+
+
+@dataclass
+class _Pair:
+    id: int
+    devices: tuple
+    socks: list = field(default_factory=lambda: [None, None])
+    joined: Optional[asyncio.Future] = None
+    bytes: int = 0
+
+
+class Relay:
+    def __init__(self, *, max_relays: int = 256, per_device: int = 4,
+                 quota_bytes: Optional[int] = None, join_timeout: float = 30.0,
+                 token_ttl: float = 120.0, log: Callable[..., None] = lambda kind, **kw: None,
+                 random: Callable[[int], bytes] = os.urandom) -> None:
+        self.max_relays, self.per_device, self.quota_bytes = max_relays, per_device, quota_bytes
+        self.join_timeout, self.token_ttl = join_timeout, token_ttl
+        self.log, self.random = log, random
+        self.tickets: dict[bytes, _Ticket] = {}
+        self.pairs: dict[int, _Pair] = {}
+        self.active: dict[str, int] = {}         # device -> relays open
+        self.used: dict[str, int] = {}           # device -> bytes relayed (quota)
+        self.bytes_total = 0
+        self.relays_total = 0
+        self._lock = threading.Lock()
+        self._next = 0
+        self._listener: Optional[socket.socket] = None
+        self._task: Optional[asyncio.Task] = None
+        self._threads: set[threading.Thread] = set()
+
+    # -- tickets (called by the control plane) ------------------------------------------
+    def issue(self, a: str, b: str) -> tuple[bytes, bytes]:
+        now = time.monotonic()
+        for tok in [t for t, k in self.tickets.items() if k.expires < now]:
+            del self.tickets[tok]
+        self._next += 1
+        tokens = self.random(32), self.random(32)
+        for side, (tok, dev) in enumerate(zip(tokens, (a, b))):
+            self.tickets[tok] = _Ticket(self._next, side, dev, now + self.token_ttl)
+        return tokens
+
+    # -- serving --------------------------------------------------------------------------
+    async def start(self, host: str, port: int = 0) -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self._listener = sock
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+        return sock.getsockname()[1]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._listener is not None:
+            self._listener.close()
+        for pair in list(self.pairs.values()):
+            for s in pair.socks:
+                if s is not None:
+                    _shutdown(s)
+        for t in list(self._threads):
+            t.join(timeout=5)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            loop.create_task(self._admit(conn))
+
+    async def _admit(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        try:
+            hello = await asyncio.wait_for(_recv_exactly(loop, conn, HELLO_BYTES), 10)
+        except (asyncio.TimeoutError, OSError):
+            conn.close()
+            return
+        if len(hello) != HELLO_BYTES or not hello.startswith(MAGIC):
+            return self._refuse(conn, BAD_HELLO, None)
+        ticket = self.tickets.pop(hello[len(MAGIC):], None)
+        if ticket is None or ticket.expires < time.monotonic():
+            return self._refuse(conn, UNKNOWN_TOKEN, None)
+        pair = self.pairs.get(ticket.pair)
+        if pair is None:
+            if len(self.pairs) >= self.max_relays:
+                return self._refuse(conn, BUSY, ticket.device)
+            pair = _Pair(ticket.pair, (None, None))
+        devices = list(pair.devices)
+        devices[ticket.side] = ticket.device
+        pair.devices = tuple(devices)
+        if self.active.get(ticket.device, 0) >= self.per_device:
+            return self._refuse(conn, DEVICE_BUSY, ticket.device)
+        if self.quota_bytes is not None and self.used.get(ticket.device, 0) >= self.quota_bytes:
+            return self._refuse(conn, QUOTA, ticket.device)
+        self.pairs[pair.id] = pair
+        self.active[ticket.device] = self.active.get(ticket.device, 0) + 1
+        pair.socks[ticket.side] = conn
+        other = pair.socks[1 - ticket.side]
+        if other is None:
+            pair.joined = loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(pair.joined), self.join_timeout)
+            except asyncio.TimeoutError:
+                self._release(pair, ticket.device)
+                self.pairs.pop(pair.id, None)
+                return self._refuse(conn, PEER_TIMEOUT, ticket.device)
+            return
+        pair.joined.set_result(None)
+        for s in pair.socks:
+            s.setblocking(True)
+            s.sendall(bytes([JOINED]))
+        self.relays_total += 1
+        self.log("relay-joined", pair=pair.id, devices=pair.devices)
+        done = threading.Event()
+        threads = [threading.Thread(target=self._pump, args=(pair, i, done), daemon=True,
+                                    name=f"relay-{pair.id}-{i}") for i in (0, 1)]
+        for t in threads:
+            self._threads.add(t)
+            t.start()
+
+    def _refuse(self, conn: socket.socket, status: int, device: Optional[str]) -> None:
+        code, reason = STATUS_TEXT[status]
+        self.log("relay-refused", device=device, code=code, reason=reason)
+        try:
+            conn.send(bytes([status]))
+        except OSError:
+            pass
+        conn.close()
+
+    def _release(self, pair: _Pair, device: Optional[str]) -> None:
+        if device is not None and self.active.get(device):
+            self.active[device] -= 1
+            if not self.active[device]:
+                del self.active[device]
+
+    # -- the data path (one thread per direction; os.splice drops the GIL) ------------
+    def _pump(self, pair: _Pair, side: int, done: threading.Event) -> None:
+        src, dst = pair.socks[side], pair.socks[1 - side]
+        owner = pair.devices[side]
+        r, w = os.pipe()
+        try:
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, CHUNK)
+            except OSError:
+                pass
+            sfd, dfd = src.fileno(), dst.fileno()
+            while True:
+                n = os.splice(sfd, w, CHUNK, flags=os.SPLICE_F_MOVE | os.SPLICE_F_MORE)
+                if n == 0:
+                    break
+                left = n
+                while left:
+                    left -= os.splice(r, dfd, left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_MORE)
+                with self._lock:
+                    pair.bytes += n
+                    self.bytes_total += n
+                    used = self.used[owner] = self.used.get(owner, 0) + n
+                if self.quota_bytes is not None and used >= self.quota_bytes:
+                    self.log("relay-quota", pair=pair.id, device=owner, bytes=used)
+                    for s in pair.socks:
+                        _shutdown(s)
+                    break
+            try:
+                dst.shutdown(socket.SHUT_WR)      # pass the EOF on
+            except OSError:
+                pass
+        except OSError:
+            for s in pair.socks:
+                _shutdown(s)
+        finally:
+            os.close(r)
+            os.close(w)
+            with self._lock:
+                last = done.is_set()
+                done.set()
+            if last:
+                for s in pair.socks:
+                    s.close()
+                for dev in pair.devices:
+                    self._release(pair, dev)
+                self.pairs.pop(pair.id, None)
+                self.log("relay-closed", pair=pair.id, bytes=pair.bytes)
+            self._threads.discard(threading.current_thread())
+
+
+def _shutdown(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+async def _recv_exactly(loop, conn: socket.socket, n: int) -> bytes:
+    """Exactly n bytes (or fewer at EOF); never more, so no stream byte is lost."""
+    data = b""
+    while len(data) < n:
+        part = await loop.sock_recv(conn, n - len(data))
+        if not part:
+            break
+        data += part
+    return data
+
+
+def relay_status_error(status: int) -> tuple[str, str]:
+    return STATUS_TEXT.get(status, ("relay-error", f"relay status {status}"))

@@ -1,0 +1,407 @@
+"""The CCS server: TLS device connections, authentication, presence,
+reflexive addresses, rendezvous (across nodes through the registry), relay
+tickets and metrics. asyncio (uvloop in production) around the sans-IO
+machine of fastpunch.proto.connection.
+
+A rendezvous, A asking for B, as node-to-node ops (the same code path when
+both devices sit on this node; the registry carries them otherwise):
+
+    A's node ("origin")                      B's node
+    request: ACL, Pending, locate(B) ---offer--->  RendezvousOffer(oid) to B
+                                     <--answer---  B's RendezvousAnswer(oid)
+    key, plan, start time, relay tickets
+    RendezvousReady to A             ---ready--->  RendezvousReady(oid) to B
+
+If B is connected nowhere, the origin parks the request; when B comes online
+(on any node: an "online" broadcast) the offer goes out; after
+``rendezvous_timeout`` A is refused with "peer-offline".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from fastpunch.ccs.keystore import KeyStore
+from fastpunch.ccs.registry import MemoryRegistry
+from fastpunch.ccs.relay import Relay
+from fastpunch.errors import RemoteProtocolError
+from fastpunch.proto import wire
+from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, ProtocolViolation, Role, State
+from fastpunch.proto.plan import plan as make_plan
+
+log = logging.getLogger("fastpunch.ccs")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def event(kind: str, **fields) -> None:
+    """One structured (JSON) log line."""
+    if log.isEnabledFor(logging.INFO):
+        log.info(json.dumps({"event": kind, **fields}, default=str))
+
+
+@dataclass
+class Pending:
+    """A rendezvous on its origin node (where A is)."""
+    id: int
+    a: str
+    a_request: int
+    a_info: wire.NextInfo
+    b: str
+    started: float
+    timer: Optional[asyncio.TimerHandle] = None
+
+
+@dataclass
+class Metrics:
+    auth_failures: int = 0
+    rendezvous_ok: int = 0
+    rendezvous_refused: dict = field(default_factory=dict)
+    latency_buckets: list = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    latency_sum: float = 0.0
+    protocol_errors: int = 0
+
+    def refused(self, code: str) -> None:
+        self.rendezvous_refused[code] = self.rendezvous_refused.get(code, 0) + 1
+
+    def observe(self, seconds: float) -> None:
+        self.rendezvous_ok += 1
+        self.latency_sum += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.latency_buckets[i] += 1
+
+
+class CCSServer:
+    def __init__(self, keystore: KeyStore, ssl_context, *, registry=None,
+                 relay: Optional[Relay] = None, public_addr: Optional[str] = None,
+                 heartbeat: int = 15, rendezvous_timeout: float = 30.0,
+                 auth_timeout: float = 10.0, start_delay_ms: int = 250,
+                 random: Callable[[int], bytes] = os.urandom,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.keystore = keystore
+        self.ssl_context = ssl_context
+        self.registry = registry if registry is not None else MemoryRegistry()
+        self.node = self.registry.node
+        self.relay = relay if relay is not None else Relay(log=event)
+        self.public_addr = public_addr
+        self.relay_port = 0
+        self.heartbeat = heartbeat
+        self.rendezvous_timeout = rendezvous_timeout
+        self.auth_timeout = auth_timeout
+        self.start_delay_ms = start_delay_ms
+        self.random = random
+        self.clock = clock
+        self.sessions: dict[str, DeviceSession] = {}
+        self.pending: dict[int, Pending] = {}             # origin side
+        self.offers: dict[int, tuple] = {}                 # B side: oid -> (origin, pid, a, b)
+        self.waiting: dict[str, list[int]] = {}           # offline peer -> pending ids
+        self.metrics = Metrics()
+        self._ids = itertools.count(1)
+        self._server = None
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def connected(self) -> int:
+        return len(self.sessions)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0, relay_port: Optional[int] = 0):
+        """Listen for devices (TLS) and, unless ``relay_port`` is None, for
+        relay connections. Returns the device listener's (host, port)."""
+        loop = asyncio.get_running_loop()
+        await self.registry.start(self.handle, lambda name: name in self.sessions)
+        self._server = await loop.create_server(lambda: DeviceSession(self), host, port,
+                                                ssl=self.ssl_context, backlog=4096)
+        bound = self._server.sockets[0].getsockname()[:2]
+        if self.public_addr is None:
+            self.public_addr = bound[0]
+        if relay_port is not None:
+            self.relay_port = await self.relay.start(host, relay_port)
+        event("listening", node=self.node, addr=bound, relay_port=self.relay_port)
+        return bound
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for session in list(self.sessions.values()):
+                session.transport.abort()
+            await self._server.wait_closed()
+        for pending in list(self.pending.values()):
+            self._finish(pending)
+        for task in list(self._tasks):
+            task.cancel()
+        await self.relay.close()
+        await self.registry.close()
+
+    def spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("ccs task failed", exc_info=task.exception())
+
+    # -- presence ----------------------------------------------------------------------
+    def online(self, session: "DeviceSession") -> None:
+        old = self.sessions.get(session.name)
+        if old is not None and old is not session:
+            old.close("replaced", "the device connected again")
+        self.sessions[session.name] = session
+        event("online", device=session.name, addr=session.peer, node=self.node)
+        self.spawn(self._announce(session.name))
+
+    async def _announce(self, name: str) -> None:
+        await self.registry.online(name)
+        if self.registry.shared:
+            await self.registry.broadcast({"op": "online", "name": name, "node": self.node})
+        else:
+            await self._peer_online(name, self.node)
+
+    def offline(self, session: "DeviceSession") -> None:
+        name = session.name
+        if self.sessions.get(name) is not session:
+            return
+        del self.sessions[name]
+        event("offline", device=name, node=self.node)
+        self.spawn(self.registry.offline(name))
+        for pending in [p for p in self.pending.values() if p.a == name]:
+            self._finish(pending)
+        for oid, (origin, pid, a, b) in list(self.offers.items()):
+            if b == name:
+                del self.offers[oid]
+                self.spawn(self.deliver(origin, {"op": "gone", "pid": pid, "name": name}))
+
+    # -- node-to-node ops ---------------------------------------------------------------
+    async def deliver(self, node: str, msg: dict) -> bool:
+        if node == self.node:
+            await self.handle(msg)
+            return True
+        return await self.registry.send(node, msg)
+
+    async def handle(self, msg: dict) -> None:
+        op = msg.get("op")
+        if op == "offer":
+            session = self.sessions.get(msg["b"])
+            if session is None:
+                await self.deliver(msg["origin"], {"op": "gone", "pid": msg["pid"], "name": msg["b"]})
+                return
+            oid = next(self._ids)
+            self.offers[oid] = (msg["origin"], msg["pid"], msg["a"], msg["b"])
+            session.write(wire.RendezvousOffer(oid, msg["a"]))
+        elif op == "answer":
+            await self._complete(msg)
+        elif op == "ready":
+            session = self.sessions.get(msg["b"])
+            if session is not None:
+                fields = dict(msg["fields"])
+                fields["key"] = bytes.fromhex(fields["key"])
+                fields["relay_token"] = bytes.fromhex(fields["relay_token"])
+                fields["plan"] = tuple(fields["plan"])
+                session.write(wire.RendezvousReady(**fields))
+        elif op == "refuse":
+            session = self.sessions.get(msg["b"])
+            if session is not None:
+                self._refuse(session, msg["oid"], msg["code"], msg["reason"])
+        elif op == "gone":
+            pending = self.pending.get(msg["pid"])
+            if pending is not None:        # B left before answering: wait for it again
+                self.waiting.setdefault(pending.b, []).append(pending.id)
+        elif op == "online":
+            await self._peer_online(msg["name"], msg["node"])
+        else:
+            event("registry-unknown-op", op=op)
+
+    async def _peer_online(self, name: str, node: str) -> None:
+        for pid in self.waiting.pop(name, []):
+            pending = self.pending.get(pid)
+            if pending is not None:
+                await self._offer(pending, node)
+
+    async def _offer(self, pending: Pending, node: str) -> None:
+        sent = await self.deliver(node, {"op": "offer", "origin": self.node, "pid": pending.id,
+                                         "a": pending.a, "b": pending.b})
+        if not sent:
+            self.waiting.setdefault(pending.b, []).append(pending.id)
+
+    # -- rendezvous ----------------------------------------------------------------------
+    def _refuse(self, session, request: int, code: str, reason: str) -> None:
+        self.metrics.refused(code)
+        event("rendezvous-refused", device=session.name, request=request, code=code, reason=reason)
+        session.write(wire.RendezvousRefused(request, code, reason))
+
+    def _finish(self, pending: Pending) -> None:
+        self.pending.pop(pending.id, None)
+        if pending.timer is not None:
+            pending.timer.cancel()
+        waiting = self.waiting.get(pending.b)
+        if waiting and pending.id in waiting:
+            waiting.remove(pending.id)
+            if not waiting:
+                del self.waiting[pending.b]
+
+    async def request(self, session: "DeviceSession", msg: wire.RendezvousRequest) -> None:
+        if msg.peer == session.name:
+            return self._refuse(session, msg.request, "self", "a device cannot rendezvous with itself")
+        if not self.keystore.may_reach(session.name, msg.peer):
+            return self._refuse(session, msg.request, "not-authorized",
+                                f"{session.name} may not reach {msg.peer}")
+        pending = Pending(next(self._ids), session.name, msg.request, wire.next_info_of(msg),
+                          msg.peer, time.monotonic())
+        self.pending[pending.id] = pending
+        pending.timer = asyncio.get_running_loop().call_later(
+            self.rendezvous_timeout, self._timeout, pending.id)
+        node = self.node if msg.peer in self.sessions else await self.registry.locate(msg.peer)
+        if node is None:
+            self.waiting.setdefault(msg.peer, []).append(pending.id)
+            event("rendezvous-waiting", device=session.name, peer=msg.peer)
+        else:
+            await self._offer(pending, node)
+
+    def _timeout(self, pid: int) -> None:
+        pending = self.pending.get(pid)
+        if pending is None:
+            return
+        self._finish(pending)
+        a = self.sessions.get(pending.a)
+        if a is not None:
+            self._refuse(a, pending.a_request, "peer-offline",
+                         f"{pending.b} did not answer within {self.rendezvous_timeout:g} s")
+
+    async def answer(self, session: "DeviceSession", msg: wire.RendezvousAnswer) -> None:
+        offer = self.offers.pop(msg.request, None)
+        if offer is None or offer[3] != session.name:
+            session.close("unknown-request", f"no rendezvous {msg.request} is offered to you")
+            return
+        origin, pid, a, b = offer
+        await self.deliver(origin, {"op": "answer", "pid": pid, "oid": msg.request, "b": b,
+                                    "node": self.node, "addr": session.peer[0],
+                                    "info": wire.next_info_of(msg).fields()})
+
+    async def _complete(self, msg: dict) -> None:
+        pending = self.pending.get(msg["pid"])
+        a = self.sessions.get(pending.a) if pending is not None else None
+        if a is None:
+            await self.deliver(msg["node"], {"op": "refuse", "b": msg["b"], "oid": msg["oid"],
+                                             "code": "peer-gone",
+                                             "reason": "the requesting device left"})
+            if pending is not None:
+                self._finish(pending)
+            return
+        self._finish(pending)
+        b_info = wire.NextInfo(**msg["info"])
+        key = self.random(32)
+        steps = make_plan(pending.a_info.nat, b_info.nat)
+        start_at = int(self.clock() * 1000) + self.start_delay_ms
+        token_a, token_b = self.relay.issue(pending.a, pending.b)
+        common = dict(key=key, plan=steps, start_at=start_at, relay_addr=self.public_addr,
+                      relay_port=self.relay_port)
+        a.write(wire.RendezvousReady(request=pending.a_request, peer=pending.b, addr=msg["addr"],
+                                     role="initiator", relay_token=token_a, **common,
+                                     **b_info.fields()))
+        b_fields = dict(request=msg["oid"], peer=pending.a, addr=a.peer[0], role="responder",
+                        relay_token=token_b.hex(), **common, **pending.a_info.fields())
+        b_fields["key"] = key.hex()
+        await self.deliver(msg["node"], {"op": "ready", "b": pending.b, "fields": b_fields})
+        elapsed = time.monotonic() - pending.started
+        self.metrics.observe(elapsed)
+        event("rendezvous", a=pending.a, b=pending.b, plan=steps, seconds=round(elapsed, 6))
+
+
+class DeviceSession(asyncio.Protocol):
+    """Thin glue: bytes in and out of one server-side Connection machine."""
+
+    __slots__ = ("server", "machine", "name", "peer", "transport", "_deadline")
+
+    def __init__(self, server: CCSServer) -> None:
+        self.server = server
+        self.machine = Connection(Role.SERVER)
+        self.name: Optional[str] = None
+        self.peer: tuple = ("0.0.0.0", 0)
+        self.transport: Optional[asyncio.Transport] = None
+        self._deadline: Optional[asyncio.TimerHandle] = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")[:2]
+        self._arm(self.server.auth_timeout, "auth-timeout")
+
+    def _arm(self, seconds: float, code: str) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = asyncio.get_running_loop().call_later(
+            seconds, self.close, code, f"nothing heard for {seconds:g} s")
+
+    def write(self, msg: wire.Message) -> None:
+        if self.transport is not None and not self.transport.is_closing() \
+                and self.machine.state is State.READY:
+            self.transport.write(self.machine.send(msg))
+
+    def close(self, code: str, reason: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(self.machine.error(code, reason))   # every close says why
+        event("closed", device=self.name or self.machine.name, addr=self.peer, code=code,
+              reason=reason)
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.machine.receive_data(data)
+        while True:
+            try:
+                msg = self.machine.next_event()
+            except ProtocolViolation as exc:
+                if exc.code == "auth-failed":
+                    self.server.metrics.auth_failures += 1
+                    event("auth-failed", device=self.machine.name, addr=self.peer)
+                else:
+                    self.server.metrics.protocol_errors += 1
+                return self.close(exc.code, str(exc))
+            except RemoteProtocolError as exc:
+                self.server.metrics.protocol_errors += 1
+                return self.close(getattr(exc, "code", "protocol-error"), str(exc))
+            if msg is NEED_DATA or msg is CLOSED:
+                return
+            self._dispatch(msg)
+
+    def _dispatch(self, msg: wire.Message) -> None:
+        srv = self.server
+        if isinstance(msg, wire.Hello):
+            self.transport.write(self.machine.challenge(srv.keystore.key_for(msg.name), srv.random))
+        elif isinstance(msg, wire.AuthResponse):        # verified by the machine
+            self.name = self.machine.name
+            self.transport.write(self.machine.accept(self.peer[0], self.peer[1], srv.heartbeat,
+                                                     srv.node))
+            self._arm(3 * srv.heartbeat, "dead-peer")
+            srv.online(self)
+        elif isinstance(msg, wire.Heartbeat):
+            self._arm(3 * srv.heartbeat, "dead-peer")
+            self.write(wire.HeartbeatAck(msg.seq))
+        elif isinstance(msg, wire.RendezvousRequest):
+            srv.spawn(srv.request(self, msg))
+        elif isinstance(msg, wire.RendezvousAnswer):
+            srv.spawn(srv.answer(self, msg))
+
+    def connection_lost(self, exc) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self.name is not None:
+            self.server.offline(self)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (the production loop), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        event("loop", uvloop=False)
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

@@ -1,0 +1,331 @@
+"""The device's side of the CCS: ``async with Device(...) as dev``.
+
+    async with Device("ccs.example:7443", "camera-1", key, ca_file="ca.pem") as dev:
+        ready = await dev.rendezvous("viewer-1", NextInfo(port=40000, isn=1234, nat="nat"))
+        async for offer in dev.incoming():
+            ready = await offer.answer(NextInfo(...))
+            sock = await dev.relay(ready)          # when nothing direct works
+
+A thin asyncio layer over fastpunch.proto.connection. The device stays
+connected: when the connection drops it reconnects with jittered
+exponential backoff, trying each CCS address it was given in turn (several
+nodes of one deployment). Requests in flight when the connection drops fail
+with ``CCSError("disconnected")``; ``incoming()`` carries on after a
+reconnect. A credential the CCS refuses is final (no retry loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional, Sequence, Union
+
+from fastpunch.errors import FastpunchError, RemoteProtocolError
+from fastpunch.proto import wire
+from fastpunch.proto.backoff import Backoff
+from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, Role
+from fastpunch.proto.wire import NextInfo
+
+__all__ = ["Device", "Offer", "NextInfo", "AuthenticationError", "RendezvousRefusedError",
+           "CCSError", "RelayError"]
+
+
+class CCSError(FastpunchError):
+    """The CCS closed the connection with an error, or it was lost. ``code`` is stable."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{reason} ({code})")
+        self.code = code
+
+
+class AuthenticationError(CCSError, PermissionError):
+    """The CCS refused this device's credentials (or could not prove its own)."""
+
+
+class RendezvousRefusedError(CCSError):
+    """The CCS refused a rendezvous: not-authorized, peer-offline, self, peer-gone."""
+
+
+class RelayError(CCSError):
+    """The relay refused this side: unknown-token, relay-busy, quota, peer-timeout, ..."""
+
+
+@dataclass
+class Offer:
+    """Another device asks to connect to us."""
+    peer: str
+    request: int
+    _device: "Device"
+
+    async def answer(self, info: NextInfo, timeout: float = 30.0) -> wire.RendezvousReady:
+        return await self._device._exchange(
+            self._device._answers, self.request,
+            wire.RendezvousAnswer(request=self.request, **info.fields()), timeout)
+
+
+def _address(ccs: Union[str, tuple]) -> tuple:
+    if isinstance(ccs, str):
+        host, sep, port = ccs.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"a CCS address is HOST:PORT, not {ccs!r}")
+        return host.strip("[]"), int(port)
+    return tuple(ccs)
+
+
+class Device:
+    def __init__(self, ccs: Union[str, tuple, Sequence], name: str, key: bytes, *, ca_file: str,
+                 server_hostname: Optional[str] = None, reconnect: bool = True,
+                 backoff: Optional[Backoff] = None, connect_timeout: float = 10.0) -> None:
+        single = isinstance(ccs, str) or (isinstance(ccs, tuple) and len(ccs) == 2
+                                          and isinstance(ccs[1], int))
+        self.addresses = [_address(ccs)] if single else [_address(c) for c in ccs]
+        if not self.addresses:
+            raise ValueError("give at least one CCS address")
+        self.name, self.key, self.ca_file = name, key, ca_file
+        self.server_hostname = server_hostname
+        self.reconnect = reconnect
+        self.backoff = backoff or Backoff()
+        self.connect_timeout = connect_timeout
+        self.public_addr: Optional[tuple] = None      # what the CCS sees (reflexive)
+        self.ccs: Optional[tuple] = None              # the node we are connected to
+        self.node: Optional[str] = None
+        self.connections = 0                          # successful logins so far
+        self._machine: Optional[Connection] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self._supervisor: Optional[asyncio.Task] = None
+        self._heartbeat: Optional[asyncio.Task] = None
+        self._requests: dict[int, asyncio.Future] = {}     # our RendezvousRequests
+        self._answers: dict[int, asyncio.Future] = {}      # our answers to offers
+        self._offers: asyncio.Queue = asyncio.Queue()
+        self._ids = itertools.count(1)
+        self._up = asyncio.Event()
+        self._closing = False
+        self._fatal: Optional[BaseException] = None
+        self._next_addr = 0
+
+    async def __aenter__(self) -> "Device":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- connection --------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Log in once (errors raise), then keep the connection up."""
+        reader = await self._login_any()
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise(reader))
+
+    async def _login_any(self) -> asyncio.StreamReader:
+        last: Optional[BaseException] = None
+        for _ in range(len(self.addresses)):
+            addr = self.addresses[self._next_addr % len(self.addresses)]
+            try:
+                return await self._login(addr)
+            except AuthenticationError:
+                raise
+            except (OSError, CCSError, asyncio.TimeoutError) as exc:
+                last = exc
+                self._next_addr += 1
+        raise CCSError("unreachable", f"no CCS answered ({last})") from last
+
+    async def _login(self, addr: tuple) -> asyncio.StreamReader:
+        from fastpunch.ccs.pki import client_context
+
+        host, port = addr
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=client_context(self.ca_file),
+            server_hostname=self.server_hostname or host), self.connect_timeout)
+        try:
+            m = self._machine = Connection(Role.CLIENT)
+            writer.write(m.hello(self.name, self.key, os.urandom))
+            while True:
+                msg = await asyncio.wait_for(self._read(reader), self.connect_timeout)
+                if isinstance(msg, wire.Challenge):
+                    writer.write(m.respond())
+                elif isinstance(msg, wire.AuthOk):
+                    break
+                elif isinstance(msg, wire.Error):
+                    raise AuthenticationError(msg.code, msg.reason)
+        except BaseException:
+            writer.close()
+            raise
+        self._writer = writer
+        self.public_addr, self.heartbeat, self.node = (msg.addr, msg.port), msg.heartbeat, msg.node
+        self.ccs = addr
+        self.connections += 1
+        self.backoff.reset()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
+        self._up.set()
+        return reader
+
+    async def _read(self, reader: asyncio.StreamReader):
+        while True:
+            try:
+                msg = self._machine.next_event()
+            except RemoteProtocolError as exc:
+                if getattr(exc, "code", "") == "server-auth-failed":
+                    raise AuthenticationError(exc.code, str(exc)) from exc
+                raise CCSError(getattr(exc, "code", "protocol-error"), str(exc)) from exc
+            if msg is CLOSED:
+                raise CCSError("closed", "the CCS closed the connection")
+            if msg is not NEED_DATA:
+                return msg
+            self._machine.receive_data(await reader.read(65536))
+
+    async def _supervise(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            reason = await self._serve(reader)
+            self._down(reason)
+            if self._closing or not self.reconnect or isinstance(reason, AuthenticationError):
+                self._fatal = reason
+                self._offers.put_nowait(reason)
+                return
+            while True:
+                await asyncio.sleep(self.backoff.next_delay())
+                self._next_addr += 1
+                try:
+                    reader = await self._login_any()
+                    break
+                except AuthenticationError as exc:
+                    self._fatal = exc
+                    self._offers.put_nowait(exc)
+                    return
+                except CCSError:
+                    continue
+
+    async def _serve(self, reader: asyncio.StreamReader) -> BaseException:
+        try:
+            while True:
+                msg = await self._read(reader)
+                if isinstance(msg, wire.RendezvousOffer):
+                    self._offers.put_nowait(Offer(msg.peer, msg.request, self))
+                elif isinstance(msg, wire.RendezvousReady):
+                    table = self._requests if msg.role == "initiator" else self._answers
+                    self._resolve(table, msg.request, msg)
+                elif isinstance(msg, wire.RendezvousRefused):
+                    # refusals answer our requests, or an offer whose asker left
+                    if not self._resolve(self._requests, msg.request, msg):
+                        self._resolve(self._answers, msg.request, msg)
+                elif isinstance(msg, wire.Error):
+                    cls = AuthenticationError if msg.code == "auth-failed" else CCSError
+                    return cls(msg.code, msg.reason)
+        except CCSError as exc:
+            return exc
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
+            return CCSError("disconnected", f"connection to the CCS lost: {exc}")
+
+    @staticmethod
+    def _resolve(table: dict, request: int, msg) -> bool:
+        fut = table.pop(request, None)
+        if fut is None or fut.done():
+            return False
+        fut.set_result(msg)
+        return True
+
+    def _down(self, reason: BaseException) -> None:
+        self._up.clear()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        lost = CCSError("disconnected", f"the CCS connection dropped: {reason}")
+        for table in (self._requests, self._answers):
+            for fut in table.values():
+                if not fut.done():
+                    fut.set_exception(lost)
+            table.clear()
+
+    async def _heartbeats(self) -> None:
+        for seq in itertools.count(1):
+            await asyncio.sleep(self.heartbeat)
+            try:
+                self._send(wire.Heartbeat(seq & 0xFFFFFFFF))
+            except CCSError:
+                return
+
+    @property
+    def connected(self) -> bool:
+        return self._up.is_set()
+
+    async def wait_connected(self, timeout: Optional[float] = None) -> None:
+        await asyncio.wait_for(self._up.wait(), timeout)
+
+    def _send(self, msg: wire.Message) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if not self._up.is_set():
+            raise CCSError("disconnected", "not connected to the CCS (reconnecting)")
+        self._writer.write(self._machine.send(msg))
+
+    async def _exchange(self, table: dict, request: int, msg: wire.Message, timeout: float):
+        fut = asyncio.get_running_loop().create_future()
+        table[request] = fut
+        try:
+            self._send(msg)
+            result = await asyncio.wait_for(fut, timeout)
+        finally:
+            table.pop(request, None)
+        if isinstance(result, wire.RendezvousRefused):
+            raise RendezvousRefusedError(result.code, result.reason)
+        return result
+
+    # -- the API -----------------------------------------------------------------------
+    async def rendezvous(self, peer: str, info: NextInfo,
+                         timeout: float = 35.0) -> wire.RendezvousReady:
+        """Ask the CCS to arrange a connection with ``peer`` (which may connect
+        later); returns its info, the session key, the plan and the start time."""
+        request = next(self._ids) & 0xFFFFFFFF
+        return await self._exchange(
+            self._requests, request,
+            wire.RendezvousRequest(request=request, peer=peer, **info.fields()), timeout)
+
+    async def incoming(self) -> AsyncIterator[Offer]:
+        while True:
+            item = await self._offers.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def relay(self, ready: wire.RendezvousReady, timeout: float = 35.0) -> socket.socket:
+        """Join the CCS relay for this rendezvous; returns a connected,
+        non-blocking socket once the peer has joined too."""
+        from fastpunch.ccs.relay import JOINED, MAGIC, relay_status_error
+
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (ready.relay_addr, ready.relay_port)),
+                                   timeout)
+            await loop.sock_sendall(sock, MAGIC + ready.relay_token)
+            status = await asyncio.wait_for(loop.sock_recv(sock, 1), timeout)
+        except BaseException:
+            sock.close()
+            raise
+        if status != bytes([JOINED]):
+            sock.close()
+            code, reason = relay_status_error(status[0]) if status else \
+                ("relay-closed", "the relay closed the connection")
+            raise RelayError(code, reason)
+        return sock
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = [t for t in (self._supervisor, self._heartbeat) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._down(CCSError("closed", "closed by the device"))
+        if self._writer is not None:
+            try:
+                await self._writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass

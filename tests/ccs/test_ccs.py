@@ -1,0 +1,371 @@
+"""The CCS over real TLS on loopback: enrollment, authentication, ACL,
+rendezvous in both orders, hostile clients, presence, reconnects, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import tempfile
+
+import pytest
+
+from fastpunch.ccs import metrics, pki
+from fastpunch.client import AuthenticationError, CCSError, NextInfo, RendezvousRefusedError
+from fastpunch.proto import wire
+from fastpunch.proto.connection import Connection, Role
+
+from .conftest import arun, running
+
+A_INFO = NextInfo(port=40001, isn=0x11111111, nat="nat", mss=1400, wscale=6)
+B_INFO = NextInfo(port=40002, isn=0x22222222, nat="napt-random", timestamps=False, wscale=None)
+
+
+async def answer_one(dev, info=B_INFO):
+    async for offer in dev.incoming():
+        return offer.peer, await offer.answer(info)
+
+
+def test_auth_and_reflexive_address(deployment):
+    deployment.enroll("cam")
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as dev:
+                local = dev._writer.get_extra_info("sockname")
+                assert dev.public_addr == (local[0], local[1])       # what the CCS saw
+                assert dev.node == server.node and server.connected == 1
+            await asyncio.sleep(0.05)
+            assert server.connected == 0
+
+    arun(main())
+
+
+@pytest.mark.parametrize("who", ["wrong-key", "unknown-device"])
+def test_bad_credentials_are_refused_and_the_server_serves_others(deployment, who):
+    deployment.enroll("cam")
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            name, key = ("cam", os.urandom(32)) if who == "wrong-key" else ("ghost", os.urandom(32))
+            with pytest.raises(AuthenticationError) as err:
+                async with deployment.device(addr, name, key):
+                    pass
+            assert err.value.code == "auth-failed"
+            assert server.metrics.auth_failures == 1 and server.connected == 0
+            async with deployment.device(addr, "cam"):
+                assert server.connected == 1
+
+    arun(main())
+
+
+def test_the_device_pins_the_deployment_ca(deployment, tmp_path):
+    deployment.enroll("cam")
+    other = pki.init(str(tmp_path / "other"))
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            dev = deployment.device(addr, "cam")
+            dev.ca_file = other["ca"]
+            with pytest.raises(CCSError) as err:
+                await dev.connect()
+            assert isinstance(err.value.__cause__, ssl.SSLCertVerificationError)
+
+    arun(main())
+
+
+def test_rendezvous_peer_already_connected(deployment):
+    deployment.enroll("cam", "viewer")
+    deployment.enroll("viewer")
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as a, deployment.device(addr, "viewer") as b:
+                answering = asyncio.create_task(answer_one(b))
+                ra = await a.rendezvous("viewer", A_INFO)
+                peer, rb = await answering
+        assert peer == "cam"
+        assert (ra.role, rb.role) == ("initiator", "responder")
+        assert ra.key == rb.key and len(ra.key) == 32
+        assert ra.plan == rb.plan and ra.plan[-1] == "relay" and ra.start_at == rb.start_at
+        assert (ra.peer, ra.port, ra.isn, ra.mss, ra.timestamps, ra.wscale, ra.nat) == \
+            ("viewer", 40002, 0x22222222, 1460, False, None, "napt-random")
+        assert (rb.peer, rb.port, rb.isn, rb.mss, rb.wscale, rb.nat) == \
+            ("cam", 40001, 0x11111111, 1400, 6, "nat")
+        assert ra.addr == rb.addr == "127.0.0.1"
+        assert ra.relay_token != rb.relay_token
+        assert server.metrics.rendezvous_ok == 1
+
+    arun(main())
+
+
+def test_rendezvous_waits_for_a_peer_that_connects_later(deployment):
+    deployment.enroll("cam", "viewer")
+    deployment.enroll("viewer")
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as a:
+                asking = asyncio.create_task(a.rendezvous("viewer", A_INFO))
+                await asyncio.sleep(0.3)
+                assert not asking.done() and "viewer" in server.waiting
+                async with deployment.device(addr, "viewer") as b:
+                    peer, rb = await answer_one(b)
+                    ra = await asking
+        assert peer == "cam" and ra.key == rb.key and ra.isn == B_INFO.isn
+        assert not server.waiting and not server.pending
+
+    arun(main())
+
+
+def test_a_peer_that_never_comes_is_refused_after_the_timeout(deployment):
+    deployment.enroll("cam", "viewer")
+    deployment.enroll("viewer")
+
+    async def main():
+        server = deployment.server(rendezvous_timeout=0.5)
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as a:
+                with pytest.raises(RendezvousRefusedError) as err:
+                    await a.rendezvous("viewer", A_INFO)
+        assert err.value.code == "peer-offline" and not server.pending and not server.waiting
+
+    arun(main())
+
+
+@pytest.mark.parametrize("peer,code", [("stranger", "not-authorized"), ("cam", "self"),
+                                       ("nobody", "not-authorized")])
+def test_the_acl_refuses_with_a_reason(deployment, peer, code, caplog):
+    deployment.enroll("cam", "viewer")
+    deployment.enroll("viewer")
+    deployment.enroll("stranger")
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as a, \
+                    deployment.device(addr, "stranger") as s:
+                with pytest.raises(RendezvousRefusedError) as err:
+                    await a.rendezvous(peer, A_INFO)
+                assert err.value.code == code
+                # the refused device and everyone else carry on
+                other = asyncio.create_task(answer_one(a))
+                if peer == "stranger":
+                    with pytest.raises(RendezvousRefusedError):
+                        await s.rendezvous("cam", B_INFO)
+                other.cancel()
+                assert a.connected and s.connected
+        assert server.metrics.rendezvous_refused[code] >= 1
+
+    with caplog.at_level("INFO", logger="fastpunch.ccs"):
+        arun(main())
+    assert any('"rendezvous-refused"' in r.message and code in r.message for r in caplog.records)
+
+
+async def raw_client(addr, ca):
+    ctx = pki.client_context(ca)
+    reader, writer = await asyncio.open_connection(*addr, ssl=ctx, server_hostname="localhost")
+    return reader, writer
+
+
+async def read_error(reader) -> wire.Error:
+    buf = bytearray()
+    while True:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        if not data:
+            raise AssertionError("closed without an Error frame")
+        buf += data
+        msg = wire.decode_frame(buf)
+        while msg is not None and not isinstance(msg, wire.Error):
+            msg = wire.decode_frame(buf)
+        if isinstance(msg, wire.Error):
+            return msg
+
+
+HOSTILE = {
+    "garbage": (b"GET / HTTP/1.1\r\n\r\n", "bad-version"),
+    "oversized": (bytes([1, 1, 0xFF, 0xFF]), "frame-too-large"),
+    "unknown-type": (bytes([1, 99, 0, 0]), "unknown-type"),
+    "unauthenticated-request": (wire.encode(wire.RendezvousRequest(
+        request=1, peer="viewer", **A_INFO.fields())), "unauthenticated"),
+    "server-message": (wire.encode(wire.Challenge(b"x" * 32)), "out-of-order"),
+    "short-nonce": (wire.encode(wire.Hello("cam", b"x" * 5)), "bad-nonce"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_clients_get_an_error_code_and_the_server_stays_up(deployment, case):
+    deployment.enroll("cam", "viewer")
+    deployment.enroll("viewer")
+    data, code = HOSTILE[case]
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, "viewer") as b:
+                reader, writer = await raw_client(addr, deployment.ca)
+                writer.write(data)
+                err = await read_error(reader)
+                assert err.code == code
+                assert await asyncio.wait_for(reader.read(), 5) == b""     # and it hangs up
+                writer.close()
+                # the server still serves everyone else
+                async with deployment.device(addr, "cam") as a:
+                    answering = asyncio.create_task(answer_one(b))
+                    await a.rendezvous("viewer", A_INFO)
+                    await answering
+        assert server.metrics.protocol_errors == 1
+
+    arun(main())
+
+
+def test_answering_an_offer_that_was_never_made(deployment):
+    deployment.enroll("cam")
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            reader, writer = await raw_client(addr, deployment.ca)
+            m = Connection(Role.CLIENT)
+            writer.write(m.hello("cam", deployment.keys["cam"], os.urandom))
+            buf = bytearray()
+            while m.state.value != "ready":
+                m.receive_data(await reader.read(65536))
+                while (ev := m.next_event()) is not None and isinstance(ev, wire.Message):
+                    if isinstance(ev, wire.Challenge):
+                        writer.write(m.respond())
+            writer.write(m.send(wire.RendezvousAnswer(request=4242, **B_INFO.fields())))
+            err = await read_error(reader)
+            assert err.code == "unknown-request"
+            writer.close()
+
+    arun(main())
+
+
+def test_a_silent_device_is_dropped_as_dead(deployment):
+    deployment.enroll("cam")
+
+    async def main():
+        server = deployment.server(heartbeat=1)
+        async with running(server) as addr:
+            reader, writer = await raw_client(addr, deployment.ca)
+            m = Connection(Role.CLIENT)
+            writer.write(m.hello("cam", deployment.keys["cam"], os.urandom))
+            while m.state.value != "ready":
+                m.receive_data(await reader.read(65536))
+                while isinstance(ev := m.next_event(), wire.Message):
+                    if isinstance(ev, wire.Challenge):
+                        writer.write(m.respond())
+            assert server.connected == 1
+            err = await asyncio.wait_for(read_error(reader), 6)     # 3 missed heartbeats
+            assert err.code == "dead-peer" and server.connected == 0
+            writer.close()
+
+    arun(main())
+
+
+def test_a_device_that_heartbeats_stays(deployment):
+    deployment.enroll("cam")
+
+    async def main():
+        server = deployment.server(heartbeat=1)
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as dev:
+                await asyncio.sleep(4.5)
+                assert server.connected == 1 and dev.connections == 1
+
+    arun(main())
+
+
+def test_reconnect_after_a_ccs_restart(deployment):
+    deployment.enroll("cam", "viewer")
+    deployment.enroll("viewer")
+
+    async def main():
+        server = deployment.server()
+        addr = await server.start("127.0.0.1", 0)
+        a = deployment.device(addr, "cam")
+        b = deployment.device(addr, "viewer")
+        await a.connect()
+        await b.connect()
+        await server.close()                                  # the CCS goes away
+        await asyncio.sleep(0.2)
+        assert not a.connected and not b.connected
+        with pytest.raises(CCSError) as err:
+            await a.rendezvous("viewer", A_INFO)
+        assert err.value.code == "disconnected"
+        await asyncio.sleep(0.5)                              # a few backoff rounds in vain
+        server2 = deployment.server()
+        async with running(server2, port=addr[1]):
+            await a.wait_connected(10)
+            await b.wait_connected(10)
+            assert a.connections == b.connections == 2
+            answering = asyncio.create_task(answer_one(b))
+            ra = await a.rendezvous("viewer", A_INFO)
+            assert (await answering)[1].key == ra.key
+        await a.close()
+        await b.close()
+
+    arun(main())
+
+
+def test_a_second_login_replaces_the_first(deployment):
+    deployment.enroll("cam")
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            first = deployment.device(addr, "cam", reconnect=False)
+            await first.connect()
+            async with deployment.device(addr, "cam"):
+                await asyncio.sleep(0.2)
+                assert not first.connected and server.connected == 1
+                with pytest.raises(CCSError) as err:
+                    async for _ in first.incoming():
+                        pass
+                assert err.value.code == "replaced"
+            await first.close()
+
+    arun(main())
+
+
+def test_metrics_endpoint(deployment):
+    deployment.enroll("cam", "viewer")
+    deployment.enroll("viewer")
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            mserver = await metrics.serve(server, "127.0.0.1", 0)
+            mport = mserver.sockets[0].getsockname()[1]
+            async with deployment.device(addr, "cam") as a, deployment.device(addr, "viewer") as b:
+                answering = asyncio.create_task(answer_one(b))
+                await a.rendezvous("viewer", A_INFO)
+                await answering
+                with pytest.raises(AuthenticationError):
+                    await deployment.device(addr, "cam", os.urandom(32)).connect()
+                reader, writer = await asyncio.open_connection("127.0.0.1", mport)
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                text = (await reader.read()).decode()
+                writer.close()
+            mserver.close()
+        head, body = text.split("\r\n\r\n", 1)
+        assert head.startswith("HTTP/1.1 200")
+        values = {}
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        node = f'node="{server.node}"'
+        assert values[f"fastpunch_ccs_connected_devices{{{node}}}"] == 2
+        assert values[f'fastpunch_ccs_rendezvous_total{{{node},result="ok"}}'] == 1
+        assert values[f"fastpunch_ccs_auth_failures_total{{{node}}}"] == 1
+        assert values[f'fastpunch_ccs_rendezvous_seconds_bucket{{{node},le="+Inf"}}'] == 1
+        assert values[f"fastpunch_ccs_relay_bytes_total{{{node}}}"] == 0
+
+    arun(main())

@@ -1,0 +1,216 @@
+"""The CCS relay: joins two devices' connections with splice(2), 1 GiB intact,
+tokens single use, quotas and caps enforced with a clear code."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+import threading
+
+import pytest
+
+from fastpunch.ccs.relay import Relay
+from fastpunch.client import NextInfo, RelayError
+
+from .conftest import arun, running
+
+INFO = NextInfo(port=40001, isn=1, nat="napt-random")
+
+
+async def paired(deployment, addr):
+    a = deployment.device(addr, "cam")
+    b = deployment.device(addr, "viewer")
+    await a.connect()
+    await b.connect()
+
+    async def answer():
+        async for offer in b.incoming():
+            return await offer.answer(INFO)
+
+    answering = asyncio.create_task(answer())
+    ra = await a.rendezvous("viewer", INFO)
+    return a, b, ra, await answering
+
+
+def enroll(deployment):
+    deployment.enroll("cam", "viewer")
+    deployment.enroll("viewer")
+
+
+def stream(sock: socket.socket, total: int, block: bytes, out: dict) -> None:
+    """Send ``total`` bytes: the block with a chunk counter stamped in front."""
+    h, sent, i = hashlib.sha256(), 0, 0
+    sock.setblocking(True)
+    while sent < total:
+        chunk = struct.pack("!Q", i) + block[8:min(len(block), total - sent)]
+        sock.sendall(chunk)
+        h.update(chunk)
+        sent += len(chunk)
+        i += 1
+    sock.shutdown(socket.SHUT_WR)
+    out["sent"], out["digest"] = sent, h.hexdigest()
+
+
+def drain(sock: socket.socket, out: dict) -> None:
+    h, got = hashlib.sha256(), 0
+    sock.setblocking(True)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    while True:
+        n = sock.recv_into(buf)
+        if not n:
+            break
+        h.update(view[:n])
+        got += n
+    out["got"], out["digest"] = got, h.hexdigest()
+
+
+def test_relay_carries_1_gib_intact_both_ways(deployment):
+    enroll(deployment)
+    total = 1 << 30
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            a, b, ra, rb = await paired(deployment, addr)
+            sa, sb = await asyncio.gather(a.relay(ra), b.relay(rb))
+            block = os.urandom(1 << 20)
+            res = {k: {} for k in ("a-sent", "b-got", "b-sent", "a-got")}
+            threads = [threading.Thread(target=stream, args=(sa, total, block, res["a-sent"])),
+                       threading.Thread(target=drain, args=(sb, res["b-got"])),
+                       threading.Thread(target=stream, args=(sb, 1 << 24, block, res["b-sent"])),
+                       threading.Thread(target=drain, args=(sa, res["a-got"]))]
+            loop = asyncio.get_running_loop()
+            for t in threads:
+                t.start()
+            for t in threads:
+                await loop.run_in_executor(None, t.join, 100)
+            sa.close()
+            sb.close()
+            for _ in range(50):
+                if not server.relay.pairs:
+                    break
+                await asyncio.sleep(0.05)
+            await a.close()
+            await b.close()
+            return res, server.relay.bytes_total, dict(server.relay.active), len(server.relay.pairs)
+
+    res, relayed, active, pairs = arun(main(), timeout=200)
+    assert res["a-sent"]["sent"] == res["b-got"]["got"] == total
+    assert res["a-sent"]["digest"] == res["b-got"]["digest"]
+    assert res["b-sent"]["digest"] == res["a-got"]["digest"] and res["a-got"]["got"] == 1 << 24
+    assert relayed == total + (1 << 24)
+    assert active == {} and pairs == 0                      # slots released after EOF
+
+
+def test_tokens_are_single_use_and_must_be_known(deployment):
+    enroll(deployment)
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            a, b, ra, rb = await paired(deployment, addr)
+            with pytest.raises(RelayError) as unknown:
+                await a.relay(ra.__class__(**{**ra.__dict__, "relay_token": os.urandom(32)}))
+            sa, sb = await asyncio.gather(a.relay(ra), b.relay(rb))
+            with pytest.raises(RelayError) as reused:
+                await a.relay(ra)
+            sa.close(), sb.close()
+            await a.close(), await b.close()
+            return unknown.value.code, reused.value.code
+
+    assert arun(main()) == ("unknown-token", "unknown-token")
+
+
+def test_a_malformed_hello_is_refused(deployment):
+    enroll(deployment)
+
+    async def main():
+        server = deployment.server()
+        async with running(server):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.relay_port)
+            writer.write(b"HTTP" + b"x" * 32)
+            status = await reader.read()
+            writer.close()
+            return status
+
+    assert arun(main()) == bytes([6])          # BAD_HELLO, then closed
+
+
+def test_a_peer_that_never_joins_times_out(deployment):
+    enroll(deployment)
+
+    async def main():
+        server = deployment.server(relay=Relay(join_timeout=0.3))
+        async with running(server) as addr:
+            a, b, ra, rb = await paired(deployment, addr)
+            with pytest.raises(RelayError) as err:
+                await a.relay(ra)
+            await a.close(), await b.close()
+            return err.value.code, dict(server.relay.active)
+
+    assert arun(main()) == ("peer-timeout", {})
+
+
+def test_the_byte_quota_cuts_the_relay(deployment):
+    enroll(deployment)
+    quota = 4 << 20
+
+    async def main():
+        server = deployment.server(relay=Relay(quota_bytes=quota))
+        async with running(server) as addr:
+            a, b, ra, rb = await paired(deployment, addr)
+            sa, sb = await asyncio.gather(a.relay(ra), b.relay(rb))
+            res = {"a": {}, "b": {}}
+            block = os.urandom(1 << 20)
+
+            def send():
+                try:
+                    stream(sa, 64 << 20, block, res["a"])
+                except OSError as exc:
+                    res["a"]["error"] = exc
+
+            threads = [threading.Thread(target=send), threading.Thread(target=drain, args=(sb, res["b"]))]
+            for t in threads:
+                t.start()
+            loop = asyncio.get_running_loop()
+            for t in threads:
+                await loop.run_in_executor(None, t.join, 30)
+            # the next relay for this device is refused outright
+            a2, b2, ra2, rb2 = await paired(deployment, addr)
+            with pytest.raises(RelayError) as err:
+                await a2.relay(ra2)
+            sa.close(), sb.close()
+            for d in (a, b, a2, b2):
+                await d.close()
+            return res, err.value.code
+
+    res, code = arun(main(), timeout=60)
+    assert quota <= res["b"]["got"] < 64 << 20          # cut soon after the quota
+    assert "error" in res["a"]
+    assert code == "quota"
+
+
+@pytest.mark.parametrize("cap", ["global", "device"])
+def test_relay_caps(deployment, cap):
+    enroll(deployment)
+
+    async def main():
+        relay = Relay(max_relays=1) if cap == "global" else Relay(per_device=1)
+        server = deployment.server(relay=relay)
+        async with running(server) as addr:
+            a, b, ra, rb = await paired(deployment, addr)
+            sa, sb = await asyncio.gather(a.relay(ra), b.relay(rb))
+            a2, b2, ra2, rb2 = await paired(deployment, addr)
+            with pytest.raises(RelayError) as err:
+                await a2.relay(ra2)
+            sa.close(), sb.close()
+            for d in (a, b, a2, b2):
+                await d.close()
+            return err.value.code
+
+    assert arun(main()) == ("relay-busy" if cap == "global" else "device-busy")
+
