@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 
 from fastpunch.errors import FastpunchError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (name TEXT PRIMARY KEY, key BLOB NOT NULL, sealed INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS acl (a TEXT NOT NULL, b TEXT NOT NULL, PRIMARY KEY (a, b));
@@ -62,7 +62,7 @@ class KeyStore:
             raise KeyStoreError(f"the sealed key of {name!r} does not open with this master key") from None
 
     def add_device(self, name: str, may_reach: Iterable[str] = (), key: Optional[bytes] = None) -> bytes:
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise KeyStoreError(f"device names are 1-64 of A-Z a-z 0-9 . _ -: {name!r}")
         key = key or os.urandom(32)
         blob, sealed = self._seal(name, key)
