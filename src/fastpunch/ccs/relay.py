@@ -210,7 +210,7 @@ class Relay:
                     break
                 left = n
                 while left:
-                    left -= os.splice(r, dfd, left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_MORE)
+                    left -= os.splice(r, dfd, left, flags=os.SPLICE_F_MOVE)
                 with self._lock:
                     pair.bytes += n
                     self.bytes_total += n
