@@ -145,6 +145,15 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
+def _raise_nofile() -> None:
+    """Every device is a socket: take the whole hard open-file limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def cmd_serve(args) -> int:
     from fastpunch.ccs import metrics, pki
     from fastpunch.ccs.registry import MemoryRegistry, RedisRegistry
@@ -152,6 +161,7 @@ def cmd_serve(args) -> int:
     from fastpunch.ccs.server import CCSServer, event, new_event_loop
 
     _logging()
+    _raise_nofile()
     store = _store(args)
     host, port = _hostport(args.listen)
     registry = RedisRegistry(args.redis, args.node) if args.redis else MemoryRegistry(args.node)
