@@ -15,9 +15,24 @@ from fastpunch.errors import (
     RemoteProtocolError as RemoteProtocolError,
 )
 
+from fastpunch.client import (
+    AuthenticationError as AuthenticationError,
+    CCSError as CCSError,
+    Device as Device,
+    NextInfo as NextInfo,
+    RelayError as RelayError,
+    RendezvousRefusedError as RendezvousRefusedError,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
+    "CCSError",
+    "Device",
+    "NextInfo",
+    "RelayError",
+    "RendezvousRefusedError",
     "FastpunchError",
     "InsufficientPrivilegeError",
     "KernelFeatureMissing",

@@ -20,7 +20,8 @@ def test_packet_exports():
 
 def test_top_level_exports():
     assert sorted(fastpunch.__all__) == sorted([
-        "FastpunchError", "InsufficientPrivilegeError", "KernelFeatureMissing",
+        "AuthenticationError", "CCSError", "Device", "NextInfo", "RelayError",
+        "RendezvousRefusedError", "FastpunchError", "InsufficientPrivilegeError", "KernelFeatureMissing",
         "LocalProtocolError", "MalformedPacket", "NetfilterError", "PacketBuildError",
         "RemoteProtocolError", "__version__"])
 
@@ -31,8 +32,10 @@ def test_hierarchy_lets_callers_catch_builtins():
     assert issubclass(errors.InsufficientPrivilegeError, PermissionError)
     assert issubclass(errors.KernelFeatureMissing, OSError)
     assert issubclass(errors.NetfilterError, OSError)
+    assert issubclass(fastpunch.AuthenticationError, PermissionError)
     for cls in (errors.MalformedPacket, errors.InsufficientPrivilegeError,
-                errors.LocalProtocolError, errors.RemoteProtocolError):
+                errors.LocalProtocolError, errors.RemoteProtocolError,
+                fastpunch.CCSError, fastpunch.RelayError, fastpunch.RendezvousRefusedError):
         assert issubclass(cls, errors.FastpunchError)
 
 
