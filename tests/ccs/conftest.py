@@ -42,6 +42,11 @@ class Deployment:
         self.keys[name] = self.store.add_device(name, may_reach)
         return self.keys[name]
 
+    def enroll_pair(self) -> None:
+        """The usual cast: "cam" may reach "viewer"."""
+        self.enroll("cam", "viewer")
+        self.enroll("viewer")
+
     def server(self, **kw) -> CCSServer:
         kw.setdefault("heartbeat", 5)
         return CCSServer(self.store, pki.server_context(self.dir), **kw)
@@ -67,6 +72,20 @@ async def running(server: CCSServer, port: int = 0, relay_port=0):
         yield addr
     finally:
         await server.close()
+
+
+async def answer_one(dev, info):
+    """Answer the next offer ``dev`` gets; returns (asker, RendezvousReady)."""
+    async for offer in dev.incoming():
+        return offer.peer, await offer.answer(info)
+
+
+async def rendezvous(a, b, peer: str, a_info, b_info) -> tuple:
+    """a asks for peer, b answers: returns (a's Ready, b's Ready, who b saw asking)."""
+    answering = asyncio.create_task(answer_one(b, b_info))
+    ra = await a.rendezvous(peer, a_info)
+    asker, rb = await answering
+    return ra, rb, asker
 
 
 def free_port() -> int:

@@ -13,17 +13,13 @@ import pytest
 from fastpunch.ccs import metrics, pki
 from fastpunch.client import AuthenticationError, CCSError, NextInfo, RendezvousRefusedError
 from fastpunch.proto import wire
-from fastpunch.proto.connection import Connection, Role
+from fastpunch.proto.connection import Connection, Role, State
 
-from .conftest import arun, running
+from .conftest import answer_one, arun, rendezvous, running
 
 A_INFO = NextInfo(port=40001, isn=0x11111111, nat="nat", mss=1400, wscale=6)
 B_INFO = NextInfo(port=40002, isn=0x22222222, nat="napt-random", timestamps=False, wscale=None)
 
-
-async def answer_one(dev, info=B_INFO):
-    async for offer in dev.incoming():
-        return offer.peer, await offer.answer(info)
 
 
 def test_auth_and_reflexive_address(deployment):
@@ -78,16 +74,13 @@ def test_the_device_pins_the_deployment_ca(deployment, tmp_path):
 
 
 def test_rendezvous_peer_already_connected(deployment):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
 
     async def main():
         server = deployment.server()
         async with running(server) as addr:
             async with deployment.device(addr, "cam") as a, deployment.device(addr, "viewer") as b:
-                answering = asyncio.create_task(answer_one(b))
-                ra = await a.rendezvous("viewer", A_INFO)
-                peer, rb = await answering
+                ra, rb, peer = await rendezvous(a, b, "viewer", A_INFO, B_INFO)
         assert peer == "cam"
         assert (ra.role, rb.role) == ("initiator", "responder")
         assert ra.key == rb.key and len(ra.key) == 32
@@ -104,8 +97,7 @@ def test_rendezvous_peer_already_connected(deployment):
 
 
 def test_rendezvous_waits_for_a_peer_that_connects_later(deployment):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
 
     async def main():
         server = deployment.server()
@@ -115,7 +107,7 @@ def test_rendezvous_waits_for_a_peer_that_connects_later(deployment):
                 await asyncio.sleep(0.3)
                 assert not asking.done() and "viewer" in server.waiting
                 async with deployment.device(addr, "viewer") as b:
-                    peer, rb = await answer_one(b)
+                    peer, rb = await answer_one(b, B_INFO)
                     ra = await asking
         assert peer == "cam" and ra.key == rb.key and ra.isn == B_INFO.isn
         assert not server.waiting and not server.pending
@@ -124,8 +116,7 @@ def test_rendezvous_waits_for_a_peer_that_connects_later(deployment):
 
 
 def test_a_peer_that_never_comes_is_refused_after_the_timeout(deployment):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
 
     async def main():
         server = deployment.server(rendezvous_timeout=0.5)
@@ -141,8 +132,7 @@ def test_a_peer_that_never_comes_is_refused_after_the_timeout(deployment):
 @pytest.mark.parametrize("peer,code", [("stranger", "not-authorized"), ("cam", "self"),
                                        ("nobody", "not-authorized")])
 def test_the_acl_refuses_with_a_reason(deployment, peer, code, caplog):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
     deployment.enroll("stranger")
 
     async def main():
@@ -154,7 +144,7 @@ def test_the_acl_refuses_with_a_reason(deployment, peer, code, caplog):
                     await a.rendezvous(peer, A_INFO)
                 assert err.value.code == code
                 # the refused device and everyone else carry on
-                other = asyncio.create_task(answer_one(a))
+                other = asyncio.create_task(answer_one(a, B_INFO))
                 if peer == "stranger":
                     with pytest.raises(RendezvousRefusedError):
                         await s.rendezvous("cam", B_INFO)
@@ -171,6 +161,19 @@ async def raw_client(addr, ca):
     ctx = pki.client_context(ca)
     reader, writer = await asyncio.open_connection(*addr, ssl=ctx, server_hostname="localhost")
     return reader, writer
+
+
+async def raw_login(addr, deployment, name):
+    """Log in with the bare machine (no Device: no heartbeats, no checks)."""
+    reader, writer = await raw_client(addr, deployment.ca)
+    m = Connection(Role.CLIENT)
+    writer.write(m.hello(name, deployment.keys[name], os.urandom))
+    while m.state is not State.READY:
+        m.receive_data(await reader.read(65536))
+        while isinstance(ev := m.next_event(), wire.Message):
+            if isinstance(ev, wire.Challenge):
+                writer.write(m.respond())
+    return reader, writer, m
 
 
 async def read_error(reader) -> wire.Error:
@@ -200,8 +203,7 @@ HOSTILE = {
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_clients_get_an_error_code_and_the_server_stays_up(deployment, case):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
     data, code = HOSTILE[case]
 
     async def main():
@@ -216,9 +218,7 @@ def test_hostile_clients_get_an_error_code_and_the_server_stays_up(deployment, c
                 writer.close()
                 # the server still serves everyone else
                 async with deployment.device(addr, "cam") as a:
-                    answering = asyncio.create_task(answer_one(b))
-                    await a.rendezvous("viewer", A_INFO)
-                    await answering
+                    await rendezvous(a, b, "viewer", A_INFO, B_INFO)
         assert server.metrics.protocol_errors == 1
 
     arun(main())
@@ -230,15 +230,7 @@ def test_answering_an_offer_that_was_never_made(deployment):
     async def main():
         server = deployment.server()
         async with running(server) as addr:
-            reader, writer = await raw_client(addr, deployment.ca)
-            m = Connection(Role.CLIENT)
-            writer.write(m.hello("cam", deployment.keys["cam"], os.urandom))
-            buf = bytearray()
-            while m.state.value != "ready":
-                m.receive_data(await reader.read(65536))
-                while (ev := m.next_event()) is not None and isinstance(ev, wire.Message):
-                    if isinstance(ev, wire.Challenge):
-                        writer.write(m.respond())
+            reader, writer, m = await raw_login(addr, deployment, "cam")
             writer.write(m.send(wire.RendezvousAnswer(request=4242, **B_INFO.fields())))
             err = await read_error(reader)
             assert err.code == "unknown-request"
@@ -253,14 +245,7 @@ def test_a_silent_device_is_dropped_as_dead(deployment):
     async def main():
         server = deployment.server(heartbeat=1)
         async with running(server) as addr:
-            reader, writer = await raw_client(addr, deployment.ca)
-            m = Connection(Role.CLIENT)
-            writer.write(m.hello("cam", deployment.keys["cam"], os.urandom))
-            while m.state.value != "ready":
-                m.receive_data(await reader.read(65536))
-                while isinstance(ev := m.next_event(), wire.Message):
-                    if isinstance(ev, wire.Challenge):
-                        writer.write(m.respond())
+            reader, writer, _ = await raw_login(addr, deployment, "cam")
             assert server.connected == 1
             err = await asyncio.wait_for(read_error(reader), 6)     # 3 missed heartbeats
             assert err.code == "dead-peer" and server.connected == 0
@@ -283,8 +268,7 @@ def test_a_device_that_heartbeats_stays(deployment):
 
 
 def test_reconnect_after_a_ccs_restart(deployment):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
 
     async def main():
         server = deployment.server()
@@ -305,9 +289,8 @@ def test_reconnect_after_a_ccs_restart(deployment):
             await a.wait_connected(10)
             await b.wait_connected(10)
             assert a.connections == b.connections == 2
-            answering = asyncio.create_task(answer_one(b))
-            ra = await a.rendezvous("viewer", A_INFO)
-            assert (await answering)[1].key == ra.key
+            ra, rb, _ = await rendezvous(a, b, "viewer", A_INFO, B_INFO)
+            assert rb.key == ra.key
         await a.close()
         await b.close()
 
@@ -335,8 +318,7 @@ def test_a_second_login_replaces_the_first(deployment):
 
 
 def test_metrics_endpoint(deployment):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
 
     async def main():
         server = deployment.server()
@@ -344,9 +326,7 @@ def test_metrics_endpoint(deployment):
             mserver = await metrics.serve(server, "127.0.0.1", 0)
             mport = mserver.sockets[0].getsockname()[1]
             async with deployment.device(addr, "cam") as a, deployment.device(addr, "viewer") as b:
-                answering = asyncio.create_task(answer_one(b))
-                await a.rendezvous("viewer", A_INFO)
-                await answering
+                await rendezvous(a, b, "viewer", A_INFO, B_INFO)
                 with pytest.raises(AuthenticationError):
                     await deployment.device(addr, "cam", os.urandom(32)).connect()
                 reader, writer = await asyncio.open_connection("127.0.0.1", mport)

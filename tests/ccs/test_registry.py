@@ -17,21 +17,16 @@ import pytest
 from fastpunch.ccs.registry import RedisRegistry
 from fastpunch.client import NextInfo
 
-from .conftest import arun, free_port, running
+from .conftest import answer_one, arun, free_port, rendezvous, running
 
 A = NextInfo(port=40001, isn=7, nat="nat")
 B = NextInfo(port=40002, isn=9, nat="nat-rst")
 
 
-async def answer_one(dev, info=B):
-    async for offer in dev.incoming():
-        return offer.peer, await offer.answer(info)
-
 
 @pytest.mark.parametrize("order", ["peer-connected", "peer-later"])
 def test_rendezvous_across_two_nodes(deployment, redis_url, order):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
 
     async def main():
         n1 = deployment.server(registry=RedisRegistry(redis_url, "node-1"))
@@ -41,15 +36,13 @@ def test_rendezvous_across_two_nodes(deployment, redis_url, order):
                 if order == "peer-connected":
                     async with deployment.device(addr2, "viewer") as b:
                         await asyncio.sleep(0.1)          # presence reaches redis
-                        answering = asyncio.create_task(answer_one(b))
-                        ra = await a.rendezvous("viewer", A)
-                        peer, rb = await answering
+                        ra, rb, peer = await rendezvous(a, b, "viewer", A, B)
                 else:
                     asking = asyncio.create_task(a.rendezvous("viewer", A))
                     await asyncio.sleep(0.3)
                     assert not asking.done()
                     async with deployment.device(addr2, "viewer") as b:
-                        peer, rb = await answer_one(b)
+                        peer, rb = await answer_one(b, B)
                         ra = await asking
                 assert (a.node, b.node) == ("node-1", "node-2")
         return ra, rb, peer, n1.metrics.rendezvous_ok
@@ -62,8 +55,7 @@ def test_rendezvous_across_two_nodes(deployment, redis_url, order):
 
 
 def test_relay_between_devices_on_two_nodes(deployment, redis_url):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
 
     async def main():
         n1 = deployment.server(registry=RedisRegistry(redis_url, "node-1"))
@@ -73,9 +65,7 @@ def test_relay_between_devices_on_two_nodes(deployment, redis_url):
             async with deployment.device(addr1, "cam") as a, \
                     deployment.device(addr2, "viewer") as b:
                 await asyncio.sleep(0.1)
-                answering = asyncio.create_task(answer_one(b))
-                ra = await a.rendezvous("viewer", A)
-                _, rb = await answering
+                ra, rb, _ = await rendezvous(a, b, "viewer", A, B)
                 sa, sb = await asyncio.gather(a.relay(ra), b.relay(rb))
                 await loop.sock_sendall(sa, b"hello over the relay")
                 sa.shutdown(1)
@@ -106,8 +96,7 @@ def serve(deployment, redis_url, node, tmp_path):
 
 
 def test_killing_a_node_moves_its_devices_to_the_other(deployment, redis_url, tmp_path):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
     p1, addr1 = serve(deployment, redis_url, "node-1", tmp_path)
     p2, addr2 = serve(deployment, redis_url, "node-2", tmp_path)
     try:
@@ -122,9 +111,7 @@ def test_killing_a_node_moves_its_devices_to_the_other(deployment, redis_url, tm
                     assert time.monotonic() < deadline, "cam did not fail over"
                     await asyncio.sleep(0.05)
                 assert a.connections == 2
-                answering = asyncio.create_task(answer_one(b))
-                ra = await a.rendezvous("viewer", A)
-                _, rb = await answering
+                ra, rb, _ = await rendezvous(a, b, "viewer", A, B)
                 return ra.key == rb.key
 
         assert arun(main(), timeout=60)
@@ -165,8 +152,7 @@ def test_a_dead_nodes_devices_are_not_located_there(deployment, redis_url):
 
 
 def test_hostile_registry_messages_do_not_stop_the_node(deployment, redis_url):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
 
     async def main():
         import redis.asyncio as aioredis
@@ -181,9 +167,7 @@ def test_hostile_registry_messages_do_not_stop_the_node(deployment, redis_url):
             async with deployment.device(addr1, "cam") as a, \
                     deployment.device(addr2, "viewer") as b:
                 await asyncio.sleep(0.1)
-                answering = asyncio.create_task(answer_one(b))
-                ra = await a.rendezvous("viewer", A)
-                await answering
+                ra, _, _ = await rendezvous(a, b, "viewer", A, B)
         await r.aclose()
         return ra.peer
 

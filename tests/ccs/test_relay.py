@@ -15,7 +15,7 @@ import pytest
 from fastpunch.ccs.relay import Relay
 from fastpunch.client import NextInfo, RelayError
 
-from .conftest import arun, running
+from .conftest import arun, rendezvous, running
 
 INFO = NextInfo(port=40001, isn=1, nat="napt-random")
 
@@ -25,19 +25,12 @@ async def paired(deployment, addr):
     b = deployment.device(addr, "viewer")
     await a.connect()
     await b.connect()
-
-    async def answer():
-        async for offer in b.incoming():
-            return await offer.answer(INFO)
-
-    answering = asyncio.create_task(answer())
-    ra = await a.rendezvous("viewer", INFO)
-    return a, b, ra, await answering
+    ra, rb, _ = await rendezvous(a, b, "viewer", INFO, INFO)
+    return a, b, ra, rb
 
 
 def enroll(deployment):
-    deployment.enroll("cam", "viewer")
-    deployment.enroll("viewer")
+    deployment.enroll_pair()
 
 
 def stream(sock: socket.socket, total: int, block: bytes, out: dict) -> None:
