@@ -2,11 +2,12 @@
 SecureSocket beside the same transfer in plain kernel TCP, and the cipher's
 CPU cycles per byte in memory (seal + open through the machines).
 
-The sender runs in a forked child and the receiver in the test process, as
-two devices would each run one end; CPU time is the sum of both. Every benchmark checks the bytes that
-arrived (extra_info["correct"]) and records MB/s; the channel one records its
-ratio to plain TCP. Cycles per byte = process CPU seconds x CPU MHz (from
-/proc/cpuinfo) / bytes: an estimate, since the clock varies.
+The sender runs in a forked child and the receiver in the test process,
+each pinned to its own CPU when there are two, as two devices would each run
+one end; CPU time is the sum of both. Every benchmark checks the bytes that
+arrived (extra_info["correct"]) and records MB/s; the channel one records
+its ratio to plain TCP. Cycles per byte = CPU seconds (time.process_time)
+x CPU MHz (from /proc/cpuinfo) / bytes: an estimate, since the clock varies.
 
 Run: PYTHONPATH=src python -m pytest benchmarks/bench_channel.py -q -p no:cacheprovider
 """
@@ -65,6 +66,7 @@ def forked_round(setup, send, receive) -> tuple[float, float]:
     forked child (sender), as two devices would run it. The clock starts
     when both ends are connected (and, for the channel, confirmed) and the
     child is told to go; returns (wall seconds, CPU seconds of both ends)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     with socket.create_server(("127.0.0.1", 0)) as srv:
         go_r, go_w = os.pipe()
         res_r, res_w = os.pipe()
@@ -74,6 +76,8 @@ def forked_round(setup, send, receive) -> tuple[float, float]:
             try:
                 os.close(go_w)
                 os.close(res_r)
+                if len(cpus) >= 2:                    # one CPU per device, as on two machines
+                    os.sched_setaffinity(0, {cpus[0]})
                 end = setup(socket.create_connection(srv.getsockname()), "initiator")
                 os.read(go_r, 1)
                 c0 = time.process_time()
@@ -86,6 +90,8 @@ def forked_round(setup, send, receive) -> tuple[float, float]:
         os.close(go_r)
         os.close(res_w)
         try:
+            if len(cpus) >= 2:
+                os.sched_setaffinity(0, {cpus[1]})
             conn, _ = srv.accept()
             end = setup(conn, "responder")
             t0, c0 = time.perf_counter(), time.process_time()
@@ -98,6 +104,8 @@ def forked_round(setup, send, receive) -> tuple[float, float]:
             os.close(go_w)
             os.close(res_r)
             _, status = os.waitpid(pid, 0)
+            if cpus:
+                os.sched_setaffinity(0, cpus)
     assert status == 0 and len(child) == 8, f"sender failed (status {status})"
     return wall, cpu + struct.unpack("d", child)[0]
 
@@ -233,7 +241,8 @@ def test_cipher_cycles_per_byte(benchmark, payload, cipher):
     benchmark.extra_info.update(
         correct=all(digests) and a.cipher is b.cipher is cipher, cipher=cipher.name,
         chosen_for_this_cpu=cipher is default_cipher(), bytes=TOTAL,
-        seal_mb_per_cpu_s=round(TOTAL / seal / 1e6, 1), open_mb_per_cpu_s=round(TOTAL / open_ / 1e6, 1),
+        seal_mb_per_cpu_s=round(TOTAL / seal / 1e6, 1),
+        open_mb_per_cpu_s=round(TOTAL / open_ / 1e6, 1),
         seal_cycles_per_byte=round(seal * mhz * 1e6 / TOTAL, 3) if mhz else None,
         open_cycles_per_byte=round(open_ * mhz * 1e6 / TOTAL, 3) if mhz else None,
         cpu_mhz=mhz)

@@ -37,8 +37,9 @@ from fastpunch.proto.channel import (
 __all__ = ["SecureSocket", "SecureReader", "SecureWriter", "secure_streams",
            "ChannelViolation", "ChannelUsageError"]
 
-#: Plaintext encrypted per socket write: 64 records, bounding the extra memory
-#: a huge sendall() needs to one ciphertext chunk.
+#: Plaintext encrypted per socket write: 16 records. Bounds the extra memory a
+#: huge sendall() needs, and lets the kernel drain one chunk while we seal
+#: the next.
 WRITE_CHUNK = 16 * 16384
 #: Bytes asked of the kernel per read.
 READ_CHUNK = 256 * 1024
@@ -157,8 +158,9 @@ class SecureSocket:
             send(encrypt(view[off:off + WRITE_CHUNK]))
 
     def recv(self, bufsize: int) -> bytes:
-        """Up to bufsize plaintext bytes; b"" once the peer closed cleanly.
-        EOF without the peer's close record raises Truncated."""
+        """Up to bufsize plaintext bytes (bytes-like: often a bytearray, so
+        opened records reach the caller uncopied); b"" once the peer closed
+        cleanly. EOF without the peer's close record raises Truncated."""
         plain = self._plain
         while not plain.size and not self._peer_closed:
             if _pump(self.channel, plain):

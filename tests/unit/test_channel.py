@@ -727,3 +727,39 @@ def test_key_schedule_matches_the_documentation():
     assert open_(i2r, 1, bytes(a.send_data(b"to responder"))) == b"to responder"
     assert open_(r2i, 1, bytes(b.send_data(b"to initiator"))) == b"to initiator"
     assert open_(r2i, 2, b.close()) == b""
+
+
+def test_records_before_a_bad_one_are_released_then_the_error():
+    a, b = confirmed_pair()
+    r1, r2, r3 = (bytes(a.send_data(m)) for m in (b"one", b"two", b"three"))
+    b.receive_data(r1 + r2 + flip(r3, len(r3) * 8 - 1))
+    assert b.next_event().data == b"onetwo"            # authentic, so released
+    with pytest.raises(C.BadRecordMAC):
+        b.next_event()
+
+
+def test_runs_of_records_are_opened_together_and_capped():
+    a, b = confirmed_pair()
+    n = C.RUN_RECORDS + 3
+    payload = os.urandom(n * MAX_PLAINTEXT)
+    b.receive_data(a.send_data(payload))
+    first, second = b.next_event(), b.next_event()
+    assert len(first.data) == C.RUN_RECORDS * MAX_PLAINTEXT
+    assert bytes(first.data) + bytes(second.data) == payload
+    assert b.next_event() is NEED_DATA
+
+
+def test_without_encrypt_into_and_decrypt_into():
+    """cryptography < 45 has no *_into: the one-record-at-a-time path."""
+    a, b = confirmed_pair()
+    for ch in (a, b):
+        ch._encrypt_into = ch._decrypt_into = None
+    payload = os.urandom(3 * MAX_PLAINTEXT + 7)
+    wire = bytes(a.send_data(payload))
+    assert [len(r) for r in records(wire)] == [HEADER_BYTES + MAX_BODY] * 3 + [26]
+    b.receive_data(wire + a.close())
+    assert drain(b) == (payload, [Closed()])
+    a2, b2 = confirmed_pair()
+    b2._decrypt_into = None
+    r1, r2 = bytes(a2.send_data(b"one")), bytes(a2.send_data(b"two"))
+    assert code_of(b2, r1 + flip(r2, 40), eof=False) == "bad-record-mac"

@@ -27,7 +27,8 @@ Key schedule (HKDF-SHA256 from ``cryptography``)::
     transcript = SHA-256("fastpunch-channel-v1" || initiator hello record || responder hello record)
     okm = HKDF(ikm=session key, salt=initiator nonce || responder nonce,
                info="fastpunch-channel-v1 keys" || transcript, length=152)
-        = i2r key[32] i2r iv[12] r2i key[32] r2i iv[12] initiator confirm key[32] responder confirm key[32]
+        = i2r key[32] i2r iv[12] r2i key[32] r2i iv[12]
+          initiator confirm key[32] responder confirm key[32]
 
 The cipher is the initiator's choice (its hello's cipher byte); the
 responder's byte is only its preference. Both hellos are inside the
@@ -133,6 +134,7 @@ RECV_TRANSITIONS: dict[RecvState, dict[RecordType, RecvState]] = {
 }
 
 _KNOWN_TYPES = frozenset(int(t) for t in RecordType)
+_FULL_DATA_HEADER = HEADER.pack(RecordType.DATA, MAX_BODY)
 _AEAD = {Cipher.AES_256_GCM: AESGCM, Cipher.CHACHA20_POLY1305: ChaCha20Poly1305}
 
 
@@ -206,7 +208,10 @@ class Confirmed:
 
 @dataclass(frozen=True)
 class Data:
-    data: bytes
+    """Application bytes from one or more consecutive data records.
+    ``data`` is bytes-like: a bytearray when records were opened in place."""
+
+    data: Union[bytes, bytearray]
 
 
 @dataclass(frozen=True)
@@ -380,7 +385,8 @@ class Channel:
         self._recv_aead, self._recv_iv = aead(recv[0]), int.from_bytes(recv[1], "big")
         self._encrypt_into = getattr(self._send_aead, "encrypt_into", None)
         self._decrypt_into = getattr(self._recv_aead, "decrypt_into", None)
-        my_confirm = hmac.new(send[2], _CONFIRM_LABEL[send[3]] + transcript, hashlib.sha256).digest()
+        my_confirm = hmac.new(send[2], _CONFIRM_LABEL[send[3]] + transcript,
+                              hashlib.sha256).digest()
         self._peer_confirm = hmac.new(recv[2], _CONFIRM_LABEL[recv[3]] + transcript,
                                       hashlib.sha256).digest()
         if self.send_state is SendState.HELLO:
@@ -529,9 +535,10 @@ class Channel:
                     break
                 size = length - TAG_BYTES
                 body = p + HEADER_BYTES
+                aad = _FULL_DATA_HEADER if length == MAX_BODY else buf[p:body]
                 try:
                     decrypt_into((iv ^ seq).to_bytes(12, "big"), src[body:body + length],
-                                 buf[p:body], dst[w:w + size])
+                                 aad, dst[w:w + size])
                 except InvalidTag:
                     failed = True
                     break
@@ -581,18 +588,25 @@ class Channel:
                 parts.append(self._seal(RecordType.DATA, src[off:off + MAX_PLAINTEXT]))
             return bytearray(b"".join(parts))
         out = bytearray(n + records * (HEADER_BYTES + TAG_BYTES))
-        encrypt_into, pack_into, iv = self._encrypt_into, HEADER.pack_into, self._send_iv
-        seq, w, data_type = self._send_seq, 0, int(RecordType.DATA)
+        encrypt_into, iv, seq, w = self._encrypt_into, self._send_iv, self._send_seq, 0
+        full = n - n % MAX_PLAINTEXT                 # bytes going into full-size records
         with memoryview(out) as dst:
-            for off in range(0, n, MAX_PLAINTEXT):
-                chunk = src[off:off + MAX_PLAINTEXT]
-                size = len(chunk) + TAG_BYTES
-                pack_into(out, w, data_type, size)
-                header = out[w:w + HEADER_BYTES]
+            # Full records share one header (also their associated data).
+            for off in range(0, full, MAX_PLAINTEXT):
+                dst[w:w + HEADER_BYTES] = _FULL_DATA_HEADER
                 w += HEADER_BYTES
-                encrypt_into((iv ^ seq).to_bytes(12, "big"), chunk, header, dst[w:w + size])
+                encrypt_into((iv ^ seq).to_bytes(12, "big"), src[off:off + MAX_PLAINTEXT],
+                             _FULL_DATA_HEADER, dst[w:w + MAX_BODY])
                 seq += 1
-                w += size
+                w += MAX_BODY
+            if full < n:
+                size = n - full + TAG_BYTES
+                header = HEADER.pack(RecordType.DATA, size)
+                dst[w:w + HEADER_BYTES] = header
+                w += HEADER_BYTES
+                encrypt_into((iv ^ seq).to_bytes(12, "big"), src[full:], header,
+                             dst[w:w + size])
+                seq += 1
         self._send_seq = seq
         return out
 
