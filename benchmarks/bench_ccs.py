@@ -93,8 +93,8 @@ def relay_pair(tmp_path):
         addr = await server.start("127.0.0.1", 0)
         a = Device(addr, "cam", ka, ca_file=paths["ca"], server_hostname="localhost")
         b = Device(addr, "viewer", kb, ca_file=paths["ca"], server_hostname="localhost")
-        await a.connect()
-        await b.connect()
+        await a.login()
+        await b.login()
 
         async def answer():
             async for offer in b.incoming():

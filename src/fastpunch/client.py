@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Sequence, Union
 
@@ -29,8 +30,8 @@ from fastpunch.proto.backoff import Backoff
 from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, Role
 from fastpunch.proto.wire import NextInfo
 
-__all__ = ["Device", "Offer", "NextInfo", "AuthenticationError", "RendezvousRefusedError",
-           "CCSError", "RelayError"]
+__all__ = ["Device", "Offer", "NextInfo", "PeerConnection", "AuthenticationError",
+           "RendezvousRefusedError", "CCSError", "RelayError"]
 
 
 class CCSError(FastpunchError):
@@ -51,6 +52,40 @@ class RendezvousRefusedError(CCSError):
 
 class RelayError(CCSError):
     """The relay refused this side: unknown-token, relay-busy, quota, peer-timeout, ..."""
+
+
+@dataclass
+class PeerConnection:
+    """A connected TCP socket to a peer (direct or relayed) with the report of
+    how it got there, the CCS-issued session key and this side's role."""
+    sock: socket.socket
+    peer: str
+    path: str                     # "direct" or "relay"
+    strategy: str
+    role: str
+    key: bytes
+    report: "object"
+
+    def secure(self):
+        """The secure channel over this connection (blocking socket API)."""
+        from fastpunch.channel import SecureSocket
+
+        self.sock.setblocking(True)
+        return SecureSocket(self.sock, self.role, self.key)
+
+    async def secure_streams(self):
+        """The secure channel as asyncio (reader, writer)."""
+        from fastpunch.channel import secure_streams
+
+        self.sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=self.sock)
+        return await secure_streams(reader, writer, self.role, self.key)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @dataclass
@@ -78,7 +113,8 @@ def _address(ccs: Union[str, tuple]) -> tuple:
 class Device:
     def __init__(self, ccs: Union[str, tuple, Sequence], name: str, key: bytes, *, ca_file: str,
                  server_hostname: Optional[str] = None, reconnect: bool = True,
-                 backoff: Optional[Backoff] = None, connect_timeout: float = 10.0) -> None:
+                 backoff: Optional[Backoff] = None, connect_timeout: float = 10.0,
+                 nat: str = "unknown") -> None:
         single = isinstance(ccs, str) or (isinstance(ccs, tuple) and len(ccs) == 2
                                           and isinstance(ccs[1], int))
         self.addresses = [_address(ccs)] if single else [_address(c) for c in ccs]
@@ -89,6 +125,7 @@ class Device:
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
         self.connect_timeout = connect_timeout
+        self.nat = nat                                # this device's NAT guess, sent with its info
         self.public_addr: Optional[tuple] = None      # what the CCS sees (reflexive)
         self.ccs: Optional[tuple] = None              # the node we are connected to
         self.node: Optional[str] = None
@@ -107,15 +144,15 @@ class Device:
         self._next_addr = 0
 
     async def __aenter__(self) -> "Device":
-        await self.connect()
+        await self.login()
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
     # -- connection --------------------------------------------------------------------
-    async def connect(self) -> None:
-        """Log in once (errors raise), then keep the connection up."""
+    async def login(self) -> None:
+        """Log in to the CCS once (errors raise), then keep the connection up."""
         reader = await self._login_any()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(reader))
 
@@ -312,6 +349,57 @@ class Device:
                 ("relay-closed", "the relay closed the connection")
             raise RelayError(code, reason)
         return sock
+
+    # -- direct connections (the punching layer) --------------------------------------
+    def next_info(self) -> NextInfo:
+        """Fresh next-connection info: a free local port and a random ISN,
+        with the TCP options the crafted SYNs will carry."""
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", 0))
+            port = s.getsockname()[1]
+        return NextInfo(port=port, isn=int.from_bytes(os.urandom(4), "big"), nat=self.nat)
+
+    async def connect(self, peer: str, *, strategies=None, timeout: float = 35.0,
+                      relay_after: Optional[float] = None) -> PeerConnection:
+        """A connected socket to ``peer``: direct when the networks allow it,
+        through the CCS relay otherwise. ``strategies`` restricts the plan
+        (both sides must restrict it alike)."""
+        began = time.time()
+        info = self.next_info()
+        ready = await self.rendezvous(peer, info, timeout)
+        return await self._punch(ready, info, began, strategies, relay_after)
+
+    async def accept(self, *, strategies=None, relay_after: Optional[float] = None) -> PeerConnection:
+        """Wait for a peer's connect() and complete it."""
+        async for offer in self.incoming():
+            began = time.time()
+            info = self.next_info()
+            ready = await offer.answer(info)
+            return await self._punch(ready, info, began, strategies, relay_after)
+        raise CCSError("closed", "the device is closed")
+
+    async def _punch(self, ready, info: NextInfo, began: float, strategies,
+                     relay_after) -> PeerConnection:
+        from fastpunch.punch import planner
+        from fastpunch.punch.base import PunchContext, Report, route_source
+
+        ctx = PunchContext(
+            role=ready.role, local_ip=route_source(ready.addr), local_port=info.port,
+            iss=info.isn, peer_ip=ready.addr, peer_port=ready.port, peer_isn=ready.isn,
+            mss=info.mss, wscale=info.wscale, sack_permitted=info.sack_permitted,
+            timestamps=info.timestamps, peer_mss=ready.mss, peer_wscale=ready.wscale,
+            peer_sack_permitted=ready.sack_permitted, peer_timestamps=ready.timestamps,
+            peer_nat=ready.nat)
+        report = Report(ready.peer)
+        kw = {} if relay_after is None else {"relay_after": relay_after}
+        sock, strategy = await planner.punch(ctx, ready.plan, ready.start_at / 1000, report,
+                                             relay=lambda: self.relay(ready), only=strategies,
+                                             **kw)
+        report.path = "relay" if strategy == "relay" else "direct"
+        report.strategy = strategy
+        report.seconds = time.time() - began
+        return PeerConnection(sock, ready.peer, report.path, strategy, ready.role, ready.key,
+                              report)
 
     async def close(self) -> None:
         self._closing = True

@@ -166,6 +166,35 @@ class RawFlow:
                     raise HandshakeFailed(f"{self.peer[0]}:{self.peer[1]} reset the flow")
         return time.monotonic() - start
 
+    def answer_assumed(self, peer_isn: int, peer_options: TCPOptions, timeout: float = 5.0,
+                       resend_every: float = 0.25) -> float:
+        """Passive side of the "nat" method: act as if the peer's SYN (ISN
+        ``peer_isn``, options as announced) had arrived, send the SYN-ACK
+        (resent every ``resend_every`` s) until the peer's ACK completes the
+        handshake. Returns the seconds it took."""
+        start = time.monotonic()
+        deadline = start + timeout
+        self.peer_options = peer_options
+        self.ts_ok = self.timestamps and peer_options.timestamp is not None
+        synack = self.tracker.assume_syn(peer_isn, 65535, peer_options.wscale)
+        self._send(synack)
+        self._note("sent SYN-ACK (assumed SYN)")
+        next_resend = start + resend_every
+        while self.tracker.state != FlowState.ESTABLISHED:
+            now = time.monotonic()
+            if now >= deadline:
+                raise HandshakeFailed(
+                    f"no ACK from {self.peer[0]}:{self.peer[1]} within {timeout:g} s "
+                    f"(sent {self.stats.sent}, received {self.stats.received})")
+            if now >= next_resend:
+                self._send(synack)
+                self._note("resent SYN-ACK")
+                next_resend = now + resend_every
+            for seg in self._wait(min(deadline, next_resend)):
+                if self._input(seg) == FlowEvent.RESET:
+                    raise HandshakeFailed(f"{self.peer[0]}:{self.peer[1]} reset the flow")
+        return time.monotonic() - start
+
     def send(self, data: bytes) -> None:
         """Send data in MSS-sized segments (no retransmission: lab use)."""
         peer_mss = self.peer_options.mss if self.peer_options and self.peer_options.mss else 536
@@ -196,6 +225,24 @@ class RawFlow:
                 raise TimeoutError("peer did not acknowledge our data")
             for seg in self._wait(deadline):
                 self._input(seg)
+
+    def handoff_state(self):
+        """The established flow's state for :func:`fastpunch.handoff.repair_socket`:
+        the numbers and the options both SYNs agreed on."""
+        from fastpunch.handoff import FlowState as Repair
+
+        if self.tracker.state != FlowState.ESTABLISHED:
+            raise HandshakeFailed(f"cannot hand off a flow in state {self.tracker.state.name}")
+        peer = self.peer_options
+        scaled = bool(self.tracker.wscale_ok)
+        return Repair(
+            local=self.local, peer=self.peer, snd_nxt=self.tracker.snd_nxt,
+            rcv_nxt=self.tracker.rcv_nxt, mss=(peer.mss if peer and peer.mss else 536),
+            snd_wscale=self.tracker.snd_wscale if scaled else None,
+            rcv_wscale=self.tracker.rcv_wscale if scaled else None,
+            sack=bool(self.sack_permitted and peer is not None and peer.sack_permitted),
+            timestamps=self.ts_ok, snd_wnd=max(self.tracker.snd_wnd, 1),
+            rcv_wnd=self.tracker.rcv_wnd, tsval=self._tsval())
 
     def abort(self) -> None:
         """Reset the flow at the peer (RST with our next sequence number)."""

@@ -67,7 +67,7 @@ def test_the_device_pins_the_deployment_ca(deployment, tmp_path):
             dev = deployment.device(addr, "cam")
             dev.ca_file = other["ca"]
             with pytest.raises(CCSError) as err:
-                await dev.connect()
+                await dev.login()
             assert isinstance(err.value.__cause__, ssl.SSLCertVerificationError)
 
     arun(main())
@@ -275,8 +275,8 @@ def test_reconnect_after_a_ccs_restart(deployment):
         addr = await server.start("127.0.0.1", 0)
         a = deployment.device(addr, "cam")
         b = deployment.device(addr, "viewer")
-        await a.connect()
-        await b.connect()
+        await a.login()
+        await b.login()
         await server.close()                                  # the CCS goes away
         await asyncio.sleep(0.2)
         assert not a.connected and not b.connected
@@ -304,7 +304,7 @@ def test_a_second_login_replaces_the_first(deployment):
         server = deployment.server()
         async with running(server) as addr:
             first = deployment.device(addr, "cam", reconnect=False)
-            await first.connect()
+            await first.login()
             async with deployment.device(addr, "cam"):
                 await asyncio.sleep(0.2)
                 assert not first.connected and server.connected == 1
@@ -328,7 +328,7 @@ def test_metrics_endpoint(deployment):
             async with deployment.device(addr, "cam") as a, deployment.device(addr, "viewer") as b:
                 await rendezvous(a, b, "viewer", A_INFO, B_INFO)
                 with pytest.raises(AuthenticationError):
-                    await deployment.device(addr, "cam", os.urandom(32)).connect()
+                    await deployment.device(addr, "cam", os.urandom(32)).login()
                 reader, writer = await asyncio.open_connection("127.0.0.1", mport)
                 writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
                 text = (await reader.read()).decode()

@@ -23,8 +23,8 @@ INFO = NextInfo(port=40001, isn=1, nat="napt-random")
 async def paired(deployment, addr):
     a = deployment.device(addr, "cam")
     b = deployment.device(addr, "viewer")
-    await a.connect()
-    await b.connect()
+    await a.login()
+    await b.login()
     ra, rb, _ = await rendezvous(a, b, "viewer", INFO, INFO)
     return a, b, ra, rb
 

@@ -1,0 +1,114 @@
+"""Hand a crafted, established TCP flow to the kernel with TCP_REPAIR.
+
+After our raw SYN / SYN-ACK / ACK exchange, the kernel knows nothing of the
+flow. A socket in repair mode can be given its whole state: bound to our
+address and port, its send and receive sequence numbers set, "connected"
+without a packet, the options both SYNs negotiated (MSS, window scale,
+SACK-permitted, timestamps) and the windows. Leaving repair mode makes it an
+ordinary ESTABLISHED socket, and data flows through the kernel's own TCP at
+full speed. The order follows CRIU's (criu/sk-tcp.c) and the kernel's checks
+in net/ipv4/tcp.c (tcp_repair_set_window, tcp_repair_options_est).
+
+Needs CAP_NET_ADMIN (the kernel refuses TCP_REPAIR otherwise).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from fastpunch.errors import FastpunchError, InsufficientPrivilegeError
+
+__all__ = ["FlowState", "repair_socket", "HandoffError"]
+
+TCP_REPAIR = 19
+TCP_REPAIR_QUEUE = 20
+TCP_QUEUE_SEQ = 21
+TCP_REPAIR_OPTIONS = 22
+TCP_TIMESTAMP = 24
+TCP_REPAIR_WINDOW = 29
+TCP_REPAIR_ON, TCP_REPAIR_OFF, TCP_REPAIR_OFF_NO_WP = 1, 0, -1
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+
+
+class HandoffError(FastpunchError, OSError):
+    """The kernel refused a step of the repair hand-off; ``step`` names it."""
+
+    def __init__(self, step: str, exc: OSError) -> None:
+        super().__init__(exc.errno, f"TCP_REPAIR hand-off failed at {step}: {exc.strerror}")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class FlowState:
+    """Everything the kernel needs to take an established flow over."""
+    local: tuple            # (ip, port)
+    peer: tuple             # (ip, port) as seen from here (after our NAT's translation)
+    snd_nxt: int            # our next sequence number (ISS + 1 after the handshake)
+    rcv_nxt: int            # the peer's next expected (IRS + 1)
+    mss: int                # the peer's MSS (what we may send)
+    snd_wscale: Optional[int]     # the peer's window scale (None: not negotiated)
+    rcv_wscale: Optional[int]     # ours
+    sack: bool
+    timestamps: bool
+    snd_wnd: int            # the peer's window in bytes (scaled)
+    rcv_wnd: int            # our advertised window in bytes
+    tsval: int = 0          # our current TSval clock (the kernel continues from it)
+
+
+def _u32(value: int) -> bytes:
+    """setsockopt's int form is signed: sequence numbers past 2**31 go as bytes."""
+    return struct.pack("=I", value & 0xFFFFFFFF)
+
+
+def _set(sock: socket.socket, step: str, opt: int, value) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    except OSError as exc:
+        if exc.errno == errno.EPERM:
+            raise InsufficientPrivilegeError("CAP_NET_ADMIN", "TCP_REPAIR hand-off") from exc
+        raise HandoffError(step, exc) from exc
+
+
+def repair_socket(state: FlowState, *, nonblocking: bool = False) -> socket.socket:
+    """A kernel socket ESTABLISHED on ``state``'s flow, no packet sent."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        _set(sock, "repair-on", TCP_REPAIR, TCP_REPAIR_ON)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(state.local)
+        except OSError as exc:
+            raise HandoffError("bind", exc) from exc
+        _set(sock, "send-queue", TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        _set(sock, "send-seq", TCP_QUEUE_SEQ, _u32(state.snd_nxt))
+        _set(sock, "recv-queue", TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        _set(sock, "recv-seq", TCP_QUEUE_SEQ, _u32(state.rcv_nxt))
+        try:
+            sock.connect(state.peer)            # repair mode: straight to ESTABLISHED
+        except OSError as exc:
+            raise HandoffError("connect", exc) from exc
+        opts = [(TCPOPT_MSS, state.mss)]
+        if state.snd_wscale is not None and state.rcv_wscale is not None:
+            opts.append((TCPOPT_WINDOW, state.snd_wscale | (state.rcv_wscale << 16)))
+        if state.sack:
+            opts.append((TCPOPT_SACK_PERM, 0))
+        if state.timestamps:
+            opts.append((TCPOPT_TIMESTAMP, 0))
+        _set(sock, "options", TCP_REPAIR_OPTIONS, b"".join(struct.pack("=II", c, v) for c, v in opts))
+        if state.timestamps:
+            _set(sock, "timestamp", TCP_TIMESTAMP, _u32(state.tsval))
+        # struct tcp_repair_window {snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup}
+        window = struct.pack("=IIIII", state.rcv_nxt & 0xFFFFFFFF, state.snd_wnd, state.snd_wnd,
+                             state.rcv_wnd, state.rcv_nxt & 0xFFFFFFFF)
+        _set(sock, "window", TCP_REPAIR_WINDOW, window)
+        _set(sock, "repair-off", TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+        sock.setblocking(not nonblocking)
+        return sock
+    except BaseException:
+        sock.close()
+        raise

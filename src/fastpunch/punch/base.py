@@ -1,0 +1,135 @@
+"""What every strategy takes and gives back."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+from fastpunch.errors import FastpunchError
+
+
+class PunchFailed(FastpunchError):
+    """A strategy did not produce a connection; ``reason`` is a stable word."""
+
+    def __init__(self, reason: str, message: str, **details) -> None:
+        super().__init__(f"{message} ({reason})")
+        self.reason = reason
+        self.details = details
+
+
+@dataclass(frozen=True)
+class PunchContext:
+    """Both sides' next-connection info, as one side sees it."""
+    role: str                       # "initiator" or "responder"
+    local_ip: str
+    local_port: int
+    iss: int
+    peer_ip: str                    # the peer's public address (reflexive, from the CCS)
+    peer_port: int
+    peer_isn: int
+    mss: int = 1460
+    wscale: Optional[int] = 7
+    sack_permitted: bool = True
+    timestamps: bool = True
+    peer_mss: int = 1460
+    peer_wscale: Optional[int] = 7
+    peer_sack_permitted: bool = True
+    peer_timestamps: bool = True
+    peer_nat: str = "unknown"
+
+
+@dataclass
+class Attempt:
+    """One strategy's try: what it sent and saw, how long, how it ended."""
+    strategy: str
+    ok: bool = False
+    seconds: float = 0.0
+    sent: int = 0
+    seen: int = 0
+    reason: str = ""
+    detail: str = ""
+    events: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    peer: str
+    path: str = ""                  # "direct" or "relay"
+    strategy: str = ""
+    seconds: float = 0.0            # from connect()/accept() to a connected socket
+    attempts: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"peer": self.peer, "path": self.path, "strategy": self.strategy,
+                "seconds": round(self.seconds, 4),
+                "attempts": [a.as_dict() for a in self.attempts]}
+
+    def lines(self) -> list[str]:
+        out = [f"{self.peer}: {self.path or 'failed'} via {self.strategy or '-'} "
+               f"in {self.seconds * 1000:.0f} ms"]
+        for a in self.attempts:
+            out.append(f"  {a.strategy:10s} {'ok' if a.ok else 'failed':6s} {a.seconds * 1000:7.0f} ms"
+                       f"  sent {a.sent:4d} seen {a.seen:4d}  {a.reason} {a.detail}".rstrip())
+            out.extend(f"      {t:8.3f}s {what}" for t, what in a.events)
+        return out
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000
+
+
+def in_this_netns(fn: Callable, *args):
+    """Run blocking ``fn`` on a new thread in the calling thread's network
+    namespace (executor threads would sit in the process's original one);
+    returns a Future of its result."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+
+    def settle(exc, result):
+        if fut.done():                      # the awaiting task gave up: drop a socket
+            if result is not None and hasattr(result, "close"):
+                result.close()
+        elif exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    def body():
+        try:
+            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            result = fn(*args)
+        except BaseException as exc:      # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, exc, None)
+        else:
+            loop.call_soon_threadsafe(settle, None, result)
+        finally:
+            os.close(fd)
+
+    threading.Thread(target=body, daemon=True, name="fastpunch-punch").start()
+    return fut
+
+
+def route_source(peer_ip: str) -> str:
+    """The local address the kernel would use toward ``peer_ip`` (no packet sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer_ip, 9))
+        return s.getsockname()[0]
+
+
+def sleep_until(t: float) -> None:
+    delay = t - time.time()
+    if delay > 0:
+        time.sleep(delay)
