@@ -66,6 +66,7 @@ class RawFlow:
         self.ts_recent = 0          # newest TSval from the peer
         self.peer_options: Optional[TCPOptions] = None
         self.tracker = FlowTracker(self.iss, rcv_wnd, wscale)
+        self._rcv_wnd = rcv_wnd
         self.stats = FlowStats()
         self._t0 = time.monotonic()
         self._ip_id = 0
@@ -142,9 +143,13 @@ class RawFlow:
         return event
 
     # -- the flow --------------------------------------------------------------
-    def connect(self, timeout: float = 5.0, resend_every: float = 0.25) -> float:
+    def connect(self, timeout: float = 5.0, resend_every: float = 0.25,
+                survive_rst: bool = False) -> float:
         """Active open: send SYN (resent every ``resend_every`` s) until the
-        handshake completes. Returns the seconds it took."""
+        handshake completes. Returns the seconds it took. With
+        ``survive_rst`` a RST during the handshake (a far NAT answering our
+        SYN before the peer's own SYN opened it) starts the open over
+        instead of failing it."""
         start = time.monotonic()
         deadline = start + timeout
         self._send(self.tracker.syn_sent())
@@ -163,7 +168,13 @@ class RawFlow:
                 next_resend = now + resend_every
             for seg in self._wait(min(deadline, next_resend)):
                 if self._input(seg) == FlowEvent.RESET:
-                    raise HandshakeFailed(f"{self.peer[0]}:{self.peer[1]} reset the flow")
+                    if not survive_rst:
+                        raise HandshakeFailed(f"{self.peer[0]}:{self.peer[1]} reset the flow")
+                    self._note("RST during the open: starting over")
+                    self.tracker = FlowTracker(self.iss, self._rcv_wnd, self.wscale)
+                    self.tracker.syn_sent()
+                    next_resend = time.monotonic() + resend_every / 2
+                    break
         return time.monotonic() - start
 
     def answer_assumed(self, peer_isn: int, peer_options: TCPOptions, timeout: float = 5.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from fastpunch import _caps
+from fastpunch import _caps, netfilter
 from fastpunch.handoff import repair_socket
 from fastpunch.punch.base import Attempt, PunchContext, PunchFailed
 from fastpunch.rawflow import HandshakeFailed, RawFlow
@@ -22,6 +22,7 @@ def handshake(ctx: PunchContext, deadline: float, attempt: Attempt, *, active: b
     timeout = deadline - time.time()
     if timeout <= 0:
         raise PunchFailed("no-time", "the strategy's time slot had passed")
+    netfilter.sweep_stale()        # tables of crashed fastpunch processes, in this namespace
     flow = RawFlow(ctx.local_ip, ctx.local_port, ctx.peer_ip, ctx.peer_port, iss=ctx.iss,
                    mss=ctx.mss, wscale=ctx.wscale, sack_permitted=ctx.sack_permitted,
                    timestamps=ctx.timestamps)
@@ -29,7 +30,7 @@ def handshake(ctx: PunchContext, deadline: float, attempt: Attempt, *, active: b
         with flow.rst_suppression():
             try:
                 if active:
-                    flow.connect(timeout=timeout, resend_every=resend)
+                    flow.connect(timeout=timeout, resend_every=resend, survive_rst=True)
                 else:
                     from fastpunch._engine import TCPOptions
 

@@ -1,0 +1,160 @@
+"""Direct connections in the lab: each strategy where it should work and where
+it should not, the relay as the last resort, the kernel hand-off carrying data,
+and nothing left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from fastpunch.punch.base import PunchFailed
+
+from .conftest import connect_pair
+
+pytestmark = pytest.mark.lab
+
+
+def exchange(s1, s2, size: int) -> tuple:
+    """size bytes s1 -> s2 and size // 16 back; returns both (sent, received) digests."""
+    s1.setblocking(True)
+    s2.setblocking(True)
+    out = {}
+
+    def send(sock, n, key):
+        block = os.urandom(1 << 20)
+        h, sent = hashlib.sha256(), 0
+        while sent < n:
+            chunk = block[:min(len(block), n - sent)]
+            sock.sendall(chunk)
+            h.update(chunk)
+            sent += len(chunk)
+        sock.shutdown(1)
+        out[key] = h.hexdigest()
+
+    def recv(sock, key):
+        h, buf = hashlib.sha256(), bytearray(1 << 20)
+        while n := sock.recv_into(buf):
+            h.update(memoryview(buf)[:n])
+        out[key] = h.hexdigest()
+
+    threads = [threading.Thread(target=send, args=(s1, size, "fwd-sent")),
+               threading.Thread(target=recv, args=(s2, "fwd-got")),
+               threading.Thread(target=send, args=(s2, size // 16, "back-sent")),
+               threading.Thread(target=recv, args=(s1, "back-got"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return out
+
+
+def tables_in(lab, where: str) -> list:
+    out = lab.run(where, ["nft", "list", "tables"]).stdout
+    return [line.split()[-1] for line in out.splitlines() if "fastpunch_" in line]
+
+
+@pytest.mark.parametrize("a,b", [("nat", "nat"), ("nat-rst", "strict"), ("cgn", "firewall"),
+                                 ("firewall", "firewall"), ("open", "nat")])
+def test_symmetric_goes_direct_and_hands_off_to_the_kernel(lab_pair, a, b):
+    with lab_pair(a, b) as (lab, ccs, cam, viewer):
+        ca, cb = connect_pair(cam, viewer)
+        assert (ca.path, ca.strategy, cb.path, cb.strategy) == \
+            ("direct", "symmetric", "direct", "symmetric")
+        # the same flow seen from both ends, each end a kernel socket
+        la, lb = ca.sock.getsockname(), cb.sock.getsockname()
+        assert ca.sock.getpeername() == (lab.sites["b"].public_addr, lb[1])   # port preserved
+        nearest = "home-a" if a == "cgn" else "gw-a"
+        flows = [e for e in lab.conntrack(nearest) if e["orig"][:2] == la]
+        if lab.sites["a"].profile != "open":
+            assert flows and flows[0]["state"] == "ESTABLISHED"
+        digests = exchange(ca.sock, cb.sock, 32 << 20)
+        assert digests["fwd-sent"] == digests["fwd-got"]
+        assert digests["back-sent"] == digests["back-got"]
+        assert ccs.server.relay.bytes_total == 0         # the CCS carried no byte
+        ca.close(), cb.close()
+        assert tables_in(lab, "a") == [] and tables_in(lab, "b") == []
+        assert ca.report.attempts[0].sent >= 1 and ca.report.attempts[0].seen >= 1
+
+
+def test_kernel_simultaneous_open_baseline(lab_pair):
+    with lab_pair("nat", "nat") as (lab, ccs, cam, viewer):
+        ca, cb = connect_pair(cam, viewer, strategies=["simopen"])
+        assert (ca.path, ca.strategy) == ("direct", "simopen")
+        d = exchange(ca.sock, cb.sock, 4 << 20)
+        assert d["fwd-sent"] == d["fwd-got"]
+        ca.close(), cb.close()
+
+
+def test_the_nat_method_passes_only_where_the_responder_is_unfiltered(lab_pair):
+    with lab_pair("nat", "open") as (lab, ccs, cam, viewer):
+        ca, cb = connect_pair(cam, viewer, strategies=["nat"])
+        assert (ca.path, ca.strategy, cb.strategy) == ("direct", "nat", "nat")
+        d = exchange(ca.sock, cb.sock, 4 << 20)
+        assert d["fwd-sent"] == d["fwd-got"]
+        ca.close(), cb.close()
+
+
+def test_the_nat_method_fails_cleanly_behind_a_linux_nat(lab_pair):
+    # LAB-NOTES 2: the responder's opening SYN-ACK is INVALID to conntrack
+    with lab_pair("nat", "nat") as (lab, ccs, cam, viewer):
+        with pytest.raises(PunchFailed) as err:
+            connect_pair(cam, viewer, strategies=["nat"])
+        assert err.value.reason == "no-path"
+        assert tables_in(lab, "a") == [] and tables_in(lab, "b") == []
+
+
+def test_a_random_napt_falls_through_to_the_relay(lab_pair):
+    with lab_pair("nat", "napt-random") as (lab, ccs, cam, viewer):
+        ca, cb = connect_pair(cam, viewer)
+        assert (ca.path, cb.path) == ("relay", "relay")
+        tried = [(t.strategy, t.ok, t.reason) for t in ca.report.attempts]
+        assert tried[:3] == [("symmetric", False, "timeout"), ("nat", False, "timeout"),
+                             ("simopen", False, "timeout")]
+        assert tried[-1][:2] == ("relay", True)
+        d = exchange(ca.sock, cb.sock, 4 << 20)
+        assert d["fwd-sent"] == d["fwd-got"]
+        assert ccs.server.relay.bytes_total >= 4 << 20
+        ca.close(), cb.close()
+        assert tables_in(lab, "a") == [] and tables_in(lab, "b") == []
+
+
+def test_one_gib_through_the_handed_off_connection_under_loss(lab_pair):
+    with lab_pair("nat", "nat", loss=1.0) as (lab, ccs, cam, viewer):
+        ca, cb = connect_pair(cam, viewer)
+        assert ca.path == "direct"
+        d = exchange(ca.sock, cb.sock, 1 << 30)
+        assert d["fwd-sent"] == d["fwd-got"] and d["back-sent"] == d["back-got"]
+        ca.close(), cb.close()
+
+
+KILLED = r"""
+import sys, time
+from fastpunch.rawflow import RawFlow
+flow = RawFlow(sys.argv[1], 45000, sys.argv[2], 45001)
+with flow.rst_suppression():
+    print("table", flush=True)
+    flow.connect(timeout=60)
+"""
+
+
+def test_a_process_killed_mid_handshake_leaves_nothing_after_the_next_start(lab_pair):
+    with lab_pair("nat", "nat") as (lab, ccs, cam, viewer):
+        site_a, site_b = lab.sites["a"], lab.sites["b"]
+        proc = lab.spawn("a", [sys.executable, "-c", KILLED, site_a.host_addr,
+                               site_b.public_addr], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "table"
+        assert len(tables_in(lab, "a")) == 1            # its RST suppression, mid-handshake
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert len(tables_in(lab, "a")) == 1            # a crash cannot clean up itself...
+        ca, cb = connect_pair(cam, viewer)              # ...the next punch sweeps it first
+        assert ca.path == "direct"
+        ca.close(), cb.close()
+        assert tables_in(lab, "a") == []
