@@ -15,9 +15,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian/Ubuntu packages: netfilter userland and library, capture oracle,
+# ffmpeg for the demo's camera and the video checks,
 # compilers for the extension and the C fuzz harness, and whatever the lab
 # tests list (tests/*/REQUIREMENTS-apt.txt).
-APT_PACKAGES="nftables libnftables1 conntrack iproute2 tshark tcpdump gcc clang python3-dev python3-venv"
+APT_PACKAGES="nftables libnftables1 conntrack iproute2 tshark tcpdump gcc clang python3-dev python3-venv ffmpeg"
 for req in "$ROOT"/tests/*/REQUIREMENTS-apt.txt; do
   [ -f "$req" ] && APT_PACKAGES="$APT_PACKAGES $(grep -v '^#' "$req" | tr '\n' ' ')"
 done

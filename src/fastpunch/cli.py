@@ -17,9 +17,14 @@ EXIT_PRIVILEGE = 77  # sysexits EX_NOPERM
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fastpunch import demo
+    if args.engine:
+        from fastpunch import demo
 
-    report = demo.run()
+        report = demo.run()
+    else:
+        from fastpunch import labdemo
+
+        report = labdemo.run(a=args.a, b=args.b, seconds=args.seconds, examples=args.examples)
     if args.json:
         print(json.dumps(report))
     return 0
@@ -46,8 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="crafted TCP handshake with a real kernel in fresh namespaces")
+    p = sub.add_parser("demo", help="camera and viewer behind two NATs connect directly, in a lab")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
+    p.add_argument("--engine", action="store_true",
+                   help="the engine demo instead: a crafted handshake with a real kernel")
+    p.add_argument("--a", default="nat", help="the camera's gateway profile (default nat)")
+    p.add_argument("--b", default="nat", help="the viewer's gateway profile (default nat)")
+    p.add_argument("--seconds", type=int, default=10, help="seconds of video to receive")
+    p.add_argument("--examples", default="", help="where examples/camera.py is")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("sweep", help="remove tables and namespaces left by crashed processes")
@@ -60,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fastpunch.ccs.cli import add_subparsers as add_ccs
 
     add_ccs(sub)
+
+    from fastpunch.tools import add_subparsers as add_tools
+
+    add_tools(sub)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_cmd_version)

@@ -369,9 +369,13 @@ class Device:
         ready = await self.rendezvous(peer, info, timeout)
         return await self._punch(ready, info, began, strategies, relay_after)
 
-    async def accept(self, *, strategies=None, relay_after: Optional[float] = None) -> PeerConnection:
-        """Wait for a peer's connect() and complete it."""
+    async def accept(self, *, strategies=None, relay_after: Optional[float] = None,
+                     peer: Optional[str] = None) -> PeerConnection:
+        """Wait for a peer's connect() (only ``peer``'s, if given: offers from
+        others are left unanswered) and complete it."""
         async for offer in self.incoming():
+            if peer is not None and offer.peer != peer:
+                continue
             began = time.time()
             info = self.next_info()
             ready = await offer.answer(info)

@@ -107,7 +107,7 @@ def test_without_cap_net_admin_rules_fail_naming_the_capability():
 
 
 def test_cli_demo_without_privileges_says_so_in_one_line_and_exit_77():
-    proc = _without_capabilities("import sys; from fastpunch.cli import main; sys.exit(main(['demo']))")
+    proc = _without_capabilities("import sys; from fastpunch.cli import main; sys.exit(main(['demo', '--engine']))")
     assert proc.returncode == 77
     assert "Traceback" not in proc.stderr
     assert "needs CAP_SYS_ADMIN and CAP_NET_ADMIN and CAP_NET_RAW" in proc.stderr
@@ -118,7 +118,7 @@ def test_cli_demo_runs_and_reports(capsys):
 
     if os.geteuid() != 0:
         pytest.skip("the demo needs root")
-    assert main(["demo", "--json"]) == 0
+    assert main(["demo", "--engine", "--json"]) == 0
     out = capsys.readouterr().out
     import json
 

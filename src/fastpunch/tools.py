@@ -1,0 +1,242 @@
+"""Stream tools: ``fastpunch connect | send | recv | exec``.
+
+Each logs this device in to the CCS, makes (``--to PEER``) or accepts
+(``--from PEER``) one connection, direct when the networks allow it and
+relayed otherwise, wraps it in the secure channel, and moves bytes:
+
+    fastpunch send --to viewer movie.ts           # or - for stdin
+    fastpunch recv --from camera out.ts           # or - for stdout
+    fastpunch exec --to viewer -- ffmpeg -re -f lavfi -i testsrc -f mpegts -
+    fastpunch exec --from camera -- ffplay -
+
+so ffmpeg, gst or any player can sit on either end. Progress (bytes, rate,
+path) goes to stderr on a terminal; a one-line JSON summary always ends it
+(``--json``: only that line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional
+
+from fastpunch.errors import FastpunchError
+
+CHUNK = 256 * 1024
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ccs", action="append", required=True, metavar="HOST:PORT",
+                   help="CCS node (repeatable)")
+    p.add_argument("--name", required=True, help="this device's name")
+    p.add_argument("--key-file", required=True, help="credentials from `fastpunch ccs add-device`")
+    p.add_argument("--ca", required=True, help="the deployment's ca.pem (pinned)")
+    p.add_argument("--server-name", help="TLS name of the CCS (default: the host given)")
+    p.add_argument("--nat", default="unknown", help="this device's NAT guess")
+    p.add_argument("--strategy", action="append", metavar="NAME",
+                   help="only these strategies (both sides must agree); default: the CCS's plan")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the peer")
+    p.add_argument("--json", action="store_true", help="print only the JSON summary")
+
+
+def add_subparsers(sub) -> None:
+    p = sub.add_parser("connect", help="connect to a peer and report how (then close)")
+    add_device_args(p)
+    p.add_argument("--to", required=True, metavar="PEER")
+    p.add_argument("--verbose", "-v", action="store_true", help="every attempt, every packet")
+    p.set_defaults(func=cmd_connect)
+
+    p = sub.add_parser("send", help="send a file or stdin to a peer, encrypted")
+    add_device_args(p)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--to", metavar="PEER")
+    who.add_argument("--from", dest="from_", metavar="PEER", help="wait for PEER to connect")
+    p.add_argument("file", nargs="?", default="-")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("recv", help="receive from a peer into a file or stdout")
+    add_device_args(p)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--from", dest="from_", metavar="PEER", help="wait for PEER to connect")
+    who.add_argument("--to", metavar="PEER")
+    p.add_argument("file", nargs="?", default="-")
+    p.add_argument("--limit", type=int, metavar="BYTES", help="stop after this many bytes")
+    p.set_defaults(func=cmd_recv)
+
+    p = sub.add_parser("exec", help="run CMD with the connection as its stdin/stdout")
+    add_device_args(p)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--to", metavar="PEER")
+    who.add_argument("--from", dest="from_", metavar="PEER")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    p.set_defaults(func=cmd_exec)
+
+
+def open_connection(args):
+    """Log in, connect or accept; returns (PeerConnection, secure socket)."""
+    from fastpunch.ccs.cli import read_credentials
+    from fastpunch.ccs.server import new_event_loop
+    from fastpunch.client import Device
+
+    name, key = read_credentials(args.key_file)
+    if name is not None and name != args.name:
+        raise FastpunchError(f"{args.key_file} holds the credentials of {name!r}, not {args.name!r}")
+    loop = new_event_loop()
+
+    async def run():
+        dev = Device(args.ccs, args.name, key, ca_file=args.ca, server_hostname=args.server_name,
+                     nat=args.nat)
+        await dev.login()
+        try:
+            if getattr(args, "to", None):
+                conn = await dev.connect(args.to, strategies=args.strategy, timeout=args.timeout)
+            else:
+                import asyncio
+
+                conn = await asyncio.wait_for(
+                    dev.accept(strategies=args.strategy, peer=args.from_), args.timeout)
+        finally:
+            await dev.close()
+        return conn
+
+    try:
+        conn = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    return conn, conn.secure()
+
+
+class Progress:
+    def __init__(self, conn, quiet: bool) -> None:
+        self.conn, self.start, self.bytes = conn, time.monotonic(), 0
+        self.tty = not quiet and sys.stderr.isatty()
+        self._last = 0.0
+
+    def add(self, n: int) -> None:
+        self.bytes += n
+        now = time.monotonic()
+        if self.tty and now - self._last > 0.5:
+            self._last = now
+            rate = self.bytes / max(now - self.start, 1e-9)
+            sys.stderr.write(f"\r{self.bytes / 1e6:10.1f} MB  {rate / 1e6:8.1f} MB/s  "
+                             f"{self.conn.path} ({self.conn.strategy})")
+            sys.stderr.flush()
+
+    def summary(self, **extra) -> dict:
+        seconds = time.monotonic() - self.start
+        if self.tty:
+            sys.stderr.write("\n")
+        return {"peer": self.conn.peer, "path": self.conn.path, "strategy": self.conn.strategy,
+                "connect_seconds": round(self.conn.report.seconds, 4), "bytes": self.bytes,
+                "seconds": round(seconds, 3),
+                "MB_per_s": round(self.bytes / max(seconds, 1e-9) / 1e6, 2), **extra}
+
+
+def _say(args, conn, summary: dict) -> None:
+    if not args.json and getattr(args, "verbose", False):
+        for line in conn.report.lines():
+            print(line, file=sys.stderr)
+    print(json.dumps(summary), file=sys.stderr if not args.json else sys.stdout, flush=True)
+
+
+def cmd_connect(args) -> int:
+    conn, secure = open_connection(args)
+    summary = {"peer": conn.peer, "path": conn.path, "strategy": conn.strategy,
+               "connect_seconds": round(conn.report.seconds, 4), "cipher": secure.cipher.name,
+               "report": conn.report.as_dict() if args.verbose else None}
+    if args.verbose and not args.json:
+        for line in conn.report.lines():
+            print(line)
+    print(json.dumps(summary))
+    secure.close()
+    return 0
+
+
+def _pump_out(src, secure, progress: Progress) -> None:
+    while data := src.read(CHUNK):
+        secure.sendall(data)
+        progress.add(len(data))
+    secure.close_write()
+
+
+def _pump_in(secure, dst, progress: Progress, limit: Optional[int] = None) -> None:
+    while True:
+        want = CHUNK if limit is None else min(CHUNK, limit - progress.bytes)
+        if want <= 0:
+            break
+        data = secure.recv(want)
+        if not data:
+            break
+        dst.write(data)
+        progress.add(len(data))
+    dst.flush()
+
+
+def cmd_send(args) -> int:
+    src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    try:
+        conn, secure = open_connection(args)
+        progress = Progress(conn, args.json)
+        _pump_out(src, secure, progress)
+        # wait for the peer to finish reading and close: nothing is lost in flight
+        while secure.recv(CHUNK):
+            pass
+        secure.close()
+        _say(args, conn, progress.summary(sent=progress.bytes))
+    finally:
+        if src is not sys.stdin.buffer:
+            src.close()
+    return 0
+
+
+def cmd_recv(args) -> int:
+    dst = sys.stdout.buffer if args.file == "-" else open(args.file, "wb")
+    try:
+        conn, secure = open_connection(args)
+        progress = Progress(conn, args.json or args.file == "-")
+        _pump_in(secure, dst, progress, args.limit)
+        secure.close()
+        _say(args, conn, progress.summary(received=progress.bytes))
+    finally:
+        if dst is not sys.stdout.buffer:
+            dst.close()
+    return 0
+
+
+def cmd_exec(args) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise FastpunchError("exec needs a command: fastpunch exec --to PEER -- CMD [ARGS]")
+    conn, secure = open_connection(args)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    progress_out = Progress(conn, True)
+    progress_in = Progress(conn, True)
+
+    def feed():
+        try:
+            _pump_in(secure, proc.stdin, progress_in)
+        except (BrokenPipeError, OSError):
+            pass
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+
+    reader = threading.Thread(target=feed, daemon=True)
+    reader.start()
+    try:
+        _pump_out(proc.stdout, secure, progress_out)
+    except (BrokenPipeError, ConnectionError):
+        pass
+    rc = proc.wait()
+    reader.join(30)
+    secure.close()
+    _say(args, conn, {**progress_out.summary(sent=progress_out.bytes),
+                      "received": progress_in.bytes, "exit_code": rc})
+    return rc
