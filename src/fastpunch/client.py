@@ -357,7 +357,11 @@ class Device:
         with socket.socket() as s:
             s.bind(("0.0.0.0", 0))
             port = s.getsockname()[1]
-        return NextInfo(port=port, isn=int.from_bytes(os.urandom(4), "big"), nat=self.nat)
+        from fastpunch import _caps
+
+        crafted = not _caps.missing(_caps.CAP_NET_RAW, _caps.CAP_NET_ADMIN)
+        return NextInfo(port=port, isn=int.from_bytes(os.urandom(4), "big"), nat=self.nat,
+                        crafted=crafted)
 
     async def connect(self, peer: str, *, strategies=None, timeout: float = 35.0,
                       relay_after: Optional[float] = None) -> PeerConnection:

@@ -299,7 +299,8 @@ class CCSServer:
         self._finish(pending)
         b_info = wire.NextInfo(**msg["info"])
         key = self.random(32)
-        steps = make_plan(pending.a_info.nat, b_info.nat)
+        steps = make_plan(pending.a_info.nat, b_info.nat,
+                          crafted=pending.a_info.crafted is not False and b_info.crafted is not False)
         start_at = int(self.clock() * 1000) + self.start_delay_ms
         token_a, token_b = self.relay.issue(pending.a, pending.b)
         common = dict(key=key, plan=steps, start_at=start_at, relay_addr=self.public_addr,

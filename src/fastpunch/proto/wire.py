@@ -97,7 +97,7 @@ NEXT_INFO = {
     "port": (10, "u16", 2, True), "isn": (11, "u32", 4, True), "mss": (12, "u16", 2, True),
     "wscale": (13, "u8", 1, False), "sack_permitted": (14, "bool", 1, True),
     "timestamps": (15, "bool", 1, True), "nat": (16, "str", 32, True),
-    "local_addr": (17, "ipv4", 4, False),
+    "local_addr": (17, "ipv4", 4, False), "crafted": (19, "bool", 1, False),
 }
 
 
@@ -114,6 +114,7 @@ class RendezvousRequest(Message):
     nat: str
     wscale: Optional[int] = None
     local_addr: Optional[str] = None
+    crafted: Optional[bool] = None
 
 
 @_msg(5, {"request": (1, "u32", 4, True), **NEXT_INFO})
@@ -128,6 +129,7 @@ class RendezvousAnswer(Message):
     nat: str
     wscale: Optional[int] = None
     local_addr: Optional[str] = None
+    crafted: Optional[bool] = None
 
 
 # -- server -> client -----------------------------------------------------------------
@@ -194,6 +196,7 @@ class RendezvousReady(Message):
     nat: str
     wscale: Optional[int] = None
     local_addr: Optional[str] = None
+    crafted: Optional[bool] = None
 
 
 @_msg(69, {"request": (1, "u32", 4, True), "code": (2, "str", 32, True),
@@ -292,6 +295,7 @@ class NextInfo:
     nat: str = "unknown"
     wscale: Optional[int] = 7
     local_addr: Optional[str] = None
+    crafted: Optional[bool] = None
 
     def fields(self) -> dict:
         return dataclasses.asdict(self)

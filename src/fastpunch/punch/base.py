@@ -107,7 +107,11 @@ def in_this_netns(fn: Callable, *args):
 
     def body():
         try:
-            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            # A thread inherits its creator's namespaces, so this is usually a
+            # no-op; setns (which needs CAP_SYS_ADMIN even for the same
+            # namespace) only when it is not.
+            if os.fstat(fd).st_ino != os.stat("/proc/thread-self/ns/net").st_ino and \
+                    _libc.setns(fd, _CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
             result = fn(*args)

@@ -1,6 +1,6 @@
 """``simopen``: plain kernel simultaneous open, the baseline. Both sides bind
 the announced port and connect() to the other's, again and again until the
-slot ends; when the SYNs cross, the kernel completes the handshake itself
+slot ends (a new socket only after a RST); when the SYNs cross, the kernel completes the handshake itself
 (LAB-NOTES 4). No privilege needed."""
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def run(ctx: PunchContext, deadline: float, attempt: Attempt):
             attempt.events.append((round(time.time() - start, 3), "connect()"))
             if rc not in (0, errno.EINPROGRESS):
                 raise OSError(rc, errno.errorcode.get(rc, str(rc)))
-            _, w, _ = select.select([], [s], [], max(0.0, min(1.0, deadline - time.time())))
+            # one socket for as long as it lives: the kernel resends the SYN
+            # itself, and a socket closed mid-open loses a crossing SYN-ACK
+            _, w, _ = select.select([], [s], [], max(0.0, deadline - time.time()))
             if w:
                 err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err == 0:
@@ -37,7 +39,7 @@ def run(ctx: PunchContext, deadline: float, attempt: Attempt):
                     s.setblocking(True)
                     return s
                 raise OSError(err, errno.errorcode.get(err, str(err)))
-            raise OSError(errno.ETIMEDOUT, "no answer within 1 s")
+            raise OSError(errno.ETIMEDOUT, "no answer before the slot ended")
         except OSError as exc:
             last = exc
             attempt.events.append((round(time.time() - start, 3), f"failed: {exc.strerror or exc}"))

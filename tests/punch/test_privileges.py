@@ -1,0 +1,42 @@
+"""A device without CAP_NET_RAW/CAP_NET_ADMIN (a locked-down container's
+root) still connects: it says so in its next-connection info, the CCS plans
+kernel simultaneous open and the relay only, and simopen goes direct.
+
+(Measured before that rule existed: the privileged side's raw SYNs in slots
+the other side sat out left NAT state that made the later simopen fail.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from fastpunch import labdemo
+from fastpunch.lab import Lab
+from tests.conftest import require_root
+
+pytestmark = pytest.mark.lab
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+
+
+def test_without_privileges_the_planner_falls_back_to_simopen(tmp_path):
+    require_root("a punching lab test")
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed (the camera agent needs it)")
+    with Lab(a="nat", b="nat") as lab:
+        story = labdemo.Story(lab, str(tmp_path), EXAMPLES)
+        story.start_ccs()
+        camera, _ = story.start_camera()
+        viewer = lab.run("b", ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--",
+                               sys.executable, "-m", "fastpunch", "connect", "--to", "camera",
+                               "--name", "viewer", "--key-file", str(tmp_path / "viewer.json"),
+                               "--verbose", "--json", *story.common], timeout=90)
+        camera.wait(30)
+    assert viewer.returncode == 0, viewer.stderr
+    summary = json.loads(viewer.stdout.strip().splitlines()[-1])
+    assert (summary["path"], summary["strategy"]) == ("direct", "simopen")
+    attempts = [a["strategy"] for a in summary["report"]["attempts"]]
+    assert attempts == ["simopen"]
