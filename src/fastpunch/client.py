@@ -125,7 +125,9 @@ class Device:
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
         self.connect_timeout = connect_timeout
-        self.nat = nat                                # this device's NAT guess, sent with its info
+        self.nat = nat                                # NAT guess sent with its info; "auto": natcheck
+        self.natcheck_result: Optional[dict] = None
+        self.probe_port: Optional[int] = None
         self.public_addr: Optional[tuple] = None      # what the CCS sees (reflexive)
         self.ccs: Optional[tuple] = None              # the node we are connected to
         self.node: Optional[str] = None
@@ -192,6 +194,7 @@ class Device:
             raise
         self._writer = writer
         self.public_addr, self.heartbeat, self.node = (msg.addr, msg.port), msg.heartbeat, msg.node
+        self.probe_port = msg.probe_port
         self.ccs = addr
         self.connections += 1
         self.backoff.reset()
@@ -351,17 +354,59 @@ class Device:
         return sock
 
     # -- direct connections (the punching layer) --------------------------------------
-    def next_info(self) -> NextInfo:
-        """Fresh next-connection info: a free local port and a random ISN,
-        with the TCP options the crafted SYNs will carry."""
-        with socket.socket() as s:
-            s.bind(("0.0.0.0", 0))
-            port = s.getsockname()[1]
+    async def whoami(self, local_port: int = 0) -> tuple:
+        """(address, port) the CCS sees for a fresh TCP connection from
+        ``local_port`` (0: any): one probe of this device's NAT mapping."""
+        from fastpunch.ccs.relay import WHOAMI
+
+        if not self.probe_port:
+            raise CCSError("no-probe", "this CCS node answers no address probes")
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setblocking(False)
+        try:
+            sock.bind(("0.0.0.0", local_port))
+            await asyncio.wait_for(loop.sock_connect(sock, (self.ccs[0], self.probe_port)), 5)
+            await loop.sock_sendall(sock, WHOAMI + bytes(32))
+            data = b""
+            while len(data) < 6:
+                part = await asyncio.wait_for(loop.sock_recv(sock, 6 - len(data)), 5)
+                if not part:
+                    raise CCSError("bad-probe", "the CCS closed the probe early")
+                data += part
+        finally:
+            sock.close()
+        return socket.inet_ntoa(data[:4]), int.from_bytes(data[4:], "big")
+
+    async def natcheck(self, probes: int = 3) -> dict:
+        """Classify this device's NAT mapping (fastpunch.punch.natcheck)."""
+        from fastpunch.punch.natcheck import natcheck
+
+        self.natcheck_result = await natcheck(self, probes)
+        return self.natcheck_result
+
+    async def _next_info(self) -> tuple:
+        """(next-connection info to announce, local port to use). Behind a
+        sequential NAPT the announced port is the predicted mapping, probed
+        just before; everywhere else it is the local port itself."""
         from fastpunch import _caps
 
+        if self.nat == "auto" and self.natcheck_result is None:
+            await self.natcheck()
+        guess = self.natcheck_result["nat"] if self.nat == "auto" else self.nat
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", 0))
+            local = s.getsockname()[1]
+        announced = local
+        if guess == "napt-sequential":
+            _, seen = await self.whoami()
+            announced = (seen + self.natcheck_result.get("delta", 1)) & 0xFFFF \
+                if self.natcheck_result else (seen + 1) & 0xFFFF
         crafted = not _caps.missing(_caps.CAP_NET_RAW, _caps.CAP_NET_ADMIN)
-        return NextInfo(port=port, isn=int.from_bytes(os.urandom(4), "big"), nat=self.nat,
+        info = NextInfo(port=announced, isn=int.from_bytes(os.urandom(4), "big"), nat=guess,
                         crafted=crafted)
+        return info, local
 
     async def connect(self, peer: str, *, strategies=None, timeout: float = 35.0,
                       relay_after: Optional[float] = None) -> PeerConnection:
@@ -369,9 +414,9 @@ class Device:
         through the CCS relay otherwise. ``strategies`` restricts the plan
         (both sides must restrict it alike)."""
         began = time.time()
-        info = self.next_info()
+        info, local = await self._next_info()
         ready = await self.rendezvous(peer, info, timeout)
-        return await self._punch(ready, info, began, strategies, relay_after)
+        return await self._punch(ready, info, local, began, strategies, relay_after)
 
     async def accept(self, *, strategies=None, relay_after: Optional[float] = None,
                      peer: Optional[str] = None) -> PeerConnection:
@@ -381,18 +426,18 @@ class Device:
             if peer is not None and offer.peer != peer:
                 continue
             began = time.time()
-            info = self.next_info()
+            info, local = await self._next_info()
             ready = await offer.answer(info)
-            return await self._punch(ready, info, began, strategies, relay_after)
+            return await self._punch(ready, info, local, began, strategies, relay_after)
         raise CCSError("closed", "the device is closed")
 
-    async def _punch(self, ready, info: NextInfo, began: float, strategies,
+    async def _punch(self, ready, info: NextInfo, local_port: int, began: float, strategies,
                      relay_after) -> PeerConnection:
         from fastpunch.punch import planner
         from fastpunch.punch.base import PunchContext, Report, route_source
 
         ctx = PunchContext(
-            role=ready.role, local_ip=route_source(ready.addr), local_port=info.port,
+            role=ready.role, local_ip=route_source(ready.addr), local_port=local_port,
             iss=info.isn, peer_ip=ready.addr, peer_port=ready.port, peer_isn=ready.isn,
             mss=info.mss, wscale=info.wscale, sack_permitted=info.sack_permitted,
             timestamps=info.timestamps, peer_mss=ready.mss, peer_wscale=ready.wscale,

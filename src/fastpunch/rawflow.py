@@ -108,9 +108,9 @@ class RawFlow:
         self.tx.send(datagram)
         self.stats.sent += 1
 
-    def _wait(self, deadline: float) -> list[Segment]:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+    def _wait(self, deadline: float, poll: bool = False) -> list[Segment]:
+        remaining = 0.0 if poll else deadline - time.monotonic()
+        if remaining <= 0 and not poll:
             return []
         ready, _, _ = select.select([self.rx], [], [], remaining)
         if not ready:
@@ -163,19 +163,34 @@ class RawFlow:
                     f"(state {self.tracker.state.name}, sent {self.stats.sent}, "
                     f"received {self.stats.received})")
             if now >= next_resend and self.tracker.state == FlowState.SYN_SENT:
-                self._send(Reply(0x2, self.iss, 0, self.tracker.ack().window))
-                self._note("resent SYN")
+                self.resend_syn()
                 next_resend = now + resend_every
             for seg in self._wait(min(deadline, next_resend)):
                 if self._input(seg) == FlowEvent.RESET:
                     if not survive_rst:
                         raise HandshakeFailed(f"{self.peer[0]}:{self.peer[1]} reset the flow")
-                    self._note("RST during the open: starting over")
-                    self.tracker = FlowTracker(self.iss, self._rcv_wnd, self.wscale)
-                    self.tracker.syn_sent()
+                    self.restart()
                     next_resend = time.monotonic() + resend_every / 2
                     break
         return time.monotonic() - start
+
+    def pump(self) -> list:
+        """Feed every segment waiting on the receive socket to the tracker
+        (answering as it says); returns their events. Never blocks."""
+        events = []
+        for seg in self._wait(time.monotonic() + 1e-9, poll=True):
+            events.append(self._input(seg))
+        return events
+
+    def resend_syn(self) -> None:
+        self._send(Reply(0x2, self.iss, 0, self.tracker.ack().window))
+        self._note("resent SYN")
+
+    def restart(self) -> None:
+        """Back to SYN_SENT after a RST (see connect's survive_rst)."""
+        self._note("RST during the open: starting over")
+        self.tracker = FlowTracker(self.iss, self._rcv_wnd, self.wscale)
+        self.tracker.syn_sent()
 
     def answer_assumed(self, peer_isn: int, peer_options: TCPOptions, timeout: float = 5.0,
                        resend_every: float = 0.25) -> float:

@@ -8,6 +8,9 @@ authenticated TLS control connection), one per side:
     device -> relay   "FPR1" token[32]
     relay  -> device  status[1]     0 = joined (the peer is there), else a refusal
 
+    device -> relay   "FPW1" pad[32]
+    relay  -> device  ipv4[4] port[2]   the address and port this connection came from
+
 A device that arrives first waits (bounded) for its peer. The relay port is
 plain TCP on purpose: the stream is end to end encrypted with the session
 key (which the relay never learns), and splice cannot see through TLS. A
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 MAGIC = b"FPR1"
+WHOAMI = b"FPW1"          # + 32 bytes of padding: answered with the address:port seen
 HELLO_BYTES = len(MAGIC) + 32
 CHUNK = 1 << 20
 F_SETPIPE_SZ = 1031
@@ -135,6 +139,8 @@ class Relay:
         except (asyncio.TimeoutError, OSError):
             conn.close()
             return
+        if len(hello) == HELLO_BYTES and hello.startswith(WHOAMI):
+            return self._whoami(conn)
         if len(hello) != HELLO_BYTES or not hello.startswith(MAGIC):
             return self._refuse(conn, BAD_HELLO, None)
         ticket = self.tickets.pop(hello[len(MAGIC):], None)
@@ -177,6 +183,17 @@ class Relay:
         for t in threads:
             self._threads.add(t)
             t.start()
+
+    def _whoami(self, conn: socket.socket) -> None:
+        """The reflexive address of this very connection (what STUN does):
+        a device's natcheck compares it with its local port. It reveals
+        nothing but the asker's own address, so it needs no token."""
+        ip, port = conn.getpeername()[:2]
+        try:
+            conn.send(socket.inet_aton(ip) + port.to_bytes(2, "big"))
+        except OSError:
+            pass
+        conn.close()
 
     def _refuse(self, conn: socket.socket, status: int, device: Optional[str]) -> None:
         code, reason = STATUS_TEXT[status]

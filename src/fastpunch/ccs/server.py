@@ -380,7 +380,7 @@ class DeviceSession(asyncio.Protocol):
         elif isinstance(msg, wire.AuthResponse):        # verified by the machine
             self.name = self.machine.name
             self.transport.write(self.machine.accept(self.peer[0], self.peer[1], srv.heartbeat,
-                                                     srv.node))
+                                                     srv.node, srv.relay_port or None))
             self._arm(3 * srv.heartbeat, "dead-peer")
             srv.online(self)
         elif isinstance(msg, wire.Heartbeat):

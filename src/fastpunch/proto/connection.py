@@ -193,10 +193,12 @@ class Connection:
         return self.send(AuthResponse(auth.client_proof(self._key, self.name, self.server_nonce,
                                                         self.client_nonce)))
 
-    def accept(self, addr: str, port: int, heartbeat: int, node: Optional[str] = None) -> bytes:
+    def accept(self, addr: str, port: int, heartbeat: int, node: Optional[str] = None,
+               probe_port: Optional[int] = None) -> bytes:
         """Server: after a verified AuthResponse."""
         return self.send(AuthOk(auth.server_proof(self._key, self.name, self.server_nonce,
-                                                  self.client_nonce), addr, port, heartbeat, node))
+                                                  self.client_nonce), addr, port, heartbeat, node,
+                                probe_port))
 
     def error(self, code: str, reason: str) -> bytes:
         """Server: a fatal error; the connection is closed afterwards."""

@@ -140,15 +140,17 @@ class Challenge(Message):
 
 @_msg(65, {"mac": (1, "bytes", MAC, True), "addr": (2, "ipv4", 4, True),
            "port": (3, "u16", 2, True), "heartbeat": (4, "u16", 2, True),
-           "node": (5, "str", NAME, False)})
+           "node": (5, "str", NAME, False), "probe_port": (6, "u16", 2, False)})
 class AuthOk(Message):
     """Server proof, and the address and port the CCS sees (reflexive).
-    ``node`` names the CCS node, for logs."""
+    ``node`` names the CCS node, for logs; ``probe_port`` is where it answers
+    "who am I" probes (the relay port) for the device's natcheck."""
     mac: bytes
     addr: str
     port: int
     heartbeat: int
     node: Optional[str] = None
+    probe_port: Optional[int] = None
 
 
 @_msg(66, {"seq": (1, "u32", 4, True)})

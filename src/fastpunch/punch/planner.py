@@ -21,12 +21,12 @@ import time
 from typing import Optional, Sequence
 
 from fastpunch.errors import InsufficientPrivilegeError
-from fastpunch.punch import nat, simopen, symmetric
+from fastpunch.punch import nat, predict, simopen, symmetric
 from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, Report, in_this_netns
 
 log = logging.getLogger("fastpunch.punch")
-STRATEGIES = {m.NAME: m for m in (symmetric, nat, simopen)}
-BUDGET = {"symmetric": 3.0, "nat": 2.0, "simopen": 3.0}
+STRATEGIES = {m.NAME: m for m in (predict, symmetric, nat, simopen)}
+BUDGET = {"predict": 3.0, "symmetric": 3.0, "nat": 2.0, "simopen": 3.0}
 RELAY_AFTER = 2.0            # seconds after the start: join the relay in parallel
 
 

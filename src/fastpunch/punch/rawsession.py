@@ -3,11 +3,13 @@ to the flow, the engine's RawFlow, the ISN check, and the TCP_REPAIR hand-off.""
 
 from __future__ import annotations
 
+import select
 import time
 
 from fastpunch import _caps, netfilter
 from fastpunch.handoff import repair_socket
 from fastpunch.punch.base import Attempt, PunchContext, PunchFailed
+from fastpunch._engine import FlowEvent, FlowState
 from fastpunch.rawflow import HandshakeFailed, RawFlow
 
 
@@ -17,8 +19,10 @@ def require_privileges() -> None:
 
 
 def handshake(ctx: PunchContext, deadline: float, attempt: Attempt, *, active: bool,
-              resend: float, ttl_first: int = 0):
+              resend: float, peer_ports=None):
     require_privileges()
+    if peer_ports is not None and len(peer_ports) > 1:
+        return _handshake_many(ctx, deadline, attempt, list(peer_ports), resend)
     timeout = deadline - time.time()
     if timeout <= 0:
         raise PunchFailed("no-time", "the strategy's time slot had passed")
@@ -51,3 +55,53 @@ def handshake(ctx: PunchContext, deadline: float, attempt: Attempt, *, active: b
         attempt.sent, attempt.seen = flow.stats.sent, flow.stats.received
         attempt.events = list(flow.stats.events)
         flow.close()
+
+
+def _handshake_many(ctx: PunchContext, deadline: float, attempt: Attempt, ports: list,
+                    resend: float):
+    """Simultaneous open toward several candidate peer ports at once, one
+    crafted flow each (same local port and ISN); the first to complete wins."""
+    netfilter.sweep_stale()
+    flows = []
+    try:
+        for port in ports:
+            flows.append(RawFlow(ctx.local_ip, ctx.local_port, ctx.peer_ip, port, iss=ctx.iss,
+                                 mss=ctx.mss, wscale=ctx.wscale,
+                                 sack_permitted=ctx.sack_permitted, timestamps=ctx.timestamps))
+        guard = netfilter.suppress_rsts(
+            [netfilter.RstSuppression(ctx.local_port, ctx.peer_ip, p) for p in ports])
+        with guard:
+            for f in flows:
+                f._send(f.tracker.syn_sent())
+                f._note("sent SYN")
+            next_resend = time.time() + resend
+            while True:
+                now = time.time()
+                if now >= deadline:
+                    raise PunchFailed("timeout", f"no candidate of {ports[0]}..{ports[-1]} "
+                                                 f"answered before the slot ended")
+                if now >= next_resend:
+                    for f in flows:
+                        if f.tracker.state == FlowState.SYN_SENT:
+                            f.resend_syn()
+                    next_resend = now + resend
+                ready, _, _ = select.select([f.rx for f in flows], [], [],
+                                            max(0.0, min(deadline, next_resend) - now))
+                for f in flows:
+                    if f.rx not in ready:
+                        continue
+                    for event in f.pump():
+                        if event == FlowEvent.RESET:
+                            f.restart()
+                    if f.tracker.state == FlowState.ESTABLISHED:
+                        if f.tracker.irs != ctx.peer_isn:
+                            raise PunchFailed("isn-mismatch", "the peer's ISN is not the "
+                                                              "announced one: not our peer")
+                        attempt.detail = f"peer port {f.peer[1]} (announced {ports[0]})"
+                        return repair_socket(f.handoff_state())
+    finally:
+        attempt.sent = sum(f.stats.sent for f in flows)
+        attempt.seen = sum(f.stats.received for f in flows)
+        attempt.events = sorted(e for f in flows for e in f.stats.events)[:200]
+        for f in flows:
+            f.close()

@@ -1,0 +1,38 @@
+"""natcheck against every mapping kind the lab has, and port prediction
+through a sequential NAPT, both directions."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import connect_pair
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.mark.parametrize("profile,expected", [
+    ("nat", "nat"), ("nat-rst", "nat"), ("cgn", "nat"), ("firewall", "open"), ("open", "open"),
+    ("napt-sequential", "napt-sequential"), ("napt-random", "napt-random")])
+def test_natcheck_classifies_the_gateway(lab_pair, profile, expected):
+    with lab_pair(profile, "nat") as (lab, ccs, cam, viewer):
+        loop, dev = cam
+        result = loop.run(dev.natcheck(probes=4))
+        assert result["nat"] == expected, result
+        assert result["public_addr"] == lab.sites["a"].public_addr
+
+
+@pytest.mark.parametrize("a,b", [("nat", "napt-sequential"), ("napt-sequential", "strict")])
+def test_port_prediction_goes_direct_through_a_sequential_napt(lab_pair, a, b):
+    with lab_pair(a, b) as (lab, ccs, cam, viewer):
+        for (loop, dev) in (cam, viewer):
+            dev.nat = "auto"
+        for _ in range(3):
+            ca, cb = connect_pair(cam, viewer)
+            assert (ca.path, ca.strategy, cb.strategy) == ("direct", "predict", "predict")
+            ca.sock.sendall(b"x" * 100000)
+            got = b""
+            cb.sock.settimeout(10)
+            while len(got) < 100000:
+                got += cb.sock.recv(65536)
+            ca.close(), cb.close()
+        assert ccs.server.relay.bytes_total == 0
