@@ -1,5 +1,9 @@
 """Stream tools: ``fastpunch connect | send | recv | exec``.
 
+``fastpunch natcheck`` classifies this device's NAT (mapping kind, and the
+delta of a sequential one) from probes the CCS answers; ``--nat auto`` on
+the others does the same before connecting.
+
 Each logs this device in to the CCS, makes (``--to PEER``) or accepts
 (``--from PEER``) one connection, direct when the networks allow it and
 relayed otherwise, wraps it in the secure channel, and moves bytes:
@@ -45,6 +49,11 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_subparsers(sub) -> None:
+    p = sub.add_parser("natcheck", help="classify this device's NAT mapping with the CCS's help")
+    add_device_args(p)
+    p.add_argument("--probes", type=int, default=4)
+    p.set_defaults(func=cmd_natcheck)
+
     p = sub.add_parser("connect", help="connect to a peer and report how (then close)")
     add_device_args(p)
     p.add_argument("--to", required=True, metavar="PEER")
@@ -142,6 +151,27 @@ def _say(args, conn, summary: dict) -> None:
         for line in conn.report.lines():
             print(line, file=sys.stderr)
     print(json.dumps(summary), file=sys.stderr if not args.json else sys.stdout, flush=True)
+
+
+def cmd_natcheck(args) -> int:
+    from fastpunch.ccs.cli import read_credentials
+    from fastpunch.ccs.server import new_event_loop
+    from fastpunch.client import Device
+
+    _, key = read_credentials(args.key_file)
+
+    async def run():
+        async with Device(args.ccs, args.name, key, ca_file=args.ca,
+                          server_hostname=args.server_name) as dev:
+            return await dev.natcheck(args.probes)
+
+    loop = new_event_loop()
+    try:
+        result = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    print(json.dumps(result))
+    return 0
 
 
 def cmd_connect(args) -> int:

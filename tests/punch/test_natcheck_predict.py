@@ -36,3 +36,23 @@ def test_port_prediction_goes_direct_through_a_sequential_napt(lab_pair, a, b):
                 got += cb.sock.recv(65536)
             ca.close(), cb.close()
         assert ccs.server.relay.bytes_total == 0
+
+
+def test_natcheck_command(tmp_path):
+    import json
+    import os
+    import sys
+
+    from fastpunch import labdemo
+    from fastpunch.lab import Lab
+
+    examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+    with Lab(a="nat", b="napt-sequential") as lab:
+        story = labdemo.Story(lab, str(tmp_path), examples)
+        story.start_ccs()
+        out = lab.run("b", [sys.executable, "-m", "fastpunch", "natcheck", "--name", "viewer",
+                            "--key-file", str(tmp_path / "viewer.json"), *story.common])
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert (result["nat"], result["delta"]) == ("napt-sequential", 1)
+    assert len(result["probes"]) == 4
