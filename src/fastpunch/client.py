@@ -442,7 +442,7 @@ class Device:
             mss=info.mss, wscale=info.wscale, sack_permitted=info.sack_permitted,
             timestamps=info.timestamps, peer_mss=ready.mss, peer_wscale=ready.wscale,
             peer_sack_permitted=ready.sack_permitted, peer_timestamps=ready.timestamps,
-            peer_nat=ready.nat)
+            peer_nat=ready.nat, nat=info.nat)
         report = Report(ready.peer)
         kw = {} if relay_after is None else {"relay_after": relay_after}
         sock, strategy = await planner.punch(ctx, ready.plan, ready.start_at / 1000, report,

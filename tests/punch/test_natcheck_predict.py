@@ -56,3 +56,37 @@ def test_natcheck_command(tmp_path):
     result = json.loads(out.stdout)
     assert (result["nat"], result["delta"]) == ("napt-sequential", 1)
     assert len(result["probes"]) == 4
+
+
+@pytest.mark.parametrize("a,b", [("nat", "napt-random"), ("napt-random", "strict")])
+def test_spray_goes_direct_through_a_random_napt(lab_pair, a, b):
+    with lab_pair(a, b) as (lab, ccs, cam, viewer):
+        for (loop, dev) in (cam, viewer):
+            dev.nat = "auto"
+        paths = []
+        for _ in range(3):
+            ca, cb = connect_pair(cam, viewer)
+            paths.append(ca.path)
+            assert ca.path == cb.path and ca.strategy in ("spray", "relay")
+            if ca.path == "direct":
+                assert ca.report.attempts[-1].sent >= 512        # a batch of SYNs, not one
+                ca.sock.sendall(b"spray")
+                cb.sock.settimeout(10)
+                assert cb.sock.recv(16) == b"spray"
+            ca.close(), cb.close()
+        assert paths.count("direct") >= 2, paths               # ~98% per trial expected
+        assert not [t for t in tables_in(lab, "a") + tables_in(lab, "b")]
+
+
+def test_two_random_napts_go_straight_to_the_relay(lab_pair):
+    with lab_pair("napt-random", "napt-random") as (lab, ccs, cam, viewer):
+        for (loop, dev) in (cam, viewer):
+            dev.nat = "auto"
+        ca, cb = connect_pair(cam, viewer)
+        assert (ca.path, [a.strategy for a in ca.report.attempts]) == ("relay", ["relay"])
+        ca.close(), cb.close()
+
+
+def tables_in(lab, where: str) -> list:
+    out = lab.run(where, ["nft", "list", "tables"]).stdout
+    return [line.split()[-1] for line in out.splitlines() if "fastpunch_" in line]

@@ -30,7 +30,8 @@ def test_planner_runs_only_what_it_has_in_plan_order():
         ["symmetric", "nat", "simopen"]
     assert steps_of(("symmetric", "nat", "simopen", "relay"), only=["simopen", "nat"]) == \
         ["nat", "simopen"]
-    assert steps_of(("spray", "relay")) == []
+    assert steps_of(("spray", "relay")) == ["spray"]
+    assert steps_of(("spoof", "upnp", "relay")) == []          # not built: skipped alike
 
 
 def test_backoff_is_exponential_capped_and_fully_jittered():

@@ -41,6 +41,11 @@ class PunchContext:
     peer_sack_permitted: bool = True
     peer_timestamps: bool = True
     peer_nat: str = "unknown"
+    nat: str = "unknown"            # our own NAT guess
+
+    @property
+    def mine_random(self) -> bool:
+        return self.nat == "napt-random"
 
 
 @dataclass
