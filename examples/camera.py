@@ -82,7 +82,7 @@ if __name__ == "__main__":
     ap.add_argument("--key-file", required=True)
     ap.add_argument("--ca", required=True)
     ap.add_argument("--server-name")
-    ap.add_argument("--nat", default="unknown")
+    ap.add_argument("--nat", default="auto", help="NAT guess (auto: natcheck first)")
     ap.add_argument("--source", default="-f lavfi -i testsrc=size=640x360:rate=25",
                     help="ffmpeg input arguments")
     ap.add_argument("--max-viewers", type=int, help="stop accepting after this many")

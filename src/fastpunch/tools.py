@@ -41,7 +41,8 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-file", required=True, help="credentials from `fastpunch ccs add-device`")
     p.add_argument("--ca", required=True, help="the deployment's ca.pem (pinned)")
     p.add_argument("--server-name", help="TLS name of the CCS (default: the host given)")
-    p.add_argument("--nat", default="unknown", help="this device's NAT guess")
+    p.add_argument("--nat", default="auto",
+                   help="this device's NAT guess (default auto: natcheck before connecting)")
     p.add_argument("--strategy", action="append", metavar="NAME",
                    help="only these strategies (both sides must agree); default: the CCS's plan")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the peer")
