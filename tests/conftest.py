@@ -46,6 +46,20 @@ def _leftovers() -> tuple[list[str], list[str]]:
     return spaces, tables
 
 
+def _ours_or_orphaned(name: str) -> bool:
+    """Names carry their creator's pid (fpl<pid>x.., fpt<pid>x.., fastpunch_<pid>_..).
+    A leftover counts against this suite if this process made it, or if its
+    maker is dead (a crashed child); a live other process's (another test
+    run, a `fastpunch lab up` keeper someone started) is not ours to judge."""
+    from fastpunch._proc import pid_alive
+
+    m = re.match(r"^(?:fp[a-z]|fastpunch_)(\d+)", name)
+    if m is None:
+        return True
+    pid = int(m.group(1))
+    return pid == os.getpid() or not pid_alive(pid)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
     before = _leftovers() if os.geteuid() == 0 else ([], [])
@@ -53,7 +67,7 @@ def nothing_left_behind():
     if os.geteuid() != 0:
         return
     spaces, tables = _leftovers()
-    new_spaces = sorted(set(spaces) - set(before[0]))
-    new_tables = sorted(set(tables) - set(before[1]))
+    new_spaces = sorted(n for n in set(spaces) - set(before[0]) if _ours_or_orphaned(n))
+    new_tables = sorted(n for n in set(tables) - set(before[1]) if _ours_or_orphaned(n))
     assert not new_spaces and not new_tables, (
         f"the suite left namespaces {new_spaces} and nftables tables {new_tables}")
