@@ -283,8 +283,17 @@ class CCSServer:
             return
         origin, pid, a, b = offer
         await self.deliver(origin, {"op": "answer", "pid": pid, "oid": msg.request, "b": b,
-                                    "node": self.node, "addr": session.peer[0],
+                                    "node": self.node, "addr": session.peer[0], "rtt": session.rtt,
                                     "info": wire.next_info_of(msg).fields()})
+
+    def start_delay(self, *rtts) -> int:
+        """Milliseconds from now to the common start: enough for the Ready
+        to reach the farther device (half its round trip, measured during
+        its login) and for both to set up; at most ``start_delay_ms``."""
+        known = [r for r in rtts if r is not None]
+        if not known:
+            return self.start_delay_ms
+        return int(min(self.start_delay_ms, max(25.0, max(known) * 1000 * 0.75 + 25)))
 
     async def _complete(self, msg: dict) -> None:
         pending = self.pending.get(msg["pid"])
@@ -301,7 +310,7 @@ class CCSServer:
         key = self.random(32)
         steps = make_plan(pending.a_info.nat, b_info.nat,
                           crafted=pending.a_info.crafted is not False and b_info.crafted is not False)
-        start_at = int(self.clock() * 1000) + self.start_delay_ms
+        start_at = int(self.clock() * 1000) + self.start_delay(a.rtt, msg.get("rtt"))
         token_a, token_b = self.relay.issue(pending.a, pending.b)
         common = dict(key=key, plan=steps, start_at=start_at, relay_addr=self.public_addr,
                       relay_port=self.relay_port)
@@ -320,7 +329,8 @@ class CCSServer:
 class DeviceSession(asyncio.Protocol):
     """Thin glue: bytes in and out of one server-side Connection machine."""
 
-    __slots__ = ("server", "machine", "name", "peer", "transport", "_deadline")
+    __slots__ = ("server", "machine", "name", "peer", "transport", "_deadline", "rtt",
+                 "_challenged")
 
     def __init__(self, server: CCSServer) -> None:
         self.server = server
@@ -329,6 +339,8 @@ class DeviceSession(asyncio.Protocol):
         self.peer: tuple = ("0.0.0.0", 0)
         self.transport: Optional[asyncio.Transport] = None
         self._deadline: Optional[asyncio.TimerHandle] = None
+        self.rtt: Optional[float] = None          # Challenge -> AuthResponse, seconds
+        self._challenged = 0.0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -377,7 +389,9 @@ class DeviceSession(asyncio.Protocol):
         srv = self.server
         if isinstance(msg, wire.Hello):
             self.transport.write(self.machine.challenge(srv.keystore.key_for(msg.name), srv.random))
+            self._challenged = time.monotonic()
         elif isinstance(msg, wire.AuthResponse):        # verified by the machine
+            self.rtt = time.monotonic() - self._challenged
             self.name = self.machine.name
             self.transport.write(self.machine.accept(self.peer[0], self.peer[1], srv.heartbeat,
                                                      srv.node, srv.relay_port or None))

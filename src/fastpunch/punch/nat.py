@@ -14,5 +14,5 @@ from fastpunch.punch.rawsession import handshake
 NAME = "nat"
 
 
-def run(ctx: PunchContext, deadline: float, attempt: Attempt):
-    return handshake(ctx, deadline, attempt, active=ctx.role == "initiator", resend=0.2)
+def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0):
+    return handshake(ctx, deadline, attempt, active=ctx.role == "initiator", resend=0.2, start=start)

@@ -28,6 +28,7 @@ log = logging.getLogger("fastpunch.punch")
 STRATEGIES = {m.NAME: m for m in (spray, predict, symmetric, nat, simopen)}
 BUDGET = {"spray": 4.0, "predict": 3.0, "symmetric": 3.0, "nat": 2.0, "simopen": 3.0}
 RELAY_AFTER = 2.0            # seconds after the start: join the relay in parallel
+SETUP_AHEAD = 0.05           # a strategy's sockets and rules are made this long before its slot
 
 
 def steps_of(plan: Sequence[str], only: Optional[Sequence[str]] = None) -> list[str]:
@@ -58,12 +59,13 @@ async def punch(ctx: PunchContext, plan: Sequence[str], start_at: float, report:
         t = start_at
         for name in steps:
             end = t + BUDGET[name]
-            await asyncio.sleep(max(0.0, t - time.time()))
+            # set up 50 ms ahead; the strategy waits for its slot itself
+            await asyncio.sleep(max(0.0, t - SETUP_AHEAD - time.time()))
             attempt = Attempt(name)
             report.attempts.append(attempt)
-            began = time.time()
+            began = max(t, time.time())
             try:
-                sock = await in_this_netns(STRATEGIES[name].run, ctx, end, attempt)
+                sock = await in_this_netns(STRATEGIES[name].run, ctx, end, attempt, t)
             except PunchFailed as exc:
                 attempt.reason, attempt.detail = exc.reason, str(exc)
             except InsufficientPrivilegeError as exc:

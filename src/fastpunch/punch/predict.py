@@ -21,6 +21,6 @@ def candidates(ctx: PunchContext) -> list:
     return [ctx.peer_port]
 
 
-def run(ctx: PunchContext, deadline: float, attempt: Attempt):
+def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0):
     return handshake(ctx, deadline, attempt, active=True, resend=0.2,
-                     peer_ports=candidates(ctx))
+                     peer_ports=candidates(ctx), start=start)

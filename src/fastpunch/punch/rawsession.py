@@ -8,7 +8,7 @@ import time
 
 from fastpunch import _caps, netfilter
 from fastpunch.handoff import repair_socket
-from fastpunch.punch.base import Attempt, PunchContext, PunchFailed
+from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, sleep_until
 from fastpunch._engine import FlowEvent, FlowState
 from fastpunch.rawflow import HandshakeFailed, RawFlow
 
@@ -19,19 +19,22 @@ def require_privileges() -> None:
 
 
 def handshake(ctx: PunchContext, deadline: float, attempt: Attempt, *, active: bool,
-              resend: float, peer_ports=None):
+              resend: float, peer_ports=None, start: float = 0.0):
+    """Set everything up (sockets, the nftables table), then wait for
+    ``start`` so the first SYN leaves on time, and run the handshake."""
     require_privileges()
     if peer_ports is not None and len(peer_ports) > 1:
-        return _handshake_many(ctx, deadline, attempt, list(peer_ports), resend)
-    timeout = deadline - time.time()
-    if timeout <= 0:
-        raise PunchFailed("no-time", "the strategy's time slot had passed")
+        return _handshake_many(ctx, deadline, attempt, list(peer_ports), resend, start)
     netfilter.sweep_stale()        # tables of crashed fastpunch processes, in this namespace
     flow = RawFlow(ctx.local_ip, ctx.local_port, ctx.peer_ip, ctx.peer_port, iss=ctx.iss,
                    mss=ctx.mss, wscale=ctx.wscale, sack_permitted=ctx.sack_permitted,
                    timestamps=ctx.timestamps)
     try:
         with flow.rst_suppression():
+            sleep_until(start)
+            timeout = deadline - time.time()
+            if timeout <= 0:
+                raise PunchFailed("no-time", "the strategy's time slot had passed")
             try:
                 if active:
                     flow.connect(timeout=timeout, resend_every=resend, survive_rst=True)
@@ -58,7 +61,7 @@ def handshake(ctx: PunchContext, deadline: float, attempt: Attempt, *, active: b
 
 
 def _handshake_many(ctx: PunchContext, deadline: float, attempt: Attempt, ports: list,
-                    resend: float):
+                    resend: float, start: float = 0.0):
     """Simultaneous open toward several candidate peer ports at once, one
     crafted flow each (same local port and ISN); the first to complete wins."""
     netfilter.sweep_stale()
@@ -71,6 +74,7 @@ def _handshake_many(ctx: PunchContext, deadline: float, attempt: Attempt, ports:
         guard = netfilter.suppress_rsts(
             [netfilter.RstSuppression(ctx.local_port, ctx.peer_ip, p) for p in ports])
         with guard:
+            sleep_until(start)
             for f in flows:
                 f._send(f.tracker.syn_sent())
                 f._note("sent SYN")

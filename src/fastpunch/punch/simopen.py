@@ -10,12 +10,13 @@ import select
 import socket
 import time
 
-from fastpunch.punch.base import Attempt, PunchContext, PunchFailed
+from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, sleep_until
 
 NAME = "simopen"
 
 
-def run(ctx: PunchContext, deadline: float, attempt: Attempt):
+def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0):
+    sleep_until(start)
     start = time.time()
     last = None
     while time.time() < deadline:

@@ -33,7 +33,7 @@ from fastpunch._engine import (
 )
 from fastpunch.errors import MalformedPacket
 from fastpunch.handoff import repair_socket
-from fastpunch.punch.base import Attempt, PunchContext, PunchFailed
+from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, sleep_until
 from fastpunch.punch.rawsession import require_privileges
 from fastpunch.rawflow import RawFlow
 
@@ -45,14 +45,14 @@ RESEND = 1.0             # the random side refreshes its SYNs this often
 LOW, HIGH = 1024, 65535  # the ports a NAPT allocates from
 
 
-def run(ctx: PunchContext, deadline: float, attempt: Attempt):
+def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0):
     require_privileges()
     if ctx.peer_nat == "napt-random" and ctx.mine_random:
         raise PunchFailed("unsupported", "both sides behind random NAPTs: left to the relay")
     if ctx.mine_random:
-        return _random_side(ctx, deadline, attempt)
+        return _random_side(ctx, deadline, attempt, start)
     if ctx.peer_nat == "napt-random":
-        return _preserving_side(ctx, deadline, attempt)
+        return _preserving_side(ctx, deadline, attempt, start)
     raise PunchFailed("unsupported", "spray is for a pair with one random NAPT")
 
 
@@ -69,7 +69,11 @@ def _flow(ctx: PunchContext, local_port: int, peer_port: int) -> RawFlow:
     return f
 
 
-def _drive(ctx, deadline, attempt, rx, key_of, make_flow, each_round):
+def _drive(ctx, deadline, attempt, rx, key_of, make_flow, each_round, *, leader: bool):
+    """``leader`` (the random side) answers only the first port that hits and
+    ignores the rest; the other side ignores bare SYNs and completes on the
+    leader's SYN-ACK. With several hits in flight (likely: ~4 a round) both
+    sides thus finish on the same port, never on two different ones."""
     t0 = time.time()
     """Receive on one socket, a crafted flow per answering port; the first
     flow to reach ESTABLISHED with the announced ISN is handed off."""
@@ -95,6 +99,10 @@ def _drive(ctx, deadline, attempt, rx, key_of, make_flow, each_round):
                 attempt.seen += 1
                 key = key_of(seg)
                 f = flows.get(key)
+                if f is None and leader and flows:
+                    continue                      # a later hit: the first one is the flow
+                if f is None and not leader and seg.flags & 0x12 != 0x12:
+                    continue                      # only the leader's SYN-ACK makes a flow here
                 if f is None:
                     f = flows[key] = make_flow(key)
                     attempt.events.append((round(time.time() - t0, 3),
@@ -111,7 +119,7 @@ def _drive(ctx, deadline, attempt, rx, key_of, make_flow, each_round):
             f.close()
 
 
-def _preserving_side(ctx: PunchContext, deadline: float, attempt: Attempt):
+def _preserving_side(ctx: PunchContext, deadline: float, attempt: Attempt, start: float):
     netfilter.sweep_stale()
     tried: set = set()
     rng = random.SystemRandom()
@@ -131,12 +139,13 @@ def _preserving_side(ctx: PunchContext, deadline: float, attempt: Attempt):
                            dports=array.array("H", ports))
             return tx.send_batch(batch, 0, n)
 
+        sleep_until(start)
         return _drive(ctx, deadline, attempt, rx, key_of=lambda seg: seg.sport,
                       make_flow=lambda port: _flow(ctx, ctx.local_port, port),
-                      each_round=each_round)
+                      each_round=each_round, leader=False)
 
 
-def _random_side(ctx: PunchContext, deadline: float, attempt: Attempt):
+def _random_side(ctx: PunchContext, deadline: float, attempt: Attempt, start: float):
     netfilter.sweep_stale()
     rng = random.SystemRandom()
     sources = sorted(rng.sample(range(32768, 60999), SOURCES))
@@ -155,6 +164,7 @@ def _random_side(ctx: PunchContext, deadline: float, attempt: Attempt):
                            sports=array.array("H", sources))
             return tx.send_batch(batch, 0, n)
 
+        sleep_until(start)
         return _drive(ctx, deadline, attempt, rx, key_of=lambda seg: seg.dport,
                       make_flow=lambda port: _flow(ctx, port, ctx.peer_port),
-                      each_round=each_round)
+                      each_round=each_round, leader=True)

@@ -17,5 +17,5 @@ NAME = "symmetric"
 RESEND = 0.2
 
 
-def run(ctx: PunchContext, deadline: float, attempt: Attempt):
-    return handshake(ctx, deadline, attempt, active=True, resend=RESEND)
+def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0):
+    return handshake(ctx, deadline, attempt, active=True, resend=RESEND, start=start)
