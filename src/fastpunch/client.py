@@ -445,9 +445,14 @@ class Device:
             peer_nat=ready.nat, nat=info.nat)
         report = Report(ready.peer)
         kw = {} if relay_after is None else {"relay_after": relay_after}
-        sock, strategy = await planner.punch(ctx, ready.plan, ready.start_at / 1000, report,
-                                             relay=lambda: self.relay(ready), only=strategies,
-                                             **kw)
+        try:
+            sock, strategy = await planner.punch(ctx, ready.plan, ready.start_at / 1000, report,
+                                                 relay=lambda: self.relay(ready),
+                                                 only=strategies, **kw)
+        except Exception as exc:          # the caller gets the attempts with the failure
+            report.seconds = time.time() - began
+            exc.report = report
+            raise
         report.path = "relay" if strategy == "relay" else "direct"
         report.strategy = strategy
         report.seconds = time.time() - began
