@@ -41,7 +41,7 @@ NAME = "spray"
 SOURCES = 512            # local ports on the random side
 PER_ROUND = 512          # candidate ports per round on the preserving side
 ROUND = 0.25             # seconds between rounds
-RESEND = 1.0             # the random side refreshes its SYNs this often
+RESEND = 0.5             # the random side refreshes its SYNs (and mappings a RST closed)
 LOW, HIGH = 1024, 65535  # the ports a NAPT allocates from
 
 
@@ -70,10 +70,11 @@ def _flow(ctx: PunchContext, local_port: int, peer_port: int) -> RawFlow:
 
 
 def _drive(ctx, deadline, attempt, rx, key_of, make_flow, each_round, *, leader: bool):
-    """``leader`` (the random side) answers only the first port that hits and
-    ignores the rest; the other side ignores bare SYNs and completes on the
-    leader's SYN-ACK. With several hits in flight (likely: ~4 a round) both
-    sides thus finish on the same port, never on two different ones."""
+    """``leader`` (the random side) takes only the first port that hits (a
+    SYN or a SYN-ACK from the peer) and ignores the rest. The other side
+    answers every hit, but a flow only completes when the leader answers
+    it, so with several hits in flight (~4 a round) both sides finish on
+    the leader's port, never on two different ones."""
     t0 = time.time()
     """Receive on one socket, a crafted flow per answering port; the first
     flow to reach ESTABLISHED with the announced ISN is handed off."""
@@ -99,10 +100,10 @@ def _drive(ctx, deadline, attempt, rx, key_of, make_flow, each_round, *, leader:
                 attempt.seen += 1
                 key = key_of(seg)
                 f = flows.get(key)
+                if f is None and seg.flags & 0x04:
+                    continue                      # a far NAT's RST is not a hit
                 if f is None and leader and flows:
                     continue                      # a later hit: the first one is the flow
-                if f is None and not leader and seg.flags & 0x12 != 0x12:
-                    continue                      # only the leader's SYN-ACK makes a flow here
                 if f is None:
                     f = flows[key] = make_flow(key)
                     attempt.events.append((round(time.time() - t0, 3),
