@@ -43,6 +43,7 @@ PER_ROUND = 512          # candidate ports per round on the preserving side
 ROUND = 0.25             # seconds between rounds
 RESEND = 0.5             # the random side refreshes its SYNs (and mappings a RST closed)
 LOW, HIGH = 1024, 65535  # the ports a NAPT allocates from
+MAX_FLOWS = 64           # crafted flows at most (hits are ~4 a round)
 
 
 def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0):
@@ -69,7 +70,8 @@ def _flow(ctx: PunchContext, local_port: int, peer_port: int) -> RawFlow:
     return f
 
 
-def _drive(ctx, deadline, attempt, rx, key_of, make_flow, each_round, *, leader: bool):
+def _drive(ctx, deadline, attempt, rx, key_of, make_flow, each_round, *, leader: bool,
+           probed=None):
     """``leader`` (the random side) takes only the first port that hits (a
     SYN or a SYN-ACK from the peer) and ignores the rest. The other side
     answers every hit, but a flow only completes when the leader answers
@@ -104,6 +106,10 @@ def _drive(ctx, deadline, attempt, rx, key_of, make_flow, each_round, *, leader:
                     continue                      # a far NAT's RST is not a hit
                 if f is None and leader and flows:
                     continue                      # a later hit: the first one is the flow
+                if f is None and probed is not None and key not in probed:
+                    continue                      # not a port we sent to (an open host sees all)
+                if f is None and len(flows) >= MAX_FLOWS:
+                    continue                      # bounded: a raw socket pair per flow
                 if f is None:
                     f = flows[key] = make_flow(key)
                     attempt.events.append((round(time.time() - t0, 3),
@@ -143,7 +149,7 @@ def _preserving_side(ctx: PunchContext, deadline: float, attempt: Attempt, start
         sleep_until(start)
         return _drive(ctx, deadline, attempt, rx, key_of=lambda seg: seg.sport,
                       make_flow=lambda port: _flow(ctx, ctx.local_port, port),
-                      each_round=each_round, leader=False)
+                      each_round=each_round, leader=False, probed=tried)
 
 
 def _random_side(ctx: PunchContext, deadline: float, attempt: Attempt, start: float):
