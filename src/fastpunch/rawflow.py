@@ -99,12 +99,12 @@ class RawFlow:
             return TCPOptions(timestamp=(self._tsval(), self.ts_recent))
         return None
 
-    def _send(self, r: Reply, payload: bytes = b"") -> None:
+    def _send(self, r: Reply, payload: bytes = b"", ttl: int = 64) -> None:
         self._ip_id = (self._ip_id + 1) & 0xFFFF
         datagram = build(self.local[0], self.peer[0], self.local[1], self.peer[1],
                          seq=r.seq, ack=r.ack, flags=r.flags, window=r.window,
                          options=self._options(bool(r.flags & 0x2)), payload=payload,
-                         ip_id=self._ip_id)
+                         ip_id=self._ip_id, ttl=ttl)
         self.tx.send(datagram)
         self.stats.sent += 1
 
@@ -144,17 +144,27 @@ class RawFlow:
 
     # -- the flow --------------------------------------------------------------
     def connect(self, timeout: float = 5.0, resend_every: float = 0.25,
-                survive_rst: bool = False) -> float:
+                survive_rst: bool = False, first_ttl: int = 0,
+                first_gap: float = 0.03) -> float:
         """Active open: send SYN (resent every ``resend_every`` s) until the
         handshake completes. Returns the seconds it took. With
         ``survive_rst`` a RST during the handshake (a far NAT answering our
         SYN before the peer's own SYN opened it) starts the open over
-        instead of failing it."""
+        instead of failing it. With ``first_ttl`` the first SYN carries that
+        TTL: enough to leave through our own NAT (opening its mapping), too
+        little to reach the far one (which might answer it with a RST); the
+        first full SYN follows ``first_gap`` seconds later."""
         start = time.monotonic()
         deadline = start + timeout
-        self._send(self.tracker.syn_sent())
-        self._note("sent SYN")
-        next_resend = start + resend_every
+        syn = self.tracker.syn_sent()
+        if first_ttl:
+            self._send(syn, ttl=first_ttl)
+            self._note(f"sent SYN with TTL {first_ttl} (opens our mapping only)")
+            next_resend = start + first_gap
+        else:
+            self._send(syn)
+            self._note("sent SYN")
+            next_resend = start + resend_every
         while self.tracker.state != FlowState.ESTABLISHED:
             now = time.monotonic()
             if now >= deadline:
@@ -164,6 +174,12 @@ class RawFlow:
                     f"received {self.stats.received})")
             if now >= next_resend and self.tracker.state == FlowState.SYN_SENT:
                 self.resend_syn()
+                next_resend = now + resend_every
+            elif now >= next_resend and self.tracker.state == FlowState.SYN_RECEIVED:
+                # simultaneous open: our SYN-ACK (or the peer's answer) was lost
+                self._send(Reply(0x12, self.iss, self.tracker.rcv_nxt,
+                                 self.tracker.ack().window))
+                self._note("resent SYN-ACK")
                 next_resend = now + resend_every
             for seg in self._wait(min(deadline, next_resend)):
                 if self._input(seg) == FlowEvent.RESET:

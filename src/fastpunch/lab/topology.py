@@ -1,9 +1,15 @@
 """A small internet in network namespaces: sites behind gateways of chosen
 profiles, joined by an "internet" core namespace that hosts the CCS.
 
-    internet ns  br0: 203.0.113.1 (CCS), 203.0.113.2 (relay)
-       |-- gateway a  wan 203.0.113.10   lan 10.1.0.1/24  -- host a 10.1.0.2
-       |-- gateway b  wan 203.0.113.20   lan 10.2.0.1/24  -- host b 10.2.0.2
+    internet ns  a router; lo: 203.0.113.1 (CCS), 203.0.113.2 (relay)
+       |-- sa -- gateway a  wan 203.0.113.10/32   lan 10.1.0.1/24  -- host a 10.1.0.2
+       |-- sb -- gateway b  wan 203.0.113.20/32   lan 10.2.0.1/24  -- host b 10.2.0.2
+
+    Each gateway has its own point-to-point link to the internet router
+    (a /32 and an on-link default route via 203.0.113.1; no proxy ARP, whose
+    reply delay of up to 0.8 s would stall first packets), so traffic between
+    sites crosses one routed hop whose TTL decrement is real: a SYN sent with
+    TTL 2 leaves its own NAT and dies in the core, before the far gateway.
     (no-NAT profiles give the site a public /28 from 198.51.100.0/24 instead;
      cgn puts a home NAT 10.i.0.1 | 100.64.i.2 behind a carrier NAT
      100.64.i.1 | 203.0.113.(10 i))
@@ -243,12 +249,10 @@ class Lab:
     def _build(self) -> None:
         pyroute2 = _pyroute2()
         inet = self._ns("inet")
-        with pyroute2.NetNS(inet) as ipr:
-            ipr.link("add", ifname="br0", kind="bridge")
-            idx = ipr.link_lookup(ifname="br0")[0]
-            ipr.link("set", index=idx, state="up")
-        for cidr in (f"{CCS_ADDR}/24", f"{RELAY_ADDR}/24"):
-            self._addr(inet, "br0", cidr)
+        with pyroute2.NetNS(inet) as ipr:          # (no dummy links in this kernel)
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        for cidr in (f"{CCS_ADDR}/32", f"{RELAY_ADDR}/32"):
+            self._addr(inet, "lo", cidr)
         self._sysctls(inet, {"net/ipv4/ip_forward": "1"})
 
         for i, (name, profile) in enumerate(self.profiles.items(), start=1):
@@ -258,11 +262,14 @@ class Lab:
             gw = self._ns(f"g{name}")
             site_ns = [host, gw]
             veth_between(gw, "wan", inet, f"s{name}")
+            self._addr(gw, "wan", f"{wan_addr}/32")
             with pyroute2.NetNS(inet) as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname=f"s{name}")[0],
-                         master=ipr.link_lookup(ifname="br0")[0])
-            self._addr(gw, "wan", f"{wan_addr}/24")
-            self._route(gw, "default", CCS_ADDR)
+                ipr.route("add", dst=f"{wan_addr}/32", oif=ipr.link_lookup(ifname=f"s{name}")[0],
+                          scope=253)              # link scope: usable as a gateway
+            with pyroute2.NetNS(gw) as ipr:
+                wan = ipr.link_lookup(ifname="wan")[0]
+                ipr.route("add", dst=f"{CCS_ADDR}/32", oif=wan, scope=253)
+                ipr.route("add", dst="0.0.0.0/0", gateway=CCS_ADDR, oif=wan)
             home = None
             if profile == CGN:
                 # host -- home NAT (10.i/24 | 100.64.i.2) -- carrier NAT (100.64.i.1 | wan)
@@ -301,12 +308,7 @@ class Lab:
                 self._rate(gw, self.rate_mbit[name])
             self.sites[name] = Site(name, profile, i, host, gw, host_addr, public, lan_gw,
                                     home, site_ns)
-        # every gateway reaches every public /28 through the internet core
-        for site in self.sites.values():
-            for other in self.sites.values():
-                if other is not site and not other.nat:
-                    self._route(site.gateway_ns, f"198.51.100.{16 * other.index}/28",
-                                f"203.0.113.{10 * other.index}")
+        # the public /28s of no-NAT sites are routed by the core (default routes)
 
     # -- teardown ---------------------------------------------------------------
     def down(self) -> None:
