@@ -16,9 +16,8 @@ from tests.conftest import require_root
 pytestmark = pytest.mark.lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# nat-rst:nat-rst is left out on purpose: it fails today (docs/compatibility.md says why)
-PAIRS = [("nat", "nat"), ("nat-rst", "strict"), ("firewall", "cgn"), ("nat", "napt-random"),
-         ("napt-sequential", "cgn"), ("napt-random", "napt-random")]
+PAIRS = [("nat", "nat"), ("nat-rst", "nat-rst"), ("nat-rst", "strict"), ("firewall", "cgn"),
+         ("nat", "napt-random"), ("napt-sequential", "cgn"), ("napt-random", "napt-random")]
 TRIALS = 3
 
 

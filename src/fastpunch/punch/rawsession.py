@@ -15,7 +15,8 @@ from fastpunch.rawflow import HandshakeFailed, RawFlow
 
 # The first SYN of an active open dies one hop past our own NAT: it opens our
 # mapping without reaching the far gateway, which might answer it with a RST
-# that closes the mapping again (LAB-NOTES 1); the full SYN follows 30 ms later.
+# that closes the mapping again (LAB-NOTES 1); the full SYN follows 30 ms later
+# (10 ms made the 20 ms-delay lab miss the first exchange: 310 ms instead of 122).
 FIRST_TTL = 2
 
 
