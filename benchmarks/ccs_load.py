@@ -153,7 +153,7 @@ async def drive(port: int, ca: str, names: list, keys: dict, rate: float, second
         sent = time.perf_counter()
         devices[a].request(b, rid)
         futs.append((sent, fut))
-    done = await asyncio.wait([f for _, f in futs], timeout=30)
+    await asyncio.wait([f for _, f in futs], timeout=30)
     for sent, fut in futs:
         if fut.done() and fut.exception() is None:
             latencies.append(fut.result() - sent)

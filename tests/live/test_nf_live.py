@@ -9,7 +9,7 @@ import pytest
 
 from fastpunch import netfilter
 from fastpunch._netns import inside
-from fastpunch.errors import InsufficientPrivilegeError, NetfilterError
+from fastpunch.errors import NetfilterError
 
 pytestmark = pytest.mark.live
 

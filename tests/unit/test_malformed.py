@@ -3,7 +3,6 @@ reason, then arbitrary and mutated byte strings."""
 
 from __future__ import annotations
 
-import struct
 
 import pytest
 from hypothesis import given, settings

@@ -9,7 +9,6 @@ in tests/lab/ prove the behaviour with real traffic.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from fastpunch.netfilter import Chain, Table
 

@@ -8,9 +8,7 @@ opens it. Then the flow is handed to the kernel with TCP_REPAIR."""
 
 from __future__ import annotations
 
-import time
-
-from fastpunch.punch.base import Attempt, PunchContext, PunchFailed
+from fastpunch.punch.base import Attempt, PunchContext
 from fastpunch.punch.rawsession import handshake
 
 NAME = "symmetric"
