@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -36,6 +37,7 @@ class Deployment:
     ca: str
     store: KeyStore
     keys: dict
+    cluster_key: bytes = b""
 
     def enroll(self, name: str, *may_reach: str) -> bytes:
         self.keys[name] = self.store.add_device(name, may_reach)
@@ -48,6 +50,8 @@ class Deployment:
 
     def server(self, **kw) -> CCSServer:
         kw.setdefault("heartbeat", 5)
+        if kw.get("registry") is not None and kw["registry"].shared:
+            kw.setdefault("cluster_key", self.cluster_key)
         return CCSServer(self.store, pki.server_context(self.dir), **kw)
 
     def device(self, addr, name: str, key: bytes = None, **kw) -> Device:
@@ -60,7 +64,9 @@ class Deployment:
 def deployment(tmp_path) -> Deployment:
     paths = pki.init(str(tmp_path / "ccs"))
     store = KeyStore(str(tmp_path / "ccs" / "keys.db"))
-    yield Deployment(str(tmp_path / "ccs"), paths["ca"], store, {})
+    cluster_key = os.urandom(32)
+    (tmp_path / "ccs" / "cluster.key").write_text(cluster_key.hex())
+    yield Deployment(str(tmp_path / "ccs"), paths["ca"], store, {}, cluster_key)
     store.close()
 
 

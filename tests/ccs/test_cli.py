@@ -33,7 +33,7 @@ def deploy(tmp_path):
 
 
 def test_init_creates_private_files_and_refuses_to_overwrite(deploy):
-    for name in ("ca.key", "server.key", "keys.db", "master.key"):
+    for name in ("ca.key", "server.key", "keys.db", "master.key", "cluster.key"):
         assert mode(deploy / name) == 0o600, name
     r = fp("ccs", "init", "--dir", str(deploy))
     assert r.returncode == 1 and "already holds a deployment" in r.stderr

@@ -172,3 +172,35 @@ def test_hostile_registry_messages_do_not_stop_the_node(deployment, redis_url):
         return ra.peer
 
     assert arun(main()) == "viewer"
+
+
+def test_session_keys_cross_the_registry_sealed(deployment, redis_url):
+    """What a Redis eavesdropper sees of a cross-node rendezvous holds no
+    session key; a node configured without the cluster key refuses to start."""
+    deployment.enroll_pair()
+
+    async def main():
+        import redis.asyncio as aioredis
+
+        spy = aioredis.from_url(redis_url).pubsub()
+        await spy.psubscribe("fastpunch:*")
+        n1 = deployment.server(registry=RedisRegistry(redis_url, "node-1"))
+        n2 = deployment.server(registry=RedisRegistry(redis_url, "node-2"))
+        async with running(n1) as addr1, running(n2) as addr2:
+            async with deployment.device(addr1, "cam") as a, \
+                    deployment.device(addr2, "viewer") as b:
+                await asyncio.sleep(0.1)
+                ra, rb, _ = await rendezvous(a, b, "viewer", A, B)
+        seen = []
+        while (item := await spy.get_message(timeout=0.2)) is not None:
+            if item["type"] == "pmessage":
+                seen.append(item["data"])
+        await spy.aclose()
+        return ra, seen
+
+    ra, seen = arun(main())
+    assert any(b'"op": "ready"' in m for m in seen)
+    for m in seen:
+        assert ra.key.hex().encode() not in m and ra.key not in m
+    with pytest.raises(ValueError, match="cluster key"):
+        deployment.server(registry=RedisRegistry(redis_url, "node-3"), cluster_key=None)

@@ -102,6 +102,8 @@ def cmd_init(args) -> int:
     paths = pki.init(args.dir, args.name or ["localhost"], args.ip or ["127.0.0.1"])
     if args.sealed:
         _write_secret(os.path.join(args.dir, "master.key"), os.urandom(32).hex() + "\n")
+    # seals session keys between CCS nodes (copy it with keys.db to every node)
+    _write_secret(os.path.join(args.dir, "cluster.key"), os.urandom(32).hex() + "\n")
     _store(args, create=True).close()
     print(json.dumps({"dir": args.dir, "ca": paths["ca"], "sealed": args.sealed}))
     return 0
@@ -164,11 +166,19 @@ def cmd_serve(args) -> int:
     store = _store(args)
     host, port = _hostport(args.listen)
     registry = RedisRegistry(args.redis, args.node) if args.redis else MemoryRegistry(args.node)
+    cluster_key = None
+    if args.redis:
+        path = os.path.join(args.dir, "cluster.key")
+        if not os.path.exists(path):
+            raise FastpunchError(f"--redis needs {path} (the same on every node; "
+                                 "`fastpunch ccs init` writes one)")
+        with open(path) as f:
+            cluster_key = bytes.fromhex(f.read().strip())
     relay = Relay(max_relays=args.relay_max, per_device=args.relay_per_device,
                   quota_bytes=args.relay_quota, log=event)
     server = CCSServer(store, pki.server_context(args.dir), registry=registry, relay=relay,
                        public_addr=args.public_addr, heartbeat=args.heartbeat,
-                       rendezvous_timeout=args.rendezvous_timeout)
+                       rendezvous_timeout=args.rendezvous_timeout, cluster_key=cluster_key)
 
     async def run() -> None:
         stop = asyncio.Event()

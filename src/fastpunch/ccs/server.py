@@ -85,10 +85,19 @@ class CCSServer:
                  heartbeat: int = 15, rendezvous_timeout: float = 30.0,
                  auth_timeout: float = 10.0, start_delay_ms: int = 250,
                  random: Callable[[int], bytes] = os.urandom,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 cluster_key: Optional[bytes] = None) -> None:
         self.keystore = keystore
         self.ssl_context = ssl_context
         self.registry = registry if registry is not None else MemoryRegistry()
+        if self.registry.shared and (cluster_key is None or len(cluster_key) != 32):
+            raise ValueError("several nodes need a 32-byte cluster key: session keys cross "
+                             "the registry sealed with it")
+        self._seal = None
+        if cluster_key is not None:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            self._seal = AESGCM(cluster_key)
         self.node = self.registry.node
         self.relay = relay if relay is not None else Relay(log=event)
         self.public_addr = public_addr
@@ -203,7 +212,7 @@ class CCSServer:
             session = self.sessions.get(msg["b"])
             if session is not None:
                 fields = dict(msg["fields"])
-                fields["key"] = bytes.fromhex(fields["key"])
+                fields["key"] = self._open_key(fields["key"], msg["b"])
                 fields["relay_token"] = bytes.fromhex(fields["relay_token"])
                 fields["plan"] = tuple(fields["plan"])
                 session.write(wire.RendezvousReady(**fields))
@@ -286,6 +295,20 @@ class CCSServer:
                                     "node": self.node, "addr": session.peer[0], "rtt": session.rtt,
                                     "info": wire.next_info_of(msg).fields()})
 
+    def _seal_key(self, key: bytes, device: str) -> str:
+        """A session key for another node: AES-GCM under the cluster key,
+        bound to the device it is for (in the clear only on one node)."""
+        if self._seal is None:
+            return key.hex()
+        nonce = self.random(12)
+        return (nonce + self._seal.encrypt(nonce, key, device.encode())).hex()
+
+    def _open_key(self, text: str, device: str) -> bytes:
+        blob = bytes.fromhex(text)
+        if self._seal is None:
+            return blob
+        return self._seal.decrypt(blob[:12], blob[12:], device.encode())
+
     def start_delay(self, *rtts) -> int:
         """Milliseconds from now to the common start: enough for the Ready
         to reach the farther device (half its round trip, measured during
@@ -319,7 +342,7 @@ class CCSServer:
                                      **b_info.fields()))
         b_fields = dict(request=msg["oid"], peer=pending.a, addr=a.peer[0], role="responder",
                         relay_token=token_b.hex(), **common, **pending.a_info.fields())
-        b_fields["key"] = key.hex()
+        b_fields["key"] = self._seal_key(key, pending.b)
         await self.deliver(msg["node"], {"op": "ready", "b": pending.b, "fields": b_fields})
         elapsed = time.monotonic() - pending.started
         self.metrics.observe(elapsed)
