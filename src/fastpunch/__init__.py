@@ -15,16 +15,20 @@ from fastpunch.errors import (
     RemoteProtocolError as RemoteProtocolError,
 )
 
-from fastpunch.client import (
-    AuthenticationError as AuthenticationError,
-    CCSError as CCSError,
-    Device as Device,
-    NextInfo as NextInfo,
-    RelayError as RelayError,
-    RendezvousRefusedError as RendezvousRefusedError,
-)
-
 __version__ = "0.1.0"
+
+# The device API pulls in asyncio and the CCS protocol; engine-only users
+# (a gateway that just crafts segments) should not pay for that at import.
+_CLIENT = ("AuthenticationError", "CCSError", "Device", "NextInfo", "RelayError",
+           "RendezvousRefusedError")
+
+
+def __getattr__(name: str):
+    if name in _CLIENT:
+        from fastpunch import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'fastpunch' has no attribute {name!r}")
 
 __all__ = [
     "AuthenticationError",

@@ -386,7 +386,7 @@ class Device:
         self.natcheck_result = await natcheck(self, probes)
         return self.natcheck_result
 
-    async def _next_info(self) -> tuple:
+    async def next_info(self) -> tuple:
         """(next-connection info to announce, local port to use). Behind a
         sequential NAPT the announced port is the predicted mapping, probed
         just before; everywhere else it is the local port itself."""
@@ -414,7 +414,7 @@ class Device:
         through the CCS relay otherwise. ``strategies`` restricts the plan
         (both sides must restrict it alike)."""
         began = time.time()
-        info, local = await self._next_info()
+        info, local = await self.next_info()
         ready = await self.rendezvous(peer, info, timeout)
         return await self._punch(ready, info, local, began, strategies, relay_after)
 
@@ -426,7 +426,7 @@ class Device:
             if peer is not None and offer.peer != peer:
                 continue
             began = time.time()
-            info, local = await self._next_info()
+            info, local = await self.next_info()
             ready = await offer.answer(info)
             return await self._punch(ready, info, local, began, strategies, relay_after)
         raise CCSError("closed", "the device is closed")

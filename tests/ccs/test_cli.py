@@ -92,7 +92,9 @@ def test_serve_and_two_device_agents_rendezvous(deploy, tmp_path):
         offer, answered = (json.loads(agent.stdout.readline()) for _ in range(2))
         assert offer == {"event": "offer", "peer": "cam"}
         assert answered["event"] == "ready" and answered["role"] == "responder"
-        assert answered["isn"] == lines[1]["isn"] or answered["peer"] == "cam"
+        # both sides got the same rendezvous: one key (not shown), one plan, one start
+        assert answered["peer"] == "cam" and answered["key"] == "(32 bytes)"
+        assert (answered["plan"], answered["start_at"]) == (lines[1]["plan"], lines[1]["start_at"])
         # a refused rendezvous is an error exit with the reason
         r = fp("device", "run", "--name", "viewer", "--key-file", str(tmp_path / "viewer.key"),
                "--rendezvous", "viewer", *common)

@@ -38,6 +38,12 @@ def lab_pair(tmp_path):
     return make
 
 
+def tables_in(lab, where: str) -> list:
+    """fastpunch nftables tables in one lab namespace."""
+    out = lab.run(where, ["nft", "list", "tables"]).stdout
+    return [line.split()[-1] for line in out.splitlines() if "fastpunch_" in line]
+
+
 def connect_pair(cam, viewer, strategies=None, timeout: float = 60):
     """cam connects to viewer, viewer accepts: returns both PeerConnections
     (or raises what the connecting side raised)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import connect_pair
+from .conftest import connect_pair, tables_in
 
 pytestmark = pytest.mark.lab
 
@@ -85,8 +85,3 @@ def test_two_random_napts_go_straight_to_the_relay(lab_pair):
         ca, cb = connect_pair(cam, viewer)
         assert (ca.path, [a.strategy for a in ca.report.attempts]) == ("relay", ["relay"])
         ca.close(), cb.close()
-
-
-def tables_in(lab, where: str) -> list:
-    out = lab.run(where, ["nft", "list", "tables"]).stdout
-    return [line.split()[-1] for line in out.splitlines() if "fastpunch_" in line]

@@ -15,7 +15,7 @@ import pytest
 
 from fastpunch.punch.base import PunchFailed
 
-from .conftest import connect_pair
+from .conftest import connect_pair, tables_in
 
 pytestmark = pytest.mark.lab
 
@@ -52,11 +52,6 @@ def exchange(s1, s2, size: int) -> tuple:
     for t in threads:
         t.join(300)
     return out
-
-
-def tables_in(lab, where: str) -> list:
-    out = lab.run(where, ["nft", "list", "tables"]).stdout
-    return [line.split()[-1] for line in out.splitlines() if "fastpunch_" in line]
 
 
 @pytest.mark.parametrize("a,b", [("nat", "nat"), ("nat-rst", "strict"), ("cgn", "firewall"),

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import signal
 import socket
 import sys
@@ -226,17 +225,6 @@ def read_credentials(path: str) -> tuple:
         raise FastpunchError(f"{path}: not a credentials file from `ccs add-device`") from None
 
 
-def _next_info(nat: str):
-    """This device's next-connection info: a free local port and a fresh ISN.
-    (The punching layer owns these for real connections.)"""
-    from fastpunch.proto.wire import NextInfo
-
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        port = s.getsockname()[1]
-    return NextInfo(port=port, isn=random.SystemRandom().getrandbits(32), nat=nat)
-
-
 def _ready_json(ready) -> dict:
     from fastpunch.proto.wire import fields_of
 
@@ -264,17 +252,17 @@ def cmd_device_run(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with Device(args.ccs, args.name, key, ca_file=args.ca,
-                          server_hostname=args.server_name) as dev:
+                          server_hostname=args.server_name, nat=args.nat) as dev:
             say("connected", node=dev.node, public_addr=list(dev.public_addr))
             if args.rendezvous:
-                ready = await dev.rendezvous(args.rendezvous, _next_info(args.nat))
+                ready = await dev.rendezvous(args.rendezvous, (await dev.next_info())[0])
                 say("ready", **_ready_json(ready))
                 return 0
 
             async def answer_all() -> None:
                 async for offer in dev.incoming():
                     say("offer", peer=offer.peer)
-                    ready = await offer.answer(_next_info(args.nat))
+                    ready = await offer.answer((await dev.next_info())[0])
                     say("ready", **_ready_json(ready))
 
             serving = loop.create_task(answer_all())

@@ -167,7 +167,7 @@ class Relay:
             try:
                 await asyncio.wait_for(asyncio.shield(pair.joined), self.join_timeout)
             except asyncio.TimeoutError:
-                self._release(pair, ticket.device)
+                self._release(ticket.device)
                 self.pairs.pop(pair.id, None)
                 return self._refuse(conn, PEER_TIMEOUT, ticket.device)
             return
@@ -204,7 +204,7 @@ class Relay:
             pass
         conn.close()
 
-    def _release(self, pair: _Pair, device: Optional[str]) -> None:
+    def _release(self, device: Optional[str]) -> None:
         if device is not None and self.active.get(device):
             self.active[device] -= 1
             if not self.active[device]:
@@ -254,7 +254,7 @@ class Relay:
                 for s in pair.socks:
                     s.close()
                 for dev in pair.devices:
-                    self._release(pair, dev)
+                    self._release(dev)
                 self.pairs.pop(pair.id, None)
                 self.log("relay-closed", pair=pair.id, bytes=pair.bytes)
             self._threads.discard(threading.current_thread())
