@@ -207,3 +207,14 @@ def test_relay_caps(deployment, cap):
 
     assert arun(main()) == ("relay-busy" if cap == "global" else "device-busy")
 
+
+
+def test_expired_tickets_are_dropped_as_new_ones_are_issued():
+    import time
+
+    relay = Relay(token_ttl=0.05)
+    old = relay.issue("cam", "viewer")
+    assert set(old) <= set(relay.tickets)
+    time.sleep(0.1)
+    new = relay.issue("cam", "viewer")
+    assert set(relay.tickets) == set(new)          # the expired pair is gone, the new one kept

@@ -25,6 +25,7 @@ cut (both sockets shut down) and logged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import os
 import socket
@@ -76,6 +77,7 @@ class Relay:
         self.join_timeout, self.token_ttl = join_timeout, token_ttl
         self.log, self.random = log, random
         self.tickets: dict[bytes, _Ticket] = {}
+        self._expiry: collections.deque = collections.deque()    # (expires, token), in order
         self.pairs: dict[int, _Pair] = {}
         self.active: dict[str, int] = {}         # device -> relays open
         self.used: dict[str, int] = {}           # device -> bytes relayed (quota)
@@ -90,12 +92,15 @@ class Relay:
     # -- tickets (called by the control plane) ------------------------------------------
     def issue(self, a: str, b: str) -> tuple[bytes, bytes]:
         now = time.monotonic()
-        for tok in [t for t, k in self.tickets.items() if k.expires < now]:
-            del self.tickets[tok]
+        # tickets expire in issue order (one TTL): drop the old ones from the
+        # front, not by scanning them all on every rendezvous (the hot path)
+        while self._expiry and self._expiry[0][0] < now:
+            self.tickets.pop(self._expiry.popleft()[1], None)
         self._next += 1
         tokens = self.random(32), self.random(32)
         for side, (tok, dev) in enumerate(zip(tokens, (a, b))):
             self.tickets[tok] = _Ticket(self._next, side, dev, now + self.token_ttl)
+            self._expiry.append((now + self.token_ttl, tok))
         return tokens
 
     # -- serving --------------------------------------------------------------------------
