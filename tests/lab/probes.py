@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import random
 import select
 import socket
 import threading
@@ -88,7 +89,9 @@ def simultaneous_open(lab, a: str, b: str, port: int = 45000, limit: float = 8.0
                     s.close()
                     return
             s.close()
-            time.sleep(0.05)
+            # jittered: two sides retrying in lockstep through a RST-answering
+            # gateway can keep resetting each other (seen once under CI load)
+            time.sleep(random.uniform(0.02, 0.12))
         results[me] = False
 
     threads = [threading.Thread(target=side, args=(a, b)), threading.Thread(target=side, args=(b, a))]
