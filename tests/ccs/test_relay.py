@@ -21,8 +21,11 @@ INFO = NextInfo(port=40001, isn=1, nat="napt-random")
 
 
 async def paired(deployment, addr):
-    a = deployment.device(addr, "cam")
-    b = deployment.device(addr, "viewer")
+    """Log cam and viewer in and rendezvous them. No reconnecting: a test that
+    pairs them a second time replaces these logins, and reconnecting ones
+    would replace the new ones back mid-rendezvous (a flake CI showed)."""
+    a = deployment.device(addr, "cam", reconnect=False)
+    b = deployment.device(addr, "viewer", reconnect=False)
     await a.login()
     await b.login()
     ra, rb, _ = await rendezvous(a, b, "viewer", INFO, INFO)
