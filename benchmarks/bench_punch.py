@@ -31,20 +31,21 @@ ROUNDS = 3                   # throughput transfers per path, interleaved; media
 
 
 @contextlib.contextmanager
-def lab_devices(**lab_kw):
-    """A nat+nat lab, a CCS in its core, cam logged in at site a and viewer at b."""
+def lab_devices(a: str = "nat", b: str = "nat", **lab_kw):
+    """A lab (nat+nat unless told), a CCS in its core, cam logged in at site
+    a and viewer at b, each announcing its site's profile as its NAT."""
     from fastpunch.lab import Lab
     from tests.punch.harness import LabCCS
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-punch-")
-    with tmp, Lab(a="nat", b="nat", **lab_kw) as lab:
+    with tmp, Lab(a=a, b=b, **lab_kw) as lab:
         ccs = LabCCS(lab, tmp.name)
         devices = []
         try:
             ccs.enroll("cam", "viewer")
             ccs.enroll("viewer")
-            devices.append(ccs.device("a", "cam"))
-            devices.append(ccs.device("b", "viewer"))
+            devices.append(ccs.device("a", "cam", nat=a))
+            devices.append(ccs.device("b", "viewer", nat=b))
             yield lab, ccs, devices[0], devices[1]
         finally:
             for loop, dev in devices:
@@ -187,6 +188,50 @@ def test_time_to_direct_connection(benchmark):
         sym_start is not None and info["simopen_from_start_median_s"] is not None
         and sym_start < info["simopen_from_start_median_s"])
     info["correct"] = all(len(ok[s]) == TRIALS for s in results)
+
+
+@pytest.mark.parametrize("a,b,strategies", [
+    ("upnp", "nat", ("upnp", "symmetric", "simopen")),
+    ("firewall-liberal", "firewall-liberal", ("spoof", "symmetric", "simopen"))])
+def test_time_to_connect_mapping_and_spoof(benchmark, a, b, strategies):
+    """The gateway-mapping and spoof strategies against symmetric and simopen
+    on a pair where all three work, 20 ms one way on each site's link,
+    interleaved in one lab."""
+    require_root("connecting through a NAT lab")
+    results = {s: [] for s in strategies}
+
+    def run():
+        with lab_devices(a, b, delay_ms=DELAY_MS) as (lab, ccs, cam, viewer):
+            for _ in range(TRIALS):
+                for strategy in strategies:
+                    try:
+                        ca, cb = connect(cam, viewer, strategy)
+                    except Exception as exc:
+                        results[strategy].append({"ok": False, "error": repr(exc)[:300]})
+                        continue
+                    try:
+                        _, intact = ping(ca.sock, cb.sock)
+                        won = ca.report.attempts[-1]
+                        results[strategy].append({
+                            "ok": intact and ca.path == cb.path == "direct"
+                                  and ca.strategy == cb.strategy == strategy,
+                            "seconds": ca.report.seconds, "from_start": won.seconds})
+                    finally:
+                        ca.close()
+                        cb.close()
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    info = benchmark.extra_info
+    info.update({"pair": f"{a}:{b}", "trials": TRIALS, "delay_ms_one_way_per_site": DELAY_MS})
+    for strategy, rs in results.items():
+        ok = [r for r in rs if r["ok"]]
+        info[f"{strategy}_ok"] = f"{len(ok)}/{TRIALS}"
+        if ok:
+            info[f"{strategy}_median_s"] = round(statistics.median(r["seconds"] for r in ok), 4)
+            info[f"{strategy}_from_start_median_s"] = round(
+                statistics.median(r["from_start"] for r in ok), 4)
+    info["failures"] = [r["error"] for rs in results.values() for r in rs if "error" in r][:5]
+    info["correct"] = all(len([r for r in rs if r["ok"]]) == TRIALS for rs in results.values())
 
 
 def transfer(src: socket.socket, dst: socket.socket, total: int) -> tuple:

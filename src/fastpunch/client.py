@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import socket
 import time
@@ -29,6 +30,8 @@ from fastpunch.proto import wire
 from fastpunch.proto.backoff import Backoff
 from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, Role
 from fastpunch.proto.wire import NextInfo
+
+log = logging.getLogger("fastpunch.client")
 
 __all__ = ["Device", "Offer", "NextInfo", "PeerConnection", "AuthenticationError",
            "RendezvousRefusedError", "CCSError", "RelayError"]
@@ -85,7 +88,12 @@ class PeerConnection:
         return self.sock.fileno()
 
     def close(self) -> None:
+        """Close the socket and drop what the strategy keeps for the flow's
+        lifetime (spoof's host rewrite)."""
+        from fastpunch.punch.base import release
+
         self.sock.close()
+        release(self.sock)
 
 
 @dataclass
@@ -127,9 +135,12 @@ class Device:
         self.connect_timeout = connect_timeout
         self.nat = nat                                # NAT guess sent with its info; "auto": natcheck
         self.natcheck_result: Optional[dict] = None
+        self._mappings: dict = {}                     # local port -> portmap.Mapping
+        self._tasks: set = set()                      # background deletions of mappings
         self.probe_port: Optional[int] = None
         self.public_addr: Optional[tuple] = None      # what the CCS sees (reflexive)
         self.ccs: Optional[tuple] = None              # the node we are connected to
+        self.ccs_ip = ""                              # its address (resolved)
         self.node: Optional[str] = None
         self.connections = 0                          # successful logins so far
         self._machine: Optional[Connection] = None
@@ -196,6 +207,7 @@ class Device:
         self.public_addr, self.heartbeat, self.node = (msg.addr, msg.port), msg.heartbeat, msg.node
         self.probe_port = msg.probe_port
         self.ccs = addr
+        self.ccs_ip = writer.get_extra_info("peername")[0]
         self.connections += 1
         self.backoff.reset()
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
@@ -399,14 +411,53 @@ class Device:
             s.bind(("0.0.0.0", 0))
             local = s.getsockname()[1]
         announced = local
-        if guess == "napt-sequential":
+        mapping = None
+        if guess == "upnp":
+            mapping = await self._map(local)
+            if mapping is not None:
+                announced = mapping.external_port
+        elif guess == "napt-sequential":
             _, seen = await self.whoami()
             announced = (seen + self.natcheck_result.get("delta", 1)) & 0xFFFF \
                 if self.natcheck_result else (seen + 1) & 0xFFFF
         crafted = not _caps.missing(_caps.CAP_NET_RAW, _caps.CAP_NET_ADMIN)
         info = NextInfo(port=announced, isn=int.from_bytes(os.urandom(4), "big"), nat=guess,
                         crafted=crafted)
+        if mapping is not None:
+            self._mappings[local] = mapping
         return info, local
+
+    async def _map(self, local: int):
+        """Ask the gateway to forward an external port to ``local`` (the
+        protocol natcheck found first); None, logged, when it will not."""
+        from fastpunch.punch import portmap
+
+        found = (self.natcheck_result or {}).get("portmap")
+        order = ((found,) if found else ()) + tuple(p for p in portmap.PROTOCOLS if p != found)
+        try:
+            return await portmap.map_port("0.0.0.0", local, protocols=order, timeout=0.75)
+        except (portmap.PortMapError, OSError) as exc:
+            log.warning("%s: no port mapping from the gateway: %s", self.name, exc)
+            return None
+
+    def _unmap(self, local: int) -> None:
+        """Delete the mapping made for ``local`` (in the background: the
+        connection does not wait for it, and it expires anyway)."""
+        mapping = self._mappings.pop(local, None)
+        if mapping is None:
+            return
+        from fastpunch.punch import portmap
+
+        async def delete():
+            try:
+                await portmap.unmap(mapping)
+            except (portmap.PortMapError, OSError) as exc:
+                log.info("%s: mapping %s not deleted (%s); it expires in %d s", self.name,
+                         mapping.external_port, exc, mapping.lifetime)
+
+        task = asyncio.get_running_loop().create_task(delete())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def connect(self, peer: str, *, strategies=None, timeout: float = 35.0,
                       relay_after: Optional[float] = None) -> PeerConnection:
@@ -415,7 +466,11 @@ class Device:
         (both sides must restrict it alike)."""
         began = time.time()
         info, local = await self.next_info()
-        ready = await self.rendezvous(peer, info, timeout)
+        try:
+            ready = await self.rendezvous(peer, info, timeout)
+        except BaseException:
+            self._unmap(local)
+            raise
         return await self._punch(ready, info, local, began, strategies, relay_after)
 
     async def accept(self, *, strategies=None, relay_after: Optional[float] = None,
@@ -427,7 +482,11 @@ class Device:
                 continue
             began = time.time()
             info, local = await self.next_info()
-            ready = await offer.answer(info)
+            try:
+                ready = await offer.answer(info)
+            except BaseException:
+                self._unmap(local)
+                raise
             return await self._punch(ready, info, local, began, strategies, relay_after)
         raise CCSError("closed", "the device is closed")
 
@@ -442,7 +501,8 @@ class Device:
             mss=info.mss, wscale=info.wscale, sack_permitted=info.sack_permitted,
             timestamps=info.timestamps, peer_mss=ready.mss, peer_wscale=ready.wscale,
             peer_sack_permitted=ready.sack_permitted, peer_timestamps=ready.timestamps,
-            peer_nat=ready.nat, nat=info.nat)
+            peer_nat=ready.nat, nat=info.nat, ccs_ip=self.ccs_ip,
+            mapped_port=info.port if local_port in self._mappings else None)
         report = Report(ready.peer)
         kw = {} if relay_after is None else {"relay_after": relay_after}
         try:
@@ -453,6 +513,8 @@ class Device:
             report.seconds = time.time() - began
             exc.report = report
             raise
+        finally:
+            self._unmap(local_port)
         report.path = "relay" if strategy == "relay" else "direct"
         report.strategy = strategy
         report.seconds = time.time() - began

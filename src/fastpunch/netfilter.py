@@ -34,6 +34,7 @@ __all__ = [
     "RstSuppression",
     "ScopedTable",
     "suppress_rsts",
+    "spoof_rewrite",
     "sweep_stale",
     "TABLE_PREFIX",
 ]
@@ -240,6 +241,36 @@ class RstSuppression:
 
 
 _counter = itertools.count()
+_CLONE_NEWNET = 0x40000000
+
+
+def _in_netns(fd: int, fn):
+    """``fn()`` in the network namespace ``fd`` refers to: here when the
+    calling thread is already in it, else on a short-lived thread that
+    enters it (setns changes only the calling thread's namespace)."""
+    if os.fstat(fd).st_ino == os.stat("/proc/thread-self/ns/net").st_ino:
+        return fn()
+    import ctypes
+
+    outcome: list = []
+
+    def body() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            outcome.append((True, fn()))
+        except BaseException as exc:        # re-raised on the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=body, name="fastpunch-netns")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def owned_table_name(tag: str = "t") -> str:
@@ -256,16 +287,25 @@ class ScopedTable:
         self.table = table
         self.nft = nft or Nftables()
         self.applied = False
+        self._netns: Optional[int] = None      # fd of the namespace it was applied in
 
     def apply(self) -> "ScopedTable":
         self.nft.run(self.table.apply_commands())
         self.applied = True
+        self._netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         return self
 
     def remove(self) -> None:
-        if self.applied:
-            self.nft.run(self.table.delete_commands())
-            self.applied = False
+        """Delete the table, from whichever thread (and so network
+        namespace) calls: the deletion runs in the namespace it was made in."""
+        if not self.applied:
+            return
+        self.applied = False
+        fd, self._netns = self._netns, None
+        try:
+            _in_netns(fd, lambda: self.nft.run(self.table.delete_commands()))
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> "ScopedTable":
         return self.apply()
@@ -280,6 +320,33 @@ def suppress_rsts(rules: Iterable[RstSuppression], nft: Optional[Nftables] = Non
         owned_table_name("rst"),
         (Chain("out", "output", tuple(r.rule() for r in rules)),),
     )
+    return ScopedTable(table, nft)
+
+
+def spoof_rewrite(local_port: int, peer: str, peer_port: int, ccs: str,
+                  nft: Optional[Nftables] = None) -> ScopedTable:
+    """The host side of the ``spoof`` strategy, for one flow: our segments
+    to ``peer``:``peer_port`` leave with the CCS's address as source, and the
+    peer's segments, which arrive with the CCS's address as source, are
+    given the peer's address back before anything else sees them (the raw
+    receiver, the TCP stack). Stateless rewrites (nft fixes the IP and TCP
+    checksums) ahead of conntrack (priority raw, notrack), so the kernel
+    socket handed the flow talks to ``peer`` as usual. The table must live
+    as long as the connection."""
+    import ipaddress
+
+    peer_ip, ccs_ip = ipaddress.IPv4Address(peer), ipaddress.IPv4Address(ccs)
+    for port in (local_port, peer_port):
+        if not 0 < port < 65536:
+            raise ValueError("ports must be 1..65535")
+    table = Table(owned_table_name("spoof"), (
+        Chain("inbound", "prerouting", (
+            f"ip saddr {ccs_ip} tcp sport {peer_port} tcp dport {local_port} "
+            f"ip saddr set {peer_ip} notrack counter",), priority=-300),
+        Chain("outbound", "output", (
+            f"ip daddr {peer_ip} tcp sport {local_port} tcp dport {peer_port} "
+            f"ip saddr set {ccs_ip} notrack counter",), priority=-300),
+    ))
     return ScopedTable(table, nft)
 
 

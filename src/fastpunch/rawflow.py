@@ -99,9 +99,11 @@ class RawFlow:
             return TCPOptions(timestamp=(self._tsval(), self.ts_recent))
         return None
 
-    def _send(self, r: Reply, payload: bytes = b"", ttl: int = 64) -> None:
+    def _send(self, r: Reply, payload: bytes = b"", ttl: int = 64,
+              to: Optional[tuple] = None) -> None:
         self._ip_id = (self._ip_id + 1) & 0xFFFF
-        datagram = build(self.local[0], self.peer[0], self.local[1], self.peer[1],
+        dst, dport = self.peer if to is None else to
+        datagram = build(self.local[0], dst, self.local[1], dport,
                          seq=r.seq, ack=r.ack, flags=r.flags, window=r.window,
                          options=self._options(bool(r.flags & 0x2)), payload=payload,
                          ip_id=self._ip_id, ttl=ttl)
@@ -145,7 +147,7 @@ class RawFlow:
     # -- the flow --------------------------------------------------------------
     def connect(self, timeout: float = 5.0, resend_every: float = 0.25,
                 survive_rst: bool = False, first_ttl: int = 0,
-                first_gap: float = 0.03) -> float:
+                first_gap: float = 0.03, first_to: Optional[tuple] = None) -> float:
         """Active open: send SYN (resent every ``resend_every`` s) until the
         handshake completes. Returns the seconds it took. With
         ``survive_rst`` a RST during the handshake (a far NAT answering our
@@ -153,13 +155,16 @@ class RawFlow:
         instead of failing it. With ``first_ttl`` the first SYN carries that
         TTL: enough to leave through our own NAT (opening its mapping), too
         little to reach the far one (which might answer it with a RST); the
-        first full SYN follows ``first_gap`` seconds later."""
+        first full SYN follows ``first_gap`` seconds later. ``first_to``
+        sends that first SYN to another (address, port) than the peer (the
+        ``spoof`` strategy opens its firewall toward the CCS's address)."""
         start = time.monotonic()
         deadline = start + timeout
         syn = self.tracker.syn_sent()
         if first_ttl:
-            self._send(syn, ttl=first_ttl)
-            self._note(f"sent SYN with TTL {first_ttl} (opens our mapping only)")
+            self._send(syn, ttl=first_ttl, to=first_to)
+            where = "" if first_to is None else f" to {first_to[0]}:{first_to[1]}"
+            self._note(f"sent SYN{where} with TTL {first_ttl} (opens our mapping only)")
             next_resend = start + first_gap
         else:
             self._send(syn)

@@ -125,3 +125,27 @@ def test_cli_demo_runs_and_reports(capsys):
     report = json.loads(out.strip().splitlines()[-1])
     assert report["malformed"] == 0
     assert report["segments_received"] >= 3 and report["timestamps"] is True
+
+
+def test_a_scoped_table_is_removed_in_its_namespace_from_any_thread(veth):
+    """spoof's rewrite table outlives the punch thread: whoever closes the
+    connection (another thread, another namespace) must still delete it."""
+    nft = netfilter.Nftables()
+    with inside(veth.ns_a):
+        table = netfilter.spoof_rewrite(40200, "198.51.100.7", 40300, "203.0.113.1").apply()
+        text = nft.run(f"list table ip {table.table.name}")
+        assert "ip saddr set 198.51.100.7 notrack" in text
+        assert "ip saddr set 203.0.113.1 notrack" in text
+    table.remove()                      # here: the test's own namespace
+    with inside(veth.ns_a):
+        assert table.table.name not in nft.tables()
+    table.remove()                      # twice: nothing to do, no error
+
+
+@pytest.mark.parametrize("args", [(0, "198.51.100.7", 1, "203.0.113.1"),
+                                  (1, "198.51.100.7", 70000, "203.0.113.1"),
+                                  (1, "not-an-address", 2, "203.0.113.1"),
+                                  (1, "198.51.100.7", 2, "203.0.113.1; flush ruleset")])
+def test_spoof_rewrite_refuses_bad_ports_and_addresses(args):
+    with pytest.raises(ValueError):
+        netfilter.spoof_rewrite(*args)

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAIRS = [("nat", "nat"), ("nat-rst", "nat-rst"), ("nat-rst", "strict"), ("firewall", "cgn"),
-         ("nat", "napt-random"), ("napt-sequential", "cgn"), ("napt-random", "napt-random")]
+         ("nat", "napt-random"), ("napt-sequential", "cgn"), ("napt-random", "napt-random"),
+         ("upnp", "napt-random")]
 TRIALS = 3
 
 
@@ -51,6 +52,8 @@ def test_reduced_matrix_meets_the_auto_goals():
         if "napt-random" not in (a, b):
             assert cell["direct"] == TRIALS, (a, b, cell)
     assert cells[("napt-random", "napt-random")]["relay"] == TRIALS
+    # natcheck found the mapping; the random NAPT side just connects in
+    assert cells[("upnp", "napt-random")]["strategies"] == {"upnp": TRIALS}
     # and the markdown renders from the same result
     text = matrix.render(result, "test")
     assert "| `nat` |" in text and "## `auto`" in text

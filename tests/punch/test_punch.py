@@ -152,3 +152,40 @@ def test_a_process_killed_mid_handshake_leaves_nothing_after_the_next_start(lab_
         assert ca.path == "direct"
         ca.close(), cb.close()
         assert tables_in(lab, "a") == []
+
+
+@pytest.mark.parametrize("a,b", [("firewall-liberal", "firewall-liberal"),
+                                 ("open", "firewall-liberal"), ("open", "open")])
+def test_spoof_goes_direct_where_window_tracking_is_liberal(lab_pair, a, b):
+    with lab_pair(a, b) as (lab, ccs, cam, viewer):
+        cam[1].nat, viewer[1].nat = a, b            # the CCS plans spoof for such a pair
+        ca, cb = connect_pair(cam, viewer, strategies=["spoof"])
+        assert (ca.path, ca.strategy, cb.path, cb.strategy) == \
+            ("direct", "spoof", "direct", "spoof")
+        digests = exchange(ca.sock, cb.sock, 32 << 20)
+        assert digests["fwd-sent"] == digests["fwd-got"]
+        assert digests["back-sent"] == digests["back-got"]
+        assert ccs.server.relay.bytes_total == 0
+        # each side's host rewrites the flow for as long as it lives, no longer
+        assert len(tables_in(lab, "a")) == 1 and len(tables_in(lab, "b")) == 1
+        ca.close(), cb.close()
+        assert tables_in(lab, "a") == [] and tables_in(lab, "b") == []
+
+
+def test_spoof_fails_cleanly_where_the_firewall_tracks_windows_strictly(lab_pair):
+    # the handshake passes a default Linux firewall; data acking our own does
+    # not (the entry saw nothing of ours after the first SYN): the four-message
+    # check catches it on both sides alike, and the plan falls through
+    with lab_pair("firewall", "firewall") as (lab, ccs, cam, viewer):
+        cam[1].nat, viewer[1].nat = "firewall", "firewall"
+        ca, cb = connect_pair(cam, viewer, strategies=["spoof", "simopen"])
+        assert (ca.path, ca.strategy, cb.strategy) == ("direct", "simopen", "simopen")
+        for conn in (ca, cb):
+            spoof = conn.report.attempts[0]
+            assert (spoof.strategy, spoof.ok, spoof.reason) == ("spoof", False, "data-dropped"), \
+                spoof.detail + repr(spoof.events)
+            assert any("SYN to 203.0.113.1" in what for _, what in spoof.events)
+        d = exchange(ca.sock, cb.sock, 4 << 20)
+        assert d["fwd-sent"] == d["fwd-got"]
+        ca.close(), cb.close()
+        assert tables_in(lab, "a") == [] and tables_in(lab, "b") == []

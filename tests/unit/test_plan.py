@@ -11,7 +11,8 @@ from fastpunch.punch.planner import steps_of
 
 @pytest.mark.parametrize("a,b,expected", [
     ("nat", "nat", ("symmetric", "nat", "simopen", "relay")),
-    ("firewall", "open", ("spoof", "symmetric", "simopen", "relay")),
+    ("firewall", "open", ("symmetric", "spoof", "simopen", "relay")),
+    ("firewall-liberal", "firewall", ("symmetric", "spoof", "simopen", "relay")),
     ("nat", "napt-random", ("spray", "relay")),
     ("napt-random", "napt-random", ("relay",)),
     ("nat", "napt-sequential", ("predict", "symmetric", "relay")),
@@ -23,15 +24,17 @@ def test_plan_orders_strategies_and_always_ends_on_the_relay(a, b, expected):
 
 def test_without_crafting_only_kernel_simopen_and_the_relay():
     assert plan("nat", "nat", crafted=False) == ("simopen", "relay")
+    # a port mapping needs no crafted packet
+    assert plan("upnp", "napt-random", crafted=False) == ("upnp", "simopen", "relay")
 
 
 def test_planner_runs_only_what_it_has_in_plan_order():
     assert steps_of(("upnp", "symmetric", "nat", "simopen", "relay")) == \
-        ["symmetric", "nat", "simopen"]
+        ["upnp", "symmetric", "nat", "simopen"]
     assert steps_of(("symmetric", "nat", "simopen", "relay"), only=["simopen", "nat"]) == \
         ["nat", "simopen"]
     assert steps_of(("spray", "relay")) == ["spray"]
-    assert steps_of(("spoof", "upnp", "relay")) == []          # not built: skipped alike
+    assert steps_of(("spoof", "teleport", "relay")) == ["spoof"]   # unknown: skipped alike
 
 
 def test_backoff_is_exponential_capped_and_fully_jittered():

@@ -39,6 +39,7 @@ from fastpunch.proto.plan import plan as make_plan
 log = logging.getLogger("fastpunch.ccs")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SPOOF_ASSIST_SECONDS = 20.0     # covers every slot of a plan (planner.BUDGET)
 
 
 def event(kind: str, **fields) -> None:
@@ -86,7 +87,7 @@ class CCSServer:
                  auth_timeout: float = 10.0, start_delay_ms: int = 250,
                  random: Callable[[int], bytes] = os.urandom,
                  clock: Callable[[], float] = time.time,
-                 cluster_key: Optional[bytes] = None) -> None:
+                 cluster_key: Optional[bytes] = None, spoof_assist: bool = True) -> None:
         self.keystore = keystore
         self.ssl_context = ssl_context
         self.registry = registry if registry is not None else MemoryRegistry()
@@ -116,6 +117,8 @@ class CCSServer:
         self._ids = itertools.count(1)
         self._server = None
         self._tasks: set[asyncio.Task] = set()
+        self.spoof_assist = spoof_assist
+        self._assists: set = set()                 # RST-suppression tables for spoof plans
 
     @property
     def connected(self) -> int:
@@ -146,6 +149,8 @@ class CCSServer:
             self._finish(pending)
         for task in list(self._tasks):
             task.cancel()
+        for table in list(self._assists):
+            self._unassist(table)
         await self.relay.close()
         await self.registry.close()
 
@@ -309,6 +314,40 @@ class CCSServer:
             return blob
         return self._seal.decrypt(blob[:12], blob[12:], device.encode())
 
+    def _assist_spoof(self, sides, starts_in: float) -> None:
+        """The ``spoof`` strategy's first SYNs go from each device to this
+        address at the other's port, to open their own firewalls. They
+        should expire on the way; where this node is near enough to receive
+        them, its kernel would answer each with a RST that closes the very
+        entry the SYN opened. Drop those RSTs for the plan's length (needs
+        CAP_NET_ADMIN and nftables here; without them spoof works only where
+        the SYNs expire first)."""
+        from fastpunch import netfilter
+
+        if not self.spoof_assist:
+            return
+        (a_addr, a_port), (b_addr, b_port) = sides
+        table = netfilter.suppress_rsts([
+            netfilter.RstSuppression(b_port, a_addr, a_port, exempt_mark=None),
+            netfilter.RstSuppression(a_port, b_addr, b_port, exempt_mark=None)])
+        try:
+            table.apply()
+        except Exception as exc:        # no privilege, no nftables: say so once
+            self.spoof_assist = False
+            event("spoof-assist-off", reason=str(exc))
+            return
+        self._assists.add(table)
+        asyncio.get_running_loop().call_later(max(0.0, starts_in) + SPOOF_ASSIST_SECONDS,
+                                              self._unassist, table)
+
+    def _unassist(self, table) -> None:
+        if table in self._assists:
+            self._assists.discard(table)
+            try:
+                table.remove()
+            except Exception as exc:
+                event("spoof-assist-error", reason=str(exc))
+
     def start_delay(self, *rtts) -> int:
         """Milliseconds from now to the common start: enough for the Ready
         to reach the farther device (half its round trip, measured during
@@ -334,6 +373,9 @@ class CCSServer:
         steps = make_plan(pending.a_info.nat, b_info.nat,
                           crafted=pending.a_info.crafted is not False and b_info.crafted is not False)
         start_at = int(self.clock() * 1000) + self.start_delay(a.rtt, msg.get("rtt"))
+        if "spoof" in steps:
+            self._assist_spoof(((a.peer[0], pending.a_info.port), (msg["addr"], b_info.port)),
+                               start_at / 1000 - self.clock())
         token_a, token_b = self.relay.issue(pending.a, pending.b)
         common = dict(key=key, plan=steps, start_at=start_at, relay_addr=self.public_addr,
                       relay_port=self.relay_port)

@@ -33,6 +33,10 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             description="public host, a router without NAT or filtering"),
     Profile("firewall", "none", True, "drop",
             description="stateful firewall without NAT (the spoof strategy's case)"),
+    Profile("firewall-liberal", "none", True, "drop",
+            description="as firewall, with lenient TCP window tracking "
+                        "(nf_conntrack_tcp_be_liberal=1): where spoof passes data",
+            sysctls={"net/netfilter/nf_conntrack_tcp_be_liberal": "1"}),
     Profile("nat", "preserve", True, "drop",
             description="port-preserving NAT (masquerade) + stateful firewall, "
                         "unsolicited traffic silently dropped (typical home router)"),

@@ -253,7 +253,11 @@ class Lab:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         for cidr in (f"{CCS_ADDR}/32", f"{RELAY_ADDR}/32"):
             self._addr(inet, "lo", cidr)
-        self._sysctls(inet, {"net/ipv4/ip_forward": "1"})
+        # accept_local: the core forwards packets whose source is the CCS's
+        # address (the spoof strategy's), as a real router that does not own
+        # that address would; Linux drops them as martians otherwise.
+        self._sysctls(inet, {"net/ipv4/ip_forward": "1", "net/ipv4/conf/all/accept_local": "1",
+                             "net/ipv4/conf/default/accept_local": "1"})
 
         for i, (name, profile) in enumerate(self.profiles.items(), start=1):
             loss = self.loss[name]

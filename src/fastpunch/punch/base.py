@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -42,6 +43,8 @@ class PunchContext:
     peer_timestamps: bool = True
     peer_nat: str = "unknown"
     nat: str = "unknown"            # our own NAT guess
+    ccs_ip: str = ""                # the CCS's address, as we reach it (spoof's source)
+    mapped_port: Optional[int] = None   # our gateway forwards this external port to local_port
 
     @property
     def mine_random(self) -> bool:
@@ -129,6 +132,22 @@ def in_this_netns(fn: Callable, *args):
 
     threading.Thread(target=body, daemon=True, name="fastpunch-punch").start()
     return fut
+
+
+_ties: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def tie(sock: socket.socket, cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` when the connection is done with: at :func:`release`
+    (``PeerConnection.close``) or, failing that, when the socket object is
+    garbage collected."""
+    _ties.setdefault(sock, []).append(weakref.finalize(sock, cleanup))
+
+
+def release(sock: socket.socket) -> None:
+    """Run what :func:`tie` attached to ``sock`` (each once)."""
+    for finalizer in _ties.pop(sock, []):
+        finalizer()
 
 
 def route_source(peer_ip: str) -> str:

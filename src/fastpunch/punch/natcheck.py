@@ -10,6 +10,11 @@ port, each told the address and port the CCS saw (``Device.whoami``):
   mapping is predictable: last + delta);
 - anything else: ``napt-random``.
 
+At the same time it asks the gateway for a port mapping (PCP, NAT-PMP,
+UPnP-IGD; deleted at once): a NAT that grants one is reported as ``upnp``
+with the protocol in ``portmap``, and the device then maps each next port
+(the ``upnp`` strategy).
+
 Filtering (drop vs RST on unsolicited SYNs) is not probed: the CCS would need
 to send from a second address; the strategies cope with both. The result
 feeds the device's NAT guess, which the CCS's plan uses.
@@ -21,6 +26,7 @@ import socket
 from typing import Optional
 
 MAX_DELTA = 16
+PORTMAP_TIMEOUT = 0.5       # per protocol; a gateway without a daemon often answers ICMP at once
 
 
 def classify(pairs: list, local_addrs: set, public_addr: str) -> dict:
@@ -51,15 +57,50 @@ def local_addresses() -> set:
     return addrs
 
 
-async def natcheck(device, probes: int = 3, route_to: Optional[str] = None) -> dict:
+async def probe_portmap(timeout: float = PORTMAP_TIMEOUT) -> tuple:
+    """(protocol, why): does the gateway grant a TCP port mapping? Asks for
+    one (PCP, NAT-PMP, UPnP-IGD) for a free local port and deletes it."""
+    from fastpunch.punch import portmap
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        port = s.getsockname()[1]
+    try:
+        mapping = await portmap.map_port("0.0.0.0", port, lifetime=60, timeout=timeout)
+    except (portmap.PortMapError, OSError) as exc:
+        return None, str(exc)
+    try:
+        await portmap.unmap(mapping, timeout=timeout)
+    except (portmap.PortMapError, OSError):
+        pass                                    # it expires in a minute
+    return mapping.protocol, f"granted external port {mapping.external_port}"
+
+
+async def natcheck(device, probes: int = 3, route_to: Optional[str] = None,
+                   portmap: bool = True) -> dict:
+    """Classify, with the CCS's whoami probes; meanwhile ask the gateway for
+    a port mapping. A NAT that grants one is announced as ``upnp`` (its
+    mapping behaviour stays in ``behind``)."""
+    import asyncio
+
     from fastpunch.punch.base import route_source
 
-    pairs, public = [], None
-    for _ in range(max(2, probes)):
-        with socket.socket() as s:
-            s.bind(("0.0.0.0", 0))
-            local = s.getsockname()[1]
-        public, ext = await device.whoami(local)
-        pairs.append((local, ext))
-    addrs = local_addresses() | {route_source(route_to or device.ccs[0])}
-    return classify(pairs, addrs, public)
+    asking = asyncio.ensure_future(probe_portmap()) if portmap else None
+    try:
+        pairs, public = [], None
+        for _ in range(max(2, probes)):
+            with socket.socket() as s:
+                s.bind(("0.0.0.0", 0))
+                local = s.getsockname()[1]
+            public, ext = await device.whoami(local)
+            pairs.append((local, ext))
+        addrs = local_addresses() | {route_source(route_to or device.ccs[0])}
+        out = classify(pairs, addrs, public)
+        if asking is not None:
+            out["portmap"], out["portmap_detail"] = await asking
+            if out["portmap"] and out["nat"] != "open":
+                out["behind"], out["nat"] = out["nat"], "upnp"
+        return out
+    finally:
+        if asking is not None and not asking.done():
+            asking.cancel()

@@ -8,8 +8,8 @@ A side that cannot run a strategy (no privilege) sits its slot out, so the
 other side's later strategies still line up. (The devices' clocks must agree
 to well under a slot; NTP does that.)
 
-Strategies the CCS may plan but this build does not have yet ("upnp",
-"spoof") are skipped on both sides alike.
+Strategies the CCS may plan but this build does not have are skipped on
+both sides alike.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ import time
 from typing import Optional, Sequence
 
 from fastpunch.errors import InsufficientPrivilegeError
-from fastpunch.punch import nat, predict, simopen, spray, symmetric
+from fastpunch.punch import nat, predict, simopen, spoof, spray, symmetric, upnp
 from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, Report, in_this_netns
 
 log = logging.getLogger("fastpunch.punch")
-STRATEGIES = {m.NAME: m for m in (spray, predict, symmetric, nat, simopen)}
-BUDGET = {"spray": 4.0, "predict": 3.0, "symmetric": 3.0, "nat": 2.0, "simopen": 3.0}
+STRATEGIES = {m.NAME: m for m in (upnp, spray, predict, symmetric, spoof, nat, simopen)}
+BUDGET = {"upnp": 2.0, "spray": 4.0, "predict": 3.0, "symmetric": 3.0, "spoof": 3.0, "nat": 2.0,
+          "simopen": 3.0}
 RELAY_AFTER = 2.0            # seconds after the start: join the relay in parallel
 SETUP_AHEAD = 0.05           # a strategy's sockets and rules are made this long before its slot
 

@@ -1,0 +1,113 @@
+"""``upnp``: the gateway forwards a port to us, so the peer just connects.
+
+A device whose gateway grants port mappings (PCP, NAT-PMP or UPnP-IGD, see
+:mod:`fastpunch.punch.portmap`; natcheck finds out and the device announces
+its NAT as ``upnp``) asks for one for its next local port before it tells
+the CCS its next-connection info, and announces the *external* port it was
+given. In this strategy's slot that side listens on its local port, and the
+other side makes a plain kernel connect() to the announced address and port;
+its own NAT, whatever kind, lets an outbound connection out. When both sides
+have a mapping, the initiator listens. No raw packets, no privilege: it
+works for devices without CAP_NET_RAW too, and against any NAT on the
+connecting side, ``napt-random`` included.
+
+The listener accepts only a connection from the peer's public address
+(announced by the CCS); anything else that finds the port in the slot is
+closed. The mapping is deleted once the connection is made (or given up);
+conntrack keeps the established flow.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import time
+
+from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, sleep_until
+
+NAME = "upnp"
+RETRY = 0.1           # a refused connect (the listener not up yet) is retried after this
+
+
+def listens(ctx: PunchContext) -> bool:
+    """Which side waits for the other's connect()."""
+    if ctx.mapped_port is None:
+        return False
+    return ctx.peer_nat != "upnp" or ctx.role == "initiator"
+
+
+def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0):
+    if listens(ctx):
+        return _listen(ctx, deadline, attempt, start)
+    if ctx.peer_nat != "upnp":
+        raise PunchFailed("no-mapping", "neither side has a port mapping from its gateway")
+    return _connect(ctx, deadline, attempt, start)
+
+
+def _listen(ctx: PunchContext, deadline: float, attempt: Attempt, start: float):
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(("0.0.0.0", ctx.local_port))
+        lsock.listen(8)
+        t0 = time.time()
+        attempt.events.append((0.0, f"listening on {ctx.local_port} (mapped from external "
+                                    f"port {ctx.mapped_port})"))
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                raise PunchFailed("timeout", f"the peer did not connect to external port "
+                                             f"{ctx.mapped_port} before the slot ended")
+            ready, _, _ = select.select([lsock], [], [], left)
+            if not ready:
+                continue
+            conn, addr = lsock.accept()
+            attempt.seen += 1
+            if addr[0] != ctx.peer_ip:
+                attempt.events.append((round(time.time() - t0, 3),
+                                       f"refused a connection from {addr[0]}:{addr[1]}"))
+                conn.close()
+                continue
+            attempt.events.append((round(time.time() - t0, 3),
+                                   f"accepted {addr[0]}:{addr[1]}"))
+            attempt.detail = f"external port {ctx.mapped_port} -> {ctx.local_port}"
+            conn.setblocking(True)
+            return conn
+    finally:
+        lsock.close()
+
+
+def _connect(ctx: PunchContext, deadline: float, attempt: Attempt, start: float):
+    sleep_until(start)
+    t0 = time.time()
+    last = None
+    while time.time() < deadline:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((ctx.local_ip, ctx.local_port))
+            s.setblocking(False)
+            rc = s.connect_ex((ctx.peer_ip, ctx.peer_port))
+            attempt.sent += 1
+            attempt.events.append((round(time.time() - t0, 3),
+                                   f"connect() to {ctx.peer_ip}:{ctx.peer_port}"))
+            if rc not in (0, errno.EINPROGRESS):
+                raise OSError(rc, errno.errorcode.get(rc, str(rc)))
+            _, w, _ = select.select([], [s], [], max(0.0, deadline - time.time()))
+            if not w:
+                raise OSError(errno.ETIMEDOUT, "no answer before the slot ended")
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, errno.errorcode.get(err, str(err)))
+            attempt.seen += 1
+            s.setblocking(True)
+            attempt.detail = f"to the peer's mapped port {ctx.peer_port}"
+            return s
+        except OSError as exc:
+            last = exc
+            attempt.events.append((round(time.time() - t0, 3),
+                                   f"failed: {exc.strerror or exc}"))
+            s.close()
+            time.sleep(min(RETRY, max(0.0, deadline - time.time())))
+    raise PunchFailed("timeout", f"could not connect to the peer's mapped port ({last})")
