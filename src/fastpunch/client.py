@@ -391,6 +391,36 @@ class Device:
             sock.close()
         return socket.inet_ntoa(data[:4]), int.from_bytes(data[4:], "big")
 
+    async def filtering(self) -> str:
+        """How our gateway treats an unsolicited SYN from another port of the
+        CCS's address to the mapping a connection of ours just opened:
+        "open" (let in: no filter), "drop", "rst" (the gateway resets it), or
+        "unknown" (the CCS node does not probe, or is busy). A listener on
+        the probed port tells a let-in SYN from a RST of our own kernel."""
+        from fastpunch.ccs.relay import FILTER_VERDICTS, FILTERING
+
+        if not self.probe_port:
+            return "unknown"
+        loop = asyncio.get_running_loop()
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            for s in (sock, listener):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                s.setblocking(False)
+            sock.bind(("0.0.0.0", 0))
+            listener.bind(("0.0.0.0", sock.getsockname()[1]))
+            listener.listen(1)
+            await asyncio.wait_for(loop.sock_connect(sock, (self.ccs[0], self.probe_port)), 5)
+            await loop.sock_sendall(sock, FILTERING + bytes(32))
+            verdict = await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
+        finally:
+            sock.close()
+            listener.close()
+        answer = FILTER_VERDICTS.get(verdict, "unknown")
+        return "unknown" if answer == "busy" else answer
+
     async def natcheck(self, probes: int = 3) -> dict:
         """Classify this device's NAT mapping (fastpunch.punch.natcheck)."""
         from fastpunch.punch.natcheck import natcheck

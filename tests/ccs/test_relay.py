@@ -221,3 +221,50 @@ def test_expired_tickets_are_dropped_as_new_ones_are_issued():
     time.sleep(0.1)
     new = relay.issue("cam", "viewer")
     assert set(relay.tickets) == set(new)          # the expired pair is gone, the new one kept
+
+
+def test_the_probe_port_reports_address_and_filtering(deployment, monkeypatch):
+    """natcheck's two probes against a real CCS on loopback: the reflexive
+    address, and the filtering verdict (nothing filters loopback: "open"); a
+    node at its cap on concurrent filtering probes says busy ("unknown")."""
+    from fastpunch.ccs import relay as relay_mod
+
+    enroll(deployment)
+
+    async def main():
+        async with running(deployment.server()) as addr:
+            dev = deployment.device(addr, "cam", reconnect=False)
+            await dev.login()
+            try:
+                ip, port = await dev.whoami()
+                assert ip == "127.0.0.1" and 0 < port < 65536
+                assert await dev.filtering() == "open"
+                monkeypatch.setattr(relay_mod, "MAX_FILTER_PROBES", 0)
+                assert await dev.filtering() == "unknown"
+            finally:
+                await dev.close()
+
+    arun(main())
+
+
+def test_the_filtering_probe_sees_a_reset_and_a_drop(deployment):
+    """The verdicts themselves, from the relay's side: nobody listening on the
+    asker's port (its kernel resets) is "R"; an address that never answers
+    would be "D" (tested in the lab, tests/punch/test_natcheck_predict.py)."""
+    from fastpunch.ccs.relay import FILTERING
+
+    enroll(deployment)
+
+    async def main():
+        server = deployment.server()
+        async with running(server):
+            loop = asyncio.get_running_loop()
+            s = socket.socket()
+            s.setblocking(False)
+            await loop.sock_connect(s, ("127.0.0.1", server.relay_port))
+            await loop.sock_sendall(s, FILTERING + bytes(32))
+            verdict = await asyncio.wait_for(loop.sock_recv(s, 1), 5)
+            s.close()
+            return verdict
+
+    assert arun(main()) == b"R"

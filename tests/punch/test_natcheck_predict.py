@@ -10,14 +10,16 @@ from .conftest import connect_pair, tables_in
 pytestmark = pytest.mark.lab
 
 
-@pytest.mark.parametrize("profile,expected", [
-    ("nat", "nat"), ("nat-rst", "nat"), ("cgn", "nat"), ("firewall", "open"), ("open", "open"),
-    ("napt-sequential", "napt-sequential"), ("napt-random", "napt-random")])
-def test_natcheck_classifies_the_gateway(lab_pair, profile, expected):
+@pytest.mark.parametrize("profile,expected,filtering", [
+    ("nat", "nat", "drop"), ("nat-rst", "nat-rst", "rst"), ("cgn", "nat", "drop"),
+    ("firewall", "firewall", "drop"), ("firewall-liberal", "firewall", "drop"),
+    ("open", "open", "open"), ("napt-sequential", "napt-sequential", "drop"),
+    ("napt-random", "napt-random", "drop")])
+def test_natcheck_classifies_the_gateway(lab_pair, profile, expected, filtering):
     with lab_pair(profile, "nat") as (lab, ccs, cam, viewer):
         loop, dev = cam
         result = loop.run(dev.natcheck(probes=4))
-        assert result["nat"] == expected, result
+        assert (result["nat"], result["filtering"]) == (expected, filtering), result
         assert result["public_addr"] == lab.sites["a"].public_addr
 
 

@@ -16,6 +16,18 @@ def test_classify():
     assert classify([(1000, 20001), (5000, 20101)], local, "x")["nat"] == "napt-random"   # delta > 16
 
 
+def test_filtering_names_the_gateway():
+    local, pub = {"10.1.0.2"}, "203.0.113.10"
+    kept = [(1000, 1000), (2000, 2000)]
+    assert classify(kept, local, pub, "rst")["nat"] == "nat-rst"
+    assert classify(kept, local, pub, "drop")["nat"] == "nat"
+    assert classify(kept, {pub}, pub, "drop")["nat"] == "firewall"
+    assert classify(kept, {pub}, pub, "rst")["nat"] == "firewall"
+    assert classify(kept, {pub}, pub, "open")["nat"] == "open"
+    assert classify(kept, {pub}, pub)["nat"] == "open"         # not probed: as before
+    assert classify([(1000, 20001), (5000, 20003)], local, pub, "rst")["filtering"] == "rst"
+
+
 def test_prediction_candidates_follow_the_announced_port():
     ctx = PunchContext("initiator", "10.1.0.2", 4000, 1, "203.0.113.20", 65534, 2,
                        peer_nat="napt-sequential")

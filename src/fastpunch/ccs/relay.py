@@ -11,6 +11,12 @@ authenticated TLS control connection), one per side:
     device -> relay   "FPW1" pad[32]
     relay  -> device  ipv4[4] port[2]   the address and port this connection came from
 
+    device -> relay   "FPF1" pad[32]
+    relay  -> device  verdict[1]   the relay connect()s from another port of its
+                      own address to the address and port this connection came
+                      from: "O" it was let in, "R" answered with RST, "D" no
+                      answer (dropped), "B" busy (too many probes at once)
+
 A device that arrives first waits (bounded) for its peer. The relay port is
 plain TCP on purpose: the stream is end to end encrypted with the session
 key (which the relay never learns), and splice cannot see through TLS. A
@@ -36,6 +42,10 @@ from typing import Callable, Optional
 
 MAGIC = b"FPR1"
 WHOAMI = b"FPW1"          # + 32 bytes of padding: answered with the address:port seen
+FILTERING = b"FPF1"       # + 32 bytes of padding: answered with a filtering verdict
+FILTER_VERDICTS = {b"O": "open", b"R": "rst", b"D": "drop", b"B": "busy"}
+FILTER_PROBE_SECONDS = 1.0
+MAX_FILTER_PROBES = 64    # at once; each holds two sockets for up to a second
 HELLO_BYTES = len(MAGIC) + 32
 CHUNK = 1 << 20
 F_SETPIPE_SZ = 1031
@@ -88,6 +98,7 @@ class Relay:
         self._listener: Optional[socket.socket] = None
         self._task: Optional[asyncio.Task] = None
         self._threads: set[threading.Thread] = set()
+        self._filter_probes = 0
 
     # -- tickets (called by the control plane) ------------------------------------------
     def issue(self, a: str, b: str) -> tuple[bytes, bytes]:
@@ -146,6 +157,8 @@ class Relay:
             return
         if len(hello) == HELLO_BYTES and hello.startswith(WHOAMI):
             return self._whoami(conn)
+        if len(hello) == HELLO_BYTES and hello.startswith(FILTERING):
+            return await self._filtering(conn)
         if len(hello) != HELLO_BYTES or not hello.startswith(MAGIC):
             return self._refuse(conn, BAD_HELLO, None)
         ticket = self.tickets.pop(hello[len(MAGIC):], None)
@@ -196,6 +209,36 @@ class Relay:
         ip, port = conn.getpeername()[:2]
         try:
             conn.send(socket.inet_aton(ip) + port.to_bytes(2, "big"))
+        except OSError:
+            pass
+        conn.close()
+
+    async def _filtering(self, conn: socket.socket) -> None:
+        """How the asker's gateway treats an unsolicited SYN to the mapping
+        this very connection opened, from another port of the same address:
+        natcheck's filtering probe (drop, RST, or let in). It only ever
+        connects back to the asker's own proven address and port, so it
+        needs no token; concurrent probes are capped."""
+        loop = asyncio.get_running_loop()
+        verdict = b"B"
+        if self._filter_probes < MAX_FILTER_PROBES:
+            self._filter_probes += 1
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                probe.setblocking(False)
+                probe.bind((conn.getsockname()[0], 0))
+                await asyncio.wait_for(loop.sock_connect(probe, conn.getpeername()[:2]),
+                                       FILTER_PROBE_SECONDS)
+                verdict = b"O"
+            except ConnectionRefusedError:
+                verdict = b"R"
+            except (asyncio.TimeoutError, OSError):
+                verdict = b"D"
+            finally:
+                probe.close()
+                self._filter_probes -= 1
+        try:
+            await loop.sock_sendall(conn, verdict)
         except OSError:
             pass
         conn.close()

@@ -15,13 +15,20 @@ UPnP-IGD; deleted at once): a NAT that grants one is reported as ``upnp``
 with the protocol in ``portmap``, and the device then maps each next port
 (the ``upnp`` strategy).
 
-Filtering (drop vs RST on unsolicited SYNs) is not probed: the CCS would need
-to send from a second address; the strategies cope with both. The result
-feeds the device's NAT guess, which the CCS's plan uses.
+Filtering: one more connection to the probe port asks the CCS to connect
+back, from another port of its address, to the mapping that connection
+opened (a listener on our side waits on that port). Let in: no filter;
+no answer: ``drop``; a RST: the gateway answers unsolicited SYNs with RST.
+So ``open`` vs ``firewall`` and ``nat`` vs ``nat-rst`` are told apart (the
+lab's names). It tests port-dependent filtering only (the CCS has one
+address), and cannot see a firewall's TCP window tracking (``firewall``
+and ``firewall-liberal`` look alike). The result feeds the device's NAT
+guess, which the CCS's plan uses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Optional
 
@@ -29,18 +36,20 @@ MAX_DELTA = 16
 PORTMAP_TIMEOUT = 0.5       # per protocol; a gateway without a daemon often answers ICMP at once
 
 
-def classify(pairs: list, local_addrs: set, public_addr: str) -> dict:
-    """Pure: pairs of (local port, external port) from successive probes."""
+def classify(pairs: list, local_addrs: set, public_addr: str,
+             filtering: str = "unknown") -> dict:
+    """Pure: pairs of (local port, external port) from successive probes,
+    and the filtering probe's verdict ("open", "drop", "rst", "unknown")."""
     deltas = [b[1] - a[1] for a, b in zip(pairs, pairs[1:])]
     if public_addr in local_addrs:
-        nat, mapping = "open", "none"
+        nat, mapping = ("firewall" if filtering in ("drop", "rst") else "open"), "none"
     elif all(loc == ext for loc, ext in pairs):
-        nat, mapping = "nat", "preserve"
+        nat, mapping = ("nat-rst" if filtering == "rst" else "nat"), "preserve"
     elif deltas and all(d == deltas[0] for d in deltas) and 0 < deltas[0] <= MAX_DELTA:
         nat, mapping = "napt-sequential", "sequential"
     else:
         nat, mapping = "napt-random", "random"
-    out = {"nat": nat, "mapping": mapping, "public_addr": public_addr,
+    out = {"nat": nat, "mapping": mapping, "filtering": filtering, "public_addr": public_addr,
            "probes": [{"local": a, "external": b} for a, b in pairs]}
     if mapping == "sequential":
         out["delta"] = deltas[0]
@@ -81,8 +90,6 @@ async def natcheck(device, probes: int = 3, route_to: Optional[str] = None,
     """Classify, with the CCS's whoami probes; meanwhile ask the gateway for
     a port mapping. A NAT that grants one is announced as ``upnp`` (its
     mapping behaviour stays in ``behind``)."""
-    import asyncio
-
     from fastpunch.punch.base import route_source
 
     asking = asyncio.ensure_future(probe_portmap()) if portmap else None
@@ -95,7 +102,9 @@ async def natcheck(device, probes: int = 3, route_to: Optional[str] = None,
             public, ext = await device.whoami(local)
             pairs.append((local, ext))
         addrs = local_addresses() | {route_source(route_to or device.ccs[0])}
-        out = classify(pairs, addrs, public)
+        # after the whoami probes, not beside them: its connection takes a
+        # mapping too, which would break a sequential NAPT's steady delta
+        out = classify(pairs, addrs, public, await _filtering(device))
         if asking is not None:
             out["portmap"], out["portmap_detail"] = await asking
             if out["portmap"] and out["nat"] != "open":
@@ -104,3 +113,10 @@ async def natcheck(device, probes: int = 3, route_to: Optional[str] = None,
     finally:
         if asking is not None and not asking.done():
             asking.cancel()
+
+
+async def _filtering(device) -> str:
+    try:
+        return await device.filtering()
+    except (OSError, asyncio.TimeoutError):
+        return "unknown"
