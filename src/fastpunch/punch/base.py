@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import select
 import socket
 import threading
 import time
@@ -155,6 +157,44 @@ def route_source(peer_ip: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((peer_ip, 9))
         return s.getsockname()[0]
+
+
+def kernel_connect(ctx: PunchContext, deadline: float, attempt: Attempt, retry: float,
+                   what: str) -> socket.socket:
+    """Plain kernel connect() from our announced port to the peer's, again
+    and again until ``deadline``: one socket for as long as it lives (the
+    kernel resends its SYN itself, and a socket closed mid-open would lose a
+    crossing SYN-ACK), a new one ``retry`` s after it dies (RST, refusal).
+    Returns the connected, blocking socket; ``what`` names it in the error."""
+    t0 = time.time()
+    last = None
+    while time.time() < deadline:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((ctx.local_ip, ctx.local_port))
+            s.setblocking(False)
+            rc = s.connect_ex((ctx.peer_ip, ctx.peer_port))
+            attempt.sent += 1
+            attempt.events.append((round(time.time() - t0, 3),
+                                   f"connect() to {ctx.peer_ip}:{ctx.peer_port}"))
+            if rc not in (0, errno.EINPROGRESS):
+                raise OSError(rc, errno.errorcode.get(rc, str(rc)))
+            _, w, _ = select.select([], [s], [], max(0.0, deadline - time.time()))
+            if not w:
+                raise OSError(errno.ETIMEDOUT, "no answer before the slot ended")
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, errno.errorcode.get(err, str(err)))
+            attempt.seen += 1
+            s.setblocking(True)
+            return s
+        except OSError as exc:
+            last = exc
+            attempt.events.append((round(time.time() - t0, 3), f"failed: {exc.strerror or exc}"))
+            s.close()
+            time.sleep(min(retry, max(0.0, deadline - time.time())))
+    raise PunchFailed("timeout", f"{what} did not complete ({last})")
 
 
 def sleep_until(t: float) -> None:

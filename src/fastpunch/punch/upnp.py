@@ -19,12 +19,11 @@ conntrack keeps the established flow.
 
 from __future__ import annotations
 
-import errno
 import select
 import socket
 import time
 
-from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, sleep_until
+from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, kernel_connect, sleep_until
 
 NAME = "upnp"
 RETRY = 0.1           # a refused connect (the listener not up yet) is retried after this
@@ -80,34 +79,6 @@ def _listen(ctx: PunchContext, deadline: float, attempt: Attempt, start: float):
 
 def _connect(ctx: PunchContext, deadline: float, attempt: Attempt, start: float):
     sleep_until(start)
-    t0 = time.time()
-    last = None
-    while time.time() < deadline:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((ctx.local_ip, ctx.local_port))
-            s.setblocking(False)
-            rc = s.connect_ex((ctx.peer_ip, ctx.peer_port))
-            attempt.sent += 1
-            attempt.events.append((round(time.time() - t0, 3),
-                                   f"connect() to {ctx.peer_ip}:{ctx.peer_port}"))
-            if rc not in (0, errno.EINPROGRESS):
-                raise OSError(rc, errno.errorcode.get(rc, str(rc)))
-            _, w, _ = select.select([], [s], [], max(0.0, deadline - time.time()))
-            if not w:
-                raise OSError(errno.ETIMEDOUT, "no answer before the slot ended")
-            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, errno.errorcode.get(err, str(err)))
-            attempt.seen += 1
-            s.setblocking(True)
-            attempt.detail = f"to the peer's mapped port {ctx.peer_port}"
-            return s
-        except OSError as exc:
-            last = exc
-            attempt.events.append((round(time.time() - t0, 3),
-                                   f"failed: {exc.strerror or exc}"))
-            s.close()
-            time.sleep(min(RETRY, max(0.0, deadline - time.time())))
-    raise PunchFailed("timeout", f"could not connect to the peer's mapped port ({last})")
+    sock = kernel_connect(ctx, deadline, attempt, RETRY, "connecting to the peer's mapped port")
+    attempt.detail = f"to the peer's mapped port {ctx.peer_port}"
+    return sock
