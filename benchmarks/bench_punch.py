@@ -45,7 +45,8 @@ def lab_devices(a: str = "nat", b: str = "nat", **lab_kw):
             ccs.enroll("cam", "viewer")
             ccs.enroll("viewer")
             devices.append(ccs.device("a", "cam", nat=a))
-            devices.append(ccs.device("b", "viewer", nat=b))
+            # the accepting side announces its info ahead, as the camera does
+            devices.append(ccs.device("b", "viewer", nat=b, standing=True))
             yield lab, ccs, devices[0], devices[1]
         finally:
             for loop, dev in devices:

@@ -62,8 +62,10 @@ def serve_viewer(conn, source: list) -> None:
 async def main(args) -> None:
     _, key = read_credentials(args.key_file)
     source = shlex.split(args.source)
+    # standing: next-connection info announced ahead, so a viewer's
+    # rendezvous takes one CCS round trip
     async with Device(args.ccs, args.name, key, ca_file=args.ca,
-                      server_hostname=args.server_name, nat=args.nat) as dev:
+                      server_hostname=args.server_name, nat=args.nat, standing=True) as dev:
         log("camera-ready", name=args.name, public_addr=list(dev.public_addr))
         served = 0
         while args.max_viewers is None or served < args.max_viewers:

@@ -32,6 +32,7 @@ from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, Role
 from fastpunch.proto.wire import NextInfo
 
 log = logging.getLogger("fastpunch.client")
+STANDING = 0                # request id of next-connection info announced ahead of offers
 
 __all__ = ["Device", "Offer", "NextInfo", "PeerConnection", "AuthenticationError",
            "RendezvousRefusedError", "CCSError", "RelayError"]
@@ -98,12 +99,21 @@ class PeerConnection:
 
 @dataclass
 class Offer:
-    """Another device asks to connect to us."""
+    """Another device asks to connect to us. With ``Device(standing=True)``
+    the CCS may already have answered it with the info we announced ahead
+    (``ready`` is then set, with that ``info`` and ``local`` port);
+    ``Device.accept()`` handles both kinds."""
     peer: str
     request: int
     _device: "Device"
+    ready: Optional[wire.RendezvousReady] = None
+    info: Optional[NextInfo] = None
+    local: int = 0
 
     async def answer(self, info: NextInfo, timeout: float = 30.0) -> wire.RendezvousReady:
+        if self.ready is not None:
+            raise CCSError("already-answered", "the CCS answered this offer with the info "
+                                               "announced ahead (standing); use accept()")
         return await self._device._exchange(
             self._device._answers, self.request,
             wire.RendezvousAnswer(request=self.request, **info.fields()), timeout)
@@ -122,7 +132,7 @@ class Device:
     def __init__(self, ccs: Union[str, tuple, Sequence], name: str, key: bytes, *, ca_file: str,
                  server_hostname: Optional[str] = None, reconnect: bool = True,
                  backoff: Optional[Backoff] = None, connect_timeout: float = 10.0,
-                 nat: str = "unknown") -> None:
+                 nat: str = "unknown", standing: bool = False) -> None:
         single = isinstance(ccs, str) or (isinstance(ccs, tuple) and len(ccs) == 2
                                           and isinstance(ccs[1], int))
         self.addresses = [_address(ccs)] if single else [_address(c) for c in ccs]
@@ -136,7 +146,10 @@ class Device:
         self.nat = nat                                # NAT guess sent with its info; "auto": natcheck
         self.natcheck_result: Optional[dict] = None
         self._mappings: dict = {}                     # local port -> portmap.Mapping
-        self._tasks: set = set()                      # background deletions of mappings
+        # announce next-connection info ahead of offers (devices that accept())
+        self.standing = standing
+        self._standing: Optional[tuple] = None        # (info, local port) the CCS holds
+        self._tasks: set = set()                      # background: unmapping, announcing
         self.probe_port: Optional[int] = None
         self.public_addr: Optional[tuple] = None      # what the CCS sees (reflexive)
         self.ccs: Optional[tuple] = None              # the node we are connected to
@@ -212,6 +225,9 @@ class Device:
         self.backoff.reset()
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
         self._up.set()
+        self._standing = None                          # a new session holds none yet
+        if self.standing:
+            self._spawn(self._announce())
         return reader
 
     async def _read(self, reader: asyncio.StreamReader):
@@ -255,13 +271,19 @@ class Device:
                 msg = await self._read(reader)
                 if isinstance(msg, wire.RendezvousOffer):
                     self._offers.put_nowait(Offer(msg.peer, msg.request, self))
+                elif isinstance(msg, wire.RendezvousReady) and msg.role == "responder" \
+                        and msg.request == STANDING:
+                    self._standing_used(msg)
                 elif isinstance(msg, wire.RendezvousReady):
                     table = self._requests if msg.role == "initiator" else self._answers
                     self._resolve(table, msg.request, msg)
                 elif isinstance(msg, wire.RendezvousRefused):
                     # refusals answer our requests, or an offer whose asker left
-                    if not self._resolve(self._requests, msg.request, msg):
-                        self._resolve(self._answers, msg.request, msg)
+                    if not self._resolve(self._requests, msg.request, msg) and \
+                            not self._resolve(self._answers, msg.request, msg) and \
+                            msg.request == STANDING and self._standing is not None:
+                        self._standing = None           # used up by a failed rendezvous
+                        self._spawn(self._announce())
                 elif isinstance(msg, wire.Error):
                     cls = AuthenticationError if msg.code == "auth-failed" else CCSError
                     return cls(msg.code, msg.reason)
@@ -269,6 +291,39 @@ class Device:
             return exc
         except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
             return CCSError("disconnected", f"connection to the CCS lost: {exc}")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _announce(self) -> None:
+        """Tell the CCS our next-connection info ahead of any offer (one at
+        a time: a fresh one only after the last was used). Not for guesses
+        whose info goes stale: a sequential NAPT's predicted port, a mapped
+        port with a lifetime."""
+        if self._standing is not None or self._closing:
+            return
+        try:
+            info, local = await self.next_info()
+            if info.nat in ("napt-sequential", "upnp"):
+                self._unmap(local)
+                return
+            self._standing = (info, local)
+            self._send(wire.RendezvousAnswer(request=STANDING, **info.fields()))
+        except (CCSError, OSError) as exc:          # re-announced at the next login
+            self._standing = None
+            log.info("%s: next-connection info not announced: %s", self.name, exc)
+
+    def _standing_used(self, ready: wire.RendezvousReady) -> None:
+        """The CCS answered an offer with our standing info: hand accept()
+        an offer already answered, and announce the next info."""
+        if self._standing is None:
+            log.warning("%s: a rendezvous for standing info we do not hold", self.name)
+            return
+        (info, local), self._standing = self._standing, None
+        self._offers.put_nowait(Offer(ready.peer, STANDING, self, ready, info, local))
+        self._spawn(self._announce())
 
     @staticmethod
     def _resolve(table: dict, request: int, msg) -> bool:
@@ -485,9 +540,7 @@ class Device:
                 log.info("%s: mapping %s not deleted (%s); it expires in %d s", self.name,
                          mapping.external_port, exc, mapping.lifetime)
 
-        task = asyncio.get_running_loop().create_task(delete())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(delete())
 
     async def connect(self, peer: str, *, strategies=None, timeout: float = 35.0,
                       relay_after: Optional[float] = None) -> PeerConnection:
@@ -506,11 +559,16 @@ class Device:
     async def accept(self, *, strategies=None, relay_after: Optional[float] = None,
                      peer: Optional[str] = None) -> PeerConnection:
         """Wait for a peer's connect() (only ``peer``'s, if given: offers from
-        others are left unanswered) and complete it."""
+        others are left unanswered) and complete it. With ``standing=True``
+        an offer the CCS already answered from our announced info may come
+        first; filtering it out by ``peer`` leaves that peer to its relay."""
         async for offer in self.incoming():
             if peer is not None and offer.peer != peer:
                 continue
             began = time.time()
+            if offer.ready is not None:                # answered ahead (standing)
+                return await self._punch(offer.ready, offer.info, offer.local, began,
+                                         strategies, relay_after)
             info, local = await self.next_info()
             try:
                 ready = await offer.answer(info)

@@ -98,8 +98,11 @@ def open_connection(args):
     loop = new_event_loop()
 
     async def run():
+        accepting = not getattr(args, "to", None)
+        # an accepting side announces its next-connection info ahead: the
+        # peer's rendezvous then takes one CCS round trip, not two
         dev = Device(args.ccs, args.name, key, ca_file=args.ca, server_hostname=args.server_name,
-                     nat=args.nat)
+                     nat=args.nat, standing=accepting and getattr(args, "from_", None) is None)
         await dev.login()
         try:
             if getattr(args, "to", None):

@@ -348,3 +348,61 @@ def test_metrics_endpoint(deployment):
         assert values[f"fastpunch_ccs_relay_bytes_total{{{node}}}"] == 0
 
     arun(main())
+
+
+def test_standing_info_answers_the_offer_one_round_trip_sooner(deployment):
+    """A device that accepts can announce its next-connection info ahead:
+    the CCS answers the next offer with it at once (no RendezvousOffer goes
+    out), the device learns of it from its Ready, and announces a fresh one."""
+    deployment.enroll_pair()
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as a, \
+                    deployment.device(addr, "viewer", standing=True, nat="nat") as b:
+                for _ in range(100):
+                    if server.sessions["viewer"].standing is not None:
+                        break
+                    await asyncio.sleep(0.02)
+                first = server.sessions["viewer"].standing
+                assert first is not None and first.nat == "nat"
+                ra = await a.rendezvous("viewer", A_INFO)
+                offer = await asyncio.wait_for(b.incoming().__anext__(), 5)
+                assert (offer.peer, offer.request) == ("cam", 0) and offer.ready is not None
+                assert (ra.port, ra.isn) == (first.port, first.isn) == \
+                    (offer.info.port, offer.info.isn)
+                assert offer.ready.key == ra.key and offer.ready.start_at == ra.start_at
+                assert offer.ready.isn == A_INFO.isn and offer.ready.role == "responder"
+                with pytest.raises(CCSError) as err:
+                    await offer.answer(B_INFO)
+                assert err.value.code == "already-answered"
+                for _ in range(100):                   # the next one is announced
+                    if server.sessions["viewer"].standing not in (None, first):
+                        break
+                    await asyncio.sleep(0.02)
+                second = server.sessions["viewer"].standing
+                assert second is not None and second.isn != first.isn
+                # and serves the next rendezvous
+                ra2 = await a.rendezvous("viewer", A_INFO)
+                assert ra2.isn == second.isn
+        assert server.metrics.rendezvous_ok == 2
+
+    arun(main())
+
+
+def test_without_standing_info_the_peer_is_asked(deployment):
+    """A device that announced nothing (the default) gets a RendezvousOffer
+    and answers with the info it chooses then."""
+    deployment.enroll_pair()
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as a, \
+                    deployment.device(addr, "viewer") as b:
+                assert server.sessions["viewer"].standing is None
+                ra, rb, peer = await rendezvous(a, b, "viewer", A_INFO, B_INFO)
+        assert ra.isn == B_INFO.isn and rb.request != 0
+
+    arun(main())

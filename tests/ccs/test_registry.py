@@ -204,3 +204,29 @@ def test_session_keys_cross_the_registry_sealed(deployment, redis_url):
         assert ra.key.hex().encode() not in m and ra.key not in m
     with pytest.raises(ValueError, match="cluster key"):
         deployment.server(registry=RedisRegistry(redis_url, "node-3"), cluster_key=None)
+
+
+def test_standing_info_is_used_on_the_peers_node(deployment, redis_url):
+    """The offer reaches the viewer's node through redis; that node answers
+    it from the viewer's standing info, and both sides get the same key."""
+    deployment.enroll_pair()
+
+    async def main():
+        n1 = deployment.server(registry=RedisRegistry(redis_url, "node-1"))
+        n2 = deployment.server(registry=RedisRegistry(redis_url, "node-2"))
+        async with running(n1) as addr1, running(n2) as addr2:
+            async with deployment.device(addr1, "cam") as a, \
+                    deployment.device(addr2, "viewer", standing=True, nat="nat") as b:
+                for _ in range(100):
+                    if n2.sessions["viewer"].standing is not None:
+                        break
+                    await asyncio.sleep(0.02)
+                standing = n2.sessions["viewer"].standing
+                assert standing is not None
+                ra = await a.rendezvous("viewer", A)
+                offer = await asyncio.wait_for(b.incoming().__anext__(), 5)
+        return ra, offer, standing
+
+    ra, offer, standing = arun(main())
+    assert offer.ready is not None and offer.ready.key == ra.key
+    assert (ra.port, ra.isn) == (standing.port, standing.isn) and offer.ready.isn == A.isn

@@ -12,6 +12,12 @@ both devices sit on this node; the registry carries them otherwise):
     key, plan, start time, relay tickets
     RendezvousReady to A             ---ready--->  RendezvousReady(oid) to B
 
+A device may announce its next-connection info ahead of any offer (a
+RendezvousAnswer with request 0, "standing" info): then B's node answers the
+next offer for it at once and B learns of the rendezvous from its Ready
+(request 0), one CCS round trip sooner. Each standing info serves one offer;
+the device announces a fresh one after.
+
 If B is connected nowhere, the origin parks the request; when B comes online
 (on any node: an "online" broadcast) the offer goes out; after
 ``rendezvous_timeout`` A is refused with "peer-offline".
@@ -39,6 +45,7 @@ from fastpunch.proto.plan import plan as make_plan
 log = logging.getLogger("fastpunch.ccs")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STANDING = 0          # RendezvousAnswer.request of info announced ahead of any offer
 SPOOF_ASSIST_SECONDS = 20.0     # covers every slot of a plan (planner.BUDGET)
 
 
@@ -208,6 +215,15 @@ class CCSServer:
             if session is None:
                 await self.deliver(msg["origin"], {"op": "gone", "pid": msg["pid"], "name": msg["b"]})
                 return
+            if session.standing is not None:
+                # B told us its next-connection info ahead of time: answer for
+                # it now, one CCS round trip sooner; its Ready says request 0
+                info, session.standing = session.standing, None
+                await self.deliver(msg["origin"], {
+                    "op": "answer", "pid": msg["pid"], "oid": STANDING, "b": msg["b"],
+                    "node": self.node, "addr": session.peer[0], "rtt": session.rtt,
+                    "info": info.fields()})
+                return
             oid = next(self._ids)
             self.offers[oid] = (msg["origin"], msg["pid"], msg["a"], msg["b"])
             session.write(wire.RendezvousOffer(oid, msg["a"]))
@@ -291,6 +307,9 @@ class CCSServer:
                          f"{pending.b} did not answer within {self.rendezvous_timeout:g} s")
 
     async def answer(self, session: "DeviceSession", msg: wire.RendezvousAnswer) -> None:
+        if msg.request == STANDING:         # info for the next offer, ahead of time
+            session.standing = wire.next_info_of(msg)
+            return
         offer = self.offers.pop(msg.request, None)
         if offer is None or offer[3] != session.name:
             session.close("unknown-request", f"no rendezvous {msg.request} is offered to you")
@@ -395,7 +414,7 @@ class DeviceSession(asyncio.Protocol):
     """Thin glue: bytes in and out of one server-side Connection machine."""
 
     __slots__ = ("server", "machine", "name", "peer", "transport", "_deadline", "rtt",
-                 "_challenged")
+                 "_challenged", "standing")
 
     def __init__(self, server: CCSServer) -> None:
         self.server = server
@@ -406,6 +425,7 @@ class DeviceSession(asyncio.Protocol):
         self._deadline: Optional[asyncio.TimerHandle] = None
         self.rtt: Optional[float] = None          # Challenge -> AuthResponse, seconds
         self._challenged = 0.0
+        self.standing: Optional[wire.NextInfo] = None   # announced ahead, for the next offer
 
     def connection_made(self, transport) -> None:
         self.transport = transport
