@@ -34,12 +34,3 @@ def test_prediction_candidates_follow_the_announced_port():
     assert candidates(ctx) == [65534, 65535, 0, 1, 2, 3]
     assert candidates(PunchContext("initiator", "a", 1, 1, "b", 7, 2, peer_nat="nat")) == [7]
 
-
-def test_the_low_ttl_opener_only_where_a_gateway_might_reset():
-    from fastpunch.punch.rawsession import FIRST_TTL, first_ttl
-
-    def toward(peer_nat):
-        return first_ttl(PunchContext("initiator", "a", 1, 1, "b", 2, 3, peer_nat=peer_nat))
-
-    assert toward("nat") == toward("firewall") == toward("open") == 0
-    assert toward("nat-rst") == toward("unknown") == toward("napt-random") == FIRST_TTL
