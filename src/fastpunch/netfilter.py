@@ -89,9 +89,40 @@ def _load():
     return _ffi, _lib
 
 
+# Freeing a context closes its netlink socket, which waits for an RCU grace
+# period: 17-28 ms measured, against well under 1 ms for the command itself.
+# A punch applies a table before its slot and removes it after the handshake,
+# both on the critical path; so contexts are freed by a daemon thread instead.
+_reaper_lock = threading.Lock()
+_to_free: list = []
+_reaper_wakeup = threading.Event()
+_reaper: Optional[threading.Thread] = None
+
+
+def _reap() -> None:
+    while True:
+        _reaper_wakeup.wait()
+        with _reaper_lock:
+            batch, _to_free[:] = list(_to_free), []
+            _reaper_wakeup.clear()
+        for ctx in batch:
+            _lib.nft_ctx_free(ctx)
+
+
+def _free_later(ctx) -> None:
+    global _reaper
+    with _reaper_lock:
+        _to_free.append(ctx)
+        if _reaper is None or not _reaper.is_alive():      # (a forked child has none)
+            _reaper = threading.Thread(target=_reap, daemon=True, name="fastpunch-nft-free")
+            _reaper.start()
+        _reaper_wakeup.set()
+
+
 class Nftables:
     """A thin libnftables handle. Each :meth:`run` uses a fresh context, so the
-    command applies in the network namespace of the calling thread at call time."""
+    command applies in the network namespace of the calling thread at call time
+    (and the context is freed off the caller's path, see ``_free_later``)."""
 
     def run(self, commands: str, *, json_output: bool = False) -> str:
         ffi, lib = _load()
@@ -109,7 +140,7 @@ class Nftables:
             out = ffi.string(lib.nft_ctx_get_output_buffer(ctx)).decode(errors="replace")
             err = ffi.string(lib.nft_ctx_get_error_buffer(ctx)).decode(errors="replace")
         finally:
-            lib.nft_ctx_free(ctx)
+            _free_later(ctx)
         if rc != 0:
             if "Operation not permitted" in err or "Permission denied" in err:
                 raise InsufficientPrivilegeError("CAP_NET_ADMIN", "changing nftables rules")

@@ -45,6 +45,8 @@ from fastpunch.proto.plan import plan as make_plan
 log = logging.getLogger("fastpunch.ccs")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+START_RTT_SHARE = 0.5  # of the farther device's round trip: its Ready's way there
+START_SETUP_MS = 5     # and time to set up (sockets, nftables) once it is there
 STANDING = 0          # RendezvousAnswer.request of info announced ahead of any offer
 SPOOF_ASSIST_SECONDS = 20.0     # covers every slot of a plan (planner.BUDGET)
 
@@ -374,7 +376,8 @@ class CCSServer:
         known = [r for r in rtts if r is not None]
         if not known:
             return self.start_delay_ms
-        return int(min(self.start_delay_ms, max(25.0, max(known) * 1000 * 0.75 + 25)))
+        return int(min(self.start_delay_ms,
+                       max(START_SETUP_MS, max(known) * 1000 * START_RTT_SHARE + START_SETUP_MS)))
 
     async def _complete(self, msg: dict) -> None:
         pending = self.pending.get(msg["pid"])
