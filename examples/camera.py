@@ -67,12 +67,14 @@ async def main(args) -> None:
     async with Device(args.ccs, args.name, key, ca_file=args.ca,
                       server_hostname=args.server_name, nat=args.nat, standing=True) as dev:
         log("camera-ready", name=args.name, public_addr=list(dev.public_addr))
-        served = 0
+        served, viewers = 0, []
         while args.max_viewers is None or served < args.max_viewers:
             conn = await dev.accept()                 # any device the ACL lets in
-            threading.Thread(target=serve_viewer, args=(conn, source), daemon=True).start()
+            viewer = threading.Thread(target=serve_viewer, args=(conn, source), daemon=True)
+            viewer.start()
+            viewers.append(viewer)
             served += 1
-        while threading.active_count() > 1:          # let the last viewers finish
+        while any(v.is_alive() for v in viewers):     # let the last viewers finish
             await asyncio.sleep(0.2)
 
 

@@ -61,7 +61,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
 CGN = "cgn"
 UPNP_TABLE = "lab_upnp"
 SEQUENTIAL_BASE = 20000
-SEQUENTIAL_SPAN = 256       # ports in the sequential allocator's cycle
+SEQUENTIAL_SPAN = 4096      # ports in the sequential allocator's cycle (20000-24095)
 
 
 def gateway_tables(profile: Profile, wan: str, lan: str, wan_addr: str,
