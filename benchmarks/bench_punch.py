@@ -174,10 +174,10 @@ def test_time_to_direct_connection(benchmark):
         "simopen_times_s": [round(r["seconds"], 4) for r in ok["simopen"]],
         "target_from_start_s": target_start,
         "target_from_connect_s": target_connect,
-        "target_note": "one CCS round trip + 1.5 peer round trips from connect(); the "
-                       "rendezvous itself takes two CCS round trips (A's request, B's "
-                       "answer) and the CCS's start_at adds 0.75 RTT + 25 ms, so the "
-                       "from-start figure is the one the punching itself controls",
+        "target_note": "one CCS round trip + 1.5 peer round trips from connect(): the "
+                       "viewer announced its next-connection info ahead (standing), so "
+                       "the rendezvous is one CCS round trip; the CCS's start_at adds "
+                       "half the farther device's RTT + 5 ms",
         "failures": [r["error"] for rs in results.values() for r in rs if "error" in r][:5],
     })
     sym, sim = info["symmetric_median_s"], info["simopen_median_s"]
