@@ -60,6 +60,7 @@ def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0
                    mss=ctx.mss, wscale=ctx.wscale, sack_permitted=ctx.sack_permitted,
                    timestamps=ctx.timestamps)
     rewrite = netfilter.spoof_rewrite(ctx.local_port, ctx.peer_ip, ctx.peer_port, ctx.ccs_ip)
+    _mirror_synacks(flow, (ctx.ccs_ip, ctx.peer_port))
     sock = None
     try:
         with flow.rst_suppression():
@@ -95,6 +96,22 @@ def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0
         attempt.sent, attempt.seen = flow.stats.sent, flow.stats.received
         attempt.events = list(flow.stats.events)
         flow.close()
+
+
+def _mirror_synacks(flow: RawFlow, opener: tuple) -> None:
+    """Every SYN-ACK we send the peer goes the short way toward the CCS too.
+    When the peer's SYN reached us first, our firewall's entry is in
+    SYN_SENT2, where Linux conntrack takes the peer's ACK for INVALID; our
+    own SYN-ACK in the original direction moves it to SYN_RECV, where that
+    ACK is fine (seen in the matrix: 1 trial in 10 deadlocked without it)."""
+    send = flow._send
+
+    def mirrored(r, payload: bytes = b"", ttl: int = 64, to=None) -> None:
+        send(r, payload, ttl, to)
+        if to is None and r.flags & 0x12 == 0x12:
+            send(r, b"", FIRST_TTL, opener)
+
+    flow._send = mirrored
 
 
 def _settle_own_firewall(flow: RawFlow, opener: tuple) -> None:
