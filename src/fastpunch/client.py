@@ -149,6 +149,7 @@ class Device:
         # announce next-connection info ahead of offers (devices that accept())
         self.standing = standing
         self._standing: Optional[tuple] = None        # (info, local port) the CCS holds
+        self._natcheck_lock: Optional[asyncio.Lock] = None
         self._tasks: set = set()                      # background: unmapping, announcing
         self.probe_port: Optional[int] = None
         self.public_addr: Optional[tuple] = None      # what the CCS sees (reflexive)
@@ -490,7 +491,14 @@ class Device:
         from fastpunch import _caps
 
         if self.nat == "auto" and self.natcheck_result is None:
-            await self.natcheck()
+            # one natcheck at a time: the standing announcement and an
+            # accept() may both get here first, and interleaved probes would
+            # spoil a sequential NAPT's steady step
+            if self._natcheck_lock is None:
+                self._natcheck_lock = asyncio.Lock()
+            async with self._natcheck_lock:
+                if self.natcheck_result is None:
+                    await self.natcheck()
         guess = self.natcheck_result["nat"] if self.nat == "auto" else self.nat
         with socket.socket() as s:
             s.bind(("0.0.0.0", 0))
