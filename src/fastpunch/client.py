@@ -29,10 +29,9 @@ from fastpunch.errors import FastpunchError, RemoteProtocolError
 from fastpunch.proto import wire
 from fastpunch.proto.backoff import Backoff
 from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, Role
-from fastpunch.proto.wire import NextInfo
+from fastpunch.proto.wire import STANDING, NextInfo
 
 log = logging.getLogger("fastpunch.client")
-STANDING = 0                # request id of next-connection info announced ahead of offers
 
 __all__ = ["Device", "Offer", "NextInfo", "PeerConnection", "AuthenticationError",
            "RendezvousRefusedError", "CCSError", "RelayError"]

@@ -41,13 +41,13 @@ from fastpunch.errors import RemoteProtocolError
 from fastpunch.proto import wire
 from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, ProtocolViolation, Role, State
 from fastpunch.proto.plan import plan as make_plan
+from fastpunch.proto.wire import STANDING
 
 log = logging.getLogger("fastpunch.ccs")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 START_RTT_SHARE = 0.5  # of the farther device's round trip: its Ready's way there
 START_SETUP_MS = 5     # and time to set up (sockets, nftables) once it is there
-STANDING = 0          # RendezvousAnswer.request of info announced ahead of any offer
 SPOOF_ASSIST_SECONDS = 20.0     # covers every slot of a plan (planner.BUDGET)
 
 

@@ -117,9 +117,14 @@ class RendezvousRequest(Message):
     crafted: Optional[bool] = None
 
 
+STANDING = 0       # RendezvousAnswer.request of info announced ahead of any offer
+
+
 @_msg(5, {"request": (1, "u32", 4, True), **NEXT_INFO})
 class RendezvousAnswer(Message):
-    """B's next-connection info for an offered rendezvous."""
+    """B's next-connection info for an offered rendezvous; with request
+    ``STANDING`` (0), for the next offer, ahead of it (the CCS then answers
+    that offer itself and B's RendezvousReady carries request 0)."""
     request: int
     port: int
     isn: int
