@@ -100,6 +100,27 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
     return bytes(buf[:got])
 
 
+def timed_trial(cam, viewer, strategy: str) -> dict:
+    """One connection by ``strategy``: its times, and whether it went direct
+    by that strategy on both sides with 32 bytes intact each way."""
+    try:
+        ca, cb = connect(cam, viewer, strategy)
+    except Exception as exc:
+        return {"ok": False, "error": repr(exc)[:300]}
+    try:
+        rtt, intact = ping(ca.sock, cb.sock)
+        won = ca.report.attempts[-1]
+        return {"ok": intact and ca.path == cb.path == "direct"
+                      and ca.strategy == cb.strategy == strategy and won.ok,
+                "seconds": ca.report.seconds,        # from the connect() call
+                "from_start": won.seconds,           # from the common start time
+                "accept_seconds": cb.report.seconds,
+                "peer_rtt": rtt}
+    finally:
+        ca.close()
+        cb.close()
+
+
 def tcp_rtt(lab, where: str, addr: tuple, tries: int = 5) -> float:
     """Median time of a kernel TCP connect() (one round trip) from ``where``."""
     times = []
@@ -123,25 +144,7 @@ def test_time_to_direct_connection(benchmark):
             rtts["ccs"] = tcp_rtt(lab, "a", (lab.ccs_addr, CCS_PORT))
             for _ in range(TRIALS):
                 for strategy in ("symmetric", "simopen"):      # interleaved, same lab
-                    try:
-                        ca, cb = connect(cam, viewer, strategy)
-                    except Exception as exc:
-                        results[strategy].append({"ok": False, "error": repr(exc)[:300]})
-                        continue
-                    try:
-                        rtt, intact = ping(ca.sock, cb.sock)
-                        won = ca.report.attempts[-1]
-                        results[strategy].append({
-                            "ok": intact and ca.path == cb.path == "direct"
-                                  and ca.strategy == cb.strategy == strategy and won.ok,
-                            "seconds": ca.report.seconds,        # from the connect() call
-                            "from_start": won.seconds,           # from the common start time
-                            "accept_seconds": cb.report.seconds,
-                            "peer_rtt": rtt,
-                        })
-                    finally:
-                        ca.sock.close()
-                        cb.sock.close()
+                    results[strategy].append(timed_trial(cam, viewer, strategy))
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     info = benchmark.extra_info
@@ -205,21 +208,7 @@ def test_time_to_connect_mapping_and_spoof(benchmark, a, b, strategies):
         with lab_devices(a, b, delay_ms=DELAY_MS) as (lab, ccs, cam, viewer):
             for _ in range(TRIALS):
                 for strategy in strategies:
-                    try:
-                        ca, cb = connect(cam, viewer, strategy)
-                    except Exception as exc:
-                        results[strategy].append({"ok": False, "error": repr(exc)[:300]})
-                        continue
-                    try:
-                        _, intact = ping(ca.sock, cb.sock)
-                        won = ca.report.attempts[-1]
-                        results[strategy].append({
-                            "ok": intact and ca.path == cb.path == "direct"
-                                  and ca.strategy == cb.strategy == strategy,
-                            "seconds": ca.report.seconds, "from_start": won.seconds})
-                    finally:
-                        ca.close()
-                        cb.close()
+                    results[strategy].append(timed_trial(cam, viewer, strategy))
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     info = benchmark.extra_info

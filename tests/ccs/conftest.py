@@ -93,6 +93,17 @@ async def rendezvous(a, b, peer: str, a_info, b_info) -> tuple:
     return ra, rb, asker
 
 
+async def standing_info(server, name: str, other_than=None, seconds: float = 2.0):
+    """The next-connection info ``name`` announced ahead to ``server``, once
+    it is there (and is not ``other_than``); None if it never came."""
+    for _ in range(int(seconds / 0.02)):
+        info = server.sessions[name].standing if name in server.sessions else None
+        if info is not None and info != other_than:
+            return info
+        await asyncio.sleep(0.02)
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

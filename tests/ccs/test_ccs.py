@@ -14,7 +14,7 @@ from fastpunch.client import AuthenticationError, CCSError, NextInfo, Rendezvous
 from fastpunch.proto import wire
 from fastpunch.proto.connection import Connection, Role, State
 
-from .conftest import answer_one, arun, rendezvous, running
+from .conftest import answer_one, arun, rendezvous, running, standing_info
 
 A_INFO = NextInfo(port=40001, isn=0x11111111, nat="nat", mss=1400, wscale=6)
 B_INFO = NextInfo(port=40002, isn=0x22222222, nat="napt-random", timestamps=False, wscale=None)
@@ -361,11 +361,7 @@ def test_standing_info_answers_the_offer_one_round_trip_sooner(deployment):
         async with running(server) as addr:
             async with deployment.device(addr, "cam") as a, \
                     deployment.device(addr, "viewer", standing=True, nat="nat") as b:
-                for _ in range(100):
-                    if server.sessions["viewer"].standing is not None:
-                        break
-                    await asyncio.sleep(0.02)
-                first = server.sessions["viewer"].standing
+                first = await standing_info(server, "viewer")
                 assert first is not None and first.nat == "nat"
                 ra = await a.rendezvous("viewer", A_INFO)
                 offer = await asyncio.wait_for(b.incoming().__anext__(), 5)
@@ -377,11 +373,7 @@ def test_standing_info_answers_the_offer_one_round_trip_sooner(deployment):
                 with pytest.raises(CCSError) as err:
                     await offer.answer(B_INFO)
                 assert err.value.code == "already-answered"
-                for _ in range(100):                   # the next one is announced
-                    if server.sessions["viewer"].standing not in (None, first):
-                        break
-                    await asyncio.sleep(0.02)
-                second = server.sessions["viewer"].standing
+                second = await standing_info(server, "viewer", other_than=first)   # the next
                 assert second is not None and second.isn != first.isn
                 # and serves the next rendezvous
                 ra2 = await a.rendezvous("viewer", A_INFO)

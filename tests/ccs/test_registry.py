@@ -17,7 +17,7 @@ import pytest
 from fastpunch.ccs.registry import RedisRegistry
 from fastpunch.client import NextInfo
 
-from .conftest import answer_one, arun, free_port, rendezvous, running
+from .conftest import answer_one, arun, free_port, rendezvous, running, standing_info
 
 A = NextInfo(port=40001, isn=7, nat="nat")
 B = NextInfo(port=40002, isn=9, nat="nat-rst")
@@ -217,11 +217,7 @@ def test_standing_info_is_used_on_the_peers_node(deployment, redis_url):
         async with running(n1) as addr1, running(n2) as addr2:
             async with deployment.device(addr1, "cam") as a, \
                     deployment.device(addr2, "viewer", standing=True, nat="nat") as b:
-                for _ in range(100):
-                    if n2.sessions["viewer"].standing is not None:
-                        break
-                    await asyncio.sleep(0.02)
-                standing = n2.sessions["viewer"].standing
+                standing = await standing_info(n2, "viewer")
                 assert standing is not None
                 ra = await a.rendezvous("viewer", A)
                 offer = await asyncio.wait_for(b.incoming().__anext__(), 5)
