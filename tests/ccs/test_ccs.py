@@ -398,3 +398,17 @@ def test_without_standing_info_the_peer_is_asked(deployment):
         assert ra.isn == B_INFO.isn and rb.request != 0
 
     arun(main())
+
+
+def test_the_spoof_assist_holds_a_bounded_number_of_tables(deployment, caplog):
+    """Each spoof plan makes the CCS keep one nftables table for the plan's
+    length; past the cap it goes without (and says so) rather than piling
+    up tables under load."""
+    from fastpunch.ccs import server as server_mod
+
+    server = deployment.server()
+    server._assists = {object() for _ in range(server_mod.MAX_SPOOF_ASSISTS)}
+    with caplog.at_level("INFO", logger="fastpunch.ccs"):
+        server._assist_spoof((("192.0.2.10", 40001), ("192.0.2.20", 40002)), 0.05)
+    assert len(server._assists) == server_mod.MAX_SPOOF_ASSISTS
+    assert "spoof-assist-busy" in caplog.text

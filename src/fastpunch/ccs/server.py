@@ -49,6 +49,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 START_RTT_SHARE = 0.5  # of the farther device's round trip: its Ready's way there
 START_SETUP_MS = 5     # and time to set up (sockets, nftables) once it is there
 SPOOF_ASSIST_SECONDS = 20.0     # covers every slot of a plan (planner.BUDGET)
+MAX_SPOOF_ASSISTS = 256         # at once; past that spoof goes unassisted (plans order it late)
 
 
 def event(kind: str, **fields) -> None:
@@ -346,6 +347,9 @@ class CCSServer:
         from fastpunch import netfilter
 
         if not self.spoof_assist:
+            return
+        if len(self._assists) >= MAX_SPOOF_ASSISTS:     # a table each, kept for a plan's length
+            event("spoof-assist-busy", tables=len(self._assists))
             return
         (a_addr, a_port), (b_addr, b_port) = sides
         table = netfilter.suppress_rsts([
