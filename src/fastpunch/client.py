@@ -305,10 +305,9 @@ class Device:
         if self._standing is not None or self._closing:
             return
         try:
-            info, local = await self.next_info()
-            if info.nat in ("napt-sequential", "upnp"):
-                self._unmap(local)
+            if await self.nat_guess() in ("napt-sequential", "upnp"):
                 return
+            info, local = await self.next_info()
             self._standing = (info, local)
             self._send(wire.RendezvousAnswer(request=STANDING, **info.fields()))
         except (CCSError, OSError) as exc:          # re-announced at the next login
@@ -483,13 +482,12 @@ class Device:
         self.natcheck_result = await natcheck(self, probes)
         return self.natcheck_result
 
-    async def next_info(self) -> tuple:
-        """(next-connection info to announce, local port to use). Behind a
-        sequential NAPT the announced port is the predicted mapping, probed
-        just before; everywhere else it is the local port itself."""
-        from fastpunch import _caps
-
-        if self.nat == "auto" and self.natcheck_result is None:
+    async def nat_guess(self) -> str:
+        """The NAT guess this device announces: ``nat`` as given, or with
+        "auto" natcheck's verdict (natcheck runs once, on first need)."""
+        if self.nat != "auto":
+            return self.nat
+        if self.natcheck_result is None:
             # one natcheck at a time: the standing announcement and an
             # accept() may both get here first, and interleaved probes would
             # spoil a sequential NAPT's steady step
@@ -498,7 +496,15 @@ class Device:
             async with self._natcheck_lock:
                 if self.natcheck_result is None:
                     await self.natcheck()
-        guess = self.natcheck_result["nat"] if self.nat == "auto" else self.nat
+        return self.natcheck_result["nat"]
+
+    async def next_info(self) -> tuple:
+        """(next-connection info to announce, local port to use). Behind a
+        sequential NAPT the announced port is the predicted mapping, probed
+        just before; everywhere else it is the local port itself."""
+        from fastpunch import _caps
+
+        guess = await self.nat_guess()
         with socket.socket() as s:
             s.bind(("0.0.0.0", 0))
             local = s.getsockname()[1]

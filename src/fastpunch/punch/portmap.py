@@ -844,9 +844,10 @@ async def _map_natpmp(gateway: str, internal_addr: str, internal_port: int,
 
 
 def _local_addr_toward(gateway: str) -> Optional[str]:
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((gateway, 9))             # UDP: only a route lookup, nothing is sent
-        return s.getsockname()[0]
+    from fastpunch.punch.base import route_source
+
+    with contextlib.suppress(OSError):
+        return route_source(gateway)
     return None
 
 

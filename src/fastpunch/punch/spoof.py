@@ -56,11 +56,10 @@ def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0
     if not ctx.ccs_ip:
         raise PunchFailed("no-ccs-address", "spoof needs the CCS's address")
     netfilter.sweep_stale()
-    flow = RawFlow(ctx.local_ip, ctx.local_port, ctx.peer_ip, ctx.peer_port, iss=ctx.iss,
-                   mss=ctx.mss, wscale=ctx.wscale, sack_permitted=ctx.sack_permitted,
-                   timestamps=ctx.timestamps)
+    flow = _SpoofFlow((ctx.ccs_ip, ctx.peer_port), ctx.local_ip, ctx.local_port, ctx.peer_ip,
+                      ctx.peer_port, iss=ctx.iss, mss=ctx.mss, wscale=ctx.wscale,
+                      sack_permitted=ctx.sack_permitted, timestamps=ctx.timestamps)
     rewrite = netfilter.spoof_rewrite(ctx.local_port, ctx.peer_ip, ctx.peer_port, ctx.ccs_ip)
-    _mirror_synacks(flow, (ctx.ccs_ip, ctx.peer_port))
     sock = None
     try:
         with flow.rst_suppression():
@@ -78,7 +77,7 @@ def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0
             if flow.tracker.irs != ctx.peer_isn:
                 raise PunchFailed("isn-mismatch", f"the peer's ISN {flow.tracker.irs} is not "
                                                   f"the announced {ctx.peer_isn}: not our peer")
-            _settle_own_firewall(flow, (ctx.ccs_ip, ctx.peer_port))
+            _settle_own_firewall(flow)
             sock = repair_socket(flow.handoff_state())
         _check_both_ways(sock, ctx.role == "initiator", deadline, flow._note)
         # the rewrite lives as long as the connection
@@ -98,30 +97,32 @@ def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0
         flow.close()
 
 
-def _mirror_synacks(flow: RawFlow, opener: tuple) -> None:
-    """Every SYN-ACK we send the peer goes the short way toward the CCS too.
-    When the peer's SYN reached us first, our firewall's entry is in
-    SYN_SENT2, where Linux conntrack takes the peer's ACK for INVALID; our
-    own SYN-ACK in the original direction moves it to SYN_RECV, where that
-    ACK is fine (seen in the matrix: 1 trial in 10 deadlocked without it)."""
-    send = flow._send
+class _SpoofFlow(RawFlow):
+    """A RawFlow whose every SYN-ACK to the peer also goes the short way
+    toward the CCS (``opener``). When the peer's SYN reached us first, our
+    firewall's entry is in SYN_SENT2, where Linux conntrack takes the peer's
+    ACK for INVALID; our own SYN-ACK in the original direction moves it to
+    SYN_RECV, where that ACK is fine (seen in the matrix: 1 trial in 10
+    deadlocked without it)."""
 
-    def mirrored(r, payload: bytes = b"", ttl: int = 64, to=None) -> None:
-        send(r, payload, ttl, to)
+    def __init__(self, opener: tuple, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.opener = opener
+
+    def _send(self, r, payload: bytes = b"", ttl: int = 64, to=None) -> None:
+        super()._send(r, payload, ttl, to)
         if to is None and r.flags & 0x12 == 0x12:
-            send(r, b"", FIRST_TTL, opener)
-
-    flow._send = mirrored
+            super()._send(r, b"", FIRST_TTL, self.opener)
 
 
-def _settle_own_firewall(flow: RawFlow, opener: tuple) -> None:
+def _settle_own_firewall(flow: _SpoofFlow) -> None:
     """Our firewall's entry for the flow saw our SYN and, in reply, the
     peer's SYN or SYN-ACK: SYN_SENT2 or SYN_RECV. From there Linux conntrack
     takes a FIN in the reply direction for INVALID (the flow could not
     close) and drops the entry after 60 s of quiet. A SYN-ACK and an ACK
     from us, on the same short-lived path as the first SYN, complete its
     handshake: ESTABLISHED whichever of the two states it was in."""
-    ack = flow.tracker.ack()
+    ack, opener = flow.tracker.ack(), flow.opener
     flow._send(Reply(0x12, flow.iss, ack.ack, ack.window), ttl=FIRST_TTL, to=opener)
     flow._send(ack, ttl=FIRST_TTL, to=opener)
     flow._note(f"sent SYN-ACK and ACK to {opener[0]}:{opener[1]} with TTL {FIRST_TTL} "
