@@ -9,7 +9,9 @@ batch verdict, so the link never reorders. Without this process running, a
 queued packet is dropped (no --queue-bypass): a lab that lost its delay shows
 it instead of silently measuring a faster path.
 
-Run inside the gateway namespace:
+The lab runs one per delayed site in its core namespace, on the core's end
+of the site's access link (queue number = site index), so packets are held
+after their gateway translated them, as on a real link:
     python -m fastpunch.lab.delay --queue 1 --ms 20
 """
 

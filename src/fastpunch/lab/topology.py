@@ -180,19 +180,30 @@ class Lab:
             for path, value in sysctls.items():
                 _write_sysctl(path, value)
 
-    def _delay(self, ns: str, ms: float) -> None:
-        """Hold every packet crossing the gateway's WAN side for ``ms``."""
+    def _delay(self, ns: str, ms: float, queue: int, link: str) -> None:
+        """Hold every packet crossing ``link`` of namespace ``ns`` for ``ms``.
+
+        The lab calls it in the core, on the core's end of a site's access
+        link: the packet is delayed on the wire, after its gateway has
+        translated it and confirmed its conntrack entry, as on a real access
+        link. Held inside the gateway instead (its POSTROUTING, before NAT),
+        a conntrack entry stays unconfirmed for the whole delay, and a second
+        packet of the same flow sent meanwhile makes a duplicate entry that
+        the kernel drops on confirm (insert_failed): a NAT that takes 20 ms
+        per new flow, which no real NAT does (measured: it made the low-TTL
+        opener need a 30 ms head start, and kernel simultaneous open lose
+        one of its SYNs in about half the trials)."""
         import sys
 
-        proc = self.spawn(ns, [sys.executable, "-m", "fastpunch.lab.delay", "--queue", "1",
+        proc = self.spawn(ns, [sys.executable, "-m", "fastpunch.lab.delay", "--queue", str(queue),
                                "--ms", str(ms)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
         line = proc.stdout.readline()            # printed once the queue is bound
         if not line.startswith("delaying"):
             raise LabError(f"the delay process failed: {proc.stderr.read().strip()}")
         for chain, flag in (("PREROUTING", "-i"), ("POSTROUTING", "-o")):
-            argv = ["iptables", "-t", "mangle", "-A", chain, flag, "wan", "-j", "NFQUEUE",
-                    "--queue-num", "1"]
+            argv = ["iptables", "-t", "mangle", "-A", chain, flag, link, "-j", "NFQUEUE",
+                    "--queue-num", str(queue)]
             try:
                 result = self.run(ns, argv)
             except FileNotFoundError as exc:
@@ -307,7 +318,7 @@ class Lab:
             self._addr(host, "eth0", f"{host_addr}/{prefix}")
             self._route(host, "default", lan_gw)
             if self.delay_ms[name]:
-                self._delay(gw, self.delay_ms[name])
+                self._delay(inet, self.delay_ms[name], queue=i, link=f"s{name}")
             if self.rate_mbit[name]:
                 self._rate(gw, self.rate_mbit[name])
             self.sites[name] = Site(name, profile, i, host, gw, host_addr, public, lan_gw,
