@@ -47,6 +47,7 @@ class FlowStats:
     sent: int = 0
     received: int = 0
     malformed: int = 0
+    foreign: int = 0              # SYNs/SYN-ACKs with another ISN than the announced
     events: list = field(default_factory=list)  # (seconds since start, what)
 
 
@@ -56,12 +57,13 @@ class RawFlow:
     def __init__(self, local_ip: str, local_port: int, peer_ip: str, peer_port: int, *,
                  iss: Optional[int] = None, mss: int = 1460, wscale: Optional[int] = 7,
                  sack_permitted: bool = True, timestamps: bool = True,
-                 rcv_wnd: int = 64240) -> None:
+                 rcv_wnd: int = 64240, peer_isn: Optional[int] = None) -> None:
         self.local = (local_ip, local_port)
         self.peer = (peer_ip, peer_port)
         self.iss = int.from_bytes(os.urandom(4), "big") if iss is None else iss
         self.mss, self.wscale, self.sack_permitted = mss, wscale, sack_permitted
         self.timestamps = timestamps
+        self.peer_isn = peer_isn      # announced by the peer: SYNs with another are not its
         self.ts_ok = False          # both SYNs carried timestamps
         self.ts_recent = 0          # newest TSval from the peer
         self.peer_options: Optional[TCPOptions] = None
@@ -142,6 +144,14 @@ class RawFlow:
 
     def _input(self, seg: Segment) -> FlowEvent:
         self.stats.received += 1
+        if self.peer_isn is not None and seg.flags & 0x2 and seg.seq != self.peer_isn:
+            # not the peer's crafted flow: typically the kernel socket of its
+            # previous strategy, still in its slot when our SYN arrived, which
+            # answered with a SYN-ACK of its own ISN (or anyone else's)
+            self.stats.foreign += 1
+            self._note(f"ignored [{seg.flags_str}] seq={seg.seq}: not the announced ISN "
+                       f"{self.peer_isn}")
+            return FlowEvent.IGNORED
         if seg.flags & 0x2:  # the peer's SYN or SYN-ACK: learn its options
             self.peer_options = seg.options
             self.ts_ok = self.timestamps and seg.options.timestamp is not None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from fastpunch._engine import FlowState
+from fastpunch._engine import FlowEvent, FlowState
 from fastpunch.rawflow import FlowStats, RawFlow
 
 
@@ -43,3 +43,50 @@ def test_a_batch_before_the_handshake_completes_is_taken_whole():
     batch = [segment(7, "S"), segment(8, "A")]
     assert [s.seq for s in flow._opening(batch)] == [7, 8]
     assert flow.stats.events == []
+
+
+# -- SYNs that are not the peer's announced flow --------------------------------
+
+A, B = "10.1.0.2", "203.0.113.20"
+
+
+def tracked_flow(peer_isn) -> tuple[RawFlow, list]:
+    """A RawFlow without sockets around a real tracker in SYN_SENT; what it
+    would send is collected instead."""
+    from fastpunch._engine import FlowTracker
+
+    flow = RawFlow.__new__(RawFlow)
+    flow.tracker = FlowTracker(1000, 64240, 7)
+    flow.tracker.syn_sent()
+    flow.stats = FlowStats()
+    flow._t0 = time.monotonic()
+    flow.timestamps, flow.ts_ok, flow.ts_recent, flow.peer_options = False, False, 0, None
+    flow._received = bytearray()
+    flow.peer_isn = peer_isn
+    sent = []
+    flow._send = lambda reply, *a, **k: sent.append(reply)
+    return flow, sent
+
+
+def syn_ack(isn: int):
+    from fastpunch._engine import build, parse
+
+    return parse(build(B, A, 40025, 55477, seq=isn, ack=1001, flags=0x12))
+
+
+def test_a_syn_ack_with_another_isn_is_ignored_not_taken():
+    # the peer's kernel socket of a previous strategy answered our SYN with
+    # its own ISN: the flow must wait for the announced one
+    flow, sent = tracked_flow(peer_isn=5000)
+    assert flow._input(syn_ack(7777)) == FlowEvent.IGNORED
+    assert flow.tracker.state == FlowState.SYN_SENT and sent == []
+    assert flow.stats.foreign == 1
+    assert "not the announced ISN 5000" in flow.stats.events[-1][1]
+    assert flow._input(syn_ack(5000)) == FlowEvent.ESTABLISHED
+    assert flow.tracker.irs == 5000 and sent[-1].ack == 5001
+
+
+def test_without_an_announced_isn_any_syn_ack_is_taken():
+    flow, _ = tracked_flow(peer_isn=None)
+    assert flow._input(syn_ack(7777)) == FlowEvent.ESTABLISHED
+    assert flow.stats.foreign == 0

@@ -7,6 +7,7 @@ import errno
 import os
 import select
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -159,16 +160,27 @@ def route_source(peer_ip: str) -> str:
         return s.getsockname()[0]
 
 
+# A kernel-socket strategy gives its slot up this long before the slot ends:
+# the next strategy's first SYN (crafted, from the same port to the same peer)
+# may arrive from then on, and a kernel socket still open would answer it
+# with a SYN-ACK of its own ISN and, closed after that, hold the 4-tuple in
+# FIN_WAIT1 (measured: the following strategies failed with EADDRNOTAVAIL).
+SLOT_GUARD = 0.03
+
+
 def kernel_connect(ctx: PunchContext, deadline: float, attempt: Attempt, retry: float,
                    what: str) -> socket.socket:
     """Plain kernel connect() from our announced port to the peer's, again
-    and again until ``deadline``: one socket for as long as it lives (the
-    kernel resends its SYN itself, and a socket closed mid-open would lose a
-    crossing SYN-ACK), a new one ``retry`` s after it dies (RST, refusal).
-    Returns the connected, blocking socket; ``what`` names it in the error."""
+    and again until SLOT_GUARD before ``deadline``: one socket for as long as
+    it lives (the kernel resends its SYN itself, and a socket closed mid-open
+    would lose a crossing SYN-ACK), a new one ``retry`` s after it dies (RST,
+    refusal). A socket given up is aborted (SO_LINGER 0), so nothing of it
+    stays on the 4-tuple. Returns the connected, blocking socket; ``what``
+    names it in the error."""
     t0 = time.time()
+    end = deadline - SLOT_GUARD
     last = None
-    while time.time() < deadline:
+    while time.time() < end:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -180,7 +192,7 @@ def kernel_connect(ctx: PunchContext, deadline: float, attempt: Attempt, retry: 
                                    f"connect() to {ctx.peer_ip}:{ctx.peer_port}"))
             if rc not in (0, errno.EINPROGRESS):
                 raise OSError(rc, errno.errorcode.get(rc, str(rc)))
-            _, w, _ = select.select([], [s], [], max(0.0, deadline - time.time()))
+            _, w, _ = select.select([], [s], [], max(0.0, end - time.time()))
             if not w:
                 raise OSError(errno.ETIMEDOUT, "no answer before the slot ended")
             err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -192,8 +204,9 @@ def kernel_connect(ctx: PunchContext, deadline: float, attempt: Attempt, retry: 
         except OSError as exc:
             last = exc
             attempt.events.append((round(time.time() - t0, 3), f"failed: {exc.strerror or exc}"))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.close()
-            time.sleep(min(retry, max(0.0, deadline - time.time())))
+            time.sleep(min(retry, max(0.0, end - time.time())))
     raise PunchFailed("timeout", f"{what} did not complete ({last})")
 
 

@@ -13,14 +13,30 @@ from fastpunch._engine import FlowEvent, FlowState
 from fastpunch.rawflow import HandshakeFailed, RawFlow
 
 
-# The first SYN of an active open dies one hop past our own NAT: it opens our
-# mapping without reaching the far gateway, which might answer it with a RST
-# that closes the mapping again (LAB-NOTES 1); the full SYN follows 30 ms later
-# (10 ms made the 20 ms-delay lab miss the first exchange: 310 ms instead of 122).
-# It is not only about RSTs: without it the two full SYNs race each side's own
-# mapping, and in about half the trials one is dropped (131 ms median instead
-# of 124 toward a silently dropping peer, measured; so it stays for every peer).
+# The first SYN of an active open (the opener) dies one hop past our own NAT:
+# it opens our mapping without reaching the far gateway, which might answer
+# it with a RST that closes the mapping again (LAB-NOTES 1). It is not only
+# about RSTs: without it the two full SYNs race each side's own mapping, and
+# one is dropped whenever a SYN beats the far side's own (131 ms median
+# instead of 124, measured).
+#
+# When the full SYN follows: the opener leaves FIRST_GAP before the common
+# start (or as soon as the flow is set up). Toward a peer whose gateway drops
+# unsolicited SYNs quietly, the full SYN leaves at the start, at least
+# MIN_GAP after the opener: a SYN that arrives before the far side's opener
+# is only dropped, and the peer's own SYN completes the handshake. Measured
+# in the 20 ms lab (delay on the access links): 83 ms from the start against
+# kernel simultaneous open's 81 (one peer round trip); a full SYN FIRST_GAP
+# after the opener took 101-113. Toward a gateway that may answer with a RST
+# (nat-rst, or not known) the full SYN keeps the whole FIRST_GAP after the
+# opener: that gap absorbs the two sides' start skew, and a RST'd SYN costs
+# far more (a zero-delay nat-rst pair with a 2 ms gap went to the relay in
+# 1 trial of 3).
 FIRST_TTL = 2
+FIRST_GAP = 0.03
+MIN_GAP = 0.002
+DROPS_QUIETLY = {"open", "firewall", "firewall-liberal", "nat", "strict", "cgn", "upnp",
+                 "napt-sequential", "napt-random"}
 
 
 def require_privileges() -> None:
@@ -38,17 +54,21 @@ def handshake(ctx: PunchContext, deadline: float, attempt: Attempt, *, active: b
     netfilter.sweep_stale()        # tables of crashed fastpunch processes, in this namespace
     flow = RawFlow(ctx.local_ip, ctx.local_port, ctx.peer_ip, ctx.peer_port, iss=ctx.iss,
                    mss=ctx.mss, wscale=ctx.wscale, sack_permitted=ctx.sack_permitted,
-                   timestamps=ctx.timestamps)
+                   timestamps=ctx.timestamps, peer_isn=ctx.peer_isn)
     try:
         with flow.rst_suppression():
-            sleep_until(start)
+            # the opener leaves FIRST_GAP ahead, the full SYN at the start
+            sleep_until(start - FIRST_GAP if active else start)
             timeout = deadline - time.time()
             if timeout <= 0:
                 raise PunchFailed("no-time", "the strategy's time slot had passed")
             try:
                 if active:
+                    gap = FIRST_GAP
+                    if ctx.peer_nat in DROPS_QUIETLY:
+                        gap = max(MIN_GAP, start - time.time())
                     flow.connect(timeout=timeout, resend_every=resend, survive_rst=True,
-                                 first_ttl=FIRST_TTL)
+                                 first_ttl=FIRST_TTL, first_gap=gap)
                 else:
                     from fastpunch._engine import TCPOptions
 
@@ -81,7 +101,8 @@ def _handshake_many(ctx: PunchContext, deadline: float, attempt: Attempt, ports:
         for port in ports:
             flows.append(RawFlow(ctx.local_ip, ctx.local_port, ctx.peer_ip, port, iss=ctx.iss,
                                  mss=ctx.mss, wscale=ctx.wscale,
-                                 sack_permitted=ctx.sack_permitted, timestamps=ctx.timestamps))
+                                 sack_permitted=ctx.sack_permitted, timestamps=ctx.timestamps,
+                                 peer_isn=ctx.peer_isn))
         guard = netfilter.suppress_rsts(
             [netfilter.RstSuppression(ctx.local_port, ctx.peer_ip, p) for p in ports])
         with guard:

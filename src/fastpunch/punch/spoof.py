@@ -41,7 +41,7 @@ from fastpunch import netfilter
 from fastpunch._engine import Reply
 from fastpunch.handoff import repair_socket
 from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, sleep_until, tie
-from fastpunch.punch.rawsession import FIRST_TTL, require_privileges
+from fastpunch.punch.rawsession import FIRST_GAP, FIRST_TTL, require_privileges
 from fastpunch.rawflow import HandshakeFailed, RawFlow
 
 NAME = "spoof"
@@ -58,19 +58,21 @@ def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0
     netfilter.sweep_stale()
     flow = _SpoofFlow((ctx.ccs_ip, ctx.peer_port), ctx.local_ip, ctx.local_port, ctx.peer_ip,
                       ctx.peer_port, iss=ctx.iss, mss=ctx.mss, wscale=ctx.wscale,
-                      sack_permitted=ctx.sack_permitted, timestamps=ctx.timestamps)
+                      sack_permitted=ctx.sack_permitted, timestamps=ctx.timestamps,
+                      peer_isn=ctx.peer_isn)
     rewrite = netfilter.spoof_rewrite(ctx.local_port, ctx.peer_ip, ctx.peer_port, ctx.ccs_ip)
     sock = None
     try:
         with flow.rst_suppression():
             rewrite.apply()
-            sleep_until(start)
+            sleep_until(start - FIRST_GAP)        # the full SYN leaves at the start
             timeout = deadline - time.time()
             if timeout <= 0:
                 raise PunchFailed("no-time", "the strategy's time slot had passed")
             try:
                 flow.connect(timeout=timeout, resend_every=RESEND, survive_rst=True,
-                             first_ttl=FIRST_TTL, first_to=(ctx.ccs_ip, ctx.peer_port))
+                             first_ttl=FIRST_TTL, first_gap=FIRST_GAP,
+                             first_to=(ctx.ccs_ip, ctx.peer_port))
             except HandshakeFailed as exc:
                 reason = "reset" if "reset" in str(exc) else "timeout"
                 raise PunchFailed(reason, str(exc)) from None

@@ -65,7 +65,8 @@ def _options(ctx: PunchContext) -> TCPOptions:
 
 def _flow(ctx: PunchContext, local_port: int, peer_port: int) -> RawFlow:
     f = RawFlow(ctx.local_ip, local_port, ctx.peer_ip, peer_port, iss=ctx.iss, mss=ctx.mss,
-                wscale=ctx.wscale, sack_permitted=ctx.sack_permitted, timestamps=ctx.timestamps)
+                wscale=ctx.wscale, sack_permitted=ctx.sack_permitted, timestamps=ctx.timestamps,
+                peer_isn=ctx.peer_isn)
     f.tracker.syn_sent()          # its SYN already left in a batch
     return f
 

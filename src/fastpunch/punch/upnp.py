@@ -23,7 +23,8 @@ import select
 import socket
 import time
 
-from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, kernel_connect, sleep_until
+from fastpunch.punch.base import (SLOT_GUARD, Attempt, PunchContext, PunchFailed, kernel_connect,
+                                  sleep_until)
 
 NAME = "upnp"
 RETRY = 0.1           # a refused connect (the listener not up yet) is retried after this
@@ -54,7 +55,7 @@ def _listen(ctx: PunchContext, deadline: float, attempt: Attempt, start: float):
         attempt.events.append((0.0, f"listening on {ctx.local_port} (mapped from external "
                                     f"port {ctx.mapped_port})"))
         while True:
-            left = deadline - time.time()
+            left = deadline - SLOT_GUARD - time.time()      # see SLOT_GUARD
             if left <= 0:
                 raise PunchFailed("timeout", f"the peer did not connect to external port "
                                              f"{ctx.mapped_port} before the slot ended")
