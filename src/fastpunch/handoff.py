@@ -58,6 +58,8 @@ class FlowState:
     snd_wnd: int            # the peer's window in bytes (scaled)
     rcv_wnd: int            # our advertised window in bytes
     tsval: int = 0          # our current TSval clock (the kernel continues from it)
+    received: bytes = b""   # peer data the engine took (and acked) before the hand-off:
+                            # it goes into the socket's receive queue, ahead of the rest
 
 
 def _u32(value: int) -> bytes:
@@ -87,11 +89,21 @@ def repair_socket(state: FlowState, *, nonblocking: bool = False) -> socket.sock
         _set(sock, "send-queue", TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         _set(sock, "send-seq", TCP_QUEUE_SEQ, _u32(state.snd_nxt))
         _set(sock, "recv-queue", TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-        _set(sock, "recv-seq", TCP_QUEUE_SEQ, _u32(state.rcv_nxt))
+        _set(sock, "recv-seq", TCP_QUEUE_SEQ, _u32(state.rcv_nxt - len(state.received)))
         try:
             sock.connect(state.peer)            # repair mode: straight to ESTABLISHED
         except OSError as exc:
             raise HandoffError("connect", exc) from exc
+        if state.received:
+            # still in repair mode with the receive queue selected: a send()
+            # queues the bytes for our reader and moves rcv_nxt past them
+            try:
+                queued = sock.send(state.received)
+            except OSError as exc:
+                raise HandoffError("recv-queue-data", exc) from exc
+            if queued != len(state.received):
+                raise HandoffError("recv-queue-data", OSError(
+                    errno.EMSGSIZE, f"queued {queued} of {len(state.received)} bytes"))
         opts = [(TCPOPT_MSS, state.mss)]
         if state.snd_wscale is not None and state.rcv_wscale is not None:
             opts.append((TCPOPT_WINDOW, state.snd_wscale | (state.rcv_wscale << 16)))

@@ -313,7 +313,7 @@ class RawFlow:
             rcv_wscale=self.tracker.rcv_wscale if scaled else None,
             sack=bool(self.sack_permitted and peer is not None and peer.sack_permitted),
             timestamps=self.ts_ok, snd_wnd=max(self.tracker.snd_wnd, 1),
-            rcv_wnd=self.tracker.rcv_wnd, tsval=self._tsval())
+            rcv_wnd=self.tracker.rcv_wnd, tsval=self._tsval(), received=bytes(self._received))
 
     def abort(self) -> None:
         """Reset the flow at the peer (RST with our next sequence number)."""

@@ -5,8 +5,10 @@ exchanges data has verified our checksums, sequence numbers and options."""
 from __future__ import annotations
 
 import array
+import os
 import select
 import socket
+import threading
 import time
 
 import pytest
@@ -219,3 +221,57 @@ def test_handshake_to_a_closed_port_fails_cleanly(veth):
     with flow, inside(veth.ns_a), flow.rst_suppression():
         with pytest.raises(HandshakeFailed, match="reset"):
             flow.connect(timeout=3)
+
+
+@pytest.mark.parametrize("piggyback", [True, False], ids=["ack-carries-data", "bare-ack"])
+def test_peer_data_at_the_handshake_reaches_the_handed_off_socket(veth, piggyback):
+    """A kernel client connects to a crafted passive open and writes at once.
+    With TCP_QUICKACK off it holds back the handshake's last ACK and sends
+    it on its first data segment, so the segment that completes our
+    handshake carries data, which the engine takes and acks: the hand-off
+    must put those bytes in the kernel socket's receive queue. Otherwise its
+    data follows a bare ACK and is left for the kernel socket. Either way
+    the handed-off socket reads the whole stream, in order."""
+    from fastpunch.handoff import repair_socket
+
+    first, rest = os.urandom(1000), os.urandom(300_000)
+    with inside(veth.ns_a):
+        flow = RawFlow(veth.addr_a, 40124, veth.addr_b, 40123, iss=0x7FFFFF00)
+    with inside(veth.ns_b):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.bind((veth.addr_b, 40123))
+    if piggyback:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+    client.settimeout(10)
+    failed = []
+
+    def write():
+        try:
+            client.connect((veth.addr_a, 40124))
+            client.sendall(first)
+            client.sendall(rest)
+            client.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            failed.append(exc)
+
+    writer = threading.Thread(target=write, daemon=True)
+    try:
+        with flow, inside(veth.ns_a), flow.rst_suppression():
+            writer.start()
+            syn = collect(flow.rx, 1, until=lambda s: s.flags & Flags.SYN)[-1]
+            flow.answer_assumed(syn.seq, syn.options, timeout=5)
+            sock = repair_socket(flow.handoff_state())
+        with sock:
+            sock.settimeout(10)
+            got = bytearray()
+            while chunk := sock.recv(65536):
+                got += chunk
+        writer.join(10)
+    finally:
+        client.close()
+    assert not failed
+    took = [what for _, what in flow.stats.events if what.startswith("recv")]
+    if piggyback:       # the case this test is about did happen
+        assert "len=1000 -> ESTABLISHED" in took[0], took
+    assert len(got) == len(first) + len(rest)
+    assert bytes(got) == first + rest
