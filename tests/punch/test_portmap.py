@@ -117,3 +117,49 @@ def test_a_gateway_without_a_daemon_fails_in_bounded_time(lab_factory):
     assert err.failures["natpmp"].code in ("unreachable", "timeout")
     assert err.failures["upnp"].code == "timeout"              # no SSDP answer
     assert elapsed < 3 * pm.DEFAULT_TIMEOUT + 1.0, elapsed
+
+
+def counting_discovery(monkeypatch) -> list:
+    """Count SSDP discoveries (the real one still runs)."""
+    calls = []
+    real = pm._ssdp_discover
+
+    async def discover(gateway, deadline):
+        calls.append(gateway)
+        return await real(gateway, deadline)
+
+    monkeypatch.setattr(pm, "_ssdp_discover", discover)
+    return calls
+
+
+def test_upnp_discovers_the_gateway_once_then_reuses_it(upnp_lab, monkeypatch):
+    lab, site = upnp_lab, upnp_lab.sites["a"]
+    pm._igd_cache.clear()
+    calls = counting_discovery(monkeypatch)
+    took = []
+    for port in (47000, 47001):
+        t0 = time.perf_counter()
+        mapping = in_site(lab, pm.map_port(site.host_addr, port, protocols=("upnp",)))
+        took.append(time.perf_counter() - t0)
+        in_site(lab, pm.unmap(mapping))
+    assert calls == [site.gateway_lan]                  # the second mapping skipped SSDP
+    print(f"UPnP mapping: discovered {took[0] * 1000:.0f} ms, cached {took[1] * 1000:.0f} ms")
+
+
+def test_a_stale_cached_control_url_is_discovered_again(upnp_lab, monkeypatch):
+    # as after a gateway reboot onto another port: the cached URL refuses,
+    # the mapping is still granted, through a fresh discovery
+    lab, site = upnp_lab, upnp_lab.sites["a"]
+    pm._igd_cache.clear()
+    calls = counting_discovery(monkeypatch)
+    with lab.inside("a"):
+        key = pm._igd_key(site.gateway_lan)
+    pm._igd_cache[key] = (pm.IgdService(f"http://{site.gateway_lan}:5009/ctl/IPConn",
+                                        pm.WANIP_SERVICES[0]), time.monotonic() + 60)
+    mapping = in_site(lab, pm.map_port(site.host_addr, 47002, protocols=("upnp",)))
+    try:
+        assert mapping.control_url.startswith(f"http://{site.gateway_lan}:5000/")
+        assert calls == [site.gateway_lan]
+        assert pm._igd_cache[key][0].control_url == mapping.control_url
+    finally:
+        in_site(lab, pm.unmap(mapping))

@@ -66,6 +66,7 @@ import os
 import socket
 import struct
 import sys
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Dict, Optional, Sequence, Tuple
@@ -96,6 +97,9 @@ DEFAULT_TIMEOUT = sum(RETRY_SCHEDULE)   # per protocol
 DESCRIPTION = "fastpunch"               # the UPnP mapping's description
 LOW_PORTS = 1024                        # PCP/NAT-PMP never asked to map below this
 TCP = 6
+# A discovered IGD (its control URL) is reused this long per namespace and
+# gateway: SSDP and the description GET are most of a UPnP mapping's time.
+IGD_CACHE_SECONDS = 120.0
 
 
 class PortMapError(FastpunchError):
@@ -943,14 +947,59 @@ async def _soap(service: IgdService, action: str, body: bytes, deadline: float
     return parse_soap_response(response.body, action, response.status)
 
 
-async def _map_upnp(gateway: Optional[str], internal_addr: str, internal_port: int,
-                    external_port: int, lifetime: int, deadline: float) -> Mapping:
+_igd_cache: Dict[tuple, Tuple[IgdService, float]] = {}
+
+
+def _igd_key(gateway: Optional[str]) -> tuple:
+    """Cache key: this thread's network namespace and the gateway (lab
+    devices of one process live in different namespaces)."""
+    try:
+        netns = os.stat("/proc/thread-self/ns/net").st_ino
+    except OSError:
+        netns = 0
+    return netns, gateway
+
+
+async def _igd_service(gateway: Optional[str], deadline: float) -> Tuple[IgdService, bool]:
+    """The gateway's WAN connection service and whether it came from the
+    cache; discovered (SSDP, then the description) when not cached."""
+    key = _igd_key(gateway)
+    hit = _igd_cache.get(key)
+    if hit is not None and hit[1] > time.monotonic():
+        return hit[0], True
     location = await _ssdp_discover(gateway, deadline)
     response = await _http("GET", location, deadline)
     if response.status != 200:
         raise PortMapError(f"upnp-http-{response.status}", f"GET {location[:100]}: HTTP "
                            f"status {response.status}")
     service = parse_root_description(response.body, location)
+    _igd_cache[key] = (service, time.monotonic() + IGD_CACHE_SECONDS)
+    return service, False
+
+
+def _stale(exc: PortMapError) -> bool:
+    """An error that says the cached control URL no longer serves (the
+    gateway rebooted onto another port or path), not a refusal."""
+    return exc.code in ("network", "unreachable", "timeout") or exc.code.startswith("upnp-http-")
+
+
+async def _map_upnp(gateway: Optional[str], internal_addr: str, internal_port: int,
+                    external_port: int, lifetime: int, deadline: float) -> Mapping:
+    service, cached = await _igd_service(gateway, deadline)
+    try:
+        return await _add_upnp(service, internal_addr, internal_port, external_port, lifetime,
+                               deadline)
+    except PortMapError as exc:
+        if not (cached and _stale(exc)):
+            raise
+        _igd_cache.pop(_igd_key(gateway), None)          # discover again, once
+    service, _ = await _igd_service(gateway, deadline)
+    return await _add_upnp(service, internal_addr, internal_port, external_port, lifetime,
+                           deadline)
+
+
+async def _add_upnp(service: IgdService, internal_addr: str, internal_port: int,
+                    external_port: int, lifetime: int, deadline: float) -> Mapping:
     igd = _http_url(service.control_url, "control URL")[0]
     if internal_addr in ("", "0.0.0.0"):
         internal_addr = _local_addr_toward(igd) or internal_addr
