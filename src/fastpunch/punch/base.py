@@ -169,22 +169,24 @@ SLOT_GUARD = 0.03
 
 
 def kernel_connect(ctx: PunchContext, deadline: float, attempt: Attempt, retry: float,
-                   what: str) -> socket.socket:
+                   what: str, local_port: Optional[int] = None) -> socket.socket:
     """Plain kernel connect() from our announced port to the peer's, again
     and again until SLOT_GUARD before ``deadline``: one socket for as long as
     it lives (the kernel resends its SYN itself, and a socket closed mid-open
     would lose a crossing SYN-ACK), a new one ``retry`` s after it dies (RST,
     refusal). A socket given up is aborted (SO_LINGER 0), so nothing of it
     stays on the 4-tuple. Returns the connected, blocking socket; ``what``
-    names it in the error."""
+    names it in the error. ``local_port`` (default: our announced port; 0:
+    any) is where the SYNs leave from."""
     t0 = time.time()
+    port = ctx.local_port if local_port is None else local_port
     end = deadline - SLOT_GUARD
     last = None
     while time.time() < end:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((ctx.local_ip, ctx.local_port))
+            s.bind((ctx.local_ip, port))
             s.setblocking(False)
             rc = s.connect_ex((ctx.peer_ip, ctx.peer_port))
             attempt.sent += 1

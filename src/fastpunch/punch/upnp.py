@@ -80,6 +80,12 @@ def _listen(ctx: PunchContext, deadline: float, attempt: Attempt, start: float):
 
 def _connect(ctx: PunchContext, deadline: float, attempt: Attempt, start: float):
     sleep_until(start)
-    sock = kernel_connect(ctx, deadline, attempt, RETRY, "connecting to the peer's mapped port")
+    # from any port, not the announced one: the listener takes any port of
+    # our address, and SYNs from the announced port would leave a conntrack
+    # entry with the kernel's ISN on the 4-tuple the crafted strategies use
+    # next, which then judged their segments out of window (measured: 2 of
+    # 20 symmetric opens after a failed upnp slot never completed)
+    sock = kernel_connect(ctx, deadline, attempt, RETRY, "connecting to the peer's mapped port",
+                          local_port=0)
     attempt.detail = f"to the peer's mapped port {ctx.peer_port}"
     return sock
