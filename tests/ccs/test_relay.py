@@ -268,3 +268,28 @@ def test_the_filtering_probe_sees_a_reset_and_a_drop(deployment):
             return verdict
 
     assert arun(main()) == b"R"
+
+
+def test_the_filtering_probe_waits_four_round_trips_within_bounds():
+    from fastpunch.ccs.relay import FILTER_PROBE_MIN, FILTER_PROBE_SECONDS, filter_probe_seconds
+
+    assert filter_probe_seconds(None) == FILTER_PROBE_SECONDS      # unknown: the whole wait
+    assert filter_probe_seconds(0.0001) == FILTER_PROBE_MIN        # loopback: the floor
+    assert filter_probe_seconds(0.1) == pytest.approx(0.4)         # 4 round trips
+    assert filter_probe_seconds(2.0) == FILTER_PROBE_SECONDS       # never longer than before
+
+
+def test_the_probe_reads_the_connections_round_trip_from_the_kernel():
+    from fastpunch.ccs.relay import _rtt_seconds
+
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        with socket.create_connection(lst.getsockname()) as c:
+            conn, _ = lst.accept()
+            with conn:
+                rtt = _rtt_seconds(conn)        # sampled from the handshake
+                assert rtt is not None and 0 < rtt < 0.05
+    closed = socket.socket()
+    closed.close()
+    assert _rtt_seconds(closed) is None          # no kernel socket behind it

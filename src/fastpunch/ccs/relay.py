@@ -35,6 +35,7 @@ import collections
 import fcntl
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ MAGIC = b"FPR1"
 WHOAMI = b"FPW1"          # + 32 bytes of padding: answered with the address:port seen
 FILTERING = b"FPF1"       # + 32 bytes of padding: answered with a filtering verdict
 FILTER_VERDICTS = {b"O": "open", b"R": "rst", b"D": "drop", b"B": "busy"}
-FILTER_PROBE_SECONDS = 1.0
+FILTER_PROBE_SECONDS = 1.0  # at most: a SYN unanswered this long was dropped
+FILTER_PROBE_MIN = 0.25     # at least, whatever the round trip
 MAX_FILTER_PROBES = 64    # at once; each holds two sockets for up to a second
 HELLO_BYTES = len(MAGIC) + 32
 CHUNK = 1 << 20
@@ -228,7 +230,7 @@ class Relay:
                 probe.setblocking(False)
                 probe.bind((conn.getsockname()[0], 0))
                 await asyncio.wait_for(loop.sock_connect(probe, conn.getpeername()[:2]),
-                                       FILTER_PROBE_SECONDS)
+                                       filter_probe_seconds(_rtt_seconds(conn)))
                 verdict = b"O"
             except ConnectionRefusedError:
                 verdict = b"R"
@@ -306,6 +308,28 @@ class Relay:
                 self.pairs.pop(pair.id, None)
                 self.log("relay-closed", pair=pair.id, bytes=pair.bytes)
             self._threads.discard(threading.current_thread())
+
+
+def filter_probe_seconds(rtt: Optional[float]) -> float:
+    """How long the filtering probe waits for an answer to its SYN before
+    calling it dropped: an answer (the device's SYN-ACK, its gateway's RST)
+    takes one round trip, so four of them, within [FILTER_PROBE_MIN,
+    FILTER_PROBE_SECONDS]; the whole second when the round trip is unknown.
+    (A device's first connection waits for this verdict, and behind the
+    commonest gateways, which drop, it is always the timeout.)"""
+    if rtt is None:
+        return FILTER_PROBE_SECONDS
+    return min(FILTER_PROBE_SECONDS, max(FILTER_PROBE_MIN, 4 * rtt))
+
+
+def _rtt_seconds(conn: socket.socket) -> Optional[float]:
+    """The kernel's smoothed RTT of ``conn`` (TCP_INFO tcpi_rtt), if any."""
+    try:
+        info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    rtt_us = int.from_bytes(info[68:72], sys.byteorder)
+    return rtt_us / 1e6 if rtt_us else None
 
 
 def _shutdown(s: socket.socket) -> None:
