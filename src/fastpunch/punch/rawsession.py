@@ -18,7 +18,7 @@ from fastpunch.rawflow import HandshakeFailed, RawFlow
 # it with a RST that closes the mapping again (LAB-NOTES 1). It is not only
 # about RSTs: without it the two full SYNs race each side's own mapping, and
 # one is dropped whenever a SYN beats the far side's own (131 ms median
-# instead of 124, measured).
+# instead of 124, measured in the lab before its delay moved past NAT).
 #
 # When the full SYN follows: the opener leaves FIRST_GAP before the common
 # start (or as soon as the flow is set up). Toward a peer whose gateway drops
