@@ -215,6 +215,12 @@ class RawFlow:
                     if not survive_rst:
                         raise HandshakeFailed(f"{self.peer[0]}:{self.peer[1]} reset the flow")
                     self.restart()
+                    if first_ttl:
+                        # the RST closed our mapping too: reopen it at once,
+                        # before the peer's next SYN gets here and finds it
+                        # closed (its gateway would answer with a RST in turn)
+                        self._send(syn, ttl=first_ttl, to=first_to)
+                        self._note(f"sent SYN with TTL {first_ttl} (reopens our mapping)")
                     next_resend = time.monotonic() + resend_every / 2
                     break
         return time.monotonic() - start

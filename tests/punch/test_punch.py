@@ -189,3 +189,36 @@ def test_spoof_fails_cleanly_where_the_firewall_tracks_windows_strictly(lab_pair
         assert d["fwd-sent"] == d["fwd-got"]
         ca.close(), cb.close()
         assert tables_in(lab, "a") == [] and tables_in(lab, "b") == []
+
+
+def test_a_skewed_start_toward_rst_gateways_recovers_without_the_relay(lab_pair, monkeypatch):
+    """Two nat-rst gateways, no gap between opener and full SYN, and the
+    accepting side 25 ms late: the connecting side's full SYN reaches the far
+    gateway before that side's opener, and is answered with a RST that also
+    closes our own mapping. Each side then reopens its mapping with a fresh
+    opener at once, so the peer's next SYN finds it open (before that, the
+    two sides' SYNs kept hitting each other's closed entries, and 3 trials
+    in 10 of a zero-delay nat-rst pair with a small gap ended on the relay)."""
+    from fastpunch.punch import rawsession, symmetric
+
+    monkeypatch.setattr(rawsession, "FIRST_GAP", 0.0)
+    real = symmetric.handshake
+
+    def late_responder(ctx, deadline, attempt, **kw):
+        if ctx.role == "responder":
+            kw["start"] = kw["start"] + 0.025
+        return real(ctx, deadline, attempt, **kw)
+
+    monkeypatch.setattr(symmetric, "handshake", late_responder)
+    with lab_pair("nat-rst", "nat-rst") as (lab, ccs, cam, viewer):
+        reopened = 0
+        for _ in range(3):
+            ca, cb = connect_pair(cam, viewer, strategies=["symmetric"])
+            try:
+                assert (ca.path, ca.strategy, cb.path, cb.strategy) == \
+                    ("direct", "symmetric", "direct", "symmetric"), ca.report.lines()
+                notes = [what for c in (ca, cb) for _, what in c.report.attempts[-1].events]
+                reopened += any("reopens our mapping" in n for n in notes)
+            finally:
+                ca.close(), cb.close()
+        assert reopened, "the far gateway's RST never came: the test did not test anything"
