@@ -30,8 +30,9 @@ from fastpunch.rawflow import HandshakeFailed, RawFlow
 # after the opener took 101-113. Toward a gateway that may answer with a RST
 # (nat-rst, or not known) the full SYN keeps the whole FIRST_GAP after the
 # opener: that gap absorbs the two sides' start skew, and a RST'd SYN costs
-# far more (a zero-delay nat-rst pair with a 2 ms gap went to the relay in
-# 1 trial of 3).
+# far more: a restart (RawFlow.connect reopens our mapping at once, since
+# the RST closed it; before it did, a zero-delay nat-rst pair with a 2 ms gap
+# went to the relay in 1 trial of 3).
 FIRST_TTL = 2
 FIRST_GAP = 0.03
 MIN_GAP = 0.002
