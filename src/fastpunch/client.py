@@ -504,10 +504,10 @@ class Device:
         just before; everywhere else it is the local port itself."""
         from fastpunch import _caps
 
+        from fastpunch.punch.base import free_port
+
         guess = await self.nat_guess()
-        with socket.socket() as s:
-            s.bind(("0.0.0.0", 0))
-            local = s.getsockname()[1]
+        local = free_port()
         announced = local
         mapping = None
         if guess == "upnp":

@@ -185,10 +185,14 @@ class RawFlow:
         start = time.monotonic()
         deadline = start + timeout
         syn = self.tracker.syn_sent()
-        if first_ttl:
+        where = "" if first_to is None else f" to {first_to[0]}:{first_to[1]}"
+
+        def opener(why: str) -> None:
             self._send(syn, ttl=first_ttl, to=first_to)
-            where = "" if first_to is None else f" to {first_to[0]}:{first_to[1]}"
-            self._note(f"sent SYN{where} with TTL {first_ttl} (opens our mapping only)")
+            self._note(f"sent SYN{where} with TTL {first_ttl} ({why})")
+
+        if first_ttl:
+            opener("opens our mapping only")
             next_resend = start + first_gap
         else:
             self._send(syn)
@@ -219,8 +223,7 @@ class RawFlow:
                         # the RST closed our mapping too: reopen it at once,
                         # before the peer's next SYN gets here and finds it
                         # closed (its gateway would answer with a RST in turn)
-                        self._send(syn, ttl=first_ttl, to=first_to)
-                        self._note(f"sent SYN with TTL {first_ttl} (reopens our mapping)")
+                        opener("reopens our mapping")
                     next_resend = time.monotonic() + resend_every / 2
                     break
         return time.monotonic() - start

@@ -55,11 +55,9 @@ def tracked_flow(peer_isn) -> tuple[RawFlow, list]:
     would send is collected instead."""
     from fastpunch._engine import FlowTracker
 
-    flow = RawFlow.__new__(RawFlow)
+    flow = bare_flow()
     flow.tracker = FlowTracker(1000, 64240, 7)
     flow.tracker.syn_sent()
-    flow.stats = FlowStats()
-    flow._t0 = time.monotonic()
     flow.timestamps, flow.ts_ok, flow.ts_recent, flow.peer_options = False, False, 0, None
     flow._received = bytearray()
     flow.peer_isn = peer_isn

@@ -153,6 +153,13 @@ def release(sock: socket.socket) -> None:
         finalizer()
 
 
+def free_port() -> int:
+    """A TCP port free on this host right now (bound once, released)."""
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
 def route_source(peer_ip: str) -> str:
     """The local address the kernel would use toward ``peer_ip`` (no packet sent)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

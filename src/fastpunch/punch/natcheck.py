@@ -74,13 +74,11 @@ async def probe_portmap(timeout: float = PORTMAP_TIMEOUT) -> tuple:
     deleted; the first protocol of ``portmap.PROTOCOLS`` that got one is
     reported."""
     from fastpunch.punch import portmap
+    from fastpunch.punch.base import free_port
 
     async def ask(protocol: str):
-        with socket.socket() as s:
-            s.bind(("0.0.0.0", 0))
-            port = s.getsockname()[1]
         try:
-            return await portmap.map_port("0.0.0.0", port, lifetime=60, timeout=timeout,
+            return await portmap.map_port("0.0.0.0", free_port(), lifetime=60, timeout=timeout,
                                           protocols=(protocol,))
         except portmap.PortMapError as exc:
             return exc.failures.get(protocol, exc)
@@ -108,15 +106,13 @@ async def natcheck(device, probes: int = 3, route_to: Optional[str] = None,
     """Classify, with the CCS's whoami probes; meanwhile ask the gateway for
     a port mapping. A NAT that grants one is announced as ``upnp`` (its
     mapping behaviour stays in ``behind``)."""
-    from fastpunch.punch.base import route_source
+    from fastpunch.punch.base import free_port, route_source
 
     asking = asyncio.ensure_future(probe_portmap()) if portmap else None
     try:
         pairs, public = [], None
         for _ in range(max(2, probes)):
-            with socket.socket() as s:
-                s.bind(("0.0.0.0", 0))
-                local = s.getsockname()[1]
+            local = free_port()
             public, ext = await device.whoami(local)
             pairs.append((local, ext))
         addrs = local_addresses() | {route_source(route_to or device.ccs[0])}

@@ -76,9 +76,6 @@ def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0
             except HandshakeFailed as exc:
                 reason = "reset" if "reset" in str(exc) else "timeout"
                 raise PunchFailed(reason, str(exc)) from None
-            if flow.tracker.irs != ctx.peer_isn:
-                raise PunchFailed("isn-mismatch", f"the peer's ISN {flow.tracker.irs} is not "
-                                                  f"the announced {ctx.peer_isn}: not our peer")
             _settle_own_firewall(flow)
             sock = repair_socket(flow.handoff_state())
         _check_both_ways(sock, ctx.role == "initiator", deadline, flow._note)

@@ -118,8 +118,6 @@ def _drive(ctx, deadline, attempt, rx, key_of, make_flow, each_round, *, leader:
                 if f._input(seg) == FlowEvent.RESET:
                     f.restart()
                 if f.tracker.state == FlowState.ESTABLISHED:
-                    if f.tracker.irs != ctx.peer_isn:
-                        raise PunchFailed("isn-mismatch", "the peer's ISN is not the announced one")
                     attempt.detail = f"matched {f.local[1]} -> {f.peer[1]}"
                     return repair_socket(f.handoff_state())
     finally:
