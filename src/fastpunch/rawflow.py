@@ -54,6 +54,10 @@ class FlowStats:
 class RawFlow:
     """A TCP flow from ``local`` to ``peer`` whose every segment we craft."""
 
+    # Complete on the peer's SYN (see connect): set by connect(early=True),
+    # or directly by a caller that drives the flow with pump().
+    early = False
+
     def __init__(self, local_ip: str, local_port: int, peer_ip: str, peer_port: int, *,
                  iss: Optional[int] = None, mss: int = 1460, wscale: Optional[int] = 7,
                  sack_permitted: bool = True, timestamps: bool = True,
@@ -128,6 +132,19 @@ class RawFlow:
                 self._note(f"malformed: {exc.reason}")
         return segments
 
+    def complete(self) -> bool:
+        """The handshake is done as far as this side needs: ESTABLISHED, or,
+        with ``early``, the peer's SYN with its announced ISN came in and our
+        SYN-ACK went back (SYN_RECEIVED). Both ISNs came through the CCS, so
+        that SYN tells us everything a SYN-ACK would: the peer is there, its
+        gateway has let our flow out, and the numbers. Whether the peer got
+        ours is what :meth:`confirm` watches for after the hand-off."""
+        state = self.tracker.state
+        if state == FlowState.ESTABLISHED:
+            return True
+        return (self.early and state == FlowState.SYN_RECEIVED and self.peer_isn is not None
+                and self.tracker.rcv_nxt == (self.peer_isn + 1) & 0xFFFFFFFF)
+
     def _opening(self, segments: list):
         """The segments of a batch up to the one that completes the
         handshake. Those after it (the peer's first data, often right behind
@@ -136,7 +153,7 @@ class RawFlow:
         the peer resends them to it. (Taken here, their bytes were lost to
         the stream; seen as 1 spoof check in 10 failing.)"""
         for seg in segments:
-            if self.tracker.state == FlowState.ESTABLISHED:
+            if self.complete():
                 self._note(f"left [{seg.flags_str}] seq={seg.seq} len={seg.payload_length} "
                            "for the kernel socket")
                 continue
@@ -157,7 +174,7 @@ class RawFlow:
             self.ts_ok = self.timestamps and seg.options.timestamp is not None
         if self.ts_ok and seg.options.timestamp is not None:
             self.ts_recent = seg.options.timestamp[0]
-        before = self.tracker.rcv_nxt
+        before, was = self.tracker.rcv_nxt, self.tracker.state
         event, reply = self.tracker.input(seg)
         self._note(f"recv [{seg.flags_str}] seq={seg.seq} ack={seg.ack} len={seg.payload_length}"
                    f" -> {event.name}")
@@ -166,12 +183,22 @@ class RawFlow:
             self._received += seg.payload
         if reply is not None:
             self._send(reply)
+        if was == FlowState.SYN_SENT and self.tracker.state == FlowState.SYN_RECEIVED \
+                and self.complete():
+            # complete on the peer's SYN: an ACK right behind our SYN-ACK
+            # takes our gateway's entry from SYN_RECV (60 s before it
+            # expires) to ESTABLISHED even if the peer's SYN-ACK never comes
+            # (the far gateway lets it through in any handshake state; a peer
+            # still in SYN-SENT ignores it, one in SYN-RECEIVED completes)
+            self._send(self.tracker.ack())
+            self._note("complete on the peer's SYN (its announced ISN): sent SYN-ACK, ACK")
         return event
 
     # -- the flow --------------------------------------------------------------
     def connect(self, timeout: float = 5.0, resend_every: float = 0.25,
                 survive_rst: bool = False, first_ttl: int = 0,
-                first_gap: float = 0.03, first_to: Optional[tuple] = None) -> float:
+                first_gap: float = 0.03, first_to: Optional[tuple] = None,
+                early: bool = False) -> float:
         """Active open: send SYN (resent every ``resend_every`` s) until the
         handshake completes. Returns the seconds it took. With
         ``survive_rst`` a RST during the handshake (a far NAT answering our
@@ -181,7 +208,11 @@ class RawFlow:
         little to reach the far one (which might answer it with a RST); the
         first full SYN follows ``first_gap`` seconds later. ``first_to``
         sends that first SYN to another (address, port) than the peer (the
-        ``spoof`` strategy opens its firewall toward the CCS's address)."""
+        ``spoof`` strategy opens its firewall toward the CCS's address).
+        With ``early`` (and ``peer_isn`` known) the open is complete once the
+        peer's SYN has been answered (see :meth:`complete`): half a round
+        trip sooner than waiting for its SYN-ACK."""
+        self.early = early and self.peer_isn is not None
         start = time.monotonic()
         deadline = start + timeout
         syn = self.tracker.syn_sent()
@@ -198,7 +229,7 @@ class RawFlow:
             self._send(syn)
             self._note("sent SYN")
             next_resend = start + resend_every
-        while self.tracker.state != FlowState.ESTABLISHED:
+        while not self.complete():
             now = time.monotonic()
             if now >= deadline:
                 raise HandshakeFailed(
@@ -227,6 +258,49 @@ class RawFlow:
                     next_resend = time.monotonic() + resend_every / 2
                     break
         return time.monotonic() - start
+
+    def confirm(self, timeout: float, resend_every: float = 0.25) -> bool:
+        """After a hand-off on the peer's SYN alone (``early``): wait until
+        the peer shows it has our SYN too, i.e. any segment of its acking our
+        ISN + 1 (its SYN-ACK, or its kernel's ACK or data), resending our SYN
+        every ``resend_every`` s meanwhile. The kernel socket owns the flow
+        by now; these segments are only watched, not fed to the tracker.
+
+        Why a SYN: if our SYN-ACK was lost and our SYN had reached the far
+        gateway before the peer's own SYN left, the peer is still in
+        SYN-SENT. Our gateway passes a repeated SYN of ours in any state
+        (conntrack ignores, but forwards, it), and the far gateway takes it
+        as the simultaneous-open SYN it never saw, so the peer answers and
+        completes. A SYN-ACK would pass the far gateway but not ours: once
+        our kernel has sent data, conntrack takes a SYN-ACK of ours as
+        INVALID and lets it out untranslated (LAB-NOTES 2). A bare ACK passes
+        both, but leaves the far gateway without any SYN or SYN-ACK of ours,
+        and then nothing the peer sends is valid to it.
+        Returns True once confirmed, False at the timeout."""
+        deadline = time.monotonic() + timeout
+        next_resend = time.monotonic() + resend_every
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                self._note(f"the peer did not confirm within {timeout:.2f} s")
+                return False
+            if now >= next_resend:
+                self.resend_syn()
+                next_resend = now + resend_every
+            for seg in self._wait(min(deadline, next_resend)):
+                acked = (seg.ack - self.iss - 1) & 0xFFFFFFFF
+                if seg.flags & 0x10 and not seg.flags & 0x4 and acked < 0x80000000:
+                    self._note(f"the peer confirmed: [{seg.flags_str}] ack={seg.ack}")
+                    if seg.flags & 0x2:
+                        # its SYN-ACK: ACK it, as the handshake would (after a
+                        # resent SYN of ours, our gateway went back to SYN_RECV
+                        # on it; and our kernel socket, if it was not there yet
+                        # when the SYN-ACK came, did not answer it)
+                        self._send(Reply(0x10, (self.iss + 1) & 0xFFFFFFFF,
+                                         (self.peer_isn + 1) & 0xFFFFFFFF,
+                                         self.tracker.ack().window))
+                        self._note("sent ACK")
+                    return True
 
     def pump(self) -> list:
         """Feed every segment waiting on the receive socket to the tracker
@@ -311,7 +385,7 @@ class RawFlow:
         the numbers and the options both SYNs agreed on."""
         from fastpunch.handoff import FlowState as Repair
 
-        if self.tracker.state != FlowState.ESTABLISHED:
+        if not self.complete():
             raise HandshakeFailed(f"cannot hand off a flow in state {self.tracker.state.name}")
         peer = self.peer_options
         scaled = bool(self.tracker.wscale_ok)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -222,3 +223,54 @@ def test_a_skewed_start_toward_rst_gateways_recovers_without_the_relay(lab_pair,
             finally:
                 ca.close(), cb.close()
         assert reopened, "the far gateway's RST never came: the test did not test anything"
+
+
+def test_a_side_that_completed_on_the_peers_syn_brings_a_peer_that_missed_everything(lab_pair):
+    """Each side is done as soon as the peer's SYN (with its announced ISN)
+    came in and was answered, half a round trip before a SYN-ACK could.
+    Here the far side learns nothing from that answer: gateway b drops the
+    first SYN from a, gateway a drops every SYN-ACK a sends. a completes on
+    b's SYN and hands off; b is still in SYN-SENT. a's flow then resends its
+    SYN until b shows it has one (RawFlow.confirm), b completes on it, and
+    both kernel sockets carry data. Without that resend b waits out its slot
+    and fails while a holds a socket to nobody."""
+    with lab_pair("nat", "nat") as (lab, ccs, cam, viewer):
+        a_public = lab.sites["a"].public_addr
+        drop_first_syn = (
+            "table ip test_first_syn { set seen { type ipv4_addr; flags dynamic; }; "
+            "chain pre { type filter hook prerouting priority -300; "
+            f'iifname "wan" ip saddr {a_public} tcp flags & (syn | ack) == syn '
+            "ip saddr @seen accept; "
+            f'iifname "wan" ip saddr {a_public} tcp flags & (syn | ack) == syn '
+            "update @seen { ip saddr } counter drop; }; }")
+        drop_synacks = (
+            "table ip test_no_synack { chain out_synack { type filter hook forward priority 0; "
+            'oifname "wan" tcp flags & (syn | ack) == syn | ack counter drop; }; }')
+        for where, ruleset in (("gw-b", drop_first_syn), ("gw-a", drop_synacks)):
+            done = lab.run(where, ["nft", ruleset])
+            assert done.returncode == 0, done.stderr
+        ca, cb = connect_pair(cam, viewer, strategies=["symmetric"])
+        try:
+            assert (ca.path, ca.strategy, cb.path, cb.strategy) == \
+                ("direct", "symmetric", "direct", "symmetric"), \
+                ca.report.lines() + cb.report.lines()
+            counters = {w: lab.run(w, ["nft", "list", "table", "ip", t]).stdout
+                        for w, t in (("gw-b", "test_first_syn"), ("gw-a", "test_no_synack"))}
+            assert all("packets 0 " not in out and "packets" in out for out in counters.values()), \
+                counters                          # both rules did drop something
+            a_events = [what for _, what in ca.report.attempts[-1].events]
+            b_events = [what for _, what in cb.report.attempts[-1].events]
+            assert any("complete on the peer's SYN" in e for e in a_events), a_events
+            assert any("complete on the peer's SYN" in e for e in b_events), b_events
+            # a's confirmation runs after connect() returned: wait for it
+            for _ in range(60):
+                if any("the peer confirmed" in e for e in a_events):
+                    break
+                time.sleep(0.05)
+            after = a_events[a_events.index(next(e for e in a_events if "complete on" in e)):]
+            assert "resent SYN" in after and any("the peer confirmed" in e for e in after), after
+            d = exchange(ca.sock, cb.sock, 4 << 20)
+            assert d["fwd-sent"] == d["fwd-got"] and d["back-sent"] == d["back-got"]
+            assert ccs.server.relay.bytes_total == 0
+        finally:
+            ca.close(), cb.close()

@@ -6,6 +6,8 @@ to, so the engine must neither ack nor keep it."""
 from __future__ import annotations
 
 import time
+
+import pytest
 from types import SimpleNamespace
 
 from fastpunch._engine import FlowEvent, FlowState
@@ -88,3 +90,86 @@ def test_without_an_announced_isn_any_syn_ack_is_taken():
     flow, _ = tracked_flow(peer_isn=None)
     assert flow._input(syn_ack(7777)) == FlowEvent.ESTABLISHED
     assert flow.stats.foreign == 0
+
+
+# -- complete on the peer's SYN (early) -----------------------------------------
+
+def syn(isn: int):
+    from fastpunch._engine import TCPOptions, build, parse
+
+    return parse(build(B, A, 40025, 55477, seq=isn, ack=0, flags=0x02,
+                       options=TCPOptions(mss=1400, wscale=7, sack_permitted=True)))
+
+
+def early_flow(peer_isn=5000, early=True):
+    flow, sent = tracked_flow(peer_isn)
+    flow.early = early
+    flow.local, flow.peer = (A, 55477), (B, 40025)
+    flow.mss, flow.wscale, flow.sack_permitted, flow.iss = 1460, 7, True, 1000
+    return flow, sent
+
+
+def test_early_the_peers_announced_syn_completes_the_open_with_syn_ack_and_ack():
+    flow, sent = early_flow()
+    flow._input(syn(5000))
+    assert flow.tracker.state == FlowState.SYN_RECEIVED and flow.complete()
+    # the SYN-ACK, then at once the ACK that takes our gateway to ESTABLISHED
+    assert [(r.flags, r.seq, r.ack) for r in sent] == [(0x12, 1000, 5001), (0x10, 1001, 5001)]
+    state = flow.handoff_state()
+    assert (state.snd_nxt, state.rcv_nxt, state.mss, state.sack) == (1001, 5001, 1400, True)
+    assert (state.snd_wscale, state.rcv_wscale) == (7, 7)
+
+
+def test_without_early_the_peers_syn_is_only_answered():
+    from fastpunch.rawflow import HandshakeFailed
+
+    flow, sent = early_flow(early=False)
+    flow._input(syn(5000))
+    assert flow.tracker.state == FlowState.SYN_RECEIVED and not flow.complete()
+    assert [r.flags for r in sent] == [0x12]
+    with pytest.raises(HandshakeFailed, match="SYN_RECEIVED"):
+        flow.handoff_state()
+
+
+def test_early_needs_the_announced_isn():
+    flow, sent = early_flow(peer_isn=None)
+    flow._input(syn(5000))
+    assert not flow.complete() and [r.flags for r in sent] == [0x12]
+
+
+def scripted_wait(batches):
+    """RawFlow._wait over a script: each call waits out its deadline, then
+    hands over the next batch (empty when the script is done)."""
+    def wait(deadline, poll=False):
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        return batches.pop(0) if batches else []
+    return wait
+
+
+def test_confirm_resends_our_syn_until_the_peer_acks_it_and_acks_its_syn_ack():
+    from fastpunch._engine import build, parse
+
+    flow, sent = early_flow()
+    flow._input(syn(5000))
+    sent.clear()
+    peer_syn_again = syn(5000)            # not a confirmation: it acks nothing
+    peer_syn_ack = parse(build(B, A, 40025, 55477, seq=5000, ack=1001, flags=0x12))
+    flow._wait = scripted_wait([[peer_syn_again], [peer_syn_ack]])
+    assert flow.confirm(timeout=2.0, resend_every=0.01) is True
+    assert [(r.flags, r.seq) for r in sent] == [(0x02, 1000), (0x10, 1001)]
+    assert sent[-1].ack == 5001
+
+
+def test_confirm_takes_any_ack_of_our_syn_and_gives_up_at_the_timeout():
+    from fastpunch._engine import build, parse
+
+    flow, sent = early_flow()
+    flow._input(syn(5000))
+    sent.clear()
+    data = parse(build(B, A, 40025, 55477, seq=5001, ack=1001, flags=0x18, payload=b"x"))
+    flow._wait = scripted_wait([[data]])
+    assert flow.confirm(timeout=2.0, resend_every=1.0) is True
+    assert sent == []                     # an ACK of the peer's kernel needs no answer
+    flow._wait = scripted_wait([])
+    assert flow.confirm(timeout=0.05, resend_every=0.02) is False
+    assert "did not confirm" in flow.stats.events[-1][1]

@@ -3,7 +3,9 @@ to the flow, the engine's RawFlow, the ISN check, and the TCP_REPAIR hand-off.""
 
 from __future__ import annotations
 
+import logging
 import select
+import threading
 import time
 
 from fastpunch import _caps, netfilter
@@ -40,6 +42,9 @@ NEVER_RESETS = {"open", "firewall", "firewall-liberal", "nat", "strict", "cgn", 
                  "napt-sequential", "napt-random"}
 
 
+log = logging.getLogger("fastpunch.punch")
+
+
 def require_privileges() -> None:
     """Raw sockets (CAP_NET_RAW), nftables and TCP_REPAIR (CAP_NET_ADMIN)."""
     _caps.require("crafted handshake and kernel hand-off", _caps.CAP_NET_RAW, _caps.CAP_NET_ADMIN)
@@ -56,6 +61,7 @@ def handshake(ctx: PunchContext, deadline: float, attempt: Attempt, *, active: b
     flow = RawFlow(ctx.local_ip, ctx.local_port, ctx.peer_ip, ctx.peer_port, iss=ctx.iss,
                    mss=ctx.mss, wscale=ctx.wscale, sack_permitted=ctx.sack_permitted,
                    timestamps=ctx.timestamps, peer_isn=ctx.peer_isn)
+    confirming = False
     try:
         with flow.rst_suppression():
             # the opener leaves FIRST_GAP ahead, the full SYN at the start
@@ -69,7 +75,7 @@ def handshake(ctx: PunchContext, deadline: float, attempt: Attempt, *, active: b
                     if ctx.peer_nat in NEVER_RESETS:
                         gap = max(MIN_GAP, start - time.time())
                     flow.connect(timeout=timeout, resend_every=resend, survive_rst=True,
-                                 first_ttl=FIRST_TTL, first_gap=gap)
+                                 first_ttl=FIRST_TTL, first_gap=gap, early=True)
                 else:
                     from fastpunch._engine import TCPOptions
 
@@ -81,11 +87,40 @@ def handshake(ctx: PunchContext, deadline: float, attempt: Attempt, *, active: b
             except HandshakeFailed as exc:
                 reason = "reset" if "reset" in str(exc) else "timeout"
                 raise PunchFailed(reason, str(exc)) from None
-            return repair_socket(flow.handoff_state())
+            sock = repair_socket(flow.handoff_state())
+            confirming = _confirm_in_background(flow, deadline, resend, attempt)
+            return sock
     finally:
         attempt.sent, attempt.seen = flow.stats.sent, flow.stats.received
-        attempt.events = list(flow.stats.events)
-        flow.close()
+        attempt.events = flow.stats.events if confirming else list(flow.stats.events)
+        if not confirming:
+            flow.close()
+
+
+def _confirm_in_background(flow: RawFlow, deadline: float, resend: float,
+                           attempt: Attempt) -> bool:
+    """A flow completed on the peer's SYN alone was handed off before the
+    peer had shown it got ours: watch for that until the slot ends (after
+    it, the peer has moved on anyway), resending our SYN (RawFlow.confirm),
+    then close the raw sockets. The caller has the kernel socket already.
+    Returns whether the flow is now this thread's to close."""
+    if flow.tracker.state == FlowState.ESTABLISHED:
+        return False                       # the peer's SYN-ACK came: nothing to confirm
+
+    def body() -> None:
+        try:
+            if not flow.confirm(max(0.5, deadline - time.time()), resend):
+                attempt.detail = "handed off on the peer's SYN; the peer never confirmed"
+                log.warning("%s:%d never confirmed the flow handed off on its SYN",
+                            flow.peer[0], flow.peer[1])
+        except Exception:                  # a fault here must not outlive the thread
+            log.exception("confirming the flow with %s:%d", flow.peer[0], flow.peer[1])
+        finally:
+            flow.close()
+
+    threading.Thread(target=body, name=f"fastpunch-confirm-{flow.local[1]}",
+                     daemon=True).start()
+    return True
 
 
 def _handshake_many(ctx: PunchContext, deadline: float, attempt: Attempt, ports: list,
@@ -94,12 +129,14 @@ def _handshake_many(ctx: PunchContext, deadline: float, attempt: Attempt, ports:
     crafted flow each (same local port and ISN); the first to complete wins."""
     netfilter.sweep_stale()
     flows = []
+    winner = None               # a flow left to _confirm_in_background
     try:
         for port in ports:
-            flows.append(RawFlow(ctx.local_ip, ctx.local_port, ctx.peer_ip, port, iss=ctx.iss,
-                                 mss=ctx.mss, wscale=ctx.wscale,
-                                 sack_permitted=ctx.sack_permitted, timestamps=ctx.timestamps,
-                                 peer_isn=ctx.peer_isn))
+            f = RawFlow(ctx.local_ip, ctx.local_port, ctx.peer_ip, port, iss=ctx.iss,
+                        mss=ctx.mss, wscale=ctx.wscale, sack_permitted=ctx.sack_permitted,
+                        timestamps=ctx.timestamps, peer_isn=ctx.peer_isn)
+            f.early = True          # the peer's SYN comes on its one real port only
+            flows.append(f)
         guard = netfilter.suppress_rsts(
             [netfilter.RstSuppression(ctx.local_port, ctx.peer_ip, p) for p in ports])
         with guard:
@@ -126,12 +163,16 @@ def _handshake_many(ctx: PunchContext, deadline: float, attempt: Attempt, ports:
                     for event in f.pump():
                         if event == FlowEvent.RESET:
                             f.restart()
-                    if f.tracker.state == FlowState.ESTABLISHED:
+                    if f.complete():
                         attempt.detail = f"peer port {f.peer[1]} (announced {ports[0]})"
-                        return repair_socket(f.handoff_state())
+                        sock = repair_socket(f.handoff_state())
+                        if _confirm_in_background(f, deadline, resend, attempt):
+                            winner = f
+                        return sock
     finally:
         attempt.sent = sum(f.stats.sent for f in flows)
         attempt.seen = sum(f.stats.received for f in flows)
         attempt.events = sorted(e for f in flows for e in f.stats.events)[:200]
         for f in flows:
-            f.close()
+            if f is not winner:
+                f.close()
