@@ -229,6 +229,7 @@ class RawFlow:
             self._send(syn)
             self._note("sent SYN")
             next_resend = start + resend_every
+        full_sent = not first_ttl
         while not self.complete():
             now = time.monotonic()
             if now >= deadline:
@@ -237,7 +238,8 @@ class RawFlow:
                     f"(state {self.tracker.state.name}, sent {self.stats.sent}, "
                     f"received {self.stats.received})")
             if now >= next_resend and self.tracker.state == FlowState.SYN_SENT:
-                self.resend_syn()
+                self.resend_syn("resent SYN" if full_sent else "sent SYN")
+                full_sent = True
                 next_resend = now + resend_every
             elif now >= next_resend and self.tracker.state == FlowState.SYN_RECEIVED:
                 # simultaneous open: our SYN-ACK (or the peer's answer) was lost
@@ -310,9 +312,9 @@ class RawFlow:
             events.append(self._input(seg))
         return events
 
-    def resend_syn(self) -> None:
+    def resend_syn(self, note: str = "resent SYN") -> None:
         self._send(Reply(0x2, self.iss, 0, self.tracker.ack().window))
-        self._note("resent SYN")
+        self._note(note)
 
     def restart(self) -> None:
         """Back to SYN_SENT after a RST (see connect's survive_rst)."""
