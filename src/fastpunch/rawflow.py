@@ -54,8 +54,7 @@ class FlowStats:
 class RawFlow:
     """A TCP flow from ``local`` to ``peer`` whose every segment we craft."""
 
-    # Complete on the peer's SYN (see connect): set by connect(early=True),
-    # or directly by a caller that drives the flow with pump().
+    # Complete on the peer's SYN (see complete): set by connect(early=True).
     early = False
 
     def __init__(self, local_ip: str, local_port: int, peer_ip: str, peer_port: int, *,
@@ -137,8 +136,9 @@ class RawFlow:
         with ``early``, the peer's SYN with its announced ISN came in and our
         SYN-ACK went back (SYN_RECEIVED). Both ISNs came through the CCS, so
         that SYN tells us everything a SYN-ACK would: the peer is there, its
-        gateway has let our flow out, and the numbers. Whether the peer got
-        ours is what :meth:`confirm` watches for after the hand-off."""
+        gateway has opened a mapping toward us, ours let the SYN in, and the
+        numbers of both directions. Whether the peer got anything of ours is
+        what :meth:`confirm` watches for after the hand-off."""
         state = self.tracker.state
         if state == FlowState.ESTABLISHED:
             return True
