@@ -176,6 +176,11 @@ def test_time_to_direct_connection(benchmark):
         "simopen_from_start_median_s": med("simopen", "from_start"),
         "symmetric_accept_median_s": med("symmetric", "accept_seconds"),
         "simopen_accept_median_s": med("simopen", "accept_seconds"),
+        # the first 32-byte exchange right after connect() returned, both
+        # ways: one peer round trip, unless data met a side still handing off
+        **{f"{s}_first_exchange_ms_median_max": [
+            round(statistics.median(r["peer_rtt"] for r in ok[s]) * 1000, 1),
+            round(max(r["peer_rtt"] for r in ok[s]) * 1000, 1)] for s in results if ok[s]},
         "symmetric_times_s": [round(r["seconds"], 4) for r in ok["symmetric"]],
         "simopen_times_s": [round(r["seconds"], 4) for r in ok["simopen"]],
         "target_from_start_s": target_start,
