@@ -34,9 +34,12 @@ ROUNDS = int(os.environ.get("FASTPUNCH_PUNCH_ROUNDS", "3"))
 
 
 @contextlib.contextmanager
-def lab_devices(a: str = "nat", b: str = "nat", **lab_kw):
+def lab_devices(a: str = "nat", b: str = "nat", hints: bool = True, standing: bool = True,
+                **lab_kw):
     """A lab (nat+nat unless told), a CCS in its core, cam logged in at site
-    a and viewer at b, each announcing its site's profile as its NAT."""
+    a and viewer at b, each announcing its site's profile as its NAT (with
+    ``hints``; else as not known), viewer's next-connection info announced
+    ahead unless ``standing`` is false."""
     from fastpunch.lab import Lab
     from tests.punch.harness import LabCCS
 
@@ -47,9 +50,10 @@ def lab_devices(a: str = "nat", b: str = "nat", **lab_kw):
         try:
             ccs.enroll("cam", "viewer")
             ccs.enroll("viewer")
-            devices.append(ccs.device("a", "cam", nat=a))
+            known = {"a": {"nat": a}, "b": {"nat": b}} if hints else {"a": {}, "b": {}}
+            devices.append(ccs.device("a", "cam", **known["a"]))
             # the accepting side announces its info ahead, as the camera does
-            devices.append(ccs.device("b", "viewer", nat=b, standing=True))
+            devices.append(ccs.device("b", "viewer", standing=standing, **known["b"]))
             yield lab, ccs, devices[0], devices[1]
         finally:
             for loop, dev in devices:
@@ -75,6 +79,30 @@ def connect(cam, viewer, strategy: str, timeout: float = 30.0):
         ca.sock.close()
         raise
     return ca, cb
+
+
+def connect_and_write(cam, viewer, strategy: str, data: bytes, timeout: float = 30.0):
+    """As connect(), but cam writes ``data`` the moment its connect() returns,
+    before the accepting side is known to be done (as an application does);
+    returns (ca, cb, when the data was written)."""
+    (la, a), (lb, b) = cam, viewer
+    accepting = lb.submit(b.accept(strategies=[strategy]))
+    try:
+        ca = la.run(a.connect("viewer", strategies=[strategy]), timeout)
+        ca.sock.setblocking(True)
+        ca.sock.settimeout(10)
+        ca.sock.sendall(data)
+        written = time.perf_counter()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            accepting.result(timeout)
+        raise
+    try:
+        cb = accepting.result(timeout)
+    except BaseException:
+        ca.sock.close()
+        raise
+    return ca, cb, written
 
 
 def ping(s1: socket.socket, s2: socket.socket, size: int = 32) -> tuple:
@@ -105,13 +133,22 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
 
 def timed_trial(cam, viewer, strategy: str) -> dict:
     """One connection by ``strategy``: its times, and whether it went direct
-    by that strategy on both sides with 32 bytes intact each way."""
+    by that strategy on both sides with 32 bytes intact each way. The 32
+    bytes leave the moment connect() returns; ``peer_rtt`` is the time from
+    there until they are back (one peer round trip, unless they reached the
+    accepting side before its socket and had to be resent)."""
+    data = os.urandom(32)
     try:
-        ca, cb = connect(cam, viewer, strategy)
+        ca, cb, written = connect_and_write(cam, viewer, strategy, data)
     except Exception as exc:
         return {"ok": False, "error": repr(exc)[:300]}
     try:
-        rtt, intact = ping(ca.sock, cb.sock)
+        cb.sock.setblocking(True)
+        cb.sock.settimeout(10)
+        got = recv_exactly(cb.sock, len(data))
+        cb.sock.sendall(got)
+        back = recv_exactly(ca.sock, len(data))
+        rtt, intact = time.perf_counter() - written, got == data and back == data
         won = ca.report.attempts[-1]
         return {"ok": intact and ca.path == cb.path == "direct"
                       and ca.strategy == cb.strategy == strategy and won.ok,
@@ -176,8 +213,9 @@ def test_time_to_direct_connection(benchmark):
         "simopen_from_start_median_s": med("simopen", "from_start"),
         "symmetric_accept_median_s": med("symmetric", "accept_seconds"),
         "simopen_accept_median_s": med("simopen", "accept_seconds"),
-        # the first 32-byte exchange right after connect() returned, both
-        # ways: one peer round trip, unless data met a side still handing off
+        # the first 32 bytes, written the moment connect() returned, there
+        # and back: one peer round trip, unless they met a side still
+        # handing off and waited for a retransmission
         **{f"{s}_first_exchange_ms_median_max": [
             round(statistics.median(r["peer_rtt"] for r in ok[s]) * 1000, 1),
             round(max(r["peer_rtt"] for r in ok[s]) * 1000, 1)] for s in results if ok[s]},
@@ -337,3 +375,46 @@ def test_throughput_handoff_vs_kernel(benchmark):
     info["correct"] = (checks.get("paths") == ("direct", "symmetric", "direct", "simopen")
                        and checks.get("aligned") is True
                        and all(all(v) for k, v in checks.items() if isinstance(v, list)))
+
+
+def test_first_exchange_on_a_zero_delay_path(benchmark, monkeypatch):
+    """Where data can outrun a hand-off: no delay on the path, and the
+    accepting side 25 ms late, so it completes on the connecting side's
+    SYN-ACK while that side (done on the peer's SYN) already writes. 32 bytes
+    leave the moment connect() returns; a byte that reaches the accepting
+    side before its kernel socket exists was dropped there and comes again
+    only after a retransmission timeout (200 ms), unless the hand-off queues
+    it (RawFlow.late_data)."""
+    require_root("connecting through a NAT lab")
+    from fastpunch.punch import symmetric
+
+    real = symmetric.handshake
+
+    def late_responder(ctx, deadline, attempt, **kw):
+        if ctx.role == "responder":
+            kw["start"] = kw["start"] + 0.025
+        return real(ctx, deadline, attempt, **kw)
+
+    monkeypatch.setattr(symmetric, "handshake", late_responder)
+    trials = max(TRIALS, 40)
+    results = []
+
+    def run():
+        # NATs not announced (the full SYN leaves 30 ms after the opener,
+        # toward a peer that may answer with a RST) and no standing info (the
+        # CCS asks the accepting side): the timing in which the race showed
+        with lab_devices(hints=False, standing=False) as (lab, ccs, cam, viewer):
+            for _ in range(trials):
+                results.append(timed_trial(cam, viewer, "symmetric"))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    ok = [r for r in results if r["ok"]]
+    times = sorted(round(r["peer_rtt"] * 1000, 1) for r in ok)
+    benchmark.extra_info.update({
+        "trials": trials, "ok": f"{len(ok)}/{trials}", "delay_ms": 0, "responder_late_ms": 25,
+        "first_exchange_ms": times,
+        "first_exchange_ms_median": statistics.median(times) if times else None,
+        "waited_for_a_retransmission": sum(t >= 100 for t in times),
+        "failures": [r["error"] for r in results if "error" in r][:5],
+        "correct": len(ok) == trials,
+    })

@@ -18,7 +18,7 @@ import errno
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from fastpunch.errors import FastpunchError, InsufficientPrivilegeError
 
@@ -76,8 +76,13 @@ def _set(sock: socket.socket, step: str, opt: int, value) -> None:
         raise HandoffError(step, exc) from exc
 
 
-def repair_socket(state: FlowState, *, nonblocking: bool = False) -> socket.socket:
-    """A kernel socket ESTABLISHED on ``state``'s flow, no packet sent."""
+def repair_socket(state: FlowState, *, nonblocking: bool = False,
+                  late: Optional[Callable[[], bytes]] = None) -> socket.socket:
+    """A kernel socket ESTABLISHED on ``state``'s flow, no packet sent.
+    ``late`` (the engine's RawFlow.late_data) is called at the last moment
+    before the socket joins the flow: the peer's bytes that came since
+    ``state`` was taken, which the kernel dropped for want of a socket, go
+    into the receive queue after ``state.received``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         _set(sock, "repair-on", TCP_REPAIR, TCP_REPAIR_ON)
@@ -89,21 +94,24 @@ def repair_socket(state: FlowState, *, nonblocking: bool = False) -> socket.sock
         _set(sock, "send-queue", TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         _set(sock, "send-seq", TCP_QUEUE_SEQ, _u32(state.snd_nxt))
         _set(sock, "recv-queue", TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-        _set(sock, "recv-seq", TCP_QUEUE_SEQ, _u32(state.rcv_nxt - len(state.received)))
+        extra = late() if late is not None else b""
+        received = state.received + extra
+        rcv_nxt = (state.rcv_nxt + len(extra)) & 0xFFFFFFFF
+        _set(sock, "recv-seq", TCP_QUEUE_SEQ, _u32(rcv_nxt - len(received)))
         try:
             sock.connect(state.peer)            # repair mode: straight to ESTABLISHED
         except OSError as exc:
             raise HandoffError("connect", exc) from exc
-        if state.received:
+        if received:
             # still in repair mode with the receive queue selected: a send()
             # queues the bytes for our reader and moves rcv_nxt past them
             try:
-                queued = sock.send(state.received)
+                queued = sock.send(received)
             except OSError as exc:
                 raise HandoffError("recv-queue-data", exc) from exc
-            if queued != len(state.received):
+            if queued != len(received):
                 raise HandoffError("recv-queue-data", OSError(
-                    errno.EMSGSIZE, f"queued {queued} of {len(state.received)} bytes"))
+                    errno.EMSGSIZE, f"queued {queued} of {len(received)} bytes"))
         opts = [(TCPOPT_MSS, state.mss)]
         if state.snd_wscale is not None and state.rcv_wscale is not None:
             opts.append((TCPOPT_WINDOW, state.snd_wscale | (state.rcv_wscale << 16)))
@@ -115,8 +123,8 @@ def repair_socket(state: FlowState, *, nonblocking: bool = False) -> socket.sock
         if state.timestamps:
             _set(sock, "timestamp", TCP_TIMESTAMP, _u32(state.tsval))
         # struct tcp_repair_window {snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup}
-        window = struct.pack("=IIIII", state.rcv_nxt & 0xFFFFFFFF, state.snd_wnd, state.snd_wnd,
-                             state.rcv_wnd, state.rcv_nxt & 0xFFFFFFFF)
+        window = struct.pack("=IIIII", rcv_nxt, state.snd_wnd, state.snd_wnd,
+                             state.rcv_wnd, rcv_nxt)
         _set(sock, "window", TCP_REPAIR_WINDOW, window)
         _set(sock, "repair-off", TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
         sock.setblocking(not nonblocking)

@@ -37,6 +37,8 @@ from fastpunch.errors import FastpunchError, MalformedPacket
 
 __all__ = ["RawFlow", "FlowStats", "HandshakeFailed"]
 
+LATE_LIMIT = 1 << 20      # bytes late_data takes at most (a peer's first flight is ~15 KB)
+
 
 class HandshakeFailed(FastpunchError, TimeoutError):
     """The crafted handshake did not complete (timeout or reset)."""
@@ -82,6 +84,8 @@ class RawFlow:
             self.tx.close()
             raise
         self._received = bytearray()
+        self._left: list = []          # segments behind the completing one (see _opening)
+        self.peer_confirmed = False    # a segment of the peer acked our SYN (see confirm)
 
     # -- helpers ---------------------------------------------------------------
     def rst_suppression(self) -> netfilter.ScopedTable:
@@ -148,16 +152,56 @@ class RawFlow:
     def _opening(self, segments: list):
         """The segments of a batch up to the one that completes the
         handshake. Those after it (the peer's first data, often right behind
-        its ACK) are left alone, neither acked nor counted: the kernel socket
-        the flow is handed to starts at the sequence number before them, and
-        the peer resends them to it. (Taken here, their bytes were lost to
-        the stream; seen as 1 spoof check in 10 failing.)"""
+        its ACK) are neither acked nor counted: they are kept for
+        :meth:`late_data`, which the hand-off calls to queue their bytes in
+        the kernel socket ahead of the rest. (Acked here, their bytes were
+        lost to the stream, the socket starting after them; seen as 1 spoof
+        check in 10 failing.)"""
         for seg in segments:
             if self.complete():
                 self._note(f"left [{seg.flags_str}] seq={seg.seq} len={seg.payload_length} "
                            "for the kernel socket")
+                self._left.append(seg)
                 continue
             yield seg
+
+    def late_data(self, limit: int = LATE_LIMIT) -> bytes:
+        """The peer's in-order bytes from our receive point on that came
+        after the segment completing the handshake and before the kernel
+        socket exists: kept by :meth:`_opening`, or waiting on the receive
+        socket now. The kernel had no socket for them and dropped them
+        (its RST suppressed); without this the peer resends them after its
+        retransmission timeout, some 200 ms. :func:`fastpunch.handoff.repair_socket`
+        calls it just before the socket joins the flow. Also notes whether
+        any of them acked our SYN (:meth:`confirm` then has nothing to wait
+        for)."""
+        segments, self._left = self._left, []
+        while batch := self._wait(0.0, poll=True):
+            segments += batch
+        expected, out = self.tracker.rcv_nxt, bytearray()
+        progress = True
+        while progress and len(out) < limit:
+            progress = False
+            for seg in segments:
+                n = seg.payload_length
+                if not n or seg.flags & 0x6:             # SYN or RST: not stream data
+                    continue
+                offset = (expected - seg.seq) & 0xFFFFFFFF
+                if offset < n:                           # covers `expected`
+                    take = seg.payload[offset:offset + limit - len(out)]
+                    out += take
+                    expected = (expected + len(take)) & 0xFFFFFFFF
+                    progress = True
+        for seg in segments:
+            if self._acks_our_syn(seg):
+                self.peer_confirmed = True
+        if out:
+            self._note(f"took {len(out)} bytes that came during the hand-off")
+        return bytes(out)
+
+    def _acks_our_syn(self, seg: Segment) -> bool:
+        acked = (seg.ack - self.iss - 1) & 0xFFFFFFFF
+        return bool(seg.flags & 0x10) and not seg.flags & 0x4 and acked < 0x80000000
 
     def _input(self, seg: Segment) -> FlowEvent:
         self.stats.received += 1
@@ -279,6 +323,9 @@ class RawFlow:
         both, but leaves the far gateway without any SYN or SYN-ACK of ours,
         and then nothing the peer sends is valid to it.
         Returns True once confirmed, False at the timeout."""
+        if self.peer_confirmed:
+            self._note("the peer confirmed during the hand-off")
+            return True
         deadline = time.monotonic() + timeout
         next_resend = time.monotonic() + resend_every
         while True:
@@ -290,8 +337,7 @@ class RawFlow:
                 self.resend_syn()
                 next_resend = now + resend_every
             for seg in self._wait(min(deadline, next_resend)):
-                acked = (seg.ack - self.iss - 1) & 0xFFFFFFFF
-                if seg.flags & 0x10 and not seg.flags & 0x4 and acked < 0x80000000:
+                if self._acks_our_syn(seg):
                     self._note(f"the peer confirmed: [{seg.flags_str}] ack={seg.ack}")
                     if seg.flags & 0x2:
                         # its SYN-ACK: ACK it, as the handshake would (after a

@@ -275,3 +275,62 @@ def test_peer_data_at_the_handshake_reaches_the_handed_off_socket(veth, piggybac
         assert "len=1000 -> ESTABLISHED" in took[0], took
     assert len(got) == len(first) + len(rest)
     assert bytes(got) == first + rest
+
+
+def test_peer_data_that_came_before_the_socket_is_queued_at_once(veth):
+    """The kernel client's first bytes reach us after our handshake completed
+    but before the kernel socket exists (held back here by 100 ms; on a
+    near-zero-delay path the hand-off's own fraction of a millisecond does
+    it). The kernel dropped them (no socket; its RST suppressed), so without
+    RawFlow.late_data they would come again only after the client's
+    retransmission timeout, at least 200 ms. With it they are in the new
+    socket's receive queue the moment it exists."""
+    import fcntl
+    import termios
+
+    from fastpunch.handoff import repair_socket
+
+    first, rest = os.urandom(1000), os.urandom(50_000)
+    with inside(veth.ns_a):
+        flow = RawFlow(veth.addr_a, 40134, veth.addr_b, 40133)
+    with inside(veth.ns_b):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.bind((veth.addr_b, 40133))
+    client.settimeout(10)
+    connected, failed = threading.Event(), []
+
+    def write():
+        try:
+            client.connect((veth.addr_a, 40134))
+            client.sendall(first)
+            connected.set()
+        except OSError as exc:
+            failed.append(exc)
+            connected.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    try:
+        with flow, inside(veth.ns_a), flow.rst_suppression():
+            writer.start()
+            syn = collect(flow.rx, 1, until=lambda s: s.flags & Flags.SYN)[-1]
+            flow.answer_assumed(syn.seq, syn.options, timeout=5)
+            connected.wait(5)
+            time.sleep(0.1)                 # the first bytes are here, the socket is not
+            sock = repair_socket(flow.handoff_state(), late=flow.late_data)
+        with sock:
+            waiting = array.array("i", [0])
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting)
+            assert waiting[0] == len(first)  # queued before any retransmission could come
+            client.sendall(rest)
+            client.shutdown(socket.SHUT_WR)
+            sock.settimeout(10)
+            got = bytearray()
+            while chunk := sock.recv(65536):
+                got += chunk
+        writer.join(10)
+    finally:
+        client.close()
+    assert not failed
+    assert any(what == f"took {len(first)} bytes that came during the hand-off"
+               for _, what in flow.stats.events), flow.stats.events
+    assert bytes(got) == first + rest

@@ -20,6 +20,7 @@ def bare_flow() -> RawFlow:
     flow.tracker = SimpleNamespace(state=FlowState.SYN_RECEIVED)
     flow.stats = FlowStats()
     flow._t0 = time.monotonic()
+    flow._left, flow.peer_confirmed = [], False
     return flow
 
 
@@ -173,3 +174,51 @@ def test_confirm_takes_any_ack_of_our_syn_and_gives_up_at_the_timeout():
     flow._wait = scripted_wait([])
     assert flow.confirm(timeout=0.05, resend_every=0.02) is False
     assert "did not confirm" in flow.stats.events[-1][1]
+
+
+# -- peer data that came during the hand-off -------------------------------------
+
+def data(seq: int, payload: bytes, ack: int = 1001, flags: int = 0x18):
+    from fastpunch._engine import build, parse
+
+    return parse(build(B, A, 40025, 55477, seq=seq, ack=ack, flags=flags, payload=payload))
+
+
+def established_flow():
+    """A tracker ESTABLISHED with the peer's stream at 5001 (ISN 5000), ours at 1001."""
+    from fastpunch._engine import build, parse
+
+    flow, sent = tracked_flow(peer_isn=5000)
+    flow.iss = 1000
+    flow._input(parse(build(B, A, 40025, 55477, seq=5000, ack=1001, flags=0x12)))
+    assert flow.tracker.state == FlowState.ESTABLISHED and flow.tracker.rcv_nxt == 5001
+    return flow
+
+
+def test_late_data_takes_the_in_order_bytes_kept_and_waiting_whatever_their_order():
+    flow = established_flow()
+    flow._left = [data(5011, b"KLMNOPQRST")]                 # came behind the completing ACK
+    waiting = [[data(5001, b"ABCDEFGHIJ"),                   # then, on the socket: the gap,
+                data(4990, b"x" * 11),                       # an old retransmission,
+                data(5006, b"FGHIJKLMNO"),                   # an overlapping resend,
+                data(5031, b"after a hole"),                 # bytes past a hole (resent later),
+                data(5021, b"", flags=0x10)]]                # a bare ACK
+    flow._wait = lambda deadline, poll=False: waiting.pop(0) if waiting else []
+    assert flow.late_data() == b"ABCDEFGHIJKLMNOPQRST"
+    assert flow._left == [] and waiting == []
+    assert flow.peer_confirmed                               # they ack our SYN (1001)
+    assert flow.stats.events[-1][1] == "took 20 bytes that came during the hand-off"
+
+
+def test_late_data_without_data_is_empty_and_a_syn_confirms_nothing():
+    flow = established_flow()
+    flow._left = [syn(5000)]
+    flow._wait = lambda deadline, poll=False: []
+    assert flow.late_data() == b"" and not flow.peer_confirmed
+
+
+def test_late_data_keeps_to_its_limit():
+    flow = established_flow()
+    flow._left = [data(5001, b"a" * 1000), data(6001, b"b" * 1000)]
+    flow._wait = lambda deadline, poll=False: []
+    assert flow.late_data(limit=1500) == b"a" * 1000 + b"b" * 500

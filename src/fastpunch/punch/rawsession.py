@@ -98,7 +98,7 @@ def handshake(ctx: PunchContext, deadline: float, attempt: Attempt, *, active: b
             except HandshakeFailed as exc:
                 reason = "reset" if "reset" in str(exc) else "timeout"
                 raise PunchFailed(reason, str(exc)) from None
-            sock = repair_socket(flow.handoff_state())
+            sock = repair_socket(flow.handoff_state(), late=flow.late_data)
             confirming = _confirm_in_background(flow, deadline, resend, attempt)
             return sock
         finally:
@@ -178,7 +178,7 @@ def _handshake_many(ctx: PunchContext, deadline: float, attempt: Attempt, ports:
                             f.restart()
                     if f.tracker.state == FlowState.ESTABLISHED:
                         attempt.detail = f"peer port {f.peer[1]} (announced {ports[0]})"
-                        return repair_socket(f.handoff_state())
+                        return repair_socket(f.handoff_state(), late=f.late_data)
     finally:
         attempt.sent = sum(f.stats.sent for f in flows)
         attempt.seen = sum(f.stats.received for f in flows)

@@ -77,7 +77,7 @@ def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0
                 reason = "reset" if "reset" in str(exc) else "timeout"
                 raise PunchFailed(reason, str(exc)) from None
             _settle_own_firewall(flow)
-            sock = repair_socket(flow.handoff_state())
+            sock = repair_socket(flow.handoff_state(), late=flow.late_data)
         _check_both_ways(sock, ctx.role == "initiator", deadline, flow._note)
         # the rewrite lives as long as the connection
         tie(sock, rewrite.remove)
