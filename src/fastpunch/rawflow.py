@@ -170,8 +170,9 @@ class RawFlow:
         after the segment completing the handshake and before the kernel
         socket exists: kept by :meth:`_opening`, or waiting on the receive
         socket now. The kernel had no socket for them and dropped them
-        (its RST suppressed); without this the peer resends them after its
-        retransmission timeout, some 200 ms. :func:`fastpunch.handoff.repair_socket`
+        (its RST suppressed); without this the peer resends them when its
+        retransmission timer fires (203 ms to 1 s in the lab).
+        :func:`fastpunch.handoff.repair_socket`
         calls it just before the socket joins the flow. Also notes whether
         any of them acked our SYN (:meth:`confirm` then has nothing to wait
         for)."""
