@@ -65,33 +65,24 @@ def lab_devices(a: str = "nat", b: str = "nat", hints: bool = True, standing: bo
 def connect(cam, viewer, strategy: str, timeout: float = 30.0):
     """cam connects, viewer accepts, both restricted to ``strategy``; both
     futures are finished when this returns or raises."""
-    (la, a), (lb, b) = cam, viewer
-    accepting = lb.submit(b.accept(strategies=[strategy]))
-    try:
-        ca = la.run(a.connect("viewer", strategies=[strategy]), timeout)
-    except BaseException:
-        with contextlib.suppress(BaseException):
-            accepting.result(timeout)
-        raise
-    try:
-        cb = accepting.result(timeout)
-    except BaseException:
-        ca.sock.close()
-        raise
+    ca, cb, _ = connect_and_write(cam, viewer, strategy, b"", timeout)
     return ca, cb
 
 
 def connect_and_write(cam, viewer, strategy: str, data: bytes, timeout: float = 30.0):
-    """As connect(), but cam writes ``data`` the moment its connect() returns,
-    before the accepting side is known to be done (as an application does);
-    returns (ca, cb, when the data was written)."""
+    """cam connects, viewer accepts, both restricted to ``strategy``; cam
+    writes ``data`` (if any) the moment its connect() returns, before the
+    accepting side is known to be done, as an application does. Both
+    futures are finished when this returns or raises; returns (ca, cb, when
+    the data was written)."""
     (la, a), (lb, b) = cam, viewer
     accepting = lb.submit(b.accept(strategies=[strategy]))
     try:
         ca = la.run(a.connect("viewer", strategies=[strategy]), timeout)
-        ca.sock.setblocking(True)
-        ca.sock.settimeout(10)
-        ca.sock.sendall(data)
+        if data:
+            ca.sock.setblocking(True)
+            ca.sock.settimeout(10)
+            ca.sock.sendall(data)
         written = time.perf_counter()
     except BaseException:
         with contextlib.suppress(BaseException):
@@ -386,16 +377,9 @@ def test_first_exchange_on_a_zero_delay_path(benchmark, monkeypatch):
     only after a retransmission timeout (200 ms), unless the hand-off queues
     it (RawFlow.late_data)."""
     require_root("connecting through a NAT lab")
-    from fastpunch.punch import symmetric
+    from tests.punch.harness import start_responder_late
 
-    real = symmetric.handshake
-
-    def late_responder(ctx, deadline, attempt, **kw):
-        if ctx.role == "responder":
-            kw["start"] = kw["start"] + 0.025
-        return real(ctx, deadline, attempt, **kw)
-
-    monkeypatch.setattr(symmetric, "handshake", late_responder)
+    start_responder_late(monkeypatch, 0.025)
     trials = max(TRIALS, 40)
     results = []
 

@@ -319,8 +319,9 @@ class RawFlow:
         (conntrack ignores, but forwards, it), and the far gateway takes it
         as the simultaneous-open SYN it never saw, so the peer answers and
         completes. A SYN-ACK would pass the far gateway but not ours: once
-        our kernel has sent data, conntrack takes a SYN-ACK of ours as
-        INVALID and lets it out untranslated (LAB-NOTES 2). A bare ACK passes
+        our ACK (sent right behind our SYN-ACK) or any data has gone,
+        conntrack takes a SYN-ACK of ours as INVALID and lets it out
+        untranslated (LAB-NOTES 2). A bare ACK passes
         both, but leaves the far gateway without any SYN or SYN-ACK of ours,
         and then nothing the peer sends is valid to it.
         Returns True once confirmed, False at the timeout."""

@@ -41,6 +41,21 @@ def listener(ns: str, addr: str, port: int = SERVER_PORT) -> socket.socket:
     return s
 
 
+def read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    got = bytearray()
+    while chunk := sock.recv(65536):
+        got += chunk
+    return bytes(got)
+
+
+def answer_the_clients_syn(flow: RawFlow) -> None:
+    """A crafted passive open: wait for a kernel client's SYN, answer it,
+    until its ACK completes the handshake."""
+    syn = collect(flow.rx, 1, until=lambda s: s.flags & Flags.SYN)[-1]
+    flow.answer_assumed(syn.seq, syn.options, timeout=5)
+
+
 def collect(rx: RawReceiver, want: int, timeout: float = 3.0, until=None) -> list:
     """Parse everything rx sees until ``want`` segments (or until(seg) is true)."""
     got = []
@@ -258,14 +273,10 @@ def test_peer_data_at_the_handshake_reaches_the_handed_off_socket(veth, piggybac
     try:
         with flow, inside(veth.ns_a), flow.rst_suppression():
             writer.start()
-            syn = collect(flow.rx, 1, until=lambda s: s.flags & Flags.SYN)[-1]
-            flow.answer_assumed(syn.seq, syn.options, timeout=5)
+            answer_the_clients_syn(flow)
             sock = repair_socket(flow.handoff_state())
         with sock:
-            sock.settimeout(10)
-            got = bytearray()
-            while chunk := sock.recv(65536):
-                got += chunk
+            got = read_to_eof(sock)
         writer.join(10)
     finally:
         client.close()
@@ -312,8 +323,7 @@ def test_peer_data_that_came_before_the_socket_is_queued_at_once(veth):
     try:
         with flow, inside(veth.ns_a), flow.rst_suppression():
             writer.start()
-            syn = collect(flow.rx, 1, until=lambda s: s.flags & Flags.SYN)[-1]
-            flow.answer_assumed(syn.seq, syn.options, timeout=5)
+            answer_the_clients_syn(flow)
             connected.wait(5)
             time.sleep(0.1)                 # the first bytes are here, the socket is not
             sock = repair_socket(flow.handoff_state(), late=flow.late_data)
@@ -323,10 +333,7 @@ def test_peer_data_that_came_before_the_socket_is_queued_at_once(veth):
             assert waiting[0] == len(first)  # queued before any retransmission could come
             client.sendall(rest)
             client.shutdown(socket.SHUT_WR)
-            sock.settimeout(10)
-            got = bytearray()
-            while chunk := sock.recv(65536):
-                got += chunk
+            got = read_to_eof(sock)
         writer.join(10)
     finally:
         client.close()

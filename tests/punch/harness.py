@@ -78,3 +78,18 @@ class LabCCS:
         self.core.run(self.server.close())
         self.core.stop()
         self.store.close()
+
+
+def start_responder_late(monkeypatch, seconds: float) -> None:
+    """The accepting side starts ``symmetric`` this long after the common
+    start the CCS gave both (a clock or scheduling skew, made exact)."""
+    from fastpunch.punch import symmetric
+
+    real = symmetric.handshake
+
+    def late(ctx, deadline, attempt, **kw):
+        if ctx.role == "responder":
+            kw["start"] = kw["start"] + seconds
+        return real(ctx, deadline, attempt, **kw)
+
+    monkeypatch.setattr(symmetric, "handshake", late)

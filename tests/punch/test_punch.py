@@ -200,17 +200,12 @@ def test_a_skewed_start_toward_rst_gateways_recovers_without_the_relay(lab_pair,
     opener at once, so the peer's next SYN finds it open (before that, the
     two sides' SYNs kept hitting each other's closed entries, and 3 trials
     in 10 of a zero-delay nat-rst pair with a small gap ended on the relay)."""
-    from fastpunch.punch import rawsession, symmetric
+    from fastpunch.punch import rawsession
+
+    from .harness import start_responder_late
 
     monkeypatch.setattr(rawsession, "FIRST_GAP", 0.0)
-    real = symmetric.handshake
-
-    def late_responder(ctx, deadline, attempt, **kw):
-        if ctx.role == "responder":
-            kw["start"] = kw["start"] + 0.025
-        return real(ctx, deadline, attempt, **kw)
-
-    monkeypatch.setattr(symmetric, "handshake", late_responder)
+    start_responder_late(monkeypatch, 0.025)
     with lab_pair("nat-rst", "nat-rst") as (lab, ccs, cam, viewer):
         reopened = 0
         for _ in range(3):
