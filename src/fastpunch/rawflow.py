@@ -172,10 +172,9 @@ class RawFlow:
         socket now. The kernel had no socket for them and dropped them
         (its RST suppressed); without this the peer resends them when its
         retransmission timer fires (203 ms to 1 s in the lab).
-        :func:`fastpunch.handoff.repair_socket`
-        calls it just before the socket joins the flow. Also notes whether
-        any of them acked our SYN (:meth:`confirm` then has nothing to wait
-        for)."""
+        :func:`fastpunch.handoff.repair_socket` calls it just before the
+        socket joins the flow. Also notes whether any of them acked our SYN
+        (:meth:`confirm` then has nothing to wait for)."""
         segments, self._left = self._left, []
         while batch := self._wait(0.0, poll=True):
             segments += batch
@@ -345,10 +344,10 @@ class RawFlow:
                         # its SYN-ACK: ACK it, as the handshake would (after a
                         # resent SYN of ours, our gateway went back to SYN_RECV
                         # on it; and our kernel socket, if it was not there yet
-                        # when the SYN-ACK came, did not answer it)
-                        self._send(Reply(0x10, (self.iss + 1) & 0xFFFFFFFF,
-                                         (self.peer_isn + 1) & 0xFFFFFFFF,
-                                         self.tracker.ack().window))
+                        # when the SYN-ACK came, did not answer it). The
+                        # tracker, fed nothing since the hand-off, still holds
+                        # ISN + 1 both ways.
+                        self._send(self.tracker.ack())
                         self._note("sent ACK")
                     return True
 

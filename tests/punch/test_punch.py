@@ -253,15 +253,17 @@ def test_a_side_that_completed_on_the_peers_syn_brings_a_peer_that_missed_everyt
                         for w, t in (("gw-b", "test_first_syn"), ("gw-a", "test_no_synack"))}
             assert all("packets 0 " not in out and "packets" in out for out in counters.values()), \
                 counters                          # both rules did drop something
-            a_events = [what for _, what in ca.report.attempts[-1].events]
+            # a's confirmation runs after connect() returned, appending to
+            # the attempt's live event list: wait for it there
+            live = ca.report.attempts[-1].events
+            for _ in range(60):
+                if any("the peer confirmed" in what for _, what in live):
+                    break
+                time.sleep(0.05)
+            a_events = [what for _, what in live]
             b_events = [what for _, what in cb.report.attempts[-1].events]
             assert any("complete on the peer's SYN" in e for e in a_events), a_events
             assert any("complete on the peer's SYN" in e for e in b_events), b_events
-            # a's confirmation runs after connect() returned: wait for it
-            for _ in range(60):
-                if any("the peer confirmed" in e for e in a_events):
-                    break
-                time.sleep(0.05)
             after = a_events[a_events.index(next(e for e in a_events if "complete on" in e)):]
             assert "resent SYN" in after and any("the peer confirmed" in e for e in after), after
             d = exchange(ca.sock, cb.sock, 4 << 20)
