@@ -33,68 +33,93 @@ int fp_raw_open_send(int sndbuf, uint32_t mark)
     return fd;
 }
 
-int fp_bpf_flow_filter(struct sock_filter *prog, int cap, uint32_t saddr, uint32_t daddr,
-                       uint16_t sport, uint16_t dport)
+int fp_bpf_match_filter(struct sock_filter *prog, int cap, const struct fp_match *m, int count)
 {
     /* The packet seen by an AF_INET raw socket starts at the IP header.
-     * Every test jumps to the final "reject" on mismatch; jump offsets are
-     * filled in once the program length is known. */
-    struct sock_filter p[16];
+     *
+     *     ld  proto;  jne TCP      -> reject
+     *     ldh frag;   jset 0x1fff  -> reject      first fragments only
+     *     ldx 4 * IHL
+     *     clause k:  each given field: ld; jne value -> clause k + 1
+     *                ret accept
+     *     reject:    ret 0
+     *
+     * Jumps are forward only and 8 bits wide; FP_MAX_MATCHES clauses of at
+     * most 9 instructions keep every offset far below 255. Offsets to the
+     * next clause and to "reject" are filled in once the layout is known. */
+    if (count < 1 || count > FP_MAX_MATCHES || !m)
+        return -EINVAL;
+    struct sock_filter p[FP_BPF_MAX];
     int n = 0;
-    int rejects[8], nrej = 0;
+    int to_reject[2], nrej = 0;       /* the two header tests */
+    int to_next[8 * FP_MAX_MATCHES], nnext = 0;
+    int clause_start[FP_MAX_MATCHES + 1];
 #define EMIT(c, k) (p[n++] = (struct sock_filter)BPF_STMT((c), (k)))
-#define TEST_EQ(k) (rejects[nrej++] = n, p[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (k), 0, 0))
+#define JUMP(c, k) (p[n++] = (struct sock_filter)BPF_JUMP((c), (k), 0, 0))
     EMIT(BPF_LD | BPF_B | BPF_ABS, 9); /* protocol */
-    TEST_EQ(IPPROTO_TCP);
-    if (saddr) {
-        EMIT(BPF_LD | BPF_W | BPF_ABS, 12);
-        TEST_EQ(saddr);
-    }
-    if (daddr) {
-        EMIT(BPF_LD | BPF_W | BPF_ABS, 16);
-        TEST_EQ(daddr);
-    }
-    /* first fragments only: the TCP header must be there */
+    to_reject[nrej++] = n;
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, IPPROTO_TCP); /* jf -> reject */
     EMIT(BPF_LD | BPF_H | BPF_ABS, 6);
-    p[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, 0x1fff, 0, 0);
-    rejects[nrej++] = -(n - 1); /* JSET: reject on true */
-    if (sport || dport) {
-        EMIT(BPF_LDX | BPF_B | BPF_MSH, 0); /* X = IHL * 4 */
-        if (sport) {
+    to_reject[nrej++] = -n;
+    JUMP(BPF_JMP | BPF_JSET | BPF_K, 0x1fff); /* jt -> reject */
+    EMIT(BPF_LDX | BPF_B | BPF_MSH, 0); /* X = IHL * 4 */
+    int next_of[8 * FP_MAX_MATCHES];    /* clause whose start each to_next jumps to */
+    for (int c = 0; c < count; c++) {
+        clause_start[c] = n;
+        const struct fp_match *k = &m[c];
+        if (k->saddr) {
+            EMIT(BPF_LD | BPF_W | BPF_ABS, 12);
+            next_of[nnext] = c + 1, to_next[nnext++] = n;
+            JUMP(BPF_JMP | BPF_JEQ | BPF_K, k->saddr);
+        }
+        if (k->daddr) {
+            EMIT(BPF_LD | BPF_W | BPF_ABS, 16);
+            next_of[nnext] = c + 1, to_next[nnext++] = n;
+            JUMP(BPF_JMP | BPF_JEQ | BPF_K, k->daddr);
+        }
+        if (k->sport) {
             EMIT(BPF_LD | BPF_H | BPF_IND, 0);
-            TEST_EQ(sport);
+            next_of[nnext] = c + 1, to_next[nnext++] = n;
+            JUMP(BPF_JMP | BPF_JEQ | BPF_K, k->sport);
         }
-        if (dport) {
+        if (k->dport) {
             EMIT(BPF_LD | BPF_H | BPF_IND, 2);
-            TEST_EQ(dport);
+            next_of[nnext] = c + 1, to_next[nnext++] = n;
+            JUMP(BPF_JMP | BPF_JEQ | BPF_K, k->dport);
         }
+        EMIT(BPF_RET | BPF_K, 0x40000); /* accept the whole packet */
     }
-    EMIT(BPF_RET | BPF_K, 0x40000); /* accept whole packet */
     int reject_at = n;
+    clause_start[count] = reject_at;    /* "the clause after the last" rejects */
     EMIT(BPF_RET | BPF_K, 0);
 #undef EMIT
-#undef TEST_EQ
+#undef JUMP
     for (int i = 0; i < nrej; i++) {
-        if (rejects[i] >= 0) { /* JEQ: fall through on match, jump on mismatch */
-            int at = rejects[i];
-            p[at].jt = 0;
-            p[at].jf = (uint8_t)(reject_at - at - 1);
-        } else { /* JSET: jump to reject on true */
-            int at = -rejects[i];
-            p[at].jt = (uint8_t)(reject_at - at - 1);
-            p[at].jf = 0;
+        if (to_reject[i] >= 0) { /* JEQ: fall through on match, reject on mismatch */
+            p[to_reject[i]].jf = (uint8_t)(reject_at - to_reject[i] - 1);
+        } else { /* JSET: reject when a fragment offset bit is set */
+            p[-to_reject[i]].jt = (uint8_t)(reject_at + to_reject[i] - 1);
         }
     }
+    for (int i = 0; i < nnext; i++)
+        p[to_next[i]].jf = (uint8_t)(clause_start[next_of[i]] - to_next[i] - 1);
     if (n > cap)
         return -EINVAL;
     memcpy(prog, p, sizeof(struct sock_filter) * (size_t)n);
     return n;
 }
 
-int fp_raw_open_recv(uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport, int rcvbuf)
+int fp_bpf_flow_filter(struct sock_filter *prog, int cap, uint32_t saddr, uint32_t daddr,
+                       uint16_t sport, uint16_t dport)
 {
-    struct sock_filter prog[16];
-    int n = fp_bpf_flow_filter(prog, 16, saddr, daddr, sport, dport);
+    struct fp_match one = {saddr, daddr, sport, dport};
+    return fp_bpf_match_filter(prog, cap, &one, 1);
+}
+
+int fp_raw_open_recv_any(const struct fp_match *m, int count, int rcvbuf)
+{
+    struct sock_filter prog[FP_BPF_MAX];
+    int n = fp_bpf_match_filter(prog, FP_BPF_MAX, m, count);
     if (n < 0)
         return n;
     struct sock_fprog fprog = {.len = (unsigned short)n, .filter = prog};
@@ -117,6 +142,12 @@ int fp_raw_open_recv(uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dp
     while (recv(fd, scratch, sizeof scratch, MSG_DONTWAIT | MSG_TRUNC) >= 0)
         ;
     return fd;
+}
+
+int fp_raw_open_recv(uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport, int rcvbuf)
+{
+    struct fp_match one = {saddr, daddr, sport, dport};
+    return fp_raw_open_recv_any(&one, 1, rcvbuf);
 }
 
 static void dest_of(const uint8_t *pkt, uint32_t len, struct sockaddr_in *sa)

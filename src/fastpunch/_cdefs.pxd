@@ -120,11 +120,21 @@ cdef extern from "fastpunch/fp_seq.h" nogil:
     void fp_flow_ack(const fp_flow *f, fp_reply *ack)
     int fp_flow_send(fp_flow *f, uint32_t len, int fin, fp_reply *seg)
 
+cdef extern from "fastpunch/fp_size.h" nogil:
+    int fp_size_mul(size_t a, size_t b, size_t *out)
+    int fp_size_add(size_t a, size_t b, size_t *out)
+    int fp_size_span(size_t count, size_t stride, size_t length, size_t *out)
+
 cdef extern from "fastpunch/fp_rawio.h" nogil:
     int FP_RAW_MARK_DENIED
     int fp_raw_open_send(int sndbuf, uint32_t mark)
     int fp_raw_open_recv(uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
                          int rcvbuf)
+    struct fp_match:
+        uint32_t saddr, daddr
+        uint16_t sport, dport
+    int FP_MAX_MATCHES
+    int fp_raw_open_recv_any(const fp_match *m, int count, int rcvbuf)
     long fp_raw_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
                            size_t count)
     long fp_raw_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,

@@ -7,6 +7,8 @@ turns codes into exceptions (fastpunch.errors.error_from_code).
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+cdef extern from "Python.h":
+    Py_ssize_t PY_SSIZE_T_MAX
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -33,6 +35,29 @@ cdef object _error(long code, str operation):
     cdef int c = <int>(-code if code < 0 else code)
     return _errors.error_from_code(
         c, fp_reason_name(c).decode(), fp_reason_text(c).decode(), operation)
+
+
+cdef Py_ssize_t _area(Py_ssize_t count, Py_ssize_t size, str what) except -1:
+    """count * size as a buffer size, refused when it overflows (on a 32-bit
+    build capacity * stride wraps long before memory runs out, and a wrapped
+    size would allocate a buffer that later receives overrun)."""
+    cdef size_t out
+    if count < 0 or size < 0 or fp_size_mul(<size_t>count, <size_t>size, &out) < 0 \
+            or out > <size_t>PY_SSIZE_T_MAX:
+        raise OverflowError(f"{what}: {count} x {size} bytes does not fit in memory")
+    return <Py_ssize_t>out
+
+
+cdef Py_ssize_t _span(Py_ssize_t count, Py_ssize_t stride, Py_ssize_t length,
+                      str what) except -1:
+    """Bytes that count regions of length bytes, stride apart, span."""
+    cdef size_t out
+    if count < 0 or stride < 0 or length < 0 or \
+            fp_size_span(<size_t>count, <size_t>stride, <size_t>length, &out) < 0 \
+            or out > <size_t>PY_SSIZE_T_MAX:
+        raise OverflowError(f"{what}: {count} regions of {length} bytes, {stride} apart, "
+                            "do not fit in memory")
+    return <Py_ssize_t>out
 
 
 def reason_name(int code):
@@ -203,7 +228,7 @@ def checksum_many(const uint8_t[::1] data not None, Py_ssize_t stride, Py_ssize_
     cdef Py_ssize_t count = out.shape[0]
     if stride < length or length < 0:
         raise ValueError("stride must be at least length")
-    if count and (count - 1) * stride + length > data.shape[0]:
+    if _span(count, stride, length, "checksum_many") > data.shape[0]:
         raise ValueError("data is too short for that many regions")
     if count == 0:
         return
@@ -540,9 +565,10 @@ cdef class ParsedBatch:
             raise ValueError("capacity must be positive and stride within 60..65535")
         self.capacity, self.stride, self.verify = capacity, stride, (
             FP_VERIFY_IP | FP_VERIFY_TCP if verify else 0)
-        self._buf = <uint8_t *>PyMem_Malloc(capacity * stride)
-        self._lens = <uint32_t *>PyMem_Malloc(sizeof(uint32_t) * capacity)
-        self._segs = <fp_segment *>PyMem_Malloc(sizeof(fp_segment) * capacity)
+        self._buf = <uint8_t *>PyMem_Malloc(_area(capacity, stride, "ParsedBatch"))
+        self._lens = <uint32_t *>PyMem_Malloc(_area(capacity, sizeof(uint32_t), "ParsedBatch"))
+        self._segs = <fp_segment *>PyMem_Malloc(_area(capacity, sizeof(fp_segment),
+                                                      "ParsedBatch"))
         if self._buf == NULL or self._lens == NULL or self._segs == NULL:
             raise MemoryError()
         import array as _array
@@ -598,7 +624,10 @@ cdef class ParsedBatch:
         cdef Py_ssize_t count = lens.shape[0], i, n
         if count > self.capacity:
             raise ValueError(f"at most {self.capacity} datagrams")
-        if count and ((count - 1) * stride + min(lens[count - 1], stride) > data.shape[0]):
+        if stride < 0:
+            raise ValueError("stride must not be negative")
+        if count and _span(count, stride, min(lens[count - 1], stride),
+                           "ParsedBatch.parse_from") > data.shape[0]:
             raise ValueError("data is too short for those lengths")
         with nogil:
             for i in range(count):
@@ -712,9 +741,9 @@ cdef class SegmentBatch:
         self.capacity = capacity
         self.stride = stride
         self.count = 0
-        self._buf = bytearray(capacity * stride)
+        self._buf = bytearray(_area(capacity, stride, "SegmentBatch"))
         self._ptr = <uint8_t *>PyByteArray_AS_STRING(self._buf)
-        self._lens = <uint32_t *>PyMem_Malloc(sizeof(uint32_t) * capacity)
+        self._lens = <uint32_t *>PyMem_Malloc(_area(capacity, sizeof(uint32_t), "SegmentBatch"))
         if self._lens == NULL:
             raise MemoryError()
 
@@ -1011,14 +1040,16 @@ cdef class RawSender(_RawSocket):
 
 cdef class RawReceiver(_RawSocket):
     """Non-blocking raw TCP receive socket that sees only one flow's segments
-    (a classic BPF filter on the 4-tuple; None/0 are wildcards). Use fileno()
-    with loop.add_reader(). Needs CAP_NET_RAW."""
+    (a classic BPF filter on the 4-tuple; None/0 are wildcards), or with
+    ``matches`` (up to 16 ``(src, dst, sport, dport)`` clauses) the segments
+    of any of several: one socket for every crafted flow of a punch. Use
+    fileno() with loop.add_reader(). Needs CAP_NET_RAW."""
     cdef Py_ssize_t capacity, stride
     cdef uint8_t *_buf
     cdef uint32_t *_lens
 
     def __cinit__(self, src=None, dst=None, uint16_t sport=0, uint16_t dport=0, int rcvbuf=0,
-                  Py_ssize_t capacity=64, Py_ssize_t stride=2048):
+                  Py_ssize_t capacity=64, Py_ssize_t stride=2048, matches=None):
         cdef uint32_t s = 0, d = 0
         if src is not None:
             _addr(src, &s)
@@ -1028,11 +1059,34 @@ cdef class RawReceiver(_RawSocket):
             raise ValueError("capacity must be positive and stride at least 60")
         self.capacity = capacity
         self.stride = stride
-        self._buf = <uint8_t *>PyMem_Malloc(capacity * stride)
-        self._lens = <uint32_t *>PyMem_Malloc(sizeof(uint32_t) * capacity)
+        self._buf = <uint8_t *>PyMem_Malloc(_area(capacity, stride, "RawReceiver"))
+        self._lens = <uint32_t *>PyMem_Malloc(_area(capacity, sizeof(uint32_t), "RawReceiver"))
         if self._buf == NULL or self._lens == NULL:
             raise MemoryError()
-        cdef int fd = fp_raw_open_recv(s, d, sport, dport, rcvbuf)
+        cdef fp_match clauses[16]
+        cdef int n = 1, fd
+        if matches is None:
+            clauses[0].saddr, clauses[0].daddr = s, d
+            clauses[0].sport, clauses[0].dport = sport, dport
+        else:
+            if src is not None or dst is not None or sport or dport:
+                raise ValueError("give either matches or src/dst/sport/dport, not both")
+            matches = list(matches)
+            if not 1 <= len(matches) <= FP_MAX_MATCHES:
+                raise ValueError(f"matches: 1 to {FP_MAX_MATCHES} (src, dst, sport, dport) "
+                                 f"clauses, not {len(matches)}")
+            n = len(matches)
+            for i, clause in enumerate(matches):
+                c_src, c_dst, c_sport, c_dport = clause
+                clauses[i].saddr = clauses[i].daddr = 0
+                if c_src is not None:
+                    _addr(c_src, &clauses[i].saddr)
+                if c_dst is not None:
+                    _addr(c_dst, &clauses[i].daddr)
+                if not (0 <= (c_sport or 0) <= 65535 and 0 <= (c_dport or 0) <= 65535):
+                    raise ValueError(f"matches[{i}]: ports are 0..65535")
+                clauses[i].sport, clauses[i].dport = c_sport or 0, c_dport or 0
+        fd = fp_raw_open_recv_any(clauses, n, rcvbuf)
         if fd < 0:
             raise _error(fd, "raw-socket")
         self.fd = fd

@@ -180,6 +180,22 @@ def test_bpf_filter_shows_each_receiver_only_its_flow(veth):
     assert sorted(s.seq for s in b) == [1, 5, 9, 13, 17]
 
 
+def test_one_receiver_sees_every_clause_of_its_filter_and_nothing_else(veth):
+    # a punch's one receiver: its own port toward any peer candidate, and
+    # (spray's random side) one peer port toward any of our ports
+    with inside(veth.ns_b):
+        rx = RawReceiver(matches=[(None, veth.addr_b, 0, 9),
+                                  (veth.addr_a, None, 41077, 0)])
+        guard = netfilter.suppress_rsts([netfilter.RstSuppression(p) for p in (9, 10, 11)])
+    with inside(veth.ns_b), guard, rx, inside(veth.ns_a), RawSender() as tx:
+        for i in range(12):
+            sport, dport = ((41001, 9), (41077, 10), (41002, 11))[i % 3]
+            tx.send(build(veth.addr_a, veth.addr_b, sport, dport, seq=i))
+        got = collect(rx, 8)
+    # clause 1 takes dport 9, clause 2 sport 41077; (41002 -> 11) matches neither
+    assert sorted(s.seq for s in got) == [0, 1, 3, 4, 6, 7, 9, 10]
+
+
 def test_sendmmsg_batch_is_delivered_whole(veth):
     n = 512
     batch = SegmentBatch(n, stride=128)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import array
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastpunch.errors import PacketBuildError
-from fastpunch.packet import Flags, SegmentBatch, TCPOptions, build, ip_to_int, parse
+from fastpunch.packet import (Flags, ParsedBatch, RawReceiver, SegmentBatch, TCPOptions, build,
+                              checksum_many, ip_to_int, parse)
 
 OPTS = TCPOptions(mss=1460, wscale=7, sack_permitted=True, timestamp=(9, 0))
 
@@ -143,3 +145,26 @@ def test_parsed_batch_refuses_more_than_its_capacity():
         pb.parse_from(b"\0" * 384, 128, array.array("I", [20, 20, 20]))
     with pytest.raises(ValueError):
         pb.parse_from(b"\0" * 10, 128, array.array("I", [20]))
+
+
+# Sizes that wrap: on a 32-bit build (armv7) capacity * stride wraps long
+# before memory runs out, and a wrapped size allocated a small buffer that
+# later receives overran (303 MB allocated for capacity=70000, stride=65535).
+# sys.maxsize // 100 * 65535 wraps on every build, 64-bit included.
+@pytest.mark.parametrize("make", [
+    lambda: SegmentBatch(sys.maxsize // 100, 65535),
+    lambda: ParsedBatch(sys.maxsize // 100, 65535),
+    lambda: RawReceiver(capacity=sys.maxsize // 100, stride=65535),
+], ids=["SegmentBatch", "ParsedBatch", "RawReceiver"])
+def test_a_buffer_size_that_would_wrap_is_refused_before_any_allocation(make):
+    with pytest.raises(OverflowError, match="does not fit in memory"):
+        make()
+
+
+def test_a_span_that_would_wrap_is_refused():
+    out = array.array("H", [0, 0])
+    with pytest.raises(OverflowError):
+        checksum_many(b"\0" * 64, sys.maxsize, 1, out)
+    batch = ParsedBatch(2, 128)
+    with pytest.raises((OverflowError, ValueError)):
+        batch.parse_from(b"\0" * 256, sys.maxsize, array.array("I", [60, 60]))

@@ -21,10 +21,26 @@ int fp_raw_open_send(int sndbuf, uint32_t mark);
 int fp_raw_open_recv(uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
                      int rcvbuf);
 
-/* Write the classic BPF program used above into prog (cap entries; 16 is
- * always enough). Returns the instruction count or -EINVAL. Exposed so the
- * filter can be tested on its own. */
+/* One clause of a receive filter: an IPv4 4-tuple, host order, 0 = any. */
+struct fp_match {
+    uint32_t saddr, daddr;
+    uint16_t sport, dport;
+};
+#define FP_MAX_MATCHES 16   /* clauses in one filter (BPF jumps are 8-bit) */
+#define FP_BPF_MAX (8 + 9 * FP_MAX_MATCHES)   /* instructions a filter needs at most */
+
+/* Open a receive socket as above that sees the segments matching ANY of
+ * count clauses (1..FP_MAX_MATCHES): one socket for every crafted flow of a
+ * punch (its own port toward every peer candidate, spray's source ports
+ * toward one peer port). Returns the descriptor or -errno (-EINVAL for a
+ * bad count). */
+int fp_raw_open_recv_any(const struct fp_match *m, int count, int rcvbuf);
+
+/* Write the classic BPF program for count clauses into prog (cap entries;
+ * FP_BPF_MAX always suffices). Returns the instruction count or -EINVAL.
+ * Exposed so the filter can be tested on its own. */
 struct sock_filter;
+int fp_bpf_match_filter(struct sock_filter *prog, int cap, const struct fp_match *m, int count);
 int fp_bpf_flow_filter(struct sock_filter *prog, int cap, uint32_t saddr, uint32_t daddr,
                        uint16_t sport, uint16_t dport);
 
