@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -119,6 +120,31 @@ def _free_later(ctx) -> None:
         _reaper_wakeup.set()
 
 
+_NETLINK_NETFILTER = 12
+
+
+def probe_nfnetlink() -> None:
+    """Raise KernelFeatureMissing unless this thread can open the netfilter
+    netlink socket libnftables needs.
+
+    libnftables does not return an error when it cannot open that socket: it
+    prints ``mnl.c:60: Unable to initialize Netlink socket`` and calls
+    ``exit(3)`` inside the library, killing the whole process (seen on a
+    vendor kernel without nf_tables: the device died mid-connect, its peer
+    waited 38 s). So the socket is opened here first, exactly as
+    ``mnl_socket_open`` would (socket + bind, in the calling thread's network
+    namespace), and only a process that could is let into the library."""
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                           _NETLINK_NETFILTER) as s:
+            s.bind((0, 0))
+    except OSError as exc:
+        raise KernelFeatureMissing(
+            "nf_tables", f"this kernel offers no netfilter netlink socket ({exc.strerror}): "
+            "it lacks CONFIG_NETFILTER_NETLINK / CONFIG_NF_TABLES, or a sandbox forbids it; "
+            "crafted strategies cannot keep the kernel from resetting their flows") from exc
+
+
 class Nftables:
     """A thin libnftables handle. Each :meth:`run` uses a fresh context, so the
     command applies in the network namespace of the calling thread at call time
@@ -126,6 +152,7 @@ class Nftables:
 
     def run(self, commands: str, *, json_output: bool = False) -> str:
         ffi, lib = _load()
+        probe_nfnetlink()       # libnftables would exit() the process instead
         ctx = lib.nft_ctx_new(0)
         if ctx == ffi.NULL:
             raise NetfilterError("libnftables could not create a context")

@@ -1,0 +1,61 @@
+"""A missing kernel feature is an exception naming it, never the end of the
+process. The feature is taken away for real: a child process whose seccomp
+filter fails the syscall, as a kernel without the feature does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests import seccomp
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+
+def run_child(body: str) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        from tests.seccomp import deny_nfnetlink
+        deny_nfnetlink()
+    """) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.skipif(not seccomp.supported(), reason="no seccomp syscall table for this machine")
+def test_libnftables_itself_exits_the_process_without_nfnetlink():
+    # the hazard the probe exists for: the library calls exit(3) itself
+    out = run_child("""
+        import cffi
+        ffi = cffi.FFI()
+        ffi.cdef("struct nft_ctx; struct nft_ctx *nft_ctx_new(uint32_t flags);")
+        ffi.dlopen("libnftables.so.1").nft_ctx_new(0)
+        print("still alive")
+    """)
+    assert out.returncode == 3 and "still alive" not in out.stdout
+    assert "Unable to initialize Netlink socket" in out.stderr
+
+
+@pytest.mark.skipif(not seccomp.supported(), reason="no seccomp syscall table for this machine")
+def test_without_nfnetlink_every_netfilter_call_raises_kernel_feature_missing():
+    out = run_child("""
+        from fastpunch import netfilter
+        from fastpunch.errors import KernelFeatureMissing
+        for call in (lambda: netfilter.Nftables().run("list tables"),
+                     lambda: netfilter.suppress_rsts([netfilter.RstSuppression(40000)]).apply(),
+                     netfilter.sweep_stale):
+            try:
+                call()
+            except KernelFeatureMissing as exc:
+                print("missing:", exc.feature, "|", exc)
+        print("still alive")
+    """)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "still alive"
+    assert [line.split(" |")[0] for line in lines[:-1]] == ["missing: nf_tables"] * 3
+    assert "netfilter netlink socket" in lines[0]
