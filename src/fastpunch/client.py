@@ -528,7 +528,7 @@ class Device:
     async def _map(self, local: int):
         """Ask the gateway to forward an external port to ``local`` (the
         protocol natcheck found first); None, logged, when it will not."""
-        from fastpunch.punch import portmap
+        from fastpunch import portmap
 
         found = (self.natcheck_result or {}).get("portmap")
         order = ((found,) if found else ()) + tuple(p for p in portmap.PROTOCOLS if p != found)
@@ -544,7 +544,7 @@ class Device:
         mapping = self._mappings.pop(local, None)
         if mapping is None:
             return
-        from fastpunch.punch import portmap
+        from fastpunch import portmap
 
         async def delete():
             try:

@@ -1,4 +1,4 @@
-"""fastpunch.punch.portmap against a real miniupnpd: the lab's "upnp"
+"""fastpunch.portmap against a real miniupnpd: the lab's "upnp"
 gateway grants a mapping over each protocol, real inbound TCP from the
 internet passes through it, and stops passing once it is deleted; a plain
 NAT answers nothing and map_port gives up within its bound.
@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from fastpunch.punch import portmap as pm
+from fastpunch import portmap as pm
+from fastpunch.portmap import upnp
 from tests.lab.probes import TcpServer, connect
 
 pytestmark = pytest.mark.lab
@@ -122,19 +123,19 @@ def test_a_gateway_without_a_daemon_fails_in_bounded_time(lab_factory):
 def counting_discovery(monkeypatch) -> list:
     """Count SSDP discoveries (the real one still runs)."""
     calls = []
-    real = pm._ssdp_discover
+    real = upnp._ssdp_discover
 
     async def discover(gateway, deadline):
         calls.append(gateway)
         return await real(gateway, deadline)
 
-    monkeypatch.setattr(pm, "_ssdp_discover", discover)
+    monkeypatch.setattr(upnp, "_ssdp_discover", discover)
     return calls
 
 
 def test_upnp_discovers_the_gateway_once_then_reuses_it(upnp_lab, monkeypatch):
     lab, site = upnp_lab, upnp_lab.sites["a"]
-    pm._igd_cache.clear()
+    upnp._igd_cache.clear()
     calls = counting_discovery(monkeypatch)
     took = []
     for port in (47000, 47001):
@@ -150,16 +151,16 @@ def test_a_stale_cached_control_url_is_discovered_again(upnp_lab, monkeypatch):
     # as after a gateway reboot onto another port: the cached URL refuses,
     # the mapping is still granted, through a fresh discovery
     lab, site = upnp_lab, upnp_lab.sites["a"]
-    pm._igd_cache.clear()
+    upnp._igd_cache.clear()
     calls = counting_discovery(monkeypatch)
     with lab.inside("a"):
-        key = pm._igd_key(site.gateway_lan)
-    pm._igd_cache[key] = (pm.IgdService(f"http://{site.gateway_lan}:5009/ctl/IPConn",
-                                        pm.WANIP_SERVICES[0]), time.monotonic() + 60)
+        key = upnp._igd_key(site.gateway_lan)
+    upnp._igd_cache[key] = (upnp.IgdService(f"http://{site.gateway_lan}:5009/ctl/IPConn",
+                                            upnp.WANIP_SERVICES[0]), time.monotonic() + 60)
     mapping = in_site(lab, pm.map_port(site.host_addr, 47002, protocols=("upnp",)))
     try:
         assert mapping.control_url.startswith(f"http://{site.gateway_lan}:5000/")
         assert calls == [site.gateway_lan]
-        assert pm._igd_cache[key][0].control_url == mapping.control_url
+        assert upnp._igd_cache[key][0].control_url == mapping.control_url
     finally:
         in_site(lab, pm.unmap(mapping))

@@ -73,7 +73,7 @@ async def probe_portmap(timeout: float = PORTMAP_TIMEOUT) -> tuple:
     none costs one timeout, not three in a row. Every granted mapping is
     deleted; the first protocol of ``portmap.PROTOCOLS`` that got one is
     reported."""
-    from fastpunch.punch import portmap
+    from fastpunch import portmap
     from fastpunch.punch.base import free_port
 
     async def ask(protocol: str):

@@ -1,7 +1,7 @@
 """``upnp``: the gateway forwards a port to us, so the peer just connects.
 
 A device whose gateway grants port mappings (PCP, NAT-PMP or UPnP-IGD, see
-:mod:`fastpunch.punch.portmap`; natcheck finds out and the device announces
+:mod:`fastpunch.portmap`; natcheck finds out and the device announces
 its NAT as ``upnp``) asks for one for its next local port before it tells
 the CCS its next-connection info, and announces the *external* port it was
 given. In this strategy's slot that side listens on its local port, and the
