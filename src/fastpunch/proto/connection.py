@@ -8,6 +8,12 @@ RemoteProtocolError with a stable ``code``; one we may not send is a
 LocalProtocolError. Authentication is checked here (the machine is told the
 device key by its owner), so no message after Hello is ever acted on for an
 unauthenticated peer.
+
+Versions: the client says Hello in its ``version``; the server answers in
+the version of that Hello (any of ``wire.VERSIONS``) and so does everything
+after it. An older server refuses a newer Hello with an Error in its own
+version: the client raises ProtocolViolation("version-refused") and its
+owner may try again with an older version.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ class Role(enum.Enum):
     SERVER = "server"
 
 
-_READY_CLIENT = {Heartbeat, RendezvousRequest, RendezvousAnswer}
-_READY_SERVER = {HeartbeatAck, RendezvousOffer, RendezvousReady, RendezvousRefused}
+_READY_CLIENT = {Heartbeat, RendezvousRequest, RendezvousAnswer, wire.Abandon}
+_READY_SERVER = {HeartbeatAck, RendezvousOffer, RendezvousReady, RendezvousRefused,
+                 wire.PeerLeft}
 
 # (state, sender) -> {message type: next state}. Error from the server is
 # allowed in every state and always leads to CLOSED.
@@ -75,8 +82,11 @@ CLOSED = _Sentinel("CLOSED")
 class Connection:
     """One end of a device <-> CCS connection."""
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: Role, version: int = wire.VERSION) -> None:
+        if version not in wire.VERSIONS:
+            raise ValueError(f"protocol version {version} is not one of {wire.VERSIONS}")
         self.role = role
+        self.version = version          # the server's follows the client's Hello
         self.state = State.HELLO
         self._buf = bytearray()
         self._eof = False
@@ -117,11 +127,24 @@ class Connection:
     def next_event(self) -> Union[wire.Message, _Sentinel]:
         if self.state is State.CLOSED:
             return CLOSED
+        frame_v = wire.frame_version(self._buf)
+        older = self.role is Role.CLIENT and self.state is not State.READY and \
+            frame_v in wire.VERSIONS and frame_v < self.version
+        expect = None if older or (self.role is Role.SERVER and self.state is State.HELLO) \
+            else self.version
         try:
-            msg = wire.decode_frame(self._buf)
+            msg = wire.decode_frame(self._buf, expect)
         except WireError:
             self.state = State.CLOSED
             raise
+        if older and msg is not None:
+            # an older CCS: all it can have to say to our Hello is no
+            self.state = State.CLOSED
+            reason = msg.reason if isinstance(msg, Error) else type(msg).__name__
+            raise ProtocolViolation("version-refused", f"the CCS speaks protocol version "
+                                                       f"{frame_v}, not {self.version}: {reason}")
+        if msg is not None and self.role is Role.SERVER and isinstance(msg, Hello):
+            self.version = frame_v
         if msg is None:
             if self._eof:
                 self.state = State.CLOSED
@@ -174,7 +197,7 @@ class Connection:
             self.name, self.client_nonce = msg.name, msg.nonce
         elif isinstance(msg, Challenge):
             self.server_nonce = msg.nonce
-        return wire.encode(msg)
+        return wire.encode(msg, self.version)
 
     # -- the authentication steps, with the secrets they need -----------------------
     def hello(self, name: str, key: bytes, random: Callable[[int], bytes]) -> bytes:
@@ -194,14 +217,18 @@ class Connection:
                                                         self.client_nonce)))
 
     def accept(self, addr: str, port: int, heartbeat: int, node: Optional[str] = None,
-               probe_port: Optional[int] = None) -> bytes:
+               probe_port: Optional[int] = None, probe_port2: Optional[int] = None) -> bytes:
         """Server: after a verified AuthResponse."""
         return self.send(AuthOk(auth.server_proof(self._key, self.name, self.server_nonce,
                                                   self.client_nonce), addr, port, heartbeat, node,
-                                probe_port))
+                                probe_port, probe_port2))
 
     def error(self, code: str, reason: str) -> bytes:
-        """Server: a fatal error; the connection is closed afterwards."""
-        data = wire.encode(Error(code, reason[:wire.REASON]))
+        """Server: a fatal error; the connection is closed afterwards. The
+        reason is cut to the field's cap in bytes, not characters (a cut at
+        256 characters of non-ASCII text overflowed it, and the encoder's
+        refusal aborted the connection without any Error frame)."""
+        text = reason.encode("utf-8")[:wire.REASON].decode("utf-8", "ignore")
+        data = wire.encode(Error(code[:32], text), self.version)
         self.state = State.CLOSED
         return data

@@ -4,9 +4,17 @@
     field  = id:u8  length:u16  value[length]                       (per-field caps)
 
 Every message is a frozen dataclass; its fields, their wire ids, kinds and
-size caps are data (``SCHEMA``), so encoding, decoding and validation are one
+size caps are data (``FIELDS``), so encoding, decoding and validation are one
 loop each. Decoding refuses, with a stable error code, anything malformed,
 oversized, unknown, duplicated or missing. No I/O here.
+
+Versions. Version 2 adds candidates and NAT evidence to the
+next-connection info, a session id to RendezvousReady, a second probe port
+to AuthOk, and the messages Abandon and PeerLeft. A field or message
+carries the version it appeared in (``since``); a frame of version 1 may not
+hold a version-2 field (``unknown-field``, as a version-1 decoder would say),
+and ``encode(msg, 1)`` leaves version-2 fields out, so a CCS speaks
+version 1 to a device that said Hello in version 1.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from fastpunch.errors import RemoteProtocolError
+from fastpunch.proto import candidates as _candidates
 
 __all__ = ["VERSION", "MAX_FRAME", "WireError", "Message", "encode", "decode_frame", "MESSAGES"]
 
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)         # a CCS accepts each; a device speaks the newest the CCS takes
 MAX_FRAME = 8192          # bytes of payload; every field is capped far below this
 HEADER = struct.Struct("!BBH")
 FIELD = struct.Struct("!BH")
@@ -49,22 +59,26 @@ _KINDS = {
     "ipv4": (lambda v: ipaddress.IPv4Address(v).packed, lambda b: str(ipaddress.IPv4Address(b)), 4),
     "strs": (lambda v: "\n".join(v).encode("utf-8"),
              lambda b: tuple(b.decode("utf-8").split("\n")) if b else (), None),
+    "cands": (lambda v: _candidates.encode(v), lambda b: _candidates.decode(b), None),
 }
 
 
 @dataclass(frozen=True)
 class Message:
-    """Base of every message. Subclasses declare TYPE and FIELDS:
-    FIELDS maps attribute -> (wire id, kind, max bytes, required)."""
+    """Base of every message. Subclasses declare TYPE, FIELDS and SINCE:
+    FIELDS maps attribute -> (wire id, kind, max bytes, required[, since])."""
 
     TYPE: ClassVar[int] = 0
     FIELDS: ClassVar[dict] = {}
+    SINCE: ClassVar[int] = 1
 
 
-def _msg(type_id: int, fields: dict):
+def _msg(type_id: int, fields: dict, since: int = 1):
     def wrap(cls):
         cls.TYPE = type_id
-        cls.FIELDS = fields
+        cls.FIELDS = {name: spec if len(spec) == 5 else spec + (1,)
+                      for name, spec in fields.items()}
+        cls.SINCE = since
         return dataclass(frozen=True)(cls)
     return wrap
 
@@ -98,6 +112,9 @@ NEXT_INFO = {
     "wscale": (13, "u8", 1, False), "sack_permitted": (14, "bool", 1, True),
     "timestamps": (15, "bool", 1, True), "nat": (16, "str", 32, True),
     "local_addr": (17, "ipv4", 4, False), "crafted": (19, "bool", 1, False),
+    # version 2: where the peer may reach us, and what natcheck saw of our gateway
+    "candidates": (20, "cands", _candidates.WIRE_BYTES, False, 2),
+    "mapping": (21, "str", 16, False, 2), "filtering": (22, "str", 16, False, 2),
 }
 
 
@@ -115,6 +132,9 @@ class RendezvousRequest(Message):
     wscale: Optional[int] = None
     local_addr: Optional[str] = None
     crafted: Optional[bool] = None
+    candidates: Optional[tuple] = None
+    mapping: Optional[str] = None
+    filtering: Optional[str] = None
 
 
 STANDING = 0       # RendezvousAnswer.request of info announced ahead of any offer
@@ -135,6 +155,19 @@ class RendezvousAnswer(Message):
     wscale: Optional[int] = None
     local_addr: Optional[str] = None
     crafted: Optional[bool] = None
+    candidates: Optional[tuple] = None
+    mapping: Optional[str] = None
+    filtering: Optional[str] = None
+
+
+@_msg(6, {"session": (1, "u64", 8, True), "code": (2, "str", 32, True),
+          "reason": (3, "str", REASON, True)}, since=2)
+class Abandon(Message):
+    """A side gives up a rendezvous it was Ready for (its connect() was
+    cancelled, it failed): the CCS tells the peer (PeerLeft), which stops."""
+    session: int
+    code: str
+    reason: str
 
 
 # -- server -> client -----------------------------------------------------------------
@@ -145,17 +178,21 @@ class Challenge(Message):
 
 @_msg(65, {"mac": (1, "bytes", MAC, True), "addr": (2, "ipv4", 4, True),
            "port": (3, "u16", 2, True), "heartbeat": (4, "u16", 2, True),
-           "node": (5, "str", NAME, False), "probe_port": (6, "u16", 2, False)})
+           "node": (5, "str", NAME, False), "probe_port": (6, "u16", 2, False),
+           "probe_port2": (7, "u16", 2, False, 2)})
 class AuthOk(Message):
     """Server proof, and the address and port the CCS sees (reflexive).
     ``node`` names the CCS node, for logs; ``probe_port`` is where it answers
-    "who am I" probes (the relay port) for the device's natcheck."""
+    "who am I" probes (the relay port) for the device's natcheck;
+    ``probe_port2`` a second port that answers them, so natcheck can tell
+    whether a mapping depends on the destination port."""
     mac: bytes
     addr: str
     port: int
     heartbeat: int
     node: Optional[str] = None
     probe_port: Optional[int] = None
+    probe_port2: Optional[int] = None
 
 
 @_msg(66, {"seq": (1, "u32", 4, True)})
@@ -175,6 +212,7 @@ PEER_INFO = {
     "plan": (5, "strs", 256, True), "start_at": (6, "u64", 8, True), "role": (7, "str", 16, True),
     "relay_token": (8, "bytes", RELAY_TOKEN, True), "relay_addr": (9, "ipv4", 4, True),
     "relay_port": (18, "u16", 2, True),
+    "session": (23, "u64", 8, False, 2),
     **NEXT_INFO,
 }
 
@@ -204,6 +242,10 @@ class RendezvousReady(Message):
     wscale: Optional[int] = None
     local_addr: Optional[str] = None
     crafted: Optional[bool] = None
+    candidates: Optional[tuple] = None
+    mapping: Optional[str] = None
+    filtering: Optional[str] = None
+    session: Optional[int] = None
 
 
 @_msg(69, {"request": (1, "u32", 4, True), "code": (2, "str", 32, True),
@@ -221,16 +263,35 @@ class Error(Message):
     reason: str
 
 
+@_msg(71, {"session": (1, "u64", 8, True), "peer": (2, "str", NAME, True),
+           "code": (3, "str", 32, True), "reason": (4, "str", REASON, True)}, since=2)
+class PeerLeft(Message):
+    """The peer of a rendezvous this side is Ready for went away (it
+    disconnected from the CCS, or sent Abandon): stop punching and do not
+    wait at the relay."""
+    session: int
+    peer: str
+    code: str
+    reason: str
+
+
 MESSAGES: dict[int, type] = {cls.TYPE: cls for cls in (
-    Hello, AuthResponse, Heartbeat, RendezvousRequest, RendezvousAnswer,
-    Challenge, AuthOk, HeartbeatAck, RendezvousOffer, RendezvousReady, RendezvousRefused, Error)}
+    Hello, AuthResponse, Heartbeat, RendezvousRequest, RendezvousAnswer, Abandon,
+    Challenge, AuthOk, HeartbeatAck, RendezvousOffer, RendezvousReady, RendezvousRefused, Error,
+    PeerLeft)}
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: Message, version: int = VERSION) -> bytes:
+    """The frame of ``msg`` in ``version``: fields newer than it are left
+    out (they are all optional); a message newer than it is refused."""
+    if version not in VERSIONS:
+        raise ValueError(f"protocol version {version} is not one of {VERSIONS}")
+    if msg.SINCE > version:
+        raise ValueError(f"{type(msg).__name__} needs protocol version {msg.SINCE}")
     parts = []
-    for name, (fid, kind, cap, required) in msg.FIELDS.items():
+    for name, (fid, kind, cap, required, since) in msg.FIELDS.items():
         value = getattr(msg, name)
-        if value is None:
+        if value is None or since > version:
             if required:
                 raise ValueError(f"{type(msg).__name__}.{name} is required")
             continue
@@ -241,27 +302,35 @@ def encode(msg: Message) -> bytes:
     payload = b"".join(parts)
     if len(payload) > MAX_FRAME:
         raise ValueError(f"{type(msg).__name__} exceeds the {MAX_FRAME}-byte frame cap")
-    return HEADER.pack(VERSION, msg.TYPE, len(payload)) + payload
+    return HEADER.pack(version, msg.TYPE, len(payload)) + payload
 
 
-def decode_frame(buf: bytearray) -> Optional[Message]:
+def frame_version(buf: bytes) -> Optional[int]:
+    """The version byte of the frame at the front of ``buf`` (None: empty)."""
+    return buf[0] if buf else None
+
+
+def decode_frame(buf: bytearray, version: Optional[int] = None) -> Optional[Message]:
     """Take one whole frame off the front of ``buf`` and decode it; None when
-    the frame is not complete yet. Raises WireError for anything invalid."""
+    the frame is not complete yet. Raises WireError for anything invalid,
+    a frame of another version than ``version`` (when given) included."""
     if len(buf) < HEADER.size:
         return None
-    version, type_id, length = HEADER.unpack_from(buf)
-    if version != VERSION:
-        raise WireError("bad-version", f"protocol version {version}, expected {VERSION}")
+    frame_v, type_id, length = HEADER.unpack_from(buf)
+    if frame_v not in VERSIONS or (version is not None and frame_v != version):
+        want = version if version is not None else " or ".join(map(str, VERSIONS))
+        raise WireError("bad-version", f"protocol version {frame_v}, expected {want}")
     if length > MAX_FRAME:
         raise WireError("frame-too-large", f"frame of {length} bytes, cap {MAX_FRAME}")
     cls = MESSAGES.get(type_id)
-    if cls is None:
+    if cls is None or cls.SINCE > frame_v:
         raise WireError("unknown-type", f"unknown message type {type_id}")
     if len(buf) < HEADER.size + length:
         return None
     payload = bytes(buf[HEADER.size:HEADER.size + length])
     del buf[:HEADER.size + length]
-    by_id = {fid: (name, kind, cap) for name, (fid, kind, cap, _) in cls.FIELDS.items()}
+    by_id = {fid: (name, kind, cap) for name, (fid, kind, cap, _, since) in cls.FIELDS.items()
+             if since <= frame_v}
     values: dict[str, Any] = {}
     off = 0
     while off < len(payload):
@@ -282,9 +351,10 @@ def decode_frame(buf: bytearray) -> Optional[Message]:
         try:
             values[name] = _KINDS[kind][1](payload[off:off + flen])
         except (UnicodeDecodeError, KeyError, ValueError) as exc:
+            # (a CandidateError is a ValueError with its own code in the text)
             raise WireError("bad-field-value", f"{cls.__name__}.{name}: {exc}") from None
         off += flen
-    missing = [n for n, (_, _, _, req) in cls.FIELDS.items() if req and n not in values]
+    missing = [n for n, (_, _, _, req, _) in cls.FIELDS.items() if req and n not in values]
     if missing:
         raise WireError("missing-field", f"{cls.__name__} lacks {', '.join(missing)}")
     return cls(**values)
@@ -292,8 +362,11 @@ def decode_frame(buf: bytearray) -> Optional[Message]:
 
 @dataclass(frozen=True)
 class NextInfo:
-    """A device's next-connection info: the source port its next connection
-    will use, its ISN and TCP options, and its NAT guess."""
+    """A device's next-connection info: the port a peer should aim at
+    (``port``: the server-reflexive port of the one it punches from; a
+    version-1 peer knows only this), its ISN and TCP options, its NAT guess,
+    whether it can craft segments, and (version 2) its candidates and what
+    natcheck saw of its gateway's mapping and filtering."""
     port: int
     isn: int
     mss: int = 1460
@@ -303,6 +376,9 @@ class NextInfo:
     wscale: Optional[int] = 7
     local_addr: Optional[str] = None
     crafted: Optional[bool] = None
+    candidates: Optional[tuple] = None
+    mapping: Optional[str] = None
+    filtering: Optional[str] = None
 
     def fields(self) -> dict:
         return dataclasses.asdict(self)
