@@ -3,6 +3,7 @@ netfilter gateways of every kind. See docs/lab.md."""
 
 from fastpunch.lab.profiles import PROFILES as PROFILES
 from fastpunch.lab.topology import CCS_ADDR as CCS_ADDR
+from fastpunch.lab.topology import Host as Host
 from fastpunch.lab.topology import RELAY_ADDR as RELAY_ADDR
 from fastpunch.lab.topology import Lab as Lab
 from fastpunch.lab.topology import LabError as LabError
@@ -11,5 +12,5 @@ from fastpunch.lab.topology import sweep_stale as sweep_stale
 
 PROFILE_NAMES = tuple(sorted(PROFILES)) + ("cgn",)
 
-__all__ = ["CCS_ADDR", "Lab", "LabError", "PROFILES", "PROFILE_NAMES", "RELAY_ADDR", "Site",
-           "sweep_stale"]
+__all__ = ["CCS_ADDR", "Host", "Lab", "LabError", "PROFILES", "PROFILE_NAMES", "RELAY_ADDR",
+           "Site", "sweep_stale"]

@@ -4,6 +4,7 @@ profiles, joined by an "internet" core namespace that hosts the CCS.
     internet ns  a router; lo: 203.0.113.1 (CCS), 203.0.113.2 (relay)
        |-- sa -- gateway a  wan 203.0.113.10/32   lan 10.1.0.1/24  -- host a 10.1.0.2
        |-- sb -- gateway b  wan 203.0.113.20/32   lan 10.2.0.1/24  -- host b 10.2.0.2
+                                                  (bridge)        |- host b2 10.2.0.3
 
     Each gateway has its own point-to-point link to the internet router
     (a /32 and an on-link default route via 203.0.113.1; no proxy ARP, whose
@@ -12,7 +13,8 @@ profiles, joined by an "internet" core namespace that hosts the CCS.
     TTL 2 leaves its own NAT and dies in the core, before the far gateway.
     (no-NAT profiles give the site a public /28 from 198.51.100.0/24 instead;
      cgn puts a home NAT 10.i.0.1 | 100.64.i.2 behind a carrier NAT
-     100.64.i.1 | 203.0.113.(10 i))
+     100.64.i.1 | 203.0.113.(10 i); a site with several hosts has a Linux
+     bridge as its gateway's "lan", each host's veth a port of it)
 
 Links are pyroute2 calls, rules are fastpunch.netfilter tables applied in
 each namespace, sysctls are written per namespace. Names carry the creating
@@ -35,10 +37,11 @@ from fastpunch import _caps
 from fastpunch._netns import create_namespace, inside, veth_between
 from fastpunch._proc import pid_alive
 from fastpunch.errors import FastpunchError, KernelFeatureMissing
-from fastpunch.lab.profiles import CGN, PROFILES, Profile, gateway_tables
+from fastpunch.lab.profiles import (CGN, FRAG_NEEDED_MODES, HAIRPIN_MODES, PROFILES, Profile,
+                                    core_tables, gateway_tables)
 from fastpunch.netfilter import Nftables
 
-__all__ = ["Lab", "Site", "LabError", "sweep_stale", "CCS_ADDR", "RELAY_ADDR"]
+__all__ = ["Lab", "Site", "Host", "LabError", "sweep_stale", "CCS_ADDR", "RELAY_ADDR"]
 
 CCS_ADDR = "203.0.113.1"
 RELAY_ADDR = "203.0.113.2"
@@ -48,10 +51,21 @@ _NS_RE = re.compile(rf"^{PREFIX}(\d+)x(\d+)-")
 _counter = itertools.count()
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
+MAX_HOSTS = 8
+MTU_RANGE = (576, 9000)     # RFC 791's minimum datagram every host must take .. jumbo
 
 
 class LabError(FastpunchError):
     """The lab could not be built as asked."""
+
+
+@dataclass
+class Host:
+    """One host of a site: ``name`` is what :meth:`Lab.ns` takes ("a", "a2", ...)."""
+
+    name: str
+    ns: str
+    addr: str
 
 
 @dataclass
@@ -66,6 +80,7 @@ class Site:
     gateway_lan: str
     home_ns: Optional[str] = None   # cgn only: the home NAT behind the carrier
     namespaces: list = field(default_factory=list)
+    hosts: list = field(default_factory=list)   # [Host]; hosts[0] is host_ns/host_addr
 
     @property
     def nat(self) -> bool:
@@ -95,11 +110,24 @@ class Lab:
     core grows by twice it), ``rate_mbit`` (each direction).
     ``conntrack_timeouts`` sets nf_conntrack_tcp_timeout_<state> on every
     gateway (e.g. ``{"syn_sent": 5}``) to make mapping expiry testable.
+
+    Topology, again one value for every site or a dict per site (docs/lab.md,
+    "Topologies"): ``hosts`` (1-8 hosts on the site's LAN, named "a", "a2",
+    "a3", ...), ``hairpin`` ("off", "wan", "lan": what the gateway does with
+    a LAN host's packet to its own WAN address), ``mtu`` (the LAN link's MTU,
+    576-9000), ``wan_mtu`` (the gateway's WAN link, with MSS clamping in the
+    gateway), ``frag_needed`` ("pass", "drop": ICMP fragmentation-needed for
+    the site dropped in its gateway and in the core), ``port_range`` ((low,
+    high) ephemeral ports of every host of the site).
     """
 
     def __init__(self, *, loss: Union[float, dict] = 0.0, delay_ms: Union[float, dict] = 0.0,
                  rate_mbit: Union[float, dict] = 0.0,
-                 conntrack_timeouts: Optional[dict] = None, **sites: str) -> None:
+                 conntrack_timeouts: Optional[dict] = None,
+                 hosts: Union[int, dict] = 1, hairpin: Union[str, dict] = "off",
+                 mtu: Union[int, None, dict] = None, wan_mtu: Union[int, None, dict] = None,
+                 frag_needed: Union[str, dict] = "pass",
+                 port_range: Union[Sequence[int], None, dict] = None, **sites: str) -> None:
         if not sites:
             raise LabError("a lab needs at least one site, e.g. Lab(a='nat')")
         for name, profile in sites.items():
@@ -125,6 +153,20 @@ class Lab:
         self.delay_ms = per_site(delay_ms, "delay_ms", 10_000)
         self.rate_mbit = per_site(rate_mbit, "rate_mbit", 100_000)
         self.conntrack_timeouts = dict(conntrack_timeouts or {})
+        self.hosts = self._per_site(hosts, "hosts", 1, self._check_hosts)
+        self.hairpin = self._per_site(hairpin, "hairpin", "off", self._check_hairpin)
+        self.mtu = self._per_site(mtu, "mtu", None, self._check_mtu)
+        self.wan_mtu = self._per_site(wan_mtu, "wan_mtu", None, self._check_mtu)
+        self.frag_needed = self._per_site(frag_needed, "frag_needed", "pass",
+                                          self._check_frag_needed)
+        self.port_range = self._per_site(port_range, "port_range", None, self._check_port_range)
+        self.host_names = {s: [s] + [f"{s}{k}" for k in range(2, n + 1)]
+                           for s, n in self.hosts.items()}
+        for site, names in self.host_names.items():
+            for name in names[1:]:
+                if name in sites:
+                    raise LabError(f"site {site}'s host {name} has the name of site {name}; "
+                                   "rename one of the sites")
         self.inet_ns = f"{self.tag}-inet"
         self.ccs_addr, self.relay_addr = CCS_ADDR, RELAY_ADDR
         self.sites: dict[str, Site] = {}
@@ -132,6 +174,66 @@ class Lab:
         self._procs: list[subprocess.Popen] = []
         self._tmp: Optional[str] = None          # config files of daemons (miniupnpd)
         self._nft = Nftables()
+
+    # -- validation of per-site settings ------------------------------------------
+    def _per_site(self, value, what: str, default, check) -> dict:
+        """{site: value} from one value for every site or a dict per site."""
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(self.profiles))
+            if unknown:
+                raise LabError(f"{what} names {', '.join(map(repr, unknown))}, not a site of "
+                               f"this lab (sites: {', '.join(self.profiles)})")
+            values = {s: value.get(s, default) for s in self.profiles}
+        else:
+            values = {s: value for s in self.profiles}
+        return {s: check(s, v) for s, v in values.items()}
+
+    @staticmethod
+    def _check_hosts(site: str, n) -> int:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_HOSTS:
+            raise LabError(f"hosts for {site!r} must be 1..{MAX_HOSTS}: {n!r}")
+        return n
+
+    def _check_hairpin(self, site: str, mode) -> str:
+        if mode not in HAIRPIN_MODES:
+            raise LabError(f"unknown hairpin mode {mode!r} for site {site}; "
+                           f"choose from {', '.join(HAIRPIN_MODES)}")
+        profile = self.profiles[site]
+        if mode != "off" and (profile == CGN or PROFILES[profile].nat == "none"):
+            raise LabError(f"hairpin {mode!r} for site {site} needs a single NAT gateway; "
+                           f"{profile} has " + ("two (not modelled)" if profile == CGN
+                                                else "no NAT (its hosts are public)"))
+        return mode
+
+    @staticmethod
+    def _check_mtu(site: str, mtu) -> Optional[int]:
+        if mtu is None:
+            return None
+        low, high = MTU_RANGE
+        if isinstance(mtu, bool) or not isinstance(mtu, int) or not low <= mtu <= high:
+            raise LabError(f"mtu for {site!r} must be {low}..{high}: {mtu!r}")
+        return mtu
+
+    @staticmethod
+    def _check_frag_needed(site: str, mode) -> str:
+        if mode not in FRAG_NEEDED_MODES:
+            raise LabError(f"frag_needed for {site!r} must be one of "
+                           f"{', '.join(FRAG_NEEDED_MODES)}: {mode!r}")
+        return mode
+
+    @staticmethod
+    def _check_port_range(site: str, value) -> Optional[tuple]:
+        if value is None:
+            return None
+        try:
+            low, high = (int(v) for v in value)
+        except (TypeError, ValueError):
+            raise LabError(f"port_range for {site!r} is (low, high): {value!r}") from None
+        # the kernel refuses a range below ip_unprivileged_port_start (1024)
+        if not 1024 <= low <= high <= 65535:
+            raise LabError(f"port_range for {site!r} must lie in 1024..65535, low <= high: "
+                           f"{value!r}")
+        return (low, high)
 
     # -- building ----------------------------------------------------------------
     def up(self) -> "Lab":
@@ -166,11 +268,15 @@ class Lab:
             for path, value in values.items():
                 _write_sysctl(path, str(value))
 
-    def _gateway(self, ns: str, profile: Profile, wan_addr: str, loss: float) -> None:
+    def _gateway(self, ns: str, profile: Profile, wan_addr: str, loss: float, *,
+                 lan_net: Optional[str] = None, hairpin: str = "off", clamp_mss: bool = False,
+                 frag_needed: str = "pass") -> None:
         sysctls = {"net/ipv4/ip_forward": "1", **profile.sysctls}
+        tables = gateway_tables(profile, "wan", "lan", wan_addr, loss, lan_net=lan_net,
+                                hairpin=hairpin, clamp_mss=clamp_mss, frag_needed=frag_needed)
         with inside(ns):
             # conntrack's per-namespace sysctls exist once its tables are in use
-            for table in gateway_tables(profile, "wan", "lan", wan_addr, loss):
+            for table in tables:
                 self._nft.run(table.apply_commands())
             self._nft.run("add table inet lab_ct\n"
                           "add chain inet lab_ct pre { type filter hook prerouting priority -200; }\n"
@@ -257,6 +363,46 @@ class Lab:
                 ipr.tc("add", "tbf", index=ipr.link_lookup(ifname=ifname)[0], handle="1:",
                        rate=rate, burst=burst, latency="50ms")
 
+    def _lan(self, gw: str, hosts: list, lan_gw: str, prefix: int, mtu: Optional[int]) -> None:
+        """The site's LAN between gateway namespace ``gw`` (interface "lan",
+        address ``lan_gw``) and its hosts (each "eth0" with a default route
+        via ``lan_gw``). One host: a veth whose gateway end is "lan", as it
+        always was. Several: "lan" is a Linux bridge in the gateway and each
+        host's veth ("lan1", "lan2", ... there) is a port of it, so the
+        profile rules written for "lan" see every host's routed traffic, and
+        traffic between the hosts is switched, never routed, as by a home
+        router's built-in switch."""
+        pyroute2 = _pyroute2()
+        if len(hosts) == 1:
+            veth_between(hosts[0].ns, "eth0", gw, "lan")
+            gw_links = ["lan"]
+        else:
+            with pyroute2.NetNS(gw) as ipr:
+                ipr.link("add", ifname="lan", kind="bridge")      # STP off: ports forward at once
+            gw_links = [f"lan{k}" for k in range(1, len(hosts) + 1)]
+            for host, port in zip(hosts, gw_links):
+                veth_between(host.ns, "eth0", gw, port)
+            with pyroute2.NetNS(gw) as ipr:
+                bridge = ipr.link_lookup(ifname="lan")[0]
+                for port in gw_links:
+                    ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=bridge)
+                ipr.link("set", index=bridge, state="up")
+            gw_links.append("lan")        # the bridge last: its MTU is capped by its ports'
+            # br_netfilter is built in and on by default in every namespace: it
+            # would run switched frames between two hosts through the
+            # gateway's IP hooks (conntrack, the forward filter). A home
+            # router's switch does not.
+            self._sysctls(gw, {"net/bridge/bridge-nf-call-iptables": "0"})
+        if mtu is not None:
+            for ns, links in [(gw, gw_links)] + [(h.ns, ["eth0"]) for h in hosts]:
+                with pyroute2.NetNS(ns) as ipr:
+                    for ifname in links:
+                        ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], mtu=mtu)
+        self._addr(gw, "lan", f"{lan_gw}/{prefix}")
+        for host in hosts:
+            self._addr(host.ns, "eth0", f"{host.addr}/{prefix}")
+            self._route(host.ns, "default", lan_gw)
+
     def _build(self) -> None:
         pyroute2 = _pyroute2()
         inet = self._ns("inet")
@@ -273,9 +419,21 @@ class Lab:
         for i, (name, profile) in enumerate(self.profiles.items(), start=1):
             loss = self.loss[name]
             wan_addr = f"203.0.113.{10 * i}"
-            host = self._ns(f"h{name}")
+            nat = profile == CGN or PROFILES[profile].nat != "none"
+            if nat:
+                lan_gw, prefix, public_net = f"10.{i}.0.1", 24, f"{wan_addr}/32"
+                addrs = [f"10.{i}.0.{1 + k}" for k in range(1, self.hosts[name] + 1)]
+            else:
+                base = 16 * i
+                lan_gw, prefix = f"198.51.100.{base + 1}", 28
+                public_net = f"198.51.100.{base}/28"
+                addrs = [f"198.51.100.{base + 1 + k}" for k in range(1, self.hosts[name] + 1)]
+            # host namespaces: "h" + the host's name (ha, ha2, ...), first: the
+            # stale sweep and the teardown tests know a site by ha, ga (, na)
+            hosts = [Host(h, self._ns(f"h{h}"), addr)
+                     for h, addr in zip(self.host_names[name], addrs)]
             gw = self._ns(f"g{name}")
-            site_ns = [host, gw]
+            site_ns = [h.ns for h in hosts[:1]] + [gw] + [h.ns for h in hosts[1:]]
             veth_between(gw, "wan", inet, f"s{name}")
             self._addr(gw, "wan", f"{wan_addr}/32")
             with pyroute2.NetNS(inet) as ipr:
@@ -285,6 +443,13 @@ class Lab:
                 wan = ipr.link_lookup(ifname="wan")[0]
                 ipr.route("add", dst=f"{CCS_ADDR}/32", oif=wan, scope=253)
                 ipr.route("add", dst="0.0.0.0/0", gateway=CCS_ADDR, oif=wan)
+            if self.wan_mtu[name] is not None:
+                for ns, ifname in ((gw, "wan"), (inet, f"s{name}")):
+                    with pyroute2.NetNS(ns) as ipr:
+                        ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0],
+                                 mtu=self.wan_mtu[name])
+            edge = dict(clamp_mss=self.wan_mtu[name] is not None,
+                        frag_needed=self.frag_needed[name])
             home = None
             if profile == CGN:
                 # host -- home NAT (10.i/24 | 100.64.i.2) -- carrier NAT (100.64.i.1 | wan)
@@ -294,35 +459,33 @@ class Lab:
                 self._addr(gw, "lan", f"100.64.{i}.1/24")
                 self._addr(home, "wan", f"100.64.{i}.2/24")
                 self._route(home, "default", f"100.64.{i}.1")
-                veth_between(host, "eth0", home, "lan")
-                lan_gw, host_addr, prefix = f"10.{i}.0.1", f"10.{i}.0.2", 24
-                self._addr(home, "lan", f"{lan_gw}/{prefix}")
-                self._gateway(gw, PROFILES["nat"], wan_addr, loss)
-                self._gateway(home, PROFILES["nat"], f"100.64.{i}.2", 0.0)
-                public = wan_addr
+                self._lan(home, hosts, lan_gw, prefix, self.mtu[name])
+                self._gateway(gw, PROFILES["nat"], wan_addr, loss, **edge)
+                self._gateway(home, PROFILES["nat"], f"100.64.{i}.2", 0.0,
+                              frag_needed=self.frag_needed[name])
             else:
                 p = PROFILES[profile]
-                veth_between(host, "eth0", gw, "lan")
                 if p.nat == "none":
-                    base = 16 * i
-                    lan_gw, host_addr, prefix = f"198.51.100.{base + 1}", f"198.51.100.{base + 2}", 28
-                    self._route(inet, f"198.51.100.{base}/28", wan_addr)
-                    public = host_addr
-                else:
-                    lan_gw, host_addr, prefix = f"10.{i}.0.1", f"10.{i}.0.2", 24
-                    public = wan_addr
-                self._addr(gw, "lan", f"{lan_gw}/{prefix}")
-                self._gateway(gw, p, wan_addr, loss)
+                    self._route(inet, public_net, wan_addr)
+                self._lan(gw, hosts, lan_gw, prefix, self.mtu[name])
+                self._gateway(gw, p, wan_addr, loss, lan_net=f"10.{i}.0.0/24" if nat else None,
+                              hairpin=self.hairpin[name], **edge)
                 if p.upnp:
                     self._miniupnpd(gw, wan_addr, f"10.{i}.0.0/24")
-            self._addr(host, "eth0", f"{host_addr}/{prefix}")
-            self._route(host, "default", lan_gw)
+            public = wan_addr if nat else hosts[0].addr
+            if self.port_range[name] is not None:
+                low, high = self.port_range[name]
+                for host in hosts:        # a per-namespace sysctl
+                    self._sysctls(host.ns, {"net/ipv4/ip_local_port_range": f"{low} {high}"})
+            with inside(inet):
+                for table in core_tables(name, f"s{name}", public_net, self.frag_needed[name]):
+                    self._nft.run(table.apply_commands())
             if self.delay_ms[name]:
                 self._delay(inet, self.delay_ms[name], queue=i, link=f"s{name}")
             if self.rate_mbit[name]:
                 self._rate(gw, self.rate_mbit[name])
-            self.sites[name] = Site(name, profile, i, host, gw, host_addr, public, lan_gw,
-                                    home, site_ns)
+            self.sites[name] = Site(name, profile, i, hosts[0].ns, gw, hosts[0].addr, public,
+                                    lan_gw, home, site_ns, hosts)
         # the public /28s of no-NAT sites are routed by the core (default routes)
 
     # -- teardown ---------------------------------------------------------------
@@ -357,13 +520,27 @@ class Lab:
         return list(self._namespaces)
 
     # -- using it -----------------------------------------------------------------
+    def _hosts(self) -> dict:
+        return {h.name: h for site in self.sites.values() for h in site.hosts}
+
+    def host(self, name: str) -> Host:
+        """A host by name: "a" (site a's first host), "a2", "a3", ..."""
+        hosts = self._hosts()
+        if name not in hosts:
+            raise LabError(f"no host {name!r} in this lab (hosts: {', '.join(hosts)})")
+        return hosts[name]
+
     def ns(self, where: str) -> str:
-        """Namespace of a site's host ("a"), a gateway ("gw-a", "home-a" for
-        cgn), the core ("inet"), or a raw namespace name."""
+        """Namespace of a host ("a" for site a's first host, "a2", ... for the
+        others), a gateway ("gw-a", "home-a" for cgn), the core ("inet"), or a
+        raw namespace name."""
         if where in ("inet", "internet", "ccs"):
             return self.inet_ns
         if where in self.sites:
             return self.sites[where].host_ns
+        hosts = self._hosts()
+        if where in hosts:
+            return hosts[where].ns
         m = re.match(r"^(gw|home)-(\w+)$", where)
         if m and m.group(2) in self.sites:
             site = self.sites[m.group(2)]
@@ -373,7 +550,7 @@ class Lab:
         if where in self._namespaces:
             return where
         raise LabError(f"no such place in this lab: {where!r} (sites: {', '.join(self.sites)}, "
-                       "gw-SITE, home-SITE for cgn, inet)")
+                       f"hosts: {', '.join(hosts)}, gw-SITE, home-SITE for cgn, inet)")
 
     def inside(self, where: str):
         """Context manager: this thread works in that namespace."""
@@ -414,8 +591,14 @@ class Lab:
             "namespaces": self.namespaces,
             "sites": {n: {"profile": s.profile, "host": s.host_addr, "public": s.public_addr,
                           "host_ns": s.host_ns, "gateway_ns": s.gateway_ns,
-                          "home_ns": s.home_ns, "loss": self.loss[n],
-                          "delay_ms": self.delay_ms[n], "rate_mbit": self.rate_mbit[n]}
+                          "home_ns": s.home_ns, "gateway_lan": s.gateway_lan,
+                          "hosts": [{"name": h.name, "ns": h.ns, "addr": h.addr}
+                                    for h in s.hosts],
+                          "loss": self.loss[n],
+                          "delay_ms": self.delay_ms[n], "rate_mbit": self.rate_mbit[n],
+                          "hairpin": self.hairpin[n], "mtu": self.mtu[n],
+                          "wan_mtu": self.wan_mtu[n], "frag_needed": self.frag_needed[n],
+                          "port_range": self.port_range[n]}
                       for n, s in self.sites.items()},
         }
 
