@@ -13,7 +13,7 @@ import time
 
 from fastpunch._proc import pid_alive
 from fastpunch.lab import keeper
-from fastpunch.lab.profiles import CGN, PROFILES
+from fastpunch.lab.profiles import CGN, FRAG_NEEDED_MODES, HAIRPIN_MODES, PROFILES
 from fastpunch.lab.topology import LabError, conntrack_entries, setns_preexec, sweep_stale
 
 PROFILE_CHOICES = sorted(PROFILES) + [CGN]
@@ -28,11 +28,30 @@ def add_subparser(sub) -> None:
         up.add_argument(f"--{site}", choices=PROFILE_CHOICES, help=f"profile of site {site}")
     up.add_argument("--site", action="append", default=[], metavar="NAME=PROFILE",
                     help="more sites")
-    up.add_argument("--loss", type=float, default=0.0, help="loss percent per direction")
+    up.add_argument("--loss", type=float, default=0.0,
+                    help="loss percent per direction (default: 0)")
     up.add_argument("--delay", type=float, default=0.0, metavar="MS",
-                    help="one-way delay of every site's access link")
+                    help="one-way delay of every site's access link (default: 0)")
     up.add_argument("--rate", type=float, default=0.0, metavar="MBIT",
-                    help="rate limit of every site's access link, each direction")
+                    help="rate limit of every site's access link, each direction "
+                         "(default: 0, unlimited)")
+    # Topology settings: SITE=VALUE for one site (repeatable), or VALUE for every site.
+    up.add_argument("--hosts", action="append", default=[], metavar="[SITE=]N",
+                    help="hosts on the site's LAN, 1-8, named a, a2, a3, ... (default: 1)")
+    up.add_argument("--hairpin", action="append", default=[], metavar="[SITE=]MODE",
+                    help=f"what the gateway does with a LAN host's packet to its own WAN "
+                         f"address: {', '.join(HAIRPIN_MODES)} (default: off)")
+    up.add_argument("--mtu", action="append", default=[], metavar="[SITE=]BYTES",
+                    help="MTU of the site's LAN link, 576-9000 (default: 1500)")
+    up.add_argument("--wan-mtu", action="append", default=[], metavar="[SITE=]BYTES",
+                    help="MTU of the gateway's WAN link, with MSS clamping in the gateway "
+                         "(default: 1500, no clamping)")
+    up.add_argument("--frag-needed", action="append", default=[], metavar="[SITE=]MODE",
+                    help=f"ICMP fragmentation-needed for the site: "
+                         f"{', '.join(FRAG_NEEDED_MODES)} (default: pass)")
+    up.add_argument("--port-range", action="append", default=[], metavar="[SITE=]LOW-HIGH",
+                    help="ephemeral ports of the site's hosts (default: the kernel's, "
+                         "32768-60999)")
     up.add_argument("--json", action="store_true", help="print the lab as JSON")
     up.set_defaults(func=cmd_up)
 
@@ -82,10 +101,42 @@ def _namespace(state: dict, where: str) -> str:
     sites = state["sites"]
     if where in sites:
         return sites[where]["host_ns"]
+    for site in sites.values():
+        for host in site.get("hosts", []):
+            if host["name"] == where:
+                return host["ns"]
     for role, key in (("gw-", "gateway_ns"), ("home-", "home_ns")):
         if where.startswith(role) and where[len(role):] in sites and sites[where[len(role):]][key]:
             return sites[where[len(role):]][key]
-    raise LabError(f"no such place: {where!r} (sites: {', '.join(sites)}, gw-SITE, inet)")
+    hosts = [h["name"] for s in sites.values() for h in s.get("hosts", [])]
+    raise LabError(f"no such place: {where!r} (sites: {', '.join(sites)}, hosts: "
+                   f"{', '.join(hosts)}, gw-SITE, inet)")
+
+
+def _per_site(items: list, flag: str, parse):
+    """``--flag VALUE`` (every site) or ``--flag SITE=VALUE`` (repeatable) as
+    the Lab keyword's value: one value, or a dict per site."""
+    every, per_site = None, {}
+    for item in items:
+        site, sep, value = item.rpartition("=")
+        try:
+            parsed = parse(value)
+        except ValueError:
+            raise LabError(f"--{flag} {item}: not a valid value") from None
+        if sep:
+            per_site[site] = parsed
+        else:
+            every = parsed
+    if every is not None and per_site:
+        raise LabError(f"--{flag}: give one value for every site or SITE=VALUE items, not both")
+    return every if every is not None else per_site
+
+
+def _port_range(text: str) -> list:
+    low, sep, high = text.partition("-")
+    if not sep:
+        raise ValueError(text)
+    return [int(low), int(high)]
 
 
 def cmd_up(args) -> int:
@@ -96,6 +147,17 @@ def cmd_up(args) -> int:
     if not sites:
         raise LabError("give at least one site, e.g. --a nat --b napt-random")
     spec = {**sites, "loss": args.loss, "delay_ms": args.delay, "rate_mbit": args.rate}
+    for key, flag, items, parse in (("hosts", "hosts", args.hosts, int),
+                                    ("hairpin", "hairpin", args.hairpin, str),
+                                    ("mtu", "mtu", args.mtu, int),
+                                    ("wan_mtu", "wan-mtu", args.wan_mtu, int),
+                                    ("frag_needed", "frag-needed", args.frag_needed, str),
+                                    ("port_range", "port-range", args.port_range, _port_range)):
+        if items:
+            spec[key] = _per_site(items, flag, parse)
+    from fastpunch.lab.topology import Lab
+
+    Lab(**spec)            # refuses a bad spec here, with its message, before a keeper starts
     os.makedirs(keeper.STATE_DIR, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "fastpunch.lab.keeper", json.dumps(spec)],
                             start_new_session=True, stdin=subprocess.DEVNULL,
@@ -140,6 +202,14 @@ def _print_lab(state: dict, with_conntrack: bool) -> None:
         print(f"  site {name}: {site['profile']:<15} host {site['host']:<15} "
               f"public {site['public']:<15} loss {site['loss']}% delay {site['delay_ms']} ms"
               f" rate {site['rate_mbit'] or '-'} Mbit/s")
+        extras = [f"{key.replace('_', '-')} {site[key]}" for key, default in (
+            ("hairpin", "off"), ("mtu", None), ("wan_mtu", None), ("frag_needed", "pass"),
+            ("port_range", None)) if site.get(key, default) != default]
+        if extras:
+            print(f"    {', '.join(extras)}")
+        hosts = site.get("hosts", [])
+        if len(hosts) > 1:
+            print("    hosts: " + ", ".join(f"{h['name']} {h['addr']}" for h in hosts))
         if with_conntrack:
             for gw_key in ("home_ns", "gateway_ns"):
                 ns = site[gw_key]
