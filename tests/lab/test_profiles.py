@@ -8,7 +8,7 @@ import time
 import pytest
 
 from fastpunch.lab import PROFILE_NAMES
-from fastpunch.lab.profiles import SEQUENTIAL_BASE
+from fastpunch.lab.profiles import SEQUENTIAL_BASE, ei_port
 from tests.lab.probes import TcpServer, connect, simultaneous_open
 
 pytestmark = pytest.mark.lab
@@ -38,6 +38,8 @@ def test_mapping(lab_factory, profile):
         assert site.public_addr == site.host_addr and ports == SPORTS   # no translation
     elif profile in ("nat", "nat-rst", "strict", "cgn", "upnp"):
         assert site.public_addr != site.host_addr and ports == SPORTS   # port preserved
+    elif profile == "napt-ei":
+        assert ports == [ei_port(p) for p in SPORTS] and not set(ports) & set(SPORTS)
     elif profile == "napt-sequential":
         assert all(p >= SEQUENTIAL_BASE and p not in SPORTS for p in ports)
         assert [b - a for a, b in zip(ports, ports[1:])] == [1] * (len(ports) - 1)
@@ -50,7 +52,7 @@ def test_mapping(lab_factory, profile):
 
 EXPECTED_UNSOLICITED = {"open": "ok", "firewall": "timeout", "firewall-liberal": "timeout",
                         "nat": "timeout",
-                        "nat-rst": "refused", "napt-sequential": "timeout",
+                        "nat-rst": "refused", "napt-ei": "timeout", "napt-sequential": "timeout",
                         "napt-random": "timeout", "strict": "timeout", "cgn": "timeout",
                         "upnp": "timeout"}     # until a mapping is asked for (test_upnp.py)
 
