@@ -66,7 +66,11 @@ async def main(args) -> None:
     # rendezvous takes one CCS round trip
     async with Device(args.ccs, args.name, key, ca_file=args.ca,
                       server_hostname=args.server_name, nat=args.nat, standing=True) as dev:
-        log("camera-ready", name=args.name, public_addr=list(dev.public_addr))
+        # ready once gathering is: natcheck's evidence (a port mapping, the
+        # mapping kind) in what it announces
+        nat = await dev.ready(30)
+        log("camera-ready", name=args.name, public_addr=list(dev.public_addr),
+            nat=(nat or {}).get("nat", args.nat))
         served, viewers = 0, []
         while args.max_viewers is None or served < args.max_viewers:
             conn = await dev.accept()                 # any device the ACL lets in

@@ -6,12 +6,17 @@
             ready = await offer.answer(NextInfo(...))
             sock = await dev.relay(ready)          # when nothing direct works
 
-A thin asyncio layer over fastpunch.proto.connection. The device stays
-connected: when the connection drops it reconnects with jittered
-exponential backoff, trying each CCS address it was given in turn (several
-nodes of one deployment). Requests in flight when the connection drops fail
-with ``CCSError("disconnected")``; ``incoming()`` carries on after a
-reconnect. A credential the CCS refuses is final (no retry loop).
+A thin asyncio layer over fastpunch.proto.connection: this module keeps
+the CCS session (login, heartbeats, rendezvous, offers, the relay);
+gathering candidates is ``fastpunch.netcheck.gatherer``'s job and punching
+``fastpunch.punch.rendezvous``'s. The device stays connected: when the
+connection drops it reconnects with jittered exponential backoff, trying
+each CCS address it was given in turn (several nodes of one deployment).
+Requests in flight when the connection drops fail with
+``CCSError("disconnected")``; ``incoming()`` carries on after a reconnect.
+A credential the CCS refuses is final (no retry loop). It speaks the
+newest protocol version and falls back to version 1 once when an older
+CCS refuses it.
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ class Offer:
     _device: "Device"
     ready: Optional[wire.RendezvousReady] = None
     info: Optional[NextInfo] = None
-    local: int = 0
+    gathered: object = None          # the netcheck.Gathered the standing info came from
 
     async def answer(self, info: NextInfo, timeout: float = 30.0) -> wire.RendezvousReady:
         if self.ready is not None:
@@ -131,26 +136,29 @@ class Device:
     def __init__(self, ccs: Union[str, tuple, Sequence], name: str, key: bytes, *, ca_file: str,
                  server_hostname: Optional[str] = None, reconnect: bool = True,
                  backoff: Optional[Backoff] = None, connect_timeout: float = 10.0,
-                 nat: str = "unknown", standing: bool = False) -> None:
+                 nat: str = "auto", standing: bool = False,
+                 protocol: int = wire.VERSION) -> None:
         single = isinstance(ccs, str) or (isinstance(ccs, tuple) and len(ccs) == 2
                                           and isinstance(ccs[1], int))
         self.addresses = [_address(ccs)] if single else [_address(c) for c in ccs]
         if not self.addresses:
             raise ValueError("give at least one CCS address")
+        from fastpunch.netcheck.gatherer import Gatherer
+
         self.name, self.key, self.ca_file = name, key, ca_file
         self.server_hostname = server_hostname
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
         self.connect_timeout = connect_timeout
-        self.nat = nat                                # NAT guess sent with its info; "auto": natcheck
-        self.natcheck_result: Optional[dict] = None
-        self._mappings: dict = {}                     # local port -> portmap.Mapping
+        self.protocol = protocol                      # CCS protocol version to speak
+        self.gatherer = Gatherer(nat, name=name)      # candidates, natcheck, capability
         # announce next-connection info ahead of offers (devices that accept())
         self.standing = standing
-        self._standing: Optional[tuple] = None        # (info, local port) the CCS holds
-        self._natcheck_lock: Optional[asyncio.Lock] = None
-        self._tasks: set = set()                      # background: unmapping, announcing
+        self._standing: Optional[tuple] = None        # (info, gathered) the CCS holds
+        self._tasks: set = set()                      # background: announcing, abandoning
+        self._sessions: dict = {}                     # rendezvous session -> asyncio.Event
         self.probe_port: Optional[int] = None
+        self.probe_port2: Optional[int] = None
         self.public_addr: Optional[tuple] = None      # what the CCS sees (reflexive)
         self.ccs: Optional[tuple] = None              # the node we are connected to
         self.ccs_ip = ""                              # its address (resolved)
@@ -168,6 +176,27 @@ class Device:
         self._closing = False
         self._fatal: Optional[BaseException] = None
         self._next_addr = 0
+
+    @property
+    def nat(self) -> str:
+        """The NAT guess: "auto" (natcheck finds out) or the kind given."""
+        return self.gatherer.nat
+
+    @nat.setter
+    def nat(self, value: str) -> None:
+        from fastpunch.netcheck.gatherer import report_for_guess
+
+        g = self.gatherer
+        g.nat = value
+        g.report = None if value == "auto" else report_for_guess(value)
+        g.forget_prepared()                  # gathered on the old guess
+        if value == "auto" and self.connected and g._ccs is not None:
+            g.logged_in(*g._ccs)
+
+    @property
+    def natcheck_result(self) -> Optional[dict]:
+        report = self.gatherer.report
+        return report.as_dict() if report is not None else None
 
     async def __aenter__(self) -> "Device":
         await self.login()
@@ -190,7 +219,14 @@ class Device:
                 return await self._login(addr)
             except AuthenticationError:
                 raise
-            except (OSError, CCSError, asyncio.TimeoutError) as exc:
+            except CCSError as exc:
+                if exc.code == "version-refused" and self.protocol > 1:
+                    log.warning("%s: %s; speaking protocol version 1", self.name, exc)
+                    self.protocol = 1
+                    return await self._login_any()
+                last = exc
+                self._next_addr += 1
+            except (OSError, asyncio.TimeoutError) as exc:
                 last = exc
                 self._next_addr += 1
         raise CCSError("unreachable", f"no CCS answered ({last})") from last
@@ -203,7 +239,7 @@ class Device:
             host, port, ssl=client_context(self.ca_file),
             server_hostname=self.server_hostname or host), self.connect_timeout)
         try:
-            m = self._machine = Connection(Role.CLIENT)
+            m = self._machine = Connection(Role.CLIENT, self.protocol)
             writer.write(m.hello(self.name, self.key, os.urandom))
             while True:
                 msg = await asyncio.wait_for(self._read(reader), self.connect_timeout)
@@ -218,7 +254,7 @@ class Device:
             raise
         self._writer = writer
         self.public_addr, self.heartbeat, self.node = (msg.addr, msg.port), msg.heartbeat, msg.node
-        self.probe_port = msg.probe_port
+        self.probe_port, self.probe_port2 = msg.probe_port, msg.probe_port2
         self.ccs = addr
         self.ccs_ip = writer.get_extra_info("peername")[0]
         self.connections += 1
@@ -226,6 +262,7 @@ class Device:
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
         self._up.set()
         self._standing = None                          # a new session holds none yet
+        self.gatherer.logged_in(self.ccs_ip, self.probe_port, self.probe_port2)
         if self.standing:
             self._spawn(self._announce())
         return reader
@@ -284,6 +321,12 @@ class Device:
                             msg.request == STANDING and self._standing is not None:
                         self._standing = None           # used up by a failed rendezvous
                         self._spawn(self._announce())
+                elif isinstance(msg, wire.PeerLeft):
+                    gone = self._sessions.get(msg.session)
+                    if gone is not None:
+                        log.info("%s: %s left rendezvous %d: %s", self.name, msg.peer,
+                                 msg.session, msg.reason)
+                        gone.set()
                 elif isinstance(msg, wire.Error):
                     cls = AuthenticationError if msg.code == "auth-failed" else CCSError
                     return cls(msg.code, msg.reason)
@@ -299,18 +342,26 @@ class Device:
 
     async def _announce(self) -> None:
         """Tell the CCS our next-connection info ahead of any offer (one at
-        a time: a fresh one only after the last was used). Not for guesses
-        whose info goes stale: a sequential NAPT's predicted port, a mapped
-        port with a lifetime."""
+        a time: a fresh one only after the last was used). Not behind a
+        sequential NAPT, whose predicted port goes stale with any other
+        traffic."""
         if self._standing is not None or self._closing:
             return
         try:
-            if await self.nat_guess() in ("napt-sequential", "upnp"):
+            # what natcheck finds (a port mapping, the mapping kind) belongs
+            # in the announcement: wait for it (the CCS offers meanwhile, one
+            # round trip slower); not announced again later, as one in flight
+            # might answer an offer meanwhile
+            await self.gatherer.settled()
+            if self._standing is not None or self._closing or not self.connected:
                 return
-            info, local = await self.next_info()
-            self._standing = (info, local)
+            info, gathered = await self.next_info()
+            if info.mapping == "sequential":
+                await self.gatherer.release(gathered)
+                return
+            self._standing = (info, gathered)
             self._send(wire.RendezvousAnswer(request=STANDING, **info.fields()))
-        except (CCSError, OSError) as exc:          # re-announced at the next login
+        except (CCSError, OSError, RuntimeError) as exc:   # re-announced at the next login
             self._standing = None
             log.info("%s: next-connection info not announced: %s", self.name, exc)
 
@@ -320,8 +371,8 @@ class Device:
         if self._standing is None:
             log.warning("%s: a rendezvous for standing info we do not hold", self.name)
             return
-        (info, local), self._standing = self._standing, None
-        self._offers.put_nowait(Offer(ready.peer, STANDING, self, ready, info, local))
+        (info, gathered), self._standing = self._standing, None
+        self._offers.put_nowait(Offer(ready.peer, STANDING, self, ready, info, gathered))
         self._spawn(self._announce())
 
     @staticmethod
@@ -419,155 +470,72 @@ class Device:
             raise RelayError(code, reason)
         return sock
 
-    # -- direct connections (the punching layer) --------------------------------------
+    # -- what the network is (fastpunch.netcheck) --------------------------------------
     async def whoami(self, local_port: int = 0) -> tuple:
         """(address, port) the CCS sees for a fresh TCP connection from
         ``local_port`` (0: any): one probe of this device's NAT mapping."""
-        from fastpunch.ccs.relay import WHOAMI
+        from fastpunch.netcheck import probes
 
         if not self.probe_port:
             raise CCSError("no-probe", "this CCS node answers no address probes")
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setblocking(False)
         try:
-            sock.bind(("0.0.0.0", local_port))
-            await asyncio.wait_for(loop.sock_connect(sock, (self.ccs[0], self.probe_port)), 5)
-            await loop.sock_sendall(sock, WHOAMI + bytes(32))
-            data = b""
-            while len(data) < 6:
-                part = await asyncio.wait_for(loop.sock_recv(sock, 6 - len(data)), 5)
-                if not part:
-                    raise CCSError("bad-probe", "the CCS closed the probe early")
-                data += part
-        finally:
-            sock.close()
-        return socket.inet_ntoa(data[:4]), int.from_bytes(data[4:], "big")
+            return await probes.whoami(self.ccs_ip, self.probe_port, local_port)
+        except probes.ProbeError as exc:
+            raise CCSError(exc.code, str(exc)) from exc
 
     async def filtering(self) -> str:
-        """How our gateway treats an unsolicited SYN from another port of the
-        CCS's address to the mapping a connection of ours just opened:
-        "open" (let in: no filter), "drop", "rst" (the gateway resets it), or
-        "unknown" (the CCS node does not probe, or is busy). A listener on
-        the probed port tells a let-in SYN from a RST of our own kernel."""
-        from fastpunch.ccs.relay import FILTER_VERDICTS, FILTERING
+        """How our gateway treats an unsolicited SYN (netcheck.probes.filtering)."""
+        from fastpunch.netcheck import probes
 
         if not self.probe_port:
             return "unknown"
-        loop = asyncio.get_running_loop()
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            for s in (sock, listener):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                s.setblocking(False)
-            sock.bind(("0.0.0.0", 0))
-            listener.bind(("0.0.0.0", sock.getsockname()[1]))
-            listener.listen(1)
-            await asyncio.wait_for(loop.sock_connect(sock, (self.ccs[0], self.probe_port)), 5)
-            await loop.sock_sendall(sock, FILTERING + bytes(32))
-            verdict = await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
-        finally:
-            sock.close()
-            listener.close()
-        answer = FILTER_VERDICTS.get(verdict, "unknown")
-        return "unknown" if answer == "busy" else answer
+        return (await probes.filtering(self.ccs_ip, self.probe_port)).value
 
     async def natcheck(self, probes: int = 3) -> dict:
-        """Classify this device's NAT mapping (fastpunch.punch.natcheck)."""
-        from fastpunch.punch.natcheck import natcheck
+        """What this device's gateway does (fastpunch.netcheck.natcheck), now."""
+        if not self.probe_port:
+            raise CCSError("no-probe", "this CCS node answers no address probes")
+        return (await self.gatherer.natcheck_now(probes)).as_dict()
 
-        self.natcheck_result = await natcheck(self, probes)
+    async def ready(self, timeout: Optional[float] = None) -> Optional[dict]:
+        """Wait until what gathering does in the background after a login is
+        done (natcheck, the next port's candidates) and return natcheck's
+        report. ``connect()`` never waits for it; a device may, to have its
+        first connection planned on the evidence (a camera before it
+        announces itself, the matrix before its trials)."""
+        await asyncio.wait_for(self.gatherer.settled(), timeout)
         return self.natcheck_result
 
-    async def nat_guess(self) -> str:
-        """The NAT guess this device announces: ``nat`` as given, or with
-        "auto" natcheck's verdict (natcheck runs once, on first need)."""
-        if self.nat != "auto":
-            return self.nat
-        if self.natcheck_result is None:
-            # one natcheck at a time: the standing announcement and an
-            # accept() may both get here first, and interleaved probes would
-            # spoil a sequential NAPT's steady step
-            if self._natcheck_lock is None:
-                self._natcheck_lock = asyncio.Lock()
-            async with self._natcheck_lock:
-                if self.natcheck_result is None:
-                    await self.natcheck()
-        return self.natcheck_result["nat"]
-
     async def next_info(self) -> tuple:
-        """(next-connection info to announce, local port to use). Behind a
-        sequential NAPT the announced port is the predicted mapping, probed
-        just before; everywhere else it is the local port itself."""
-        from fastpunch import _caps
+        """(next-connection info to announce, the netcheck.Gathered it
+        describes: the punch port and its candidates)."""
+        g = self.gatherer
+        gathered = await g.take()
+        report = g.report
+        from fastpunch.netcheck.route import mss_toward
 
-        from fastpunch.punch.base import free_port
+        info = NextInfo(port=gathered.port, isn=g.isn(), mss=mss_toward(self.ccs_ip),
+                        nat=(report.nat.value if report is not None else "unknown"),
+                        crafted=g.crafted().crafted,
+                        candidates=gathered.candidates,
+                        mapping=report.mapping.value if report is not None else "unknown",
+                        filtering=report.filtering.value if report is not None else "unknown")
+        return info, gathered
 
-        guess = await self.nat_guess()
-        local = free_port()
-        announced = local
-        mapping = None
-        if guess == "upnp":
-            mapping = await self._map(local)
-            if mapping is not None:
-                announced = mapping.external_port
-        elif guess == "napt-sequential":
-            _, seen = await self.whoami()
-            announced = (seen + self.natcheck_result.get("delta", 1)) & 0xFFFF \
-                if self.natcheck_result else (seen + 1) & 0xFFFF
-        crafted = not _caps.missing(_caps.CAP_NET_RAW, _caps.CAP_NET_ADMIN)
-        info = NextInfo(port=announced, isn=int.from_bytes(os.urandom(4), "big"), nat=guess,
-                        crafted=crafted)
-        if mapping is not None:
-            self._mappings[local] = mapping
-        return info, local
-
-    async def _map(self, local: int):
-        """Ask the gateway to forward an external port to ``local`` (the
-        protocol natcheck found first); None, logged, when it will not."""
-        from fastpunch import portmap
-
-        found = (self.natcheck_result or {}).get("portmap")
-        order = ((found,) if found else ()) + tuple(p for p in portmap.PROTOCOLS if p != found)
-        try:
-            return await portmap.map_port("0.0.0.0", local, protocols=order, timeout=0.75)
-        except (portmap.PortMapError, OSError) as exc:
-            log.warning("%s: no port mapping from the gateway: %s", self.name, exc)
-            return None
-
-    def _unmap(self, local: int) -> None:
-        """Delete the mapping made for ``local`` (in the background: the
-        connection does not wait for it, and it expires anyway)."""
-        mapping = self._mappings.pop(local, None)
-        if mapping is None:
-            return
-        from fastpunch import portmap
-
-        async def delete():
-            try:
-                await portmap.unmap(mapping)
-            except (portmap.PortMapError, OSError) as exc:
-                log.info("%s: mapping %s not deleted (%s); it expires in %d s", self.name,
-                         mapping.external_port, exc, mapping.lifetime)
-
-        self._spawn(delete())
-
+    # -- direct connections (fastpunch.punch) -----------------------------------------
     async def connect(self, peer: str, *, strategies=None, timeout: float = 35.0,
                       relay_after: Optional[float] = None) -> PeerConnection:
         """A connected socket to ``peer``: direct when the networks allow it,
         through the CCS relay otherwise. ``strategies`` restricts the plan
         (both sides must restrict it alike)."""
         began = time.time()
-        info, local = await self.next_info()
+        info, gathered = await self.next_info()
         try:
             ready = await self.rendezvous(peer, info, timeout)
         except BaseException:
-            self._unmap(local)
+            await self.gatherer.release(gathered)
             raise
-        return await self._punch(ready, info, local, began, strategies, relay_after)
+        return await self._punch(ready, info, gathered, began, strategies, relay_after)
 
     async def accept(self, *, strategies=None, relay_after: Optional[float] = None,
                      peer: Optional[str] = None) -> PeerConnection:
@@ -580,47 +548,49 @@ class Device:
                 continue
             began = time.time()
             if offer.ready is not None:                # answered ahead (standing)
-                return await self._punch(offer.ready, offer.info, offer.local, began,
+                return await self._punch(offer.ready, offer.info, offer.gathered, began,
                                          strategies, relay_after)
-            info, local = await self.next_info()
+            info, gathered = await self.next_info()
             try:
                 ready = await offer.answer(info)
             except BaseException:
-                self._unmap(local)
+                await self.gatherer.release(gathered)
                 raise
-            return await self._punch(ready, info, local, began, strategies, relay_after)
+            return await self._punch(ready, info, gathered, began, strategies, relay_after)
         raise CCSError("closed", "the device is closed")
 
-    async def _punch(self, ready, info: NextInfo, local_port: int, began: float, strategies,
+    async def _punch(self, ready, info: NextInfo, gathered, began: float, strategies,
                      relay_after) -> PeerConnection:
-        from fastpunch.punch import planner
-        from fastpunch.punch.base import PunchContext, Report, route_source
+        from fastpunch.punch.rendezvous import punch_ready
 
-        ctx = PunchContext(
-            role=ready.role, local_ip=route_source(ready.addr), local_port=local_port,
-            iss=info.isn, peer_ip=ready.addr, peer_port=ready.port, peer_isn=ready.isn,
-            mss=info.mss, wscale=info.wscale, sack_permitted=info.sack_permitted,
-            timestamps=info.timestamps, peer_mss=ready.mss, peer_wscale=ready.wscale,
-            peer_sack_permitted=ready.sack_permitted, peer_timestamps=ready.timestamps,
-            peer_nat=ready.nat, nat=info.nat, ccs_ip=self.ccs_ip,
-            mapped_port=info.port if local_port in self._mappings else None)
-        report = Report(ready.peer)
-        kw = {} if relay_after is None else {"relay_after": relay_after}
+        gone = asyncio.Event()
+        if ready.session is not None:
+            self._sessions[ready.session] = gone
         try:
-            sock, strategy = await planner.punch(ctx, ready.plan, ready.start_at / 1000, report,
-                                                 relay=lambda: self.relay(ready),
-                                                 only=strategies, **kw)
-        except Exception as exc:          # the caller gets the attempts with the failure
-            report.seconds = time.time() - began
-            exc.report = report
+            sock, report = await punch_ready(
+                ready, info, gathered, our_public=self.public_addr[0], ccs_ip=self.ccs_ip,
+                relay=lambda: self.relay(ready), strategies=strategies,
+                relay_after=relay_after, cancel=gone, began=began)
+        except BaseException as exc:
+            self._abandon(ready, exc)
             raise
         finally:
-            self._unmap(local_port)
-        report.path = "relay" if strategy == "relay" else "direct"
-        report.strategy = strategy
-        report.seconds = time.time() - began
-        return PeerConnection(sock, ready.peer, report.path, strategy, ready.role, ready.key,
-                              report)
+            self._sessions.pop(ready.session, None)
+            self._spawn(self.gatherer.release(gathered))
+        return PeerConnection(sock, ready.peer, report.path, report.strategy, ready.role,
+                              ready.key, report)
+
+    def _abandon(self, ready, exc: BaseException) -> None:
+        """Tell the CCS we gave this rendezvous up, so it tells the peer
+        (which then stops within a second instead of running its plan out)."""
+        if ready.session is None or getattr(exc, "reason", "") == "peer-gone":
+            return
+        code = "cancelled" if isinstance(exc, asyncio.CancelledError) else \
+            getattr(exc, "reason", None) or getattr(exc, "code", None) or "failed"
+        try:
+            self._send(wire.Abandon(ready.session, str(code)[:32], str(exc)[:200] or code))
+        except (CCSError, ValueError, OSError):
+            pass                                # the peer learns it from our session ending
 
     async def close(self) -> None:
         self._closing = True
@@ -633,6 +603,14 @@ class Device:
             except (asyncio.CancelledError, Exception):
                 pass
         self._down(CCSError("closed", "closed by the device"))
+        if self._standing is not None:
+            await self.gatherer.release(self._standing[1])
+            self._standing = None
+        await self.gatherer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._writer is not None:
             try:
                 await self._writer.wait_closed()

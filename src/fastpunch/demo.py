@@ -9,6 +9,7 @@ data. Everything is removed afterwards, whatever happens.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from typing import Callable
@@ -16,7 +17,7 @@ from typing import Callable
 from fastpunch import _caps
 from fastpunch._netns import VethPair, inside
 from fastpunch.packet import Flags, SegmentBatch, TCPOptions
-from fastpunch.rawflow import RawFlow
+from fastpunch.punch.driver import Engine
 
 SERVER_PORT = 8080
 CLIENT_PORT = 40000
@@ -36,10 +37,10 @@ def run(echo: Callable[[str], None] = print) -> dict:
             server.settimeout(5)
         try:
             with inside(pair.ns_a):
-                flow = RawFlow(pair.addr_a, CLIENT_PORT, pair.addr_b, SERVER_PORT)
+                flow = Engine((pair.addr_a, CLIENT_PORT), (pair.addr_b, SERVER_PORT))
             with flow, inside(pair.ns_a), flow.rst_suppression() as guard:
                 echo(f"RST suppression: table {guard.table.name} in {pair.ns_a}")
-                elapsed = flow.connect(timeout=5)
+                elapsed = asyncio.run(flow.open(timeout=5))
                 conn, peer = server.accept()
                 with conn:
                     echo(f"kernel accept() returned {peer[0]}:{peer[1]} after "
@@ -47,17 +48,17 @@ def run(echo: Callable[[str], None] = print) -> dict:
                     flow.send(b"hello, kernel: this segment was built in C\n")
                     line = conn.recv(100)
                     conn.sendall(b"hello, engine: " + line)
-                    answer = flow.receive(15 + len(line))
-                    flow.wait_acked()
+                    answer = asyncio.run(flow.receive(15 + len(line)))
+                    asyncio.run(flow.wait_acked())
                     flow.abort()
                 echo(f"engine received: {answer.decode().rstrip()}")
                 opts = flow.peer_options
                 report.update(
-                    iss=flow.iss, irs=flow.tracker.irs, handshake_ms=round(elapsed * 1000, 3),
+                    iss=flow.iss, irs=flow.irs, handshake_ms=round(elapsed * 1000, 3),
                     segments_sent=flow.stats.sent, segments_received=flow.stats.received,
                     peer_mss=opts.mss, peer_wscale=opts.wscale,
-                    sack_permitted=opts.sack_permitted, timestamps=flow.ts_ok,
-                    malformed=flow.stats.malformed,
+                    sack_permitted=opts.sack_permitted, timestamps=flow.timestamps,
+                    malformed=flow.machine.ignored,
                 )
         finally:
             server.close()

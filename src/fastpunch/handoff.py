@@ -17,12 +17,12 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 from fastpunch.errors import FastpunchError, InsufficientPrivilegeError
+from fastpunch.proto.punch import Established
 
-__all__ = ["FlowState", "repair_socket", "HandoffError"]
+__all__ = ["FlowState", "Established", "repair_socket", "HandoffError"]
 
 TCP_REPAIR = 19
 TCP_REPAIR_QUEUE = 20
@@ -43,23 +43,8 @@ class HandoffError(FastpunchError, OSError):
         self.step = step
 
 
-@dataclass(frozen=True)
-class FlowState:
-    """Everything the kernel needs to take an established flow over."""
-    local: tuple            # (ip, port)
-    peer: tuple             # (ip, port) as seen from here (after our NAT's translation)
-    snd_nxt: int            # our next sequence number (ISS + 1 after the handshake)
-    rcv_nxt: int            # the peer's next expected (IRS + 1)
-    mss: int                # the peer's MSS (what we may send)
-    snd_wscale: Optional[int]     # the peer's window scale (None: not negotiated)
-    rcv_wscale: Optional[int]     # ours
-    sack: bool
-    timestamps: bool
-    snd_wnd: int            # the peer's window in bytes (scaled)
-    rcv_wnd: int            # our advertised window in bytes
-    tsval: int = 0          # our current TSval clock (the kernel continues from it)
-    received: bytes = b""   # peer data the engine took (and acked) before the hand-off:
-                            # it goes into the socket's receive queue, ahead of the rest
+# The established flow's state is the punch machine's result (pure data).
+FlowState = Established
 
 
 def _u32(value: int) -> bytes:
@@ -76,7 +61,7 @@ def _set(sock: socket.socket, step: str, opt: int, value) -> None:
         raise HandoffError(step, exc) from exc
 
 
-def repair_socket(state: FlowState, *, nonblocking: bool = False,
+def repair_socket(state: Established, *, nonblocking: bool = False,
                   late: Optional[Callable[[], bytes]] = None) -> socket.socket:
     """A kernel socket ESTABLISHED on ``state``'s flow, no packet sent.
     ``late`` (the engine's RawFlow.late_data) is called at the last moment
@@ -91,6 +76,10 @@ def repair_socket(state: FlowState, *, nonblocking: bool = False,
             sock.bind(state.local)
         except OSError as exc:
             raise HandoffError("bind", exc) from exc
+        if state.advmss:
+            # the MSS our SYN announced: the socket's own (advmss, from the
+            # route) is clamped to it, so both ends agree on what we receive
+            _set(sock, "maxseg", socket.TCP_MAXSEG, state.advmss)
         _set(sock, "send-queue", TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         _set(sock, "send-seq", TCP_QUEUE_SEQ, _u32(state.snd_nxt))
         _set(sock, "recv-queue", TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)

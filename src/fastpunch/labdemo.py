@@ -97,7 +97,7 @@ class Story:
         ready = os.path.join(self.work, "ccs-ready.json")
         with open(os.path.join(self.work, "ccs.log"), "w") as log:
             self.lab.spawn("inet", self.py + ["ccs", "serve", "--dir", self.dir, "--listen",
-                                              f"{CCS}:7443", "--relay-port", "7444", "--metrics",
+                                              f"{CCS}:7443", "--relay-port", "7444", "--probe-port", "7445", "--metrics",
                                               f"{CCS}:9464", "--ready-file", ready], stderr=log)
         deadline = time.monotonic() + 20
         while not os.path.exists(ready):
@@ -151,7 +151,7 @@ def run(echo: Callable[[str], None] = print, *, a: str = "nat", b: str = "nat",
                  f"({lab.sites['b'].host_addr} -> {lab.sites['b'].public_addr}), CCS {CCS}")
             story = Story(lab, work, examples)
             story.start_ccs()
-            echo(f"ccs: listening on {CCS}:7443 (relay 7444, metrics 9464)")
+            echo(f"ccs: listening on {CCS}:7443 (relay 7444, probes 7444 and 7445, metrics 9464)")
             camera, cam_ready = story.start_camera()
             echo(f"camera: logged in, the CCS sees it at {cam_ready['public_addr']}")
             frames = seconds * FPS

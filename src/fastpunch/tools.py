@@ -41,9 +41,13 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca", required=True, help="the deployment's ca.pem (pinned)")
     p.add_argument("--server-name", help="TLS name of the CCS (default: the host given)")
     p.add_argument("--nat", default="auto",
-                   help="this device's NAT guess (default auto: natcheck before connecting)")
+                   help="this device's NAT kind (default: %(default)s, natcheck finds out)")
+    p.add_argument("--quick", action="store_true",
+                   help="do not wait for natcheck after logging in (a one-shot command waits "
+                        "by default: its plan rests on the evidence)")
     p.add_argument("--strategy", action="append", metavar="NAME",
-                   help="only these strategies (both sides must agree); default: the CCS's plan")
+                   help="these strategies instead of the CCS's plan, in this order (both "
+                        "sides alike; add 'relay' to allow the relay); default: the plan")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the peer")
     p.add_argument("--json", action="store_true", help="print only the JSON summary")
 
@@ -105,6 +109,10 @@ def open_connection(args):
                      nat=args.nat, standing=accepting and getattr(args, "from_", None) is None)
         await dev.login()
         try:
+            if not args.quick:
+                # a process that logged in just now: without natcheck's
+                # evidence its plan could not spray, predict or map a port
+                await dev.ready(30)
             if getattr(args, "to", None):
                 conn = await dev.connect(args.to, strategies=args.strategy, timeout=args.timeout)
             else:
@@ -164,8 +172,9 @@ def cmd_natcheck(args) -> int:
     _, key = read_credentials(args.key_file)
 
     async def run():
+        # nat "unknown": no natcheck in the background, this one is the measurement
         async with Device(args.ccs, args.name, key, ca_file=args.ca,
-                          server_hostname=args.server_name) as dev:
+                          server_hostname=args.server_name, nat="unknown") as dev:
             return await dev.natcheck(args.probes)
 
     loop = new_event_loop()

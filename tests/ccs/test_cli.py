@@ -66,7 +66,7 @@ def test_serve_and_two_device_agents_rendezvous(deploy, tmp_path):
     ready = tmp_path / "ready.json"
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "fastpunch", "ccs", "serve", "--dir",
-                               str(deploy), "--listen", f"127.0.0.1:{port}", "--relay-port", "0",
+                               str(deploy), "--listen", f"127.0.0.1:{port}", "--relay-port", "0", "--probe-port", "0",
                                "--metrics", "127.0.0.1:0", "--ready-file", str(ready)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     agent = None

@@ -82,7 +82,7 @@ def serve(deployment, redis_url, node, tmp_path):
     ready = tmp_path / f"{node}.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastpunch", "ccs", "serve", "--dir", deployment.dir,
-         "--listen", f"127.0.0.1:{free_port()}", "--relay-port", "0", "--redis", redis_url,
+         "--listen", f"127.0.0.1:{free_port()}", "--relay-port", "0", "--probe-port", "0", "--redis", redis_url,
          "--node", node, "--heartbeat", "2", "--ready-file", str(ready)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20

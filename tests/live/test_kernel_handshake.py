@@ -5,6 +5,7 @@ exchanges data has verified our checksums, sequence numbers and options."""
 from __future__ import annotations
 
 import array
+import asyncio
 import os
 import select
 import socket
@@ -25,7 +26,11 @@ from fastpunch.packet import (
     build,
     parse,
 )
-from fastpunch.rawflow import HandshakeFailed, RawFlow
+from fastpunch.proto.punch import Received
+from fastpunch.punch.base import PunchFailed
+from fastpunch.punch.driver import Engine
+
+run = asyncio.run          # each Engine call runs the one I/O loop until its condition holds
 
 pytestmark = pytest.mark.live
 
@@ -49,11 +54,11 @@ def read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
     return bytes(got)
 
 
-def answer_the_clients_syn(flow: RawFlow) -> None:
+def answer_the_clients_syn(flow: Engine) -> None:
     """A crafted passive open: wait for a kernel client's SYN, answer it,
     until its ACK completes the handshake."""
     syn = collect(flow.rx, 1, until=lambda s: s.flags & Flags.SYN)[-1]
-    flow.answer_assumed(syn.seq, syn.options, timeout=5)
+    run(flow.answer(syn.seq, syn.options, timeout=5))
 
 
 def collect(rx: RawReceiver, want: int, timeout: float = 3.0, until=None) -> list:
@@ -104,10 +109,10 @@ def test_engine_handshake_makes_accept_return_and_data_flows_both_ways(veth):
     srv.settimeout(5)
     try:
         with inside(veth.ns_a):
-            flow = RawFlow(veth.addr_a, 40002, veth.addr_b, SERVER_PORT, iss=0xFFFFFF00)
+            flow = Engine((veth.addr_a, 40002), (veth.addr_b, SERVER_PORT), iss=0xFFFFFF00)
         with flow, inside(veth.ns_a), flow.rst_suppression():
-            flow.connect(timeout=5)
-            assert flow.tracker.state == FlowState.ESTABLISHED
+            run(flow.open(timeout=5))
+            assert flow.machine.winner.state == FlowState.ESTABLISHED
             conn, peer = srv.accept()        # the kernel completed its side
             with conn:
                 assert peer == (veth.addr_a, 40002)
@@ -120,12 +125,12 @@ def test_engine_handshake_makes_accept_return_and_data_flows_both_ways(veth):
                     assert chunk, "kernel closed the connection"
                     got += chunk
                 assert got == request
-                flow.wait_acked()            # the kernel's ACKs cover all our data
+                run(flow.wait_acked())       # the kernel's ACKs cover all our data
                 answer = bytes(range(256)) * 40
                 conn.sendall(answer)
-                assert flow.receive(len(answer)) == answer
+                assert run(flow.receive(len(answer))) == answer
                 # sequence numbers wrapped past 2**32 during the exchange
-                assert flow.tracker.snd_nxt < 0xFFFFFF00
+                assert flow.machine.winner.tracker.snd_nxt < 0xFFFFFF00
                 info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
                 state = info[0]
                 assert state == 1            # TCP_ESTABLISHED on the kernel side
@@ -134,7 +139,7 @@ def test_engine_handshake_makes_accept_return_and_data_flows_both_ways(veth):
                     conn.recv(1)
     finally:
         srv.close()
-    assert flow.stats.malformed == 0
+    assert flow.machine.ignored == 0          # nothing malformed, nothing foreign
 
 
 def test_without_rst_suppression_the_local_kernel_resets_the_flow(veth):
@@ -246,12 +251,17 @@ def test_recv_into_parses_a_received_batch_in_c(veth):
     assert sorted(seqs) == list(range(n))
 
 
-def test_handshake_to_a_closed_port_fails_cleanly(veth):
+def test_handshake_to_a_closed_port_backs_off_and_fails_cleanly(veth):
+    # the kernel answers every SYN with a RST: each one backs the pair off,
+    # never a storm, and the attempt ends at its deadline
     with inside(veth.ns_a):
-        flow = RawFlow(veth.addr_a, 40005, veth.addr_b, 8999)
+        flow = Engine((veth.addr_a, 40005), (veth.addr_b, 8999))
     with flow, inside(veth.ns_a), flow.rst_suppression():
-        with pytest.raises(HandshakeFailed, match="reset"):
-            flow.connect(timeout=3)
+        with pytest.raises(PunchFailed) as err:
+            run(flow.open(timeout=2))
+    assert err.value.reason == "timeout"
+    stats = flow.stats
+    assert stats.rsts >= 3 and stats.sent <= 8, stats          # 0.1, 0.2, 0.4, 0.8 s apart
 
 
 @pytest.mark.parametrize("piggyback", [True, False], ids=["ack-carries-data", "bare-ack"])
@@ -267,7 +277,7 @@ def test_peer_data_at_the_handshake_reaches_the_handed_off_socket(veth, piggybac
 
     first, rest = os.urandom(1000), os.urandom(300_000)
     with inside(veth.ns_a):
-        flow = RawFlow(veth.addr_a, 40124, veth.addr_b, 40123, iss=0x7FFFFF00)
+        flow = Engine((veth.addr_a, 40124), (veth.addr_b, 40123), iss=0x7FFFFF00, keep=False)
     with inside(veth.ns_b):
         client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     client.bind((veth.addr_b, 40123))
@@ -297,9 +307,9 @@ def test_peer_data_at_the_handshake_reaches_the_handed_off_socket(veth, piggybac
     finally:
         client.close()
     assert not failed
-    took = [what for _, what in flow.stats.events if what.startswith("recv")]
+    took = [e for e in flow.machine.events if isinstance(e, Received)]
     if piggyback:       # the case this test is about did happen
-        assert "len=1000 -> ESTABLISHED" in took[0], took
+        assert (took[0].length, took[0].verdict) == (1000, "ESTABLISHED"), took
     assert len(got) == len(first) + len(rest)
     assert bytes(got) == first + rest
 
@@ -309,7 +319,7 @@ def test_peer_data_that_came_before_the_socket_is_queued_at_once(veth):
     but before the kernel socket exists (held back here by 100 ms; on a
     near-zero-delay path the hand-off's own fraction of a millisecond does
     it). The kernel dropped them (no socket; its RST suppressed), so without
-    RawFlow.late_data they would come again only after the client's
+    Engine.late_data they would come again only after the client's
     retransmission timeout, at least 200 ms. With it they are in the new
     socket's receive queue the moment it exists."""
     import fcntl
@@ -319,7 +329,7 @@ def test_peer_data_that_came_before_the_socket_is_queued_at_once(veth):
 
     first, rest = os.urandom(1000), os.urandom(50_000)
     with inside(veth.ns_a):
-        flow = RawFlow(veth.addr_a, 40134, veth.addr_b, 40133)
+        flow = Engine((veth.addr_a, 40134), (veth.addr_b, 40133), keep=False)
     with inside(veth.ns_b):
         client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     client.bind((veth.addr_b, 40133))
@@ -354,6 +364,7 @@ def test_peer_data_that_came_before_the_socket_is_queued_at_once(veth):
     finally:
         client.close()
     assert not failed
-    assert any(what == f"took {len(first)} bytes that came during the hand-off"
-               for _, what in flow.stats.events), flow.stats.events
+    from fastpunch.proto.punch import LateBytes
+
+    assert [e.count for e in flow.machine.events if isinstance(e, LateBytes)] == [len(first)]
     assert bytes(got) == first + rest

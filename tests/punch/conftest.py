@@ -27,6 +27,8 @@ def lab_pair(tmp_path):
                 ccs.enroll("viewer")
                 cam = ccs.device("a", "cam")
                 viewer = ccs.device("b", "viewer")
+                for loop, dev in (cam, viewer):       # natcheck's evidence, as on a device
+                    loop.run(dev.ready(15))           # that has been up a while
                 try:
                     yield lab, ccs, cam, viewer
                 finally:

@@ -81,15 +81,20 @@ class LabCCS:
 
 
 def start_responder_late(monkeypatch, seconds: float) -> None:
-    """The accepting side starts ``symmetric`` this long after the common
-    start the CCS gave both (a clock or scheduling skew, made exact)."""
-    from fastpunch.punch import symmetric
+    """The accepting side starts its first stage this long after the
+    connecting side (a clock or scheduling skew, made exact)."""
+    import asyncio
+    from dataclasses import replace
 
-    real = symmetric.handshake
+    from fastpunch.proto.kinds import Role
+    from fastpunch.punch import planner
 
-    def late(ctx, deadline, attempt, **kw):
-        if ctx.role == "responder":
-            kw["start"] = kw["start"] + seconds
-        return real(ctx, deadline, attempt, **kw)
+    real = planner._run_stage
 
-    monkeypatch.setattr(symmetric, "handshake", late)
+    async def late(stage, ctx, slot, attempt, cancel):
+        if ctx.role is Role.RESPONDER:
+            await asyncio.sleep(seconds)
+            slot = replace(slot, start=slot.start + seconds)
+        return await real(stage, ctx, slot, attempt, cancel)
+
+    monkeypatch.setattr(planner, "_run_stage", late)

@@ -66,7 +66,9 @@ def test_symmetric_goes_direct_and_hands_off_to_the_kernel(lab_pair, a, b):
         la, lb = ca.sock.getsockname(), cb.sock.getsockname()
         assert ca.sock.getpeername() == (lab.sites["b"].public_addr, lb[1])   # port preserved
         nearest = "home-a" if a == "cgn" else "gw-a"
-        flows = [e for e in lab.conntrack(nearest) if e["orig"][:2] == la]
+        # (the punch port's reflexive probe to the CCS has an entry of its own)
+        flows = [e for e in lab.conntrack(nearest) if e["orig"][:2] == la and
+                 e["orig"][2] != "203.0.113.1"]
         if lab.sites["a"].profile != "open":
             assert flows and flows[0]["state"] == "ESTABLISHED"
         digests = exchange(ca.sock, cb.sock, 32 << 20)
@@ -105,14 +107,17 @@ def test_the_nat_method_fails_cleanly_behind_a_linux_nat(lab_pair):
         assert tables_in(lab, "a") == [] and tables_in(lab, "b") == []
 
 
-def test_a_random_napt_falls_through_to_the_relay(lab_pair):
+def test_what_cannot_go_direct_falls_through_to_the_relay(lab_pair):
+    # without natcheck's evidence (told "unknown") nobody sprays: the race of
+    # the candidates fails against a random NAPT, and the relay carries
     with lab_pair("nat", "napt-random") as (lab, ccs, cam, viewer):
+        cam[1].nat = viewer[1].nat = "unknown"
         ca, cb = connect_pair(cam, viewer)
         assert (ca.path, cb.path) == ("relay", "relay")
         tried = [(t.strategy, t.ok, t.reason) for t in ca.report.attempts]
-        assert tried[:3] == [("symmetric", False, "timeout"), ("nat", False, "timeout"),
-                             ("simopen", False, "timeout")]
-        assert tried[-1][:2] == ("relay", True)
+        assert tried == [("symmetric", False, "timeout"), ("relay", True, "")]
+        # the race did not storm meanwhile: every pair kept to its budget
+        assert all(p.sent - p.replies <= 24 for p in ca.report.attempts[0].pairs)
         d = exchange(ca.sock, cb.sock, 4 << 20)
         assert d["fwd-sent"] == d["fwd-got"]
         assert ccs.server.relay.bytes_total >= 4 << 20
@@ -130,12 +135,12 @@ def test_one_gib_through_the_handed_off_connection_under_loss(lab_pair):
 
 
 KILLED = r"""
-import sys, time
-from fastpunch.rawflow import RawFlow
-flow = RawFlow(sys.argv[1], 45000, sys.argv[2], 45001)
+import asyncio, sys
+from fastpunch.punch.driver import Engine
+flow = Engine((sys.argv[1], 45000), (sys.argv[2], 45001))
 with flow.rst_suppression():
     print("table", flush=True)
-    flow.connect(timeout=60)
+    asyncio.run(flow.open(timeout=60))
 """
 
 
@@ -185,7 +190,8 @@ def test_spoof_fails_cleanly_where_the_firewall_tracks_windows_strictly(lab_pair
             spoof = conn.report.attempts[0]
             assert (spoof.strategy, spoof.ok, spoof.reason) == ("spoof", False, "data-dropped"), \
                 spoof.detail + repr(spoof.events)
-            assert any("SYN to 203.0.113.1" in what for _, what in spoof.events)
+            assert any("[S] TTL 2" in what and "to 203.0.113.1" in what
+                       for _, what in spoof.events), spoof.events
         d = exchange(ca.sock, cb.sock, 4 << 20)
         assert d["fwd-sent"] == d["fwd-got"]
         ca.close(), cb.close()
@@ -200,11 +206,11 @@ def test_a_skewed_start_toward_rst_gateways_recovers_without_the_relay(lab_pair,
     opener at once, so the peer's next SYN finds it open (before that, the
     two sides' SYNs kept hitting each other's closed entries, and 3 trials
     in 10 of a zero-delay nat-rst pair with a small gap ended on the relay)."""
-    from fastpunch.punch import rawsession
+    from fastpunch.punch import strategy
 
     from .harness import start_responder_late
 
-    monkeypatch.setattr(rawsession, "FIRST_GAP", 0.0)
+    monkeypatch.setattr(strategy, "FIRST_GAP", 0.0)
     start_responder_late(monkeypatch, 0.025)
     with lab_pair("nat-rst", "nat-rst") as (lab, ccs, cam, viewer):
         reopened = 0
@@ -213,8 +219,10 @@ def test_a_skewed_start_toward_rst_gateways_recovers_without_the_relay(lab_pair,
             try:
                 assert (ca.path, ca.strategy, cb.path, cb.strategy) == \
                     ("direct", "symmetric", "direct", "symmetric"), ca.report.lines()
-                notes = [what for c in (ca, cb) for _, what in c.report.attempts[-1].events]
-                reopened += any("reopens our mapping" in n for n in notes)
+                from fastpunch.proto.punch import Backoff
+
+                reopened += any(isinstance(e, Backoff) for c in (ca, cb)
+                                for e in c.report.attempts[-1].trace)
             finally:
                 ca.close(), cb.close()
         assert reopened, "the far gateway's RST never came: the test did not test anything"
@@ -226,7 +234,7 @@ def test_a_side_that_completed_on_the_peers_syn_brings_a_peer_that_missed_everyt
     Here the far side learns nothing from that answer: gateway b drops the
     first SYN from a, gateway a drops every SYN-ACK a sends. a completes on
     b's SYN and hands off; b is still in SYN-SENT. a's flow then resends its
-    SYN until b shows it has one (RawFlow.confirm), b completes on it, and
+    SYN until b shows it has one (the machine's CONFIRMING), b completes on it, and
     both kernel sockets carry data. Without that resend b waits out its slot
     and fails while a holds a socket to nobody."""
     with lab_pair("nat", "nat") as (lab, ccs, cam, viewer):
@@ -254,18 +262,21 @@ def test_a_side_that_completed_on_the_peers_syn_brings_a_peer_that_missed_everyt
             assert all("packets 0 " not in out and "packets" in out for out in counters.values()), \
                 counters                          # both rules did drop something
             # a's confirmation runs after connect() returned, appending to
-            # the attempt's live event list: wait for it there
-            live = ca.report.attempts[-1].events
+            # the machine's live event list (the attempt's trace): wait there
+            from fastpunch.proto.punch import Completed, Confirmed, Sent
+
+            live = ca.report.attempts[-1].trace
             for _ in range(60):
-                if any("the peer confirmed" in what for _, what in live):
+                if any(isinstance(e, Confirmed) for e in live):
                     break
                 time.sleep(0.05)
-            a_events = [what for _, what in live]
-            b_events = [what for _, what in cb.report.attempts[-1].events]
-            assert any("complete on the peer's SYN" in e for e in a_events), a_events
-            assert any("complete on the peer's SYN" in e for e in b_events), b_events
-            after = a_events[a_events.index(next(e for e in a_events if "complete on" in e)):]
-            assert "resent SYN" in after and any("the peer confirmed" in e for e in after), after
+            b_trace = cb.report.attempts[-1].trace
+            assert [e.early for e in live if isinstance(e, Completed)] == [True], live
+            assert [e.early for e in b_trace if isinstance(e, Completed)] == [True], b_trace
+            done = next(i for i, e in enumerate(live) if isinstance(e, Completed))
+            after = live[done:]
+            assert any(isinstance(e, Sent) and e.what == "confirm" for e in after), after
+            assert any(isinstance(e, Confirmed) for e in after), after
             d = exchange(ca.sock, cb.sock, 4 << 20)
             assert d["fwd-sent"] == d["fwd-got"] and d["back-sent"] == d["back-got"]
             assert ccs.server.relay.bytes_total == 0

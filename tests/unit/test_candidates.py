@@ -184,3 +184,12 @@ def test_a_lan_address_inside_the_others_prefix_pairs_even_across_public_address
 def test_unknown_words_from_a_newer_peer_read_as_unknown():
     assert parse(Mapping, "preserve") is Mapping.PRESERVE
     assert parse(Mapping, "quantum") is Mapping.UNKNOWN
+
+
+def test_what_a_device_announces_is_normalized_and_the_encoder_refuses_duplicates():
+    twin = Candidate(K.SRFLX, HOST.addr, HOST.port, 1)        # an open host's reflexive address
+    loop = Candidate(K.SRFLX, "127.0.0.1", 40000, 1)          # a CCS on this very host
+    assert cands.normalize([HOST, twin, loop, SRFLX]) == (HOST, SRFLX)
+    with pytest.raises(CandidateError) as err:
+        cands.encode([HOST, twin])
+    assert err.value.code == "duplicate"

@@ -1,36 +1,72 @@
-"""natcheck's classification from (local port, external port) probe pairs."""
+"""natcheck's classification: each local port's probes judged on their own,
+the majority deciding, the evidence said; and what gathering predicts."""
 
-from fastpunch.punch.natcheck import classify
-from fastpunch.punch.predict import candidates
-from fastpunch.punch.base import PunchContext
+from fastpunch.netcheck.natcheck import Probe, classify
+from fastpunch.proto.kinds import Filtering, Mapping, NatClass
+
+LOCAL = {"10.1.0.2"}
+PUB = "203.0.113.10"
 
 
-def test_classify():
-    local = {"10.1.0.2"}
-    assert classify([(1000, 1000), (2000, 2000)], local, "203.0.113.10")["nat"] == "nat"
-    assert classify([(1000, 1000), (2000, 2000)], {"198.51.100.18"}, "198.51.100.18")["nat"] == "open"
-    seq = classify([(1000, 20001), (5000, 20002), (7000, 20003)], local, "203.0.113.10")
-    assert (seq["nat"], seq["delta"]) == ("napt-sequential", 1)
-    assert classify([(1000, 20001), (5000, 20003), (7000, 20004)], local, "x")["nat"] == "napt-random"
-    assert classify([(1000, 41234), (5000, 1022), (7000, 60001)], local, "x")["nat"] == "napt-random"
-    assert classify([(1000, 20001), (5000, 20101)], local, "x")["nat"] == "napt-random"   # delta > 16
+def probes(*rows, ports=(7444, 7445)):
+    """rows of (local port, external port toward each CCS port)"""
+    return [Probe(local, port, ext, PUB) for local, *exts in rows for port, ext in zip(ports, exts)]
+
+
+def test_kept_ports_are_preserve_and_a_public_address_is_no_nat():
+    r = classify(probes((1000, 1000, 1000), (2000, 2000, 2000)), LOCAL)
+    assert (r.mapping, r.nat) == (Mapping.PRESERVE, NatClass.NAT)
+    r = classify([Probe(1000, 7444, 1000, "198.51.100.18")], {"198.51.100.18"})
+    assert (r.mapping, r.nat) == (Mapping.NONE, NatClass.OPEN)
+
+
+def test_one_other_port_for_every_destination_is_endpoint_independent():
+    r = classify(probes((1000, 2000, 2000), (5000, 6000, 6000), (7000, 8000, 8000)), LOCAL)
+    assert (r.mapping, r.nat, r.offset) == (Mapping.INDEPENDENT, NatClass.NAPT_EI, 1000)
+
+
+def test_a_new_port_per_destination_is_sequential_or_random():
+    seq = classify(probes((1000, 20001, 20002), (5000, 20003, 20004), (7000, 20005, 20006)),
+                   LOCAL)
+    assert (seq.mapping, seq.delta, seq.nat) == (Mapping.SEQUENTIAL, 1, NatClass.NAPT_SEQUENTIAL)
+    rnd = classify(probes((1000, 41234, 1022), (5000, 60001, 33333), (7000, 2500, 40404)), LOCAL)
+    assert (rnd.mapping, rnd.nat) == (Mapping.RANDOM, NatClass.NAPT_RANDOM)
+    far = classify(probes((1000, 20001, 20101), (5000, 20201, 20301)), LOCAL)
+    assert far.mapping is Mapping.RANDOM                   # a step over 16 is no prediction
+
+
+def test_one_collided_probe_no_longer_flips_the_verdict():
+    # the second port was held toward the CCS by another host behind the
+    # NAT at that moment: that probe came out translated
+    r = classify(probes((1000, 1000, 1000), (2000, 2000, 45123), (3000, 3000, 3000)), LOCAL)
+    assert r.mapping is Mapping.PRESERVE
+    assert "2 of 3 local ports kept their number" in r.evidence[0]
+    assert "1 of 3 local ports got a new port per destination" in r.evidence[0]
+
+
+def test_with_one_ccs_probe_port_a_changed_port_is_not_called_independent():
+    r = classify(probes((1000, 2000), (5000, 6000), ports=(7444,)), LOCAL)
+    assert r.mapping is Mapping.RANDOM
+    assert any("one CCS probe port" in e for e in r.evidence)
 
 
 def test_filtering_names_the_gateway():
-    local, pub = {"10.1.0.2"}, "203.0.113.10"
-    kept = [(1000, 1000), (2000, 2000)]
-    assert classify(kept, local, pub, "rst")["nat"] == "nat-rst"
-    assert classify(kept, local, pub, "drop")["nat"] == "nat"
-    assert classify(kept, {pub}, pub, "drop")["nat"] == "firewall"
-    assert classify(kept, {pub}, pub, "rst")["nat"] == "firewall"
-    assert classify(kept, {pub}, pub, "open")["nat"] == "open"
-    assert classify(kept, {pub}, pub)["nat"] == "open"         # not probed: as before
-    assert classify([(1000, 20001), (5000, 20003)], local, pub, "rst")["filtering"] == "rst"
+    kept = probes((1000, 1000, 1000), (2000, 2000, 2000))
+    assert classify(kept, LOCAL, Filtering.RST).nat is NatClass.NAT_RST
+    assert classify(kept, LOCAL, Filtering.DROP).nat is NatClass.NAT
+    own = [Probe(1000, 7444, 1000, PUB)]
+    assert classify(own, {PUB}, Filtering.DROP).nat is NatClass.FIREWALL
+    assert classify(own, {PUB}, Filtering.RST).nat is NatClass.FIREWALL
+    assert classify(own, {PUB}, Filtering.OPEN).nat is NatClass.OPEN
+    assert classify(own, {PUB}).nat is NatClass.OPEN               # not probed: as before
 
 
-def test_prediction_candidates_follow_the_announced_port():
-    ctx = PunchContext("initiator", "10.1.0.2", 4000, 1, "203.0.113.20", 65534, 2,
-                       peer_nat="napt-sequential")
-    assert candidates(ctx) == [65534, 65535, 0, 1, 2, 3]
-    assert candidates(PunchContext("initiator", "a", 1, 1, "b", 7, 2, peer_nat="nat")) == [7]
+def test_no_answer_is_unknown_not_a_guess():
+    r = classify([], LOCAL)
+    assert (r.mapping, r.nat, r.public_addr) == (Mapping.UNKNOWN, NatClass.UNKNOWN, None)
 
+
+def test_the_report_reads_as_json():
+    d = classify(probes((1000, 20001, 20002), (5000, 20003, 20004)), LOCAL).as_dict()
+    assert (d["nat"], d["mapping"], d["delta"]) == ("napt-sequential", "sequential", 1)
+    assert len(d["probes"]) == 4 and d["evidence"]

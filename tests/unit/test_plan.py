@@ -1,40 +1,70 @@
-"""The CCS's strategy plan, the planner's step list, and reconnect backoff."""
+"""The CCS's strategy plan (candidates and evidence; version 1's for mixed
+pairs), the planner's stages, and reconnect backoff."""
 
 from __future__ import annotations
 
 import pytest
 
 from fastpunch.proto.backoff import Backoff
-from fastpunch.proto.plan import plan
-from fastpunch.punch.planner import steps_of
+from fastpunch.proto.candidates import Candidate
+from fastpunch.proto.kinds import CandidateKind
+from fastpunch.proto.plan import legacy_plan, plan
+from fastpunch.proto.wire import NextInfo
+from fastpunch.punch.planner import stages_of
+
+MAPPED = (Candidate(CandidateKind.MAPPED, "203.0.113.10", 40000, 1),)
+
+
+def side(mapping, crafted=True, candidates=None, nat="unknown"):
+    return NextInfo(port=1, isn=1, nat=nat, mapping=mapping, crafted=crafted,
+                    candidates=candidates)
 
 
 @pytest.mark.parametrize("a,b,expected", [
-    ("nat", "nat", ("symmetric", "nat", "simopen", "relay")),
-    ("firewall", "open", ("symmetric", "spoof", "simopen", "relay")),
-    ("firewall-liberal", "firewall", ("symmetric", "spoof", "simopen", "relay")),
-    ("nat", "napt-random", ("spray", "relay")),
-    ("napt-random", "napt-random", ("relay",)),
-    ("nat", "napt-sequential", ("predict", "symmetric", "relay")),
-    ("upnp", "nat", ("upnp", "symmetric", "nat", "simopen", "relay")),
+    ("preserve", "preserve", ("symmetric", "relay")),
+    ("independent", "independent", ("symmetric", "relay")),       # the reflexive port is exact
+    ("none", "none", ("symmetric", "spoof", "relay")),
+    ("preserve", "random", ("symmetric", "spray", "relay")),
+    ("random", "random", ("relay",)),                             # nothing direct: at once
+    ("preserve", "sequential", ("symmetric", "predict", "relay")),
+    ("unknown", "unknown", ("symmetric", "relay")),               # candidates decide
 ])
-def test_plan_orders_strategies_and_always_ends_on_the_relay(a, b, expected):
-    assert plan(a, b) == expected == plan(b, a)
+def test_plan_from_evidence_always_ends_on_the_relay(a, b, expected):
+    assert plan(side(a), side(b)) == expected == plan(side(b), side(a))
 
 
-def test_without_crafting_only_kernel_simopen_and_the_relay():
-    assert plan("nat", "nat", crafted=False) == ("simopen", "relay")
+def test_a_port_mapping_makes_two_random_napts_worth_a_race_and_a_spray_needless():
+    assert plan(side("random", candidates=MAPPED), side("random")) == ("symmetric", "relay")
+    assert plan(side("preserve", candidates=MAPPED), side("random")) == ("symmetric", "relay")
+
+
+def test_without_crafting_only_kernel_strategies_and_the_relay():
+    assert plan(side("preserve", crafted=False), side("preserve")) == ("simopen", "relay")
     # a port mapping needs no crafted packet
-    assert plan("upnp", "napt-random", crafted=False) == ("upnp", "simopen", "relay")
+    assert plan(side("random", crafted=False, candidates=MAPPED), side("random")) == \
+        ("upnp", "simopen", "relay")
 
 
-def test_planner_runs_only_what_it_has_in_plan_order():
-    assert steps_of(("upnp", "symmetric", "nat", "simopen", "relay")) == \
-        ["upnp", "symmetric", "nat", "simopen"]
-    assert steps_of(("symmetric", "nat", "simopen", "relay"), only=["simopen", "nat"]) == \
-        ["nat", "simopen"]
-    assert steps_of(("spray", "relay")) == ["spray"]
-    assert steps_of(("spoof", "teleport", "relay")) == ["spoof"]   # unknown: skipped alike
+def test_a_version_1_device_gets_version_1s_plan_and_an_old_guess_reads_as_evidence():
+    assert plan(side(None, nat="nat"), side(None, nat="nat"), legacy=True) == \
+        ("symmetric", "nat", "simopen", "relay") == legacy_plan("nat", "nat")
+    assert legacy_plan("napt-random", "napt-random") == ("relay",)
+    assert legacy_plan("upnp", "napt-random", crafted=False) == ("upnp", "simopen", "relay")
+    # a version-2 peer without mapping evidence: its NAT class stands in
+    assert plan(side(None, nat="napt-random"), side("preserve")) == \
+        ("symmetric", "spray", "relay")
+
+
+def test_racing_strategies_run_together_and_the_others_in_slots_of_their_own():
+    names = lambda stages: [[s.name for s in st] for st in stages]  # noqa: E731
+    assert names(stages_of(("symmetric", "predict", "spray", "spoof", "relay"))) == \
+        [["symmetric", "predict", "spray"], ["spoof"]]
+    assert names(stages_of(("upnp", "symmetric", "nat", "simopen", "relay"))) == \
+        [["upnp"], ["symmetric", "nat"], ["simopen"]]
+    # forced strategies (both sides alike) replace the plan, in their order
+    assert names(stages_of(("symmetric", "nat", "simopen", "relay"), only=["simopen", "nat"])) \
+        == [["simopen"], ["nat"]]
+    assert names(stages_of(("spoof", "teleport", "relay"))) == [["spoof"]]   # unknown: skipped
 
 
 def test_backoff_is_exponential_capped_and_fully_jittered():

@@ -47,6 +47,9 @@ def add_subparsers(sub) -> None:
     p.add_argument("--dir", default=DEFAULT_DIR)
     p.add_argument("--listen", default="0.0.0.0:7443", metavar="HOST:PORT")
     p.add_argument("--relay-port", type=int, default=7444, help="0 = any, -1 = no relay")
+    p.add_argument("--probe-port", type=int, default=7445,
+                   help="a second port answering address probes (natcheck sees whether a "
+                        "mapping depends on the destination port); 0 = any, -1 = none")
     p.add_argument("--public-addr", help="address devices reach the relay at (default: --listen host)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     p.add_argument("--redis", metavar="URL", help="share presence with other nodes through Redis")
@@ -184,10 +187,11 @@ def cmd_serve(args) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        bound = await server.start(host, port, None if args.relay_port < 0 else args.relay_port)
+        bound = await server.start(host, port, None if args.relay_port < 0 else args.relay_port,
+                                   None if args.probe_port < 0 else args.probe_port)
         mserver = None
         ready = {"host": bound[0], "port": bound[1], "relay_port": server.relay_port,
-                 "node": server.node}
+                 "probe_port": server.probe_port2, "node": server.node}
         if args.metrics:
             mhost, mport = _hostport(args.metrics)
             mserver = await metrics.serve(server, mhost, mport)

@@ -41,10 +41,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from fastpunch.proto.probe import FILTERING, WHOAMI
+from fastpunch.proto.probe import VERDICT_BYTES as FILTER_VERDICTS
+
 MAGIC = b"FPR1"
-WHOAMI = b"FPW1"          # + 32 bytes of padding: answered with the address:port seen
-FILTERING = b"FPF1"       # + 32 bytes of padding: answered with a filtering verdict
-FILTER_VERDICTS = {b"O": "open", b"R": "rst", b"D": "drop", b"B": "busy"}
 FILTER_PROBE_SECONDS = 1.0  # at most: a SYN unanswered this long was dropped
 FILTER_PROBE_MIN = 0.25     # at least, whatever the round trip
 MAX_FILTER_PROBES = 64    # at once; each holds two sockets for up to a second
@@ -99,6 +99,8 @@ class Relay:
         self._next = 0
         self._listener: Optional[socket.socket] = None
         self._task: Optional[asyncio.Task] = None
+        self._probe_listener: Optional[socket.socket] = None
+        self._probe_task: Optional[asyncio.Task] = None
         self._threads: set[threading.Thread] = set()
         self._filter_probes = 0
 
@@ -118,24 +120,30 @@ class Relay:
 
     # -- serving --------------------------------------------------------------------------
     async def start(self, host: str, port: int = 0) -> int:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
-        self._listener = sock
-        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
-        return sock.getsockname()[1]
+        self._listener = _listen(host, port)
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop(self._listener))
+        return self._listener.getsockname()[1]
+
+    async def start_probe(self, host: str, port: int = 0) -> int:
+        """A second port that answers "who am I" probes only: from one local
+        port, a device probes both, and sees whether its gateway gives that
+        port one external port for every destination or a new one each."""
+        self._probe_listener = _listen(host, port)
+        self._probe_task = asyncio.get_running_loop().create_task(
+            self._accept_loop(self._probe_listener, probes_only=True))
+        return self._probe_listener.getsockname()[1]
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._listener is not None:
-            self._listener.close()
+        for task in (self._task, self._probe_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        for listener in (self._listener, self._probe_listener):
+            if listener is not None:
+                listener.close()
         for pair in list(self.pairs.values()):
             for s in pair.socks:
                 if s is not None:
@@ -143,13 +151,13 @@ class Relay:
         for t in list(self._threads):
             t.join(timeout=5)
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, listener: socket.socket, probes_only: bool = False) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
-            loop.create_task(self._admit(conn))
+            conn, _ = await loop.sock_accept(listener)
+            loop.create_task(self._admit(conn, probes_only))
 
-    async def _admit(self, conn: socket.socket) -> None:
+    async def _admit(self, conn: socket.socket, probes_only: bool = False) -> None:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
         try:
@@ -159,6 +167,8 @@ class Relay:
             return
         if len(hello) == HELLO_BYTES and hello.startswith(WHOAMI):
             return self._whoami(conn)
+        if probes_only:
+            return self._refuse(conn, BAD_HELLO, None)
         if len(hello) == HELLO_BYTES and hello.startswith(FILTERING):
             return await self._filtering(conn)
         if len(hello) != HELLO_BYTES or not hello.startswith(MAGIC):
@@ -308,6 +318,19 @@ class Relay:
                 self.pairs.pop(pair.id, None)
                 self.log("relay-closed", pair=pair.id, bytes=pair.bytes)
             self._threads.discard(threading.current_thread())
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def filter_probe_seconds(rtt: Optional[float]) -> float:

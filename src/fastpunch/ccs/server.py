@@ -26,6 +26,7 @@ If B is connected nowhere, the origin parks the request; when B comes online
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import logging
@@ -40,6 +41,7 @@ from fastpunch.ccs.relay import Relay
 from fastpunch.errors import RemoteProtocolError
 from fastpunch.proto import wire
 from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, ProtocolViolation, Role, State
+from fastpunch.proto import candidates as cands
 from fastpunch.proto.plan import plan as make_plan
 from fastpunch.proto.wire import STANDING
 
@@ -50,6 +52,8 @@ START_RTT_SHARE = 0.5  # of the farther device's round trip: its Ready's way the
 START_SETUP_MS = 5     # and time to set up (sockets, nftables) once it is there
 SPOOF_ASSIST_SECONDS = 20.0     # covers every slot of a plan (planner.BUDGET)
 MAX_SPOOF_ASSISTS = 256         # at once; past that spoof goes unassisted (plans order it late)
+ACTIVE_SECONDS = 60.0           # a rendezvous is watched for its sides leaving this long
+                                # (every slot of a plan, and the relay's join timeout)
 
 
 def event(kind: str, **fields) -> None:
@@ -129,14 +133,22 @@ class CCSServer:
         self._tasks: set[asyncio.Task] = set()
         self.spoof_assist = spoof_assist
         self._assists: set = set()                 # RST-suppression tables for spoof plans
+        # rendezvous whose sides are punching: session -> {device here: (peer, its node)}
+        self.active: dict = {}
+        self._active_expiry: collections.deque = collections.deque()
+        self.probe_port2 = 0
 
     @property
     def connected(self) -> int:
         return len(self.sessions)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, relay_port: Optional[int] = 0):
+    async def start(self, host: str = "127.0.0.1", port: int = 0, relay_port: Optional[int] = 0,
+                    probe_port: Optional[int] = 0):
         """Listen for devices (TLS) and, unless ``relay_port`` is None, for
-        relay connections. Returns the device listener's (host, port)."""
+        relay connections (which also answer address probes), and unless
+        ``probe_port`` is None a second port answering address probes
+        (natcheck tells a mapping that depends on the destination port by
+        it). Returns the device listener's (host, port)."""
         loop = asyncio.get_running_loop()
         await self.registry.start(self.handle, lambda name: name in self.sessions)
         self._server = await loop.create_server(lambda: DeviceSession(self), host, port,
@@ -146,7 +158,10 @@ class CCSServer:
             self.public_addr = bound[0]
         if relay_port is not None:
             self.relay_port = await self.relay.start(host, relay_port)
-        event("listening", node=self.node, addr=bound, relay_port=self.relay_port)
+            if probe_port is not None:
+                self.probe_port2 = await self.relay.start_probe(host, probe_port)
+        event("listening", node=self.node, addr=bound, relay_port=self.relay_port,
+              probe_port=self.probe_port2)
         return bound
 
     async def close(self) -> None:
@@ -203,6 +218,54 @@ class CCSServer:
             if b == name:
                 del self.offers[oid]
                 self.spawn(self.deliver(origin, {"op": "gone", "pid": pid, "name": name}))
+        self.spawn(self._left(name, "peer-offline", f"{name} disconnected from the CCS"))
+
+    # -- rendezvous whose sides are punching --------------------------------------------
+    def _track(self, session: int, device: str, peer: str, peer_node: str) -> None:
+        now = time.monotonic()
+        while self._active_expiry and self._active_expiry[0][0] < now:
+            _, old = self._active_expiry.popleft()
+            self.active.pop(old, None)
+        self.active.setdefault(session, {})[device] = (peer, peer_node)
+        self._active_expiry.append((now + ACTIVE_SECONDS, session))
+
+    async def _left(self, device: str, code: str, reason: str,
+                    session: Optional[int] = None) -> None:
+        """``device`` (of this node) is gone from its rendezvous (all, or
+        ``session``): tell each peer, wherever it is, so it stops punching
+        and does not wait at the relay."""
+        for sid in ([session] if session is not None else list(self.active)):
+            sides = self.active.get(sid)
+            if not sides or device not in sides:
+                continue
+            peer, peer_node = sides.pop(device)
+            if not sides:
+                self.active.pop(sid, None)
+            event("peer-left", session=sid, device=device, peer=peer, code=code)
+            await self.deliver(peer_node, {"op": "peer-left", "session": sid, "to": peer,
+                                           "peer": device, "code": code, "reason": reason})
+
+    def _peer_left(self, msg: dict) -> None:
+        sides = self.active.get(msg["session"])
+        if not sides or msg["to"] not in sides:
+            return
+        sides.pop(msg["to"])
+        if not sides:
+            self.active.pop(msg["session"], None)
+        session = self.sessions.get(msg["to"])
+        if session is not None:
+            session.write(wire.PeerLeft(msg["session"], msg["peer"], msg["code"][:32],
+                                        msg["reason"]))
+
+    async def abandon(self, session: "DeviceSession", msg: wire.Abandon) -> None:
+        """A device gave a rendezvous up; only its own (ids are checked
+        against their owner before anything changes)."""
+        sides = self.active.get(msg.session)
+        if not sides or session.name not in sides:
+            return
+        await self._left(session.name, "peer-abandoned", f"{session.name} gave up: "
+                                                          f"{msg.code}: {msg.reason}",
+                         msg.session)
 
     # -- node-to-node ops ---------------------------------------------------------------
     async def deliver(self, node: str, msg: dict) -> bool:
@@ -225,7 +288,7 @@ class CCSServer:
                 await self.deliver(msg["origin"], {
                     "op": "answer", "pid": msg["pid"], "oid": STANDING, "b": msg["b"],
                     "node": self.node, "addr": session.peer[0], "rtt": session.rtt,
-                    "info": info.fields()})
+                    "version": session.machine.version, "info": info.to_json()})
                 return
             oid = next(self._ids)
             self.offers[oid] = (msg["origin"], msg["pid"], msg["a"], msg["b"])
@@ -239,7 +302,10 @@ class CCSServer:
                 fields["key"] = self._open_key(fields["key"], msg["b"])
                 fields["relay_token"] = bytes.fromhex(fields["relay_token"])
                 fields["plan"] = tuple(fields["plan"])
-                session.write(wire.RendezvousReady(**fields))
+                info = wire.NextInfo.from_json(fields.pop("info"))
+                if fields.get("session") is not None:
+                    self._track(fields["session"], msg["b"], fields["peer"], msg["origin"])
+                session.write(wire.RendezvousReady(**fields, **info.fields()))
         elif op == "refuse":
             session = self.sessions.get(msg["b"])
             if session is not None:
@@ -250,6 +316,8 @@ class CCSServer:
                 self.waiting.setdefault(pending.b, []).append(pending.id)
         elif op == "online":
             await self._peer_online(msg["name"], msg["node"])
+        elif op == "peer-left":
+            self._peer_left(msg)
         else:
             event("registry-unknown-op", op=op)
 
@@ -320,7 +388,8 @@ class CCSServer:
         origin, pid, a, b = offer
         await self.deliver(origin, {"op": "answer", "pid": pid, "oid": msg.request, "b": b,
                                     "node": self.node, "addr": session.peer[0], "rtt": session.rtt,
-                                    "info": wire.next_info_of(msg).fields()})
+                                    "version": session.machine.version,
+                                    "info": wire.next_info_of(msg).to_json()})
 
     def _seal_key(self, key: bytes, device: str) -> str:
         """A session key for another node: AES-GCM under the cluster key,
@@ -373,6 +442,30 @@ class CCSServer:
             except Exception as exc:
                 event("spoof-assist-error", reason=str(exc))
 
+    def _screen(self, a: str, a_addr: str, a_info: wire.NextInfo, b: str, b_addr: str,
+                b_info: wire.NextInfo) -> tuple:
+        """Both sides' info as the other may see it: candidates aimed at
+        anyone but the device itself dropped (``candidates.sanitize``), and
+        LAN addresses given to the peer only when they can serve it (the two
+        behind one public address, or on one LAN by their prefixes): a LAN
+        address is none of a stranger's business."""
+        out = []
+        kept = {}
+        for name, addr, info in ((a, a_addr, a_info), (b, b_addr, b_info)):
+            good, dropped = cands.sanitize(info.candidates or (), addr)
+            for c, why in dropped:
+                event("candidate-dropped", device=name, candidate=str(c), why=why)
+            kept[name] = good
+        lan = a_addr == b_addr or cands.same_lan(kept[a], kept[b])
+        for name, info in ((a, a_info), (b, b_info)):
+            if info.candidates is None:
+                out.append(info)
+                continue
+            c = kept[name] if lan else tuple(x for x in kept[name]
+                                             if x.kind is not cands.CandidateKind.HOST)
+            out.append(wire.NextInfo(**{**info.fields(), "candidates": c}))
+        return tuple(out)
+
     def start_delay(self, *rtts) -> int:
         """Milliseconds from now to the common start: enough for the Ready
         to reach the farther device (half its round trip, measured during
@@ -394,24 +487,29 @@ class CCSServer:
                 self._finish(pending)
             return
         self._finish(pending)
-        b_info = wire.NextInfo(**msg["info"])
+        b_info = wire.NextInfo.from_json(msg["info"])
+        a_info, b_info = self._screen(pending.a, a.peer[0], pending.a_info,
+                                      pending.b, msg["addr"], b_info)
         key = self.random(32)
-        steps = make_plan(pending.a_info.nat, b_info.nat,
-                          crafted=pending.a_info.crafted is not False and b_info.crafted is not False)
+        legacy = a.machine.version < 2 or msg.get("version", 1) < 2
+        steps = make_plan(a_info, b_info, legacy=legacy)
+        session_id = int.from_bytes(self.random(8), "big") or 1
         start_at = int(self.clock() * 1000) + self.start_delay(a.rtt, msg.get("rtt"))
         if "spoof" in steps:
             self._assist_spoof(((a.peer[0], pending.a_info.port), (msg["addr"], b_info.port)),
                                start_at / 1000 - self.clock())
         token_a, token_b = self.relay.issue(pending.a, pending.b)
         common = dict(key=key, plan=steps, start_at=start_at, relay_addr=self.public_addr,
-                      relay_port=self.relay_port)
+                      relay_port=self.relay_port, session=session_id)
+        self._track(session_id, pending.a, pending.b, msg["node"])
         a.write(wire.RendezvousReady(request=pending.a_request, peer=pending.b, addr=msg["addr"],
                                      role="initiator", relay_token=token_a, **common,
                                      **b_info.fields()))
         b_fields = dict(request=msg["oid"], peer=pending.a, addr=a.peer[0], role="responder",
-                        relay_token=token_b.hex(), **common, **pending.a_info.fields())
+                        relay_token=token_b.hex(), **common, info=a_info.to_json())
         b_fields["key"] = self._seal_key(key, pending.b)
-        await self.deliver(msg["node"], {"op": "ready", "b": pending.b, "fields": b_fields})
+        await self.deliver(msg["node"], {"op": "ready", "b": pending.b, "fields": b_fields,
+                                         "origin": self.node})
         elapsed = time.monotonic() - pending.started
         self.metrics.observe(elapsed)
         event("rendezvous", a=pending.a, b=pending.b, plan=steps, seconds=round(elapsed, 6))
@@ -446,8 +544,10 @@ class DeviceSession(asyncio.Protocol):
             seconds, self.close, code, f"nothing heard for {seconds:g} s")
 
     def write(self, msg: wire.Message) -> None:
+        """Send ``msg`` if the device can hear it: a version-1 device is not
+        told what version 2 added (PeerLeft)."""
         if self.transport is not None and not self.transport.is_closing() \
-                and self.machine.state is State.READY:
+                and self.machine.state is State.READY and msg.SINCE <= self.machine.version:
             self.transport.write(self.machine.send(msg))
 
     def close(self, code: str, reason: str) -> None:
@@ -486,7 +586,8 @@ class DeviceSession(asyncio.Protocol):
             self.rtt = time.monotonic() - self._challenged
             self.name = self.machine.name
             self.transport.write(self.machine.accept(self.peer[0], self.peer[1], srv.heartbeat,
-                                                     srv.node, srv.relay_port or None))
+                                                     srv.node, srv.relay_port or None,
+                                                     srv.probe_port2 or None))
             self._arm(3 * srv.heartbeat, "dead-peer")
             srv.online(self)
         elif isinstance(msg, wire.Heartbeat):
@@ -496,6 +597,8 @@ class DeviceSession(asyncio.Protocol):
             srv.spawn(srv.request(self, msg))
         elif isinstance(msg, wire.RendezvousAnswer):
             srv.spawn(srv.answer(self, msg))
+        elif isinstance(msg, wire.Abandon):
+            srv.spawn(srv.abandon(self, msg))
 
     def connection_lost(self, exc) -> None:
         if self._deadline is not None:

@@ -27,8 +27,8 @@ from typing import Iterable, Optional, Sequence
 from fastpunch.proto.kinds import CandidateKind, Role
 
 __all__ = ["Candidate", "CandidatePair", "MAX_CANDIDATES", "MAX_PAIRS", "CandidateError",
-           "encode", "decode", "priority", "pair_priority", "sanitize", "form_pairs",
-           "usable_address"]
+           "encode", "decode", "normalize", "priority", "pair_priority", "sanitize",
+           "form_pairs", "same_lan", "usable_address"]
 
 MAX_CANDIDATES = 16        # per side: every pair costs SYNs, and the wire field is bounded
 MAX_PAIRS = 16             # crafted flows one punch drives (spray's are counted apart)
@@ -101,7 +101,22 @@ def usable_address(addr: str) -> Optional[str]:
     return None
 
 
+def normalize(candidates: Iterable[Candidate]) -> tuple:
+    """What a device may announce: each endpoint once (its first, highest
+    kind kept), no unusable address, at most MAX_CANDIDATES. (An open host's
+    reflexive address is its host candidate: one entry, not two.)"""
+    out, seen = [], set()
+    for c in candidates:
+        if c.endpoint in seen or usable_address(c.addr) is not None:
+            continue
+        seen.add(c.endpoint)
+        out.append(c)
+    return tuple(out[:MAX_CANDIDATES])
+
+
 def encode(candidates: Sequence[Candidate]) -> bytes:
+    if len({c.endpoint for c in candidates}) != len(candidates):
+        raise CandidateError("duplicate", "a candidate given twice")
     if len(candidates) > MAX_CANDIDATES:
         raise CandidateError("too-many", f"{len(candidates)} candidates, at most "
                                          f"{MAX_CANDIDATES}")

@@ -1,25 +1,84 @@
-"""Which strategies to try, in which order, from both sides' NAT guesses.
-Pure function: the CCS sends the result with every rendezvous."""
+"""Which strategies to try, in which order: a pure function of both sides'
+next-connection info. The CCS sends the result with every rendezvous.
+
+Version 2 devices (candidates and NAT evidence): the crafted race first,
+``symmetric`` over every candidate pair, joined by ``predict`` where a side
+is a sequential NAPT and by ``spray`` where exactly one side is a random
+one and the other offers no port mapping; ``spoof`` after it between two
+hosts without NAT; the relay last,
+and alone (joined at once) when nothing direct can work: two random NAPTs
+with no port mapping on either side. A side that cannot craft segments
+(no privilege, no nf_tables) gets the kernel strategies only: ``upnp``
+where a side has a mapped candidate, then ``simopen``.
+
+A pair with a version-1 device gets the plan version 1 made
+(``legacy_plan``), which both understand.
+"""
 
 from __future__ import annotations
 
+from fastpunch.proto.kinds import CandidateKind, Mapping, parse
+
+__all__ = ["plan", "legacy_plan", "mapping_of", "CRAFTED", "PRESERVING"]
+
 CRAFTED = {"spoof", "symmetric", "nat", "predict", "spray"}   # need raw sockets + TCP_REPAIR
-PRESERVING = {"open", "firewall", "firewall-liberal", "nat", "nat-rst", "strict", "cgn", "upnp", "unknown"}
+PRESERVING = {"open", "firewall", "firewall-liberal", "nat", "nat-rst", "strict", "cgn", "upnp",
+              "unknown"}
+_MAPPING_OF_CLASS = {"open": Mapping.NONE, "firewall": Mapping.NONE,
+                     "firewall-liberal": Mapping.NONE, "nat": Mapping.PRESERVE,
+                     "nat-rst": Mapping.PRESERVE, "strict": Mapping.PRESERVE,
+                     "cgn": Mapping.PRESERVE, "upnp": Mapping.PRESERVE,
+                     "napt-ei": Mapping.INDEPENDENT, "napt-sequential": Mapping.SEQUENTIAL,
+                     "napt-random": Mapping.RANDOM}
 
 
-def plan(a_nat: str, b_nat: str, crafted: bool = True) -> tuple[str, ...]:
-    """Ordered strategy names; "relay" always last (it always works).
-    ``crafted`` is false when either side cannot craft packets (no
-    CAP_NET_RAW / CAP_NET_ADMIN): then only a gateway's port mapping and
-    kernel simultaneous open are tried, so neither side's raw SYNs leave NAT
-    state the other cannot use."""
+def mapping_of(info) -> Mapping:
+    """A side's mapping: its evidence, or what its NAT class implies."""
+    m = parse(Mapping, getattr(info, "mapping", None) or "unknown")
+    if m is Mapping.UNKNOWN:
+        return _MAPPING_OF_CLASS.get(info.nat, Mapping.UNKNOWN)
+    return m
+
+
+def _mapped(info) -> bool:
+    return any(c.kind is CandidateKind.MAPPED for c in (getattr(info, "candidates", None) or ()))
+
+
+def plan(a, b, *, legacy: bool = False) -> tuple:
+    """Ordered strategy names for sides ``a`` and ``b`` (NextInfo-like);
+    "relay" always last. ``legacy``: one side speaks version 1."""
+    crafted = a.crafted is not False and b.crafted is not False
+    if legacy:
+        return legacy_plan(a.nat, b.nat, crafted)
+    ma, mb = mapping_of(a), mapping_of(b)
+    mapped = _mapped(a) or _mapped(b)
+    if not crafted:
+        # neither side's raw SYNs leave NAT state the other cannot use
+        return (("upnp",) if mapped else ()) + ("simopen", "relay")
+    steps = ["symmetric"]
+    if Mapping.SEQUENTIAL in (ma, mb):
+        steps.append("predict")
+    randoms = (ma is Mapping.RANDOM) + (mb is Mapping.RANDOM)
+    if randoms == 2 and not mapped:
+        return ("relay",)
+    other = b if ma is Mapping.RANDOM else a
+    if randoms == 1 and not _mapped(other):
+        # a mapping on the other side takes the random side's SYNs in
+        # (symmetric, answered as a peer-reflexive flow): no spray needed
+        steps.append("spray")
+    if ma is Mapping.NONE and mb is Mapping.NONE:
+        # spoof works only where symmetric does too (docs/punch.md): after it
+        steps.append("spoof")
+    return tuple(steps) + ("relay",)
+
+
+def legacy_plan(a_nat: str, b_nat: str, crafted: bool = True) -> tuple:
+    """The plan of protocol version 1, from both NAT guesses alone."""
     sides = {a_nat, b_nat}
-    # a gateway's port mapping needs no crafted packet: first whenever offered
-    steps: list[str] = ["upnp"] if "upnp" in sides else []
+    steps: list = ["upnp"] if "upnp" in sides else []
     if not crafted:
         return tuple(steps) + ("simopen", "relay")
     if sides <= {"open", "firewall", "firewall-liberal"}:
-        # spoof works only where symmetric does too (docs/punch.md): after it
         steps += ["symmetric", "spoof", "simopen"]
     elif "napt-random" in sides:
         steps += ["spray"] if not sides <= {"napt-random"} else []

@@ -355,6 +355,15 @@ class Confirmed(Event):
 
 
 @dataclass(frozen=True)
+class LateBytes(Event):
+    pair: str
+    count: int
+
+    def text(self) -> str:
+        return f"took {self.count} bytes that came during the hand-off"
+
+
+@dataclass(frozen=True)
 class Ended(Event):
     state: str
     reason: str = ""
@@ -425,13 +434,22 @@ class _Flow:
 class PunchMachine:
     """All crafted flows of one attempt. See the module docstring."""
 
-    def __init__(self, *, iss: int, peer_isn: int, nominator: bool, deadline: float,
+    def __init__(self, *, iss: int, peer_isn: Optional[int], nominator: bool, deadline: float,
                  confirm_until: Optional[float] = None,
                  offer: TcpOptionsOffer = TcpOptionsOffer(),
                  peer_offer: Optional[TCPOptions] = None, limits: Limits = Limits(),
                  peer_addrs: Sequence[str] = (), prflx: bool = True,
-                 random: Optional[Callable[[int, int], int]] = None) -> None:
-        self.iss, self.peer_isn = iss & 0xFFFFFFFF, peer_isn & 0xFFFFFFFF
+                 random: Optional[Callable[[int, int], int]] = None,
+                 keep: bool = False) -> None:
+        """``peer_isn`` None: a peer whose ISN nobody announced (a kernel
+        socket: the engine's live tests); any ISN is taken, and nothing
+        completes on a SYN alone. ``keep``: the completed flow is not handed
+        off but stays the machine's, for data (``send_data``/``take_data``)."""
+        self.iss = iss & 0xFFFFFFFF
+        self.peer_isn = None if peer_isn is None else peer_isn & 0xFFFFFFFF
+        self.keep = keep
+        self._data = bytearray()
+        self._now = 0.0
         self.nominator = nominator
         self.deadline = deadline
         self.confirm_until = deadline if confirm_until is None else confirm_until
@@ -482,6 +500,7 @@ class PunchMachine:
     # -- inputs ----------------------------------------------------------------------
     def receive(self, seg: Segment, now: float) -> list:
         """One segment the receiver saw; returns what to send now."""
+        self._now = now
         self.seen += 1
         out: list = []
         if self.state in (MachineState.DONE, MachineState.FAILED):
@@ -492,7 +511,9 @@ class PunchMachine:
         key = (seg.dport, seg.src, seg.sport)
         flow = self.flows.get(key)
         if self.state is MachineState.COMPLETE:
-            if flow is self.winner:
+            if flow is self.winner and self.keep:
+                self._data_input(flow, seg, now, out)
+            elif flow is self.winner:
                 self.winner.left.append(seg)
             return out
         if flow is None:
@@ -504,6 +525,7 @@ class PunchMachine:
 
     def advance(self, now: float) -> list:
         """Timers: whatever is due at ``now``."""
+        self._now = now
         out: list = []
         if self.state is MachineState.RUNNING:
             if now >= self.deadline:
@@ -592,6 +614,87 @@ class PunchMachine:
             timestamps=w.ts_ok, snd_wnd=max(t.snd_wnd, 1), rcv_wnd=t.rcv_wnd,
             tsval=self._tsval(now), received=bytes(w.received), advmss=w.plan.mss)
 
+    # -- a kept flow's data (keep=True: the engine without a kernel socket) -------------
+    def send_data(self, data: bytes, now: float) -> list:
+        """Segments carrying ``data`` on the completed flow, each at most the
+        smaller MSS (less the timestamp option when both use it). No
+        retransmission: lab and test use."""
+        if self.state is not MachineState.COMPLETE or not self.keep:
+            raise RuntimeError("data goes on a completed, kept flow")
+        w, out = self.winner, []
+        peer_mss = w.peer_options.mss if w.peer_options and w.peer_options.mss else 536
+        limit = min(w.plan.mss, peer_mss) - (12 if w.ts_ok else 0)
+        for off in range(0, len(data), limit):
+            chunk = bytes(data[off:off + limit])
+            r = w.tracker.send(len(chunk))
+            out.append(Send(w.plan.local[0], w.plan.remote[0], w.plan.local[1], w.plan.remote[1],
+                            r.seq, r.ack, int(r.flags), r.window, self._options(w, False, now),
+                            64, chunk))
+            w.stats.sent += 1
+        return out
+
+    def take_data(self, n: Optional[int] = None) -> bytes:
+        """In-order bytes received on the kept flow (up to ``n``)."""
+        n = len(self._data) if n is None else n
+        out = bytes(self._data[:n])
+        del self._data[:n]
+        return out
+
+    def abort(self, now: float) -> list:
+        """A RST with our next sequence number on the kept flow."""
+        w = self.winner
+        if w is None or w.state is not TcpState.ESTABLISHED:
+            return []
+        w.stats.sent += 1
+        return [Send(w.plan.local[0], w.plan.remote[0], w.plan.local[1], w.plan.remote[1],
+                     w.tracker.snd_nxt, 0, int(Flags.RST), 0)]
+
+    @property
+    def pending_data(self) -> int:
+        return len(self._data)
+
+    @property
+    def all_acked(self) -> bool:
+        t = self.winner.tracker
+        return t.snd_una == t.snd_nxt
+
+    @property
+    def reset(self) -> bool:
+        """The kept flow was reset by the peer."""
+        return self.winner is not None and self.winner.state is TcpState.RESET
+
+    def _data_input(self, flow: _Flow, seg: Segment, now: float, out: list) -> None:
+        flow.stats.received += 1
+        if flow.ts_ok and seg.options.timestamp is not None:
+            flow.ts_recent = seg.options.timestamp[0]
+        before = flow.tracker.rcv_nxt
+        event, reply = flow.tracker.input(seg)
+        advanced = (flow.tracker.rcv_nxt - before) & 0xFFFFFFFF
+        if seg.payload_length and advanced >= seg.payload_length:
+            self._data += seg.payload
+        if reply is not None and event != FlowEvent.RESET:
+            # the data phase is not punching: its ACKs are outside the budgets
+            out.append(Send(flow.plan.local[0], flow.plan.remote[0], flow.plan.local[1],
+                            flow.plan.remote[1], reply.seq, reply.ack, int(reply.flags),
+                            reply.window, self._options(flow, False, now)))
+            flow.stats.sent += 1
+
+    def settle(self, to: tuple, ttl: int, now: float) -> list:
+        """A SYN-ACK and an ACK of the completed flow toward ``to`` with
+        ``ttl`` (spoof: our firewall's entry for the flow saw our SYN and the
+        peer's SYN or SYN-ACK, SYN_SENT2 or SYN_RECV, where Linux conntrack
+        takes a FIN in the reply direction for INVALID and drops the entry
+        after 60 s of quiet; these complete its handshake, on the same
+        short-lived path as the opener)."""
+        if self.state is not MachineState.COMPLETE:
+            raise RuntimeError("settle needs a completed flow")
+        w, out = self.winner, []
+        ack = w.tracker.ack()
+        self._emit(w, Reply(Flags.SYN | Flags.ACK, self.iss, ack.ack, ack.window), now, out,
+                   ttl=ttl, to=to, what="settles our firewall's entry", count=False)
+        self._emit(w, ack, now, out, ttl=ttl, to=to, count=False)
+        return out
+
     def late_data(self, more: Sequence[Segment] = (), limit: int = LATE_LIMIT) -> bytes:
         """The peer's in-order bytes that came after the completing segment
         (kept) and in ``more`` (drained by the driver just before the socket
@@ -600,7 +703,10 @@ class PunchMachine:
         our SYN (nothing then to confirm)."""
         w = self.winner
         w.left.extend(more)
-        return late_bytes(w.left, w.tracker.rcv_nxt, limit)
+        out = late_bytes(w.left, w.tracker.rcv_nxt, limit)
+        if out:
+            self._note(LateBytes(self._now, w.name, len(out)))
+        return out
 
     # -- internals -----------------------------------------------------------------------
     def _note(self, event: Event) -> None:
@@ -651,8 +757,9 @@ class PunchMachine:
         if not count:
             flow.stats.replies += 1
             self.replies += 1
+        where = f"to {dst}:{dport}" if to is not None else ""
         self._note(Sent(now, flow.name, _flags(r.flags), ttl,
-                        what=what or (f"to {dst}:{dport}" if to is not None else "")))
+                        what=", ".join(x for x in (what, where) if x)))
         mirror = flow.plan.mirror_to
         if to is None and mirror is not None and r.flags & (Flags.SYN | Flags.ACK) == \
                 Flags.SYN | Flags.ACK:
@@ -678,6 +785,8 @@ class PunchMachine:
         interval = self.limits.resend * (1 << min(flow.rsts, MAX_BACKOFF_STEPS))
         if p.mode is Mode.ANSWER:
             if flow.state is TcpState.CLOSED:
+                if self.peer_isn is None:
+                    raise ValueError("the nat method's SYN-ACK needs the peer's ISN")
                 r = flow.tracker.assume_syn(self.peer_isn, 65535,
                                             self.peer_offer.wscale if self.peer_offer else None)
                 flow.peer_options = self.peer_offer
@@ -750,7 +859,7 @@ class PunchMachine:
         if not self.prflx:
             return self._ignore(seg, now, src, "no flow")
         if seg.src not in self.peer_addrs or seg.flags & (Flags.SYN | Flags.ACK | Flags.RST) \
-                != Flags.SYN or seg.seq != self.peer_isn:
+                != Flags.SYN or self.peer_isn is None or seg.seq != self.peer_isn:
             return self._ignore(seg, now, src, "no flow")
         local_ports = {f.plan.local[1]: f.plan.local[0] for f in self.flows.values()}
         if seg.dport not in local_ports:
@@ -786,7 +895,8 @@ class PunchMachine:
 
     def _peers(self, seg: Segment) -> bool:
         """A SYN or SYN-ACK that is the peer's: its announced ISN."""
-        return bool(seg.flags & Flags.SYN) and seg.seq == self.peer_isn
+        return bool(seg.flags & Flags.SYN) and self.peer_isn is not None and \
+            seg.seq == self.peer_isn
 
     def _ignore(self, seg: Segment, now: float, src: str, why: str) -> None:
         self.ignored += 1
@@ -819,7 +929,7 @@ class PunchMachine:
         if flow.dead:
             return
         name = flow.name
-        if seg.flags & Flags.SYN and seg.seq != self.peer_isn:
+        if seg.flags & Flags.SYN and self.peer_isn is not None and seg.seq != self.peer_isn:
             # not the peer's crafted flow: a kernel socket of its previous
             # strategy answering our SYN with its own ISN, or anyone else's
             self.ignored += 1
@@ -858,7 +968,8 @@ class PunchMachine:
             self._note(Nominated(now, name))
         if reply is not None and self._may_answer(flow):
             self._emit(flow, reply, now, out, count=False)
-        early_ok = flow.plan.early and (self.nominator or self._single())
+        early_ok = flow.plan.early and (self.nominator or self._single()) and \
+            self.peer_isn is not None
         if was is TcpState.SYN_SENT and state is TcpState.SYN_RECEIVED and early_ok and \
                 flow.tracker.rcv_nxt == (self.peer_isn + 1) & 0xFFFFFFFF:
             # complete on the peer's SYN: an ACK right behind our SYN-ACK
@@ -895,6 +1006,9 @@ class PunchMachine:
         self._note(Backoff(now, flow.name, flow.rsts, interval))
 
     def _complete(self, flow: _Flow, now: float, early: bool) -> None:
+        if self.keep:
+            self._data += flow.received
+            flow.received.clear()
         self.winner = flow
         self.state = MachineState.COMPLETE
         flow.stats.outcome = "won (early)" if early else "won"

@@ -381,7 +381,25 @@ class NextInfo:
     filtering: Optional[str] = None
 
     def fields(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as keyword arguments of a message (shallow: the
+        candidates stay Candidate objects)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> dict:
+        """For a message between CCS nodes: plain JSON values (the
+        candidates in their wire form, hex)."""
+        out = self.fields()
+        if self.candidates is not None:
+            out["candidates"] = _candidates.encode(self.candidates).hex()
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "NextInfo":
+        data = dict(data)
+        c = data.get("candidates")
+        if isinstance(c, str):
+            data["candidates"] = _candidates.decode(bytes.fromhex(c))
+        return cls(**data)
 
 
 def next_info_of(msg: Message) -> NextInfo:

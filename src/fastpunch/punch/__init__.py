@@ -1,14 +1,19 @@
-"""Direct connections: the punching strategies and the planner that runs them.
+"""Direct connections: the punching strategies, the one driver that runs the
+crafted ones, and the planner.
 
-Each strategy is its own module with one entry point,
-``run(ctx: PunchContext, deadline: float) -> socket.socket``, that either
-returns a connected kernel socket or raises :class:`PunchFailed` with a
-reason; :mod:`fastpunch.punch.planner` runs them in the order the CCS's plan
-gives, in lockstep on both sides (same time slots from the common start
-time), with the relay joined in parallel after a deadline. Every attempt
-yields an :class:`Attempt` record.
+Every strategy follows one protocol (``strategy.Strategy``: a name, a
+budget, whether it needs crafted segments, ``run``); those that *race*
+contribute candidate pairs to the one sans-IO punch machine of an attempt
+(``fastpunch.proto.punch``), which ``driver.Race`` feeds from one raw
+receiver. ``planner.punch`` runs the CCS's plan: the crafted race at once,
+the others in lockstep slots, the relay in parallel. Every stage yields an
+:class:`Attempt` record, with per-pair packet counts.
 """
 
-from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, Report
+from fastpunch.punch.base import Attempt as Attempt
+from fastpunch.punch.base import PunchContext as PunchContext
+from fastpunch.punch.base import PunchFailed as PunchFailed
+from fastpunch.punch.base import Report as Report
+from fastpunch.punch.base import Side as Side
 
-__all__ = ["Attempt", "PunchContext", "PunchFailed", "Report"]
+__all__ = ["Attempt", "PunchContext", "PunchFailed", "Report", "Side"]

@@ -1,20 +1,20 @@
-"""What every strategy takes and gives back."""
+"""What every strategy takes and gives back: the context of one rendezvous,
+an attempt's record, the report, and the socket helpers they share."""
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import os
-import select
 import socket
-import struct
-import threading
-import time
 import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 from fastpunch.errors import FastpunchError
+from fastpunch.netcheck.route import route_source as route_source  # (re-exported: one helper)
+from fastpunch.proto.candidates import Candidate
+from fastpunch.proto.kinds import CandidateKind, Filtering, Mapping, NatClass, Role
+
+__all__ = ["PunchFailed", "Side", "PunchContext", "Attempt", "Report", "tie", "release",
+           "free_port", "route_source", "abort"]
 
 
 class PunchFailed(FastpunchError):
@@ -27,36 +27,67 @@ class PunchFailed(FastpunchError):
 
 
 @dataclass(frozen=True)
-class PunchContext:
-    """Both sides' next-connection info, as one side sees it."""
-    role: str                       # "initiator" or "responder"
-    local_ip: str
-    local_port: int
-    iss: int
-    peer_ip: str                    # the peer's public address (reflexive, from the CCS)
-    peer_port: int
-    peer_isn: int
+class Side:
+    """One side's next-connection info, as a punch uses it."""
+    public: str                     # the address the CCS sees it at (reflexive)
+    port: int                       # the port a version-1 peer and kernel strategies aim at
+    isn: int
+    candidates: tuple = ()          # version 1 peers announce none: see PunchContext.peer
     mss: int = 1460
     wscale: Optional[int] = 7
     sack_permitted: bool = True
     timestamps: bool = True
-    peer_mss: int = 1460
-    peer_wscale: Optional[int] = 7
-    peer_sack_permitted: bool = True
-    peer_timestamps: bool = True
-    peer_nat: str = "unknown"
-    nat: str = "unknown"            # our own NAT guess
+    nat: NatClass = NatClass.UNKNOWN
+    mapping: Mapping = Mapping.UNKNOWN
+    filtering: Filtering = Filtering.UNKNOWN
+    crafted: bool = True
+
+    def reachable_at(self) -> tuple:
+        """Its candidates; for a version-1 peer, the one address it knows."""
+        if self.candidates:
+            return self.candidates
+        return (Candidate(CandidateKind.SRFLX, self.public, self.port),)
+
+    def mapped(self) -> Optional[Candidate]:
+        return next((c for c in self.candidates if c.kind is CandidateKind.MAPPED), None)
+
+
+@dataclass(frozen=True)
+class PunchContext:
+    """Both sides of one rendezvous, as this side sees them."""
+    role: Role
+    local_ip: str                   # our address toward the peer's public address
+    local_port: int                 # the one port every crafted flow and kernel open uses
+    ours: Side
+    peer: Side
     ccs_ip: str = ""                # the CCS's address, as we reach it (spoof's source)
-    mapped_port: Optional[int] = None   # our gateway forwards this external port to local_port
+    session: Optional[int] = None   # the CCS's id of this rendezvous (PeerLeft, Abandon)
 
     @property
-    def mine_random(self) -> bool:
-        return self.nat == "napt-random"
+    def iss(self) -> int:
+        return self.ours.isn
+
+    @property
+    def peer_isn(self) -> int:
+        return self.peer.isn
+
+    @property
+    def peer_ip(self) -> str:
+        return self.peer.public
+
+    @property
+    def peer_port(self) -> int:
+        return self.peer.port
+
+    @property
+    def initiator(self) -> bool:
+        return self.role is Role.INITIATOR
 
 
 @dataclass
 class Attempt:
-    """One strategy's try: what it sent and saw, how long, how it ended."""
+    """One stage's try (one strategy, or the crafted race of several): what
+    it sent and saw, per pair, how long, how it ended."""
     strategy: str
     ok: bool = False
     seconds: float = 0.0
@@ -64,77 +95,49 @@ class Attempt:
     seen: int = 0
     reason: str = ""
     detail: str = ""
-    events: list = field(default_factory=list)
+    events: list = field(default_factory=list)     # (seconds since the stage began, text)
+    pairs: list = field(default_factory=list)      # proto.punch.PairStats of each flow
+    trace: list = field(default_factory=list)      # the machine's typed events
+    winner: str = ""                               # the pair that completed
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["pairs"] = [asdict(p) if hasattr(p, "__dataclass_fields__") else p
+                        for p in self.pairs]
+        out.pop("trace")
+        return out
 
 
 @dataclass
 class Report:
     peer: str
     path: str = ""                  # "direct" or "relay"
-    strategy: str = ""
+    strategy: str = ""              # the winning pair's policy, or "relay"
     seconds: float = 0.0            # from connect()/accept() to a connected socket
     attempts: list = field(default_factory=list)
+    pair: str = ""                  # the candidate pair that won ("" for the relay)
+    history: list = field(default_factory=list)    # (seconds, what): gathering, stages, relay
+
+    @property
+    def sent(self) -> int:
+        return sum(a.sent for a in self.attempts)
 
     def as_dict(self) -> dict:
         return {"peer": self.peer, "path": self.path, "strategy": self.strategy,
-                "seconds": round(self.seconds, 4),
+                "pair": self.pair, "seconds": round(self.seconds, 4), "sent": self.sent,
                 "attempts": [a.as_dict() for a in self.attempts]}
 
-    def lines(self) -> list[str]:
+    def lines(self) -> list:
         out = [f"{self.peer}: {self.path or 'failed'} via {self.strategy or '-'} "
-               f"in {self.seconds * 1000:.0f} ms"]
+               f"in {self.seconds * 1000:.0f} ms" + (f" ({self.pair})" if self.pair else "")]
+        for t, what in self.history:
+            out.append(f"  {t * 1000:7.0f} ms  {what}")
         for a in self.attempts:
             out.append(f"  {a.strategy:10s} {'ok' if a.ok else 'failed':6s} {a.seconds * 1000:7.0f} ms"
                        f"  sent {a.sent:4d} seen {a.seen:4d}  {a.reason} {a.detail}".rstrip())
+            out.extend(f"      pair {p}" for p in a.pairs)
             out.extend(f"      {t:8.3f}s {what}" for t, what in a.events)
         return out
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_CLONE_NEWNET = 0x40000000
-
-
-def in_this_netns(fn: Callable, *args):
-    """Run blocking ``fn`` on a new thread in the calling thread's network
-    namespace (executor threads would sit in the process's original one);
-    returns a Future of its result."""
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-
-    def settle(exc, result):
-        if fut.done():                      # the awaiting task gave up: drop a socket
-            if result is not None and hasattr(result, "close"):
-                result.close()
-        elif exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-
-    def body():
-        try:
-            # A thread inherits its creator's namespaces, so this is usually a
-            # no-op; setns (which needs CAP_SYS_ADMIN even for the same
-            # namespace) only when it is not.
-            if os.fstat(fd).st_ino != os.stat("/proc/thread-self/ns/net").st_ino and \
-                    _libc.setns(fd, _CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-            result = fn(*args)
-        except BaseException as exc:      # handed to the awaiting task
-            loop.call_soon_threadsafe(settle, exc, None)
-        else:
-            loop.call_soon_threadsafe(settle, None, result)
-        finally:
-            os.close(fd)
-
-    threading.Thread(target=body, daemon=True, name="fastpunch-punch").start()
-    return fut
 
 
 _ties: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -160,66 +163,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def route_source(peer_ip: str) -> str:
-    """The local address the kernel would use toward ``peer_ip`` (no packet sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((peer_ip, 9))
-        return s.getsockname()[0]
+def abort(sock: socket.socket) -> None:
+    """Close with a RST (SO_LINGER 0): nothing of the socket stays on its
+    4-tuple (no FIN_WAIT), so the port is the next strategy's at once."""
+    import struct
 
-
-# A kernel-socket strategy gives its slot up this long before the slot ends:
-# the next strategy's first SYN (crafted, from the same port to the same peer)
-# may arrive from then on, and a kernel socket still open would answer it
-# with a SYN-ACK of its own ISN and, closed after that, hold the 4-tuple in
-# FIN_WAIT1 (measured: the following strategies failed with EADDRNOTAVAIL).
-SLOT_GUARD = 0.03
-
-
-def kernel_connect(ctx: PunchContext, deadline: float, attempt: Attempt, retry: float,
-                   what: str, local_port: Optional[int] = None) -> socket.socket:
-    """Plain kernel connect() from our announced port to the peer's, again
-    and again until SLOT_GUARD before ``deadline``: one socket for as long as
-    it lives (the kernel resends its SYN itself, and a socket closed mid-open
-    would lose a crossing SYN-ACK), a new one ``retry`` s after it dies (RST,
-    refusal). A socket given up is aborted (SO_LINGER 0), so nothing of it
-    stays on the 4-tuple. Returns the connected, blocking socket; ``what``
-    names it in the error. ``local_port`` (default: our announced port; 0:
-    any) is where the SYNs leave from."""
-    t0 = time.time()
-    port = ctx.local_port if local_port is None else local_port
-    end = deadline - SLOT_GUARD
-    last = None
-    while time.time() < end:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((ctx.local_ip, port))
-            s.setblocking(False)
-            rc = s.connect_ex((ctx.peer_ip, ctx.peer_port))
-            attempt.sent += 1
-            attempt.events.append((round(time.time() - t0, 3),
-                                   f"connect() to {ctx.peer_ip}:{ctx.peer_port}"))
-            if rc not in (0, errno.EINPROGRESS):
-                raise OSError(rc, errno.errorcode.get(rc, str(rc)))
-            _, w, _ = select.select([], [s], [], max(0.0, end - time.time()))
-            if not w:
-                raise OSError(errno.ETIMEDOUT, "no answer before the slot ended")
-            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, errno.errorcode.get(err, str(err)))
-            attempt.seen += 1
-            s.setblocking(True)
-            return s
-        except OSError as exc:
-            last = exc
-            attempt.events.append((round(time.time() - t0, 3), f"failed: {exc.strerror or exc}"))
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.close()
-            time.sleep(min(retry, max(0.0, end - time.time())))
-    raise PunchFailed("timeout", f"{what} did not complete ({last})")
-
-
-def sleep_until(t: float) -> None:
-    delay = t - time.time()
-    if delay > 0:
-        time.sleep(delay)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()

@@ -3,16 +3,25 @@ mapping; the responder's firewall drops it); the responder, never having
 seen it, sends a SYN-ACK acking the initiator's announced ISN + 1; the
 initiator answers ACK. Behind a Linux NAT the responder's opening SYN-ACK is
 INVALID to conntrack and leaves untranslated (LAB-NOTES 2), so this passes
-only where the responder is not behind such a NAT; the planner tries
-``symmetric`` first."""
+only where the responder is not behind such a NAT; ``symmetric`` passes
+everywhere this does, so plans use it only when asked for."""
 
 from __future__ import annotations
 
-from fastpunch.punch.base import Attempt, PunchContext
-from fastpunch.punch.rawsession import handshake
+from fastpunch.proto.punch import Mode
+from fastpunch.punch.base import PunchContext
+from fastpunch.punch.strategy import Flows, Strategy, candidate_pairs
 
-NAME = "nat"
+
+class Nat(Strategy):
+    name = "nat"
+    budget = 2.0
+    crafted = True
+    races = True
+
+    def flows(self, ctx: PunchContext, start: float) -> Flows:
+        mode = Mode.OPEN if ctx.initiator else Mode.ANSWER
+        return Flows(candidate_pairs(ctx, start, self.name, mode=mode, early=False))
 
 
-def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0):
-    return handshake(ctx, deadline, attempt, active=ctx.role == "initiator", resend=0.2, start=start)
+STRATEGY = Nat()

@@ -1,15 +1,25 @@
-"""Run the CCS's plan: strategies in order, in lockstep on both sides, relay
-joined in parallel after a deadline and used only when nothing direct worked.
+"""Run the CCS's plan: the crafted race first, the other strategies in slots
+after it, in lockstep on both sides, the relay joined in parallel.
 
-Lockstep: both sides got the same plan and the same start time from the CCS,
-so strategy *i* runs on both in the same slot
-``[start + sum(budgets before i), ... + budget_i)`` without another message.
-A side that cannot run a strategy (no privilege) sits its slot out, so the
-other side's later strategies still line up. (The devices' clocks must agree
-to well under a slot; NTP does that.)
+Stages. Consecutive strategies of the plan that race (symmetric, nat,
+predict, spray) form one stage: one punch machine drives all their flows
+at once, and the first completed handshake wins. Every other strategy
+(spoof, simopen, upnp) is a stage of its own. The race sends its first
+SYNs the moment this side has the peer's candidates (the CCS's Ready), not
+at the start time: with the CCS between the two, a SYN of one side cannot
+reach the far gateway much before the other side's own first SYN has left
+(docs/punch.md). Later stages keep their slots, ``[start + budgets before
+it, + its budget)``, the same on both sides without another message
+(the devices' clocks must agree to well under a slot; NTP does that).
 
-Strategies the CCS may plan but this build does not have are skipped on
-both sides alike.
+A strategy this build lacks is skipped by both sides alike; a side that
+cannot run one (no privilege, no nftables) sits its slot out, so the other
+side's later stages still line up.
+
+The relay: joined at once when the plan has no direct stage, else in
+parallel ``RELAY_AFTER`` seconds after the start, and used only when no
+direct stage worked. ``cancel`` (the CCS said the peer left) ends
+whatever runs, the relay wait included.
 """
 
 from __future__ import annotations
@@ -20,65 +30,122 @@ import socket
 import time
 from typing import Optional, Sequence
 
-from fastpunch.errors import InsufficientPrivilegeError
+from fastpunch.errors import InsufficientPrivilegeError, KernelFeatureMissing
 from fastpunch.punch import nat, predict, simopen, spoof, spray, symmetric, upnp
-from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, Report, in_this_netns
+from fastpunch.punch.base import Attempt, PunchContext, PunchFailed, Report
+from fastpunch.punch.strategy import Flows, Slot
 
 log = logging.getLogger("fastpunch.punch")
-STRATEGIES = {m.NAME: m for m in (upnp, spray, predict, symmetric, spoof, nat, simopen)}
-BUDGET = {"upnp": 2.0, "spray": 4.0, "predict": 3.0, "symmetric": 3.0, "spoof": 3.0, "nat": 2.0,
-          "simopen": 3.0}
-RELAY_AFTER = 2.0            # seconds after the start: join the relay in parallel
-SETUP_AHEAD = 0.05           # a strategy's sockets and rules are made this long before its slot
+STRATEGIES: dict = {m.STRATEGY.name: m.STRATEGY
+                    for m in (upnp, spray, predict, symmetric, spoof, nat, simopen)}
+BUDGET = {name: s.budget for name, s in STRATEGIES.items()}
+RELAY_AFTER = 1.0            # seconds after the start: join the relay in parallel
 
 
-def steps_of(plan: Sequence[str], only: Optional[Sequence[str]] = None) -> list[str]:
-    """The direct strategies to run, in plan order (same on both sides)."""
-    steps = [s for s in plan if s in STRATEGIES]
-    if only is not None:
-        steps = [s for s in steps if s in only]
-    return steps
+def stages_of(plan: Sequence[str], only: Optional[Sequence[str]] = None) -> list:
+    """The direct stages, in plan order (the same on both sides): lists of
+    strategies, racing ones of a run together. ``only`` (both sides alike)
+    replaces the plan: those strategies, in that order."""
+    names = plan if only is None else only
+    steps = [STRATEGIES[s] for s in names if s in STRATEGIES]
+    stages: list = []
+    for s in steps:
+        if s.races and stages and stages[-1][0].races:
+            stages[-1].append(s)
+        else:
+            stages.append([s])
+    return stages
+
+
+def _label(stage: list) -> str:
+    return "+".join(s.name for s in stage)
+
+
+async def _run_stage(stage: list, ctx: PunchContext, slot: Slot, attempt: Attempt,
+                     cancel: Optional[asyncio.Event]) -> socket.socket:
+    if len(stage) == 1:
+        return await stage[0].run(ctx, slot, attempt, cancel)
+    from fastpunch.punch.driver import Race
+
+    flows: list = []
+    skipped = []
+    for s in stage:
+        try:
+            flows.append(s.flows(ctx, slot.start))
+        except PunchFailed as exc:        # a policy with nothing to add here (spray, ...)
+            skipped.append(f"{s.name}: {exc.reason}")
+    nominators = {f.nominator for f in flows if f.nominator is not None}
+    race = Race(ctx, slot.end, attempt, cancel=cancel,
+                nominator=nominators.pop() if len(nominators) == 1 else ctx.initiator)
+    for f in flows:
+        race.add(f.pairs, f.sprays)
+    if skipped:
+        attempt.detail = "; ".join(skipped)
+    return await race.run()
 
 
 async def punch(ctx: PunchContext, plan: Sequence[str], start_at: float, report: Report, *,
                 relay=None, only: Optional[Sequence[str]] = None,
-                relay_after: float = RELAY_AFTER) -> tuple[socket.socket, str]:
-    """Returns (connected socket, strategy). ``relay`` is an async callable
-    that joins the CCS relay, or None when the relay must not be used."""
-    steps = steps_of(plan, only)
-    use_relay = relay is not None and "relay" in plan and (only is None or "relay" in only)
+                relay_after: float = RELAY_AFTER,
+                cancel: Optional[asyncio.Event] = None) -> tuple:
+    """Returns (connected socket, strategy): the winning pair's policy, or
+    "relay". ``relay`` is an async callable that joins the CCS relay, or
+    None when the relay must not be used."""
+    stages = stages_of(plan, only)
+    use_relay = relay is not None and "relay" in (plan if only is None else only)
     relay_task: Optional[asyncio.Task] = None
     loop = asyncio.get_running_loop()
+    t_start = time.time()
 
     async def delayed_relay():
-        await asyncio.sleep(max(0.0, start_at + relay_after - time.time()))
+        await asyncio.sleep(max(0.0, start_at + relay_after - time.time()) if stages else 0.0)
         return await relay()
 
     if use_relay:
         relay_task = loop.create_task(delayed_relay())
+    gone = loop.create_task(cancel.wait()) if cancel is not None else None
     try:
         t = start_at
-        for name in steps:
-            end = t + BUDGET[name]
-            # set up 50 ms ahead; the strategy waits for its slot itself
-            await asyncio.sleep(max(0.0, t - SETUP_AHEAD - time.time()))
-            attempt = Attempt(name)
+        for i, stage in enumerate(stages):
+            budget = max(s.budget for s in stage)
+            end = t + budget
+            # the first race goes at once; every other stage keeps its slot
+            begin = min(t, time.time()) if i == 0 and stage[0].races else t
+            attempt = Attempt(_label(stage))
             report.attempts.append(attempt)
-            began = max(t, time.time())
+            began = max(begin, time.time())
+            task = loop.create_task(_run_stage(stage, ctx, Slot(begin, end), attempt, cancel))
             try:
-                sock = await in_this_netns(STRATEGIES[name].run, ctx, end, attempt, t)
+                waits = {task} | ({gone} if gone is not None else set())
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    raise PunchFailed("peer-gone", "the peer left the rendezvous")
+                sock = task.result()
             except PunchFailed as exc:
-                attempt.reason, attempt.detail = exc.reason, str(exc)
+                if exc.reason == "peer-gone":
+                    attempt.reason, attempt.detail = exc.reason, str(exc)
+                    raise
+                attempt.reason, attempt.detail = exc.reason, attempt.detail or str(exc)
             except InsufficientPrivilegeError as exc:
                 attempt.reason, attempt.detail = "no-privilege", str(exc)
+            except KernelFeatureMissing as exc:
+                attempt.reason, attempt.detail = "no-kernel-feature", str(exc)
             except OSError as exc:
                 attempt.reason, attempt.detail = "os-error", str(exc)
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:            # a fault in one strategy falls through
-                log.exception("strategy %s failed", name)
+                log.exception("stage %s failed", _label(stage))
                 attempt.reason, attempt.detail = "error", f"{type(exc).__name__}: {exc}"
             else:
                 attempt.ok = True
                 attempt.seconds = time.time() - began
+                won = next((p for p in attempt.pairs if p.outcome.startswith("won")), None)
+                name = won.policy if won is not None else stage[0].name
+                report.pair = attempt.winner
+                report.history.append((time.time() - t_start, f"direct by {name}"))
                 return sock, name
             attempt.seconds = time.time() - began
             t = end
@@ -88,7 +155,15 @@ async def punch(ctx: PunchContext, plan: Sequence[str], start_at: float, report:
         report.attempts.append(attempt)
         began = time.time()
         try:
-            sock = await relay_task
+            waits = {relay_task} | ({gone} if gone is not None else set())
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if not relay_task.done():
+                raise PunchFailed("peer-gone", "the peer left the rendezvous")
+            sock = relay_task.result()
+        except PunchFailed as exc:
+            attempt.reason, attempt.detail = exc.reason, str(exc)
+            attempt.seconds = time.time() - began
+            raise
         except Exception as exc:
             attempt.reason, attempt.detail = getattr(exc, "code", "relay-failed"), str(exc)
             attempt.seconds = time.time() - began
@@ -96,12 +171,18 @@ async def punch(ctx: PunchContext, plan: Sequence[str], start_at: float, report:
                 from exc
         relay_task = None
         attempt.ok, attempt.seconds = True, time.time() - began
+        report.history.append((time.time() - t_start, "relay"))
         return sock, "relay"
     finally:
-        if relay_task is not None:          # direct won: drop the standby relay
+        if gone is not None:
+            gone.cancel()
+        if relay_task is not None:          # direct won (or gave up): drop the standby relay
             relay_task.cancel()
             try:
                 standby = await relay_task
                 standby.close()
             except (asyncio.CancelledError, Exception):
                 pass
+
+
+__all__ = ["STRATEGIES", "BUDGET", "RELAY_AFTER", "stages_of", "punch", "Flows"]

@@ -1,26 +1,44 @@
-"""``predict``: for a peer behind a sequential NAPT. The peer announced the
-external port its NAT will most likely give its next mapping (probed just
-before: last seen + delta); other connections through that NAT can shift it
-by a few, so this side sends its SYNs to ``CANDIDATES`` ports from there on,
-the peer sends its own to this side's exact port, and the candidate whose
-flow the peer's SYN arrives on wins (symmetric open on it). This side must be
-port-preserving (two sequential NAPTs are left to the relay)."""
+"""``predict``: toward a peer behind a sequential NAPT. The peer announced
+the external port its NAT will most likely give its punch (probed just
+before: the reflexive port + the step natcheck measured); other connections
+through that NAT can shift it by a few, so this side's flows go to
+``CANDIDATES`` ports from there on, besides the candidates ``symmetric``
+tries; the peer sends its SYNs to this side's candidates, and the flow its
+SYN arrives on wins. Completes on the peer's SYN-ACK only: a peer that
+starts over after a RST comes from its NAT's next port, and only its
+answer shows which port is current."""
 
 from __future__ import annotations
 
-from fastpunch.punch.base import Attempt, PunchContext
-from fastpunch.punch.rawsession import handshake
+from dataclasses import replace
 
-NAME = "predict"
+from fastpunch.proto.candidates import Candidate, priority
+from fastpunch.proto.kinds import CandidateKind, Mapping
+from fastpunch.punch.base import PunchContext
+from fastpunch.punch.strategy import Flows, Strategy, candidate_pairs
+
 CANDIDATES = 6
 
 
-def candidates(ctx: PunchContext) -> list:
-    if ctx.peer_nat == "napt-sequential":
-        return [(ctx.peer_port + i) & 0xFFFF for i in range(CANDIDATES)]
-    return [ctx.peer_port]
+def ports(ctx: PunchContext) -> list:
+    """The peer's ports to try: its announced one and the next few."""
+    if ctx.peer.mapping is Mapping.SEQUENTIAL or ctx.peer.nat.value == "napt-sequential":
+        return [(ctx.peer.port + i) & 0xFFFF for i in range(CANDIDATES)]
+    return [ctx.peer.port]
 
 
-def run(ctx: PunchContext, deadline: float, attempt: Attempt, start: float = 0.0):
-    return handshake(ctx, deadline, attempt, active=True, resend=0.2,
-                     peer_ports=candidates(ctx), start=start)
+class Predict(Strategy):
+    name = "predict"
+    budget = 3.0
+    crafted = True
+    races = True
+
+    def flows(self, ctx: PunchContext, start: float) -> Flows:
+        guesses = tuple(Candidate(CandidateKind.PREDICTED, ctx.peer.public, port or 1,
+                                  priority(CandidateKind.PREDICTED, 65535 - i))
+                        for i, port in enumerate(ports(ctx)))
+        windowed = replace(ctx, peer=replace(ctx.peer, candidates=guesses))
+        return Flows(candidate_pairs(windowed, start, self.name, early=False))
+
+
+STRATEGY = Predict()

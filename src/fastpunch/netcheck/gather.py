@@ -1,0 +1,162 @@
+"""Gather the candidates of the one local port the next punch will use.
+
+* host: every usable local address (up, not loopback), with its on-link
+  prefix; the address the default route toward the CCS uses first;
+* server-reflexive: a ``whoami`` from that very port (SO_REUSEADDR), so an
+  endpoint-independent NAT, whatever number it gives, needs no guessing;
+* mapped: when natcheck found a gateway that grants mappings (PCP,
+  NAT-PMP, UPnP-IGD), a mapping for that port, if its external address is
+  the one the CCS sees (behind a carrier NAT a home router's mapping is
+  useless from outside, and is left out);
+* predicted: a sequential NAPT's next mapping (the reflexive one + its
+  step), and, behind a port-preserving NAT whose probe of this port got
+  another number (a port another host held toward the CCS at that moment),
+  the port itself: toward the peer it is likely kept.
+
+The report says what was left out and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from fastpunch.netcheck import probes
+from fastpunch.netcheck.interfaces import interfaces
+from fastpunch.netcheck.natcheck import NatReport
+from fastpunch.netcheck.route import route_source
+from fastpunch.proto.candidates import (MAX_CANDIDATES, Candidate, normalize, priority,
+                                       usable_address)
+from fastpunch.proto.kinds import CandidateKind as Kind
+from fastpunch.proto.kinds import Mapping
+
+__all__ = ["Gathered", "gather", "with_mapping", "host_candidates"]
+
+MAP_TIMEOUT = 0.75
+
+
+@dataclass(frozen=True)
+class Gathered:
+    local_port: int
+    local_addr: str                   # our address toward the CCS (the default route's)
+    candidates: tuple
+    port: int                         # what a version-1 peer (and kernel strategies) aim at
+    srflx: Optional[tuple] = None     # (address, port) the CCS saw from local_port
+    mapping: object = None            # the portmap.Mapping made for local_port, if any
+    at: float = field(default_factory=time.monotonic)
+    notes: tuple = ()
+
+    def age(self) -> float:
+        return time.monotonic() - self.at
+
+
+def host_candidates(port: int, toward: str) -> list:
+    """Host candidates of ``port``: the address of the route toward
+    ``toward`` first (local preference 65535), the others after it."""
+    try:
+        first = route_source(toward)
+    except OSError:
+        first = None
+    found = [i for i in interfaces() if usable_address(i.addr) is None]
+    found.sort(key=lambda i: (i.addr != first, i.name))
+    out = []
+    for n, iface in enumerate(found[:MAX_CANDIDATES // 2]):
+        out.append(Candidate(Kind.HOST, iface.addr, port, priority(Kind.HOST, 65535 - n),
+                             iface.prefix))
+    return out
+
+
+async def gather(ccs_ip: str, probe_port: Optional[int], local_port: int,
+                 report: Optional[NatReport] = None, portmap_protocol: Optional[str] = None,
+                 ) -> Gathered:
+    """The candidates of ``local_port`` (see the module docstring); a port
+    mapping only when ``portmap_protocol`` is given (``with_mapping``)."""
+    notes = []
+    local_addr = route_source(ccs_ip)
+    cands = host_candidates(local_port, ccs_ip)
+    srflx = None
+    if probe_port:
+        try:
+            srflx = await probes.whoami(ccs_ip, probe_port, local_port)
+        except (probes.ProbeError, OSError) as exc:
+            notes.append(f"no server-reflexive candidate: {exc}")
+    mapping_kind = report.mapping if report is not None else Mapping.UNKNOWN
+    if srflx is not None and usable_address(srflx[0]) is not None:
+        # a CCS on this very host sees us at 127.0.0.1: no address for a peer
+        notes.append(f"the CCS sees us at {srflx[0]} ({usable_address(srflx[0])}): "
+                     "no server-reflexive candidate")
+    elif srflx is not None:
+        cands.append(Candidate(Kind.SRFLX, srflx[0], srflx[1], priority(Kind.SRFLX)))
+        guesses = []
+        if mapping_kind is Mapping.SEQUENTIAL and report.delta:
+            # the probe took one mapping; the punch's first SYN takes the next
+            guesses.append((srflx[1] + report.delta) & 0xFFFF or 1)
+        elif mapping_kind is Mapping.PRESERVE and srflx[1] != local_port:
+            notes.append(f"the probe of port {local_port} came out as {srflx[1]} (another "
+                         "host behind the NAT had it toward the CCS?); the port itself "
+                         "is a candidate too")
+            guesses.append(local_port)
+        for n, port in enumerate(guesses):
+            if (srflx[0], port) not in [c.endpoint for c in cands]:
+                cands.append(Candidate(Kind.PREDICTED, srflx[0], port,
+                                       priority(Kind.PREDICTED, 65535 - n)))
+    if mapping_kind is Mapping.SEQUENTIAL and srflx is not None and report.delta:
+        port = (srflx[1] + report.delta) & 0xFFFF or 1
+    elif srflx is not None:
+        port = srflx[1]
+    else:
+        port = local_port
+    out = Gathered(local_port, local_addr, normalize(cands), port, srflx, notes=tuple(notes))
+    if portmap_protocol:
+        out = await with_mapping(out, portmap_protocol)
+    return out
+
+
+async def with_mapping(g: Gathered, protocol: str) -> Gathered:
+    """``g`` with a port mapping for its port, asked for now (a mapping is
+    asked for when a punch is about to use the port, not for a port kept
+    ready: nothing of ours stays open on the gateway between connections).
+    Left out, with a note, when the gateway grants none, or grants one on
+    an address the CCS does not see us at (another NAT beyond it)."""
+    notes = list(g.notes)
+    mapping = await _map(g.local_port, protocol, notes)
+    public = g.srflx[0] if g.srflx else None
+    if mapping is not None and public is not None and mapping.external_addr and \
+            mapping.external_addr != public:
+        notes.append(f"the gateway's mapping {mapping.external_addr}:{mapping.external_port} "
+                     f"is not the address the CCS sees ({public}): another NAT beyond it; "
+                     "left out")
+        await _unmap(mapping)
+        mapping = None
+    if mapping is None:
+        return replace(g, notes=tuple(notes))
+    addr = mapping.external_addr or public
+    cands = [c for c in g.candidates if c.endpoint != (addr, mapping.external_port)]
+    if addr and usable_address(addr) is None:
+        cands.insert(0, Candidate(Kind.MAPPED, addr, mapping.external_port,
+                                  priority(Kind.MAPPED)))
+    return replace(g, candidates=normalize(cands), port=mapping.external_port,
+                   mapping=mapping, notes=tuple(notes))
+
+
+async def _map(local_port: int, protocol: str, notes: list):
+    from fastpunch import portmap
+
+    order = (protocol,) + tuple(p for p in portmap.PROTOCOLS if p != protocol)
+    try:
+        return await portmap.map_port("0.0.0.0", local_port, protocols=order,
+                                      timeout=MAP_TIMEOUT)
+    except (portmap.PortMapError, OSError) as exc:
+        notes.append(f"no port mapping from the gateway: {exc}")
+        return None
+
+
+async def _unmap(mapping) -> None:
+    from fastpunch import portmap
+
+    try:
+        await asyncio.wait_for(portmap.unmap(mapping), MAP_TIMEOUT * 2)
+    except (portmap.PortMapError, OSError, asyncio.TimeoutError):
+        pass                       # it expires on its own

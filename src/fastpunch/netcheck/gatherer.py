@@ -1,0 +1,213 @@
+"""A device's gathering, kept ready in the background.
+
+At every login the gatherer starts natcheck (``nat="auto"``) and then
+prepares the *next* punch port: a free local port and its candidates
+(``gather``). A ``connect()`` takes the prepared port when it is fresh and
+so waits for nothing; it gathers on the spot otherwise (one CCS round trip
+for the reflexive probe) and never waits for natcheck: until natcheck
+reports, the mapping is UNKNOWN and the candidates alone decide. Behind a
+sequential NAPT a prediction goes stale with any other traffic, so there
+the port is always gathered on the spot. A port mapping (PCP, NAT-PMP,
+UPnP-IGD) is asked for only when a punch is about to use the port, and
+deleted after it: nothing of ours stays open on the gateway in between.
+
+Whether this device can craft segments (CAP_NET_RAW, CAP_NET_ADMIN, a
+kernel with nf_tables) is probed once and announced: a device that cannot
+is planned kernel simultaneous open and the relay, and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from fastpunch.netcheck.gather import Gathered, gather, with_mapping
+from fastpunch.netcheck.natcheck import NatReport, natcheck
+from fastpunch.proto.kinds import Filtering, Mapping, NatClass, parse
+
+__all__ = ["Gatherer", "Capability", "crafted_capability", "report_for_guess"]
+
+log = logging.getLogger("fastpunch.netcheck")
+FRESH = 30.0            # seconds a prepared port's candidates are used without a new probe
+
+
+@dataclass(frozen=True)
+class Capability:
+    crafted: bool
+    why: str = ""
+
+
+def crafted_capability() -> Capability:
+    """Can this process craft segments and hand them to the kernel?"""
+    from fastpunch import _caps, netfilter
+    from fastpunch.errors import KernelFeatureMissing
+
+    lacking = _caps.missing(_caps.CAP_NET_RAW, _caps.CAP_NET_ADMIN)
+    if lacking:
+        return Capability(False, f"no {' and '.join(lacking)}")
+    try:
+        netfilter.probe_nfnetlink()
+    except KernelFeatureMissing as exc:
+        return Capability(False, str(exc))
+    return Capability(True)
+
+
+_GUESS = {"open": (Mapping.NONE, Filtering.OPEN), "firewall": (Mapping.NONE, Filtering.DROP),
+          "firewall-liberal": (Mapping.NONE, Filtering.DROP),
+          "nat": (Mapping.PRESERVE, Filtering.DROP), "strict": (Mapping.PRESERVE, Filtering.DROP),
+          "cgn": (Mapping.PRESERVE, Filtering.DROP), "upnp": (Mapping.PRESERVE, Filtering.DROP),
+          "nat-rst": (Mapping.PRESERVE, Filtering.RST),
+          "napt-ei": (Mapping.INDEPENDENT, Filtering.DROP),
+          "napt-sequential": (Mapping.SEQUENTIAL, Filtering.DROP),
+          "napt-random": (Mapping.RANDOM, Filtering.DROP)}
+
+
+def report_for_guess(nat: str) -> NatReport:
+    """The report a device told its NAT kind (``Device(nat=...)``) stands by."""
+    mapping, filtering = _GUESS.get(nat, (Mapping.UNKNOWN, Filtering.UNKNOWN))
+    return NatReport(None, mapping, filtering, parse(NatClass, nat),
+                     evidence=(f"told: {nat}",), delta=1 if mapping is Mapping.SEQUENTIAL else None,
+                     portmap="pcp" if nat == "upnp" else None)    # (then NAT-PMP, UPnP-IGD)
+
+
+class Gatherer:
+    def __init__(self, nat: str = "auto", *, name: str = "",
+                 free_port: Optional[Callable[[], int]] = None) -> None:
+        from fastpunch.punch.base import free_port as _free
+
+        self.nat = nat
+        self.name = name
+        self.free_port = free_port or _free
+        self.report: Optional[NatReport] = None if nat == "auto" else report_for_guess(nat)
+        self.capability: Optional[Capability] = None
+        self._natcheck: Optional[asyncio.Task] = None
+        self._prepared: Optional[Gathered] = None
+        self._preparing: Optional[asyncio.Task] = None
+        self._ccs: Optional[tuple] = None          # (ccs ip, probe port, second probe port)
+        self._lock: Optional[asyncio.Lock] = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    def logged_in(self, ccs_ip: str, probe_port: Optional[int],
+                  probe_port2: Optional[int]) -> None:
+        """A new CCS session: natcheck (once per session, when asked for),
+        then the next port's candidates, in the background."""
+        self._ccs = (ccs_ip, probe_port, probe_port2)
+        self._prepared = None
+        if self.nat == "auto" and probe_port and (self._natcheck is None or
+                                                  self._natcheck.done()):
+            self._natcheck = asyncio.get_running_loop().create_task(self._check())
+        self._prepare_later()
+
+    async def _check(self) -> None:
+        ccs_ip, p1, p2 = self._ccs
+        try:
+            self.report = await natcheck(ccs_ip, [p1, p2])
+            log.info("%s: natcheck: %s", self.name, self.report.as_dict())
+        except (OSError, asyncio.TimeoutError, Exception) as exc:   # never fatal to the device
+            log.warning("%s: natcheck failed: %s", self.name, exc)
+
+    async def settled(self) -> None:
+        """Wait for the background work of this session: natcheck, then the
+        next port's candidates. (connect() never waits for it; a device that
+        has just logged in may, to announce what natcheck found.)"""
+        for task in (self._natcheck, self._preparing):
+            if task is not None and not task.done():
+                await asyncio.wait({task})
+        if self._preparing is not None and not self._preparing.done():
+            await asyncio.wait({self._preparing})
+
+    async def natcheck_now(self, probes: int = 3) -> NatReport:
+        """Run natcheck now (the ``natcheck`` command), and keep its report:
+        after the background probes, never beside them (interleaved, they
+        would break a sequential NAPT's steady step)."""
+        if self._ccs is None:
+            raise RuntimeError("natcheck needs a CCS session")
+        await self.settled()
+        ccs_ip, p1, p2 = self._ccs
+        self.report = await natcheck(ccs_ip, [p1, p2], probes)
+        return self.report
+
+    def _prepare_later(self) -> None:
+        if self._ccs is None or self._sequential():
+            return
+        if self._preparing is None or self._preparing.done():
+            self._preparing = asyncio.get_running_loop().create_task(self._prepare())
+
+    async def _prepare(self) -> None:
+        if self._natcheck is not None and not self._natcheck.done():
+            # not beside natcheck's probes: a probe of ours takes a mapping
+            # too, which would break a sequential NAPT's steady step
+            await asyncio.wait({self._natcheck})
+        if self._sequential():
+            return
+        try:
+            self._prepared = await self._gather()
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.info("%s: next port not prepared: %s", self.name, exc)
+
+    def _sequential(self) -> bool:
+        return self.report is not None and self.report.mapping is Mapping.SEQUENTIAL
+
+    async def _gather(self, mapping: bool = False) -> Gathered:
+        ccs_ip, p1, _ = self._ccs
+        protocol = self._portmap() if mapping else None
+        return await gather(ccs_ip, p1, self.free_port(), self.report, protocol)
+
+    def _portmap(self) -> Optional[str]:
+        return self.report.portmap if self.report is not None else None
+
+    # -- using it ----------------------------------------------------------------------
+    async def take(self) -> Gathered:
+        """The next punch port and its candidates: the prepared one when
+        fresh, else gathered now; the one after is prepared meanwhile."""
+        if self._ccs is None:
+            raise RuntimeError("gathering needs a CCS session")
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            ready, self._prepared = self._prepared, None
+            if ready is None or ready.age() > FRESH or self._sequential():
+                ready = await self._gather(mapping=True)
+            elif self._portmap():
+                ready = await with_mapping(ready, self._portmap())
+            self._prepare_later()
+            return ready
+
+    def forget_prepared(self) -> None:
+        """Drop the prepared port (its candidates rest on an old report;
+        a prepared port holds no mapping)."""
+        self._prepared = None
+
+    def crafted(self) -> Capability:
+        if self.capability is None:
+            self.capability = crafted_capability()
+            if not self.capability.crafted:
+                log.warning("%s: no crafted strategies (%s): kernel simultaneous open and "
+                            "the relay only", self.name, self.capability.why)
+        return self.capability
+
+    async def release(self, gathered: Gathered) -> None:
+        """Delete the port mapping made for a gathered port, if any (it
+        expires anyway)."""
+        if gathered.mapping is None:
+            return
+        from fastpunch import portmap
+
+        try:
+            await asyncio.wait_for(portmap.unmap(gathered.mapping), 2.0)
+        except (portmap.PortMapError, OSError, asyncio.TimeoutError) as exc:
+            log.info("%s: mapping %s not deleted (%s); it expires in %d s", self.name,
+                     gathered.mapping.external_port, exc, gathered.mapping.lifetime)
+
+    async def close(self) -> None:
+        for task in (self._natcheck, self._preparing):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._prepared = None
+
+    def isn(self) -> int:
+        return int.from_bytes(os.urandom(4), "big")

@@ -1,0 +1,63 @@
+"""From the CCS's Ready to a connected socket: both sides' info as a
+PunchContext, the planner run with the relay beside it, the report."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Optional
+
+from fastpunch.netcheck.route import route_source
+from fastpunch.proto.kinds import Filtering, Mapping, NatClass, Role, parse
+from fastpunch.proto.wire import NextInfo, RendezvousReady
+from fastpunch.punch import planner
+from fastpunch.punch.base import PunchContext, Report, Side
+
+__all__ = ["punch_ready", "sides_of"]
+
+
+def _side(public: str, info) -> Side:
+    return Side(public=public, port=info.port, isn=info.isn,
+                candidates=tuple(info.candidates or ()), mss=info.mss, wscale=info.wscale,
+                sack_permitted=info.sack_permitted, timestamps=info.timestamps,
+                nat=parse(NatClass, info.nat), mapping=parse(Mapping, info.mapping or "unknown"),
+                filtering=parse(Filtering, info.filtering or "unknown"),
+                crafted=info.crafted is not False)
+
+
+def sides_of(ready: RendezvousReady, info: NextInfo, our_public: str) -> tuple:
+    """(ours, the peer's) as the punch sees them."""
+    return _side(our_public, info), _side(ready.addr, ready)
+
+
+async def punch_ready(ready: RendezvousReady, info: NextInfo, gathered, *, our_public: str,
+                      ccs_ip: str, relay: Callable, strategies=None,
+                      relay_after: Optional[float] = None,
+                      cancel: Optional[asyncio.Event] = None,
+                      began: Optional[float] = None) -> tuple:
+    """(socket, Report). Raises what the planner raises, with the report
+    attached as ``exc.report`` (the caller gets the attempts with the
+    failure)."""
+    began = time.time() if began is None else began
+    ours, peer = sides_of(ready, info, our_public)
+    ctx = PunchContext(role=Role(ready.role), local_ip=route_source(ready.addr),
+                       local_port=gathered.local_port, ours=ours, peer=peer, ccs_ip=ccs_ip,
+                       session=ready.session)
+    report = Report(ready.peer)
+    for note in getattr(gathered, "notes", ()):
+        report.history.append((0.0, f"gathering: {note}"))
+    report.history.append((0.0, f"{len(ours.candidates)} candidates of ours, "
+                                f"{len(peer.candidates)} of {ready.peer}'s; plan "
+                                f"{', '.join(ready.plan)}"))
+    kw = {} if relay_after is None else {"relay_after": relay_after}
+    try:
+        sock, strategy = await planner.punch(ctx, ready.plan, ready.start_at / 1000, report,
+                                             relay=relay, only=strategies, cancel=cancel, **kw)
+    except Exception as exc:
+        report.seconds = time.time() - began
+        exc.report = report
+        raise
+    report.path = "relay" if strategy == "relay" else "direct"
+    report.strategy = strategy
+    report.seconds = time.time() - began
+    return sock, report
