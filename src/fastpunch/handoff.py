@@ -76,10 +76,15 @@ def repair_socket(state: Established, *, nonblocking: bool = False,
             sock.bind(state.local)
         except OSError as exc:
             raise HandoffError("bind", exc) from exc
-        if state.advmss:
-            # the MSS our SYN announced: the socket's own (advmss, from the
-            # route) is clamped to it, so both ends agree on what we receive
-            _set(sock, "maxseg", socket.TCP_MAXSEG, state.advmss)
+        # The segment size this socket starts with is fixed at the repair
+        # connect() below (tcp_connect_init: mss_cache from the path MTU and
+        # the clamp in force then); the peer's MSS, set with the options
+        # after it, raises no recomputation. So the clamp before it is the
+        # smaller of the peer's MSS and ours (what our SYN announced, from
+        # the route): without it the socket sent 1448-byte segments toward a
+        # peer on a 1280-byte link that had announced 1240.
+        _set(sock, "maxseg", socket.TCP_MAXSEG,
+             min(state.mss, state.advmss) if state.advmss else state.mss)
         _set(sock, "send-queue", TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         _set(sock, "send-seq", TCP_QUEUE_SEQ, _u32(state.snd_nxt))
         _set(sock, "recv-queue", TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
