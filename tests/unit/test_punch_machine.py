@@ -191,6 +191,23 @@ def test_rsts_back_the_pair_off_and_each_reopens_our_mapping_once():
     assert len(log) <= Limits().per_pair
 
 
+def test_an_opener_that_draws_a_rst_itself_waits_for_the_next_syn():
+    # a gateway within the opener's TTL answers it too (our own, toward a
+    # hairpinned address): each RST must not fire another opener at once
+    m = machine(deadline=3.0)
+    m.add(pair(opener_ttl=2, opener_lead=0.03, start=0.03))
+    log = []
+    while m.state is MachineState.RUNNING:
+        t = m.next_timer
+        for s in expand(m.advance(t)):
+            log.append((round(t, 3), s.ttl))
+            m.receive(seg(B, A, Flags.RST | Flags.ACK, 0, A_ISN + 1), t)
+    # the RST of an opener leaves its full SYN as planned; one opener per
+    # backoff step, each right before its full SYN
+    assert log[:6] == [(0.0, 2), (0.03, 64), (0.03, 2), (0.13, 64), (0.13, 2), (0.33, 64)], log
+    assert len(log) <= 16, log
+
+
 def test_a_pair_stops_at_its_own_budget_and_the_attempt_at_its_total():
     lim = Limits(per_pair=5, total=8, resend=0.1)
     m = machine(limits=lim, deadline=10.0)

@@ -418,6 +418,8 @@ class _Flow:
         self.next_at: Optional[float] = plan.start - plan.opener_lead if self.opener_due \
             else plan.start
         self.rsts = 0
+        self.opener_ok_at = 0.0       # no opener at once after a RST before this (see _reset)
+        self.opener_last = False      # the last segment of its own was an opener
         self.quiet = False            # spent its budget: sends nothing more, still listens
         self.dead = False             # given up: neither sends nor listens
         self.peer_options: Optional[TCPOptions] = None
@@ -780,8 +782,10 @@ class PunchMachine:
             flow.opener_due = False
             if self._emit(flow, self._opening_syn(flow), now, out, ttl=p.opener_ttl,
                           to=p.opener_to, what="opens our mapping only"):
+                flow.opener_last = True
                 flow.next_at = max(flow.full_at, now + MIN_GAP)
             return
+        flow.opener_last = False
         interval = self.limits.resend * (1 << min(flow.rsts, MAX_BACKOFF_STEPS))
         if p.mode is Mode.ANSWER:
             if flow.state is TcpState.CLOSED:
@@ -986,21 +990,29 @@ class PunchMachine:
         """Back off and start the flow over (the RST may have come from a
         gateway that met our SYN before the peer's own SYN opened it)."""
         flow.stats.rsts += 1
-        flow.rsts += 1
         if self.winner is flow:
             self.winner = None
         flow.tracker = FlowTracker(self.iss, self.offer.rcv_wnd, self.offer.wscale)
         if flow.plan.mode is Mode.OPEN:
             flow.tracker.syn_sent()
+        if flow.opener_last and flow.next_at is not None and flow.next_at >= now:
+            # it answers our opener (a gateway within its TTL): the full SYN
+            # right behind it goes as planned
+            self._note(Backoff(now, flow.name, flow.stats.rsts, flow.next_at - now))
+            return
+        flow.rsts += 1
         interval = self.limits.resend * (1 << min(flow.rsts - 1, MAX_BACKOFF_STEPS)) / 2
         # A RST from the far gateway closed our own mapping as it passed:
-        # reopen it at once (one opener per RST), before the peer's next SYN
-        # finds it closed and draws a RST from our gateway in turn; the full
-        # SYN waits out the backoff (0.1, 0.2, 0.4, 0.8 s after RSTs 1-4+).
+        # reopen it at once, before the peer's next SYN finds it closed and
+        # draws a RST from our gateway in turn; the full SYN waits out the
+        # backoff (0.1, 0.2, 0.4, 0.8 s after RSTs 1-4+). Once per backoff
+        # step only: an opener that itself draws a RST (a gateway within its
+        # TTL) waits for the next full SYN, or each RST would fire another.
         flow.full_at = now + interval
         if flow.plan.opener_ttl and not flow.quiet:
             flow.opener_due = True
-            flow.next_at = now
+            flow.next_at = now if now >= flow.opener_ok_at else max(now, flow.full_at - MIN_GAP)
+            flow.opener_ok_at = flow.full_at
         elif not flow.quiet:
             flow.next_at = flow.full_at
         self._note(Backoff(now, flow.name, flow.rsts, interval))

@@ -105,8 +105,9 @@ def candidate_pairs(ctx: PunchContext, start: float, policy: str, *,
     * toward a LAN (host) candidate: no opener (no gateway between us), the
       SYN at once;
     * toward anything through gateways: an opener first, unless we are an
-      open host, and the full SYN after the gap the peer's filtering calls
-      for (see FIRST_GAP);
+      open host or the remote address is our own public one (a hairpin),
+      and the full SYN after the gap the peer's filtering calls for (see
+      FIRST_GAP);
     * the MSS each SYN announces is the route's toward that address;
     * completion on the peer's SYN (``early``) unless a mapping on either
       side may change between probe and punch, or the remote candidate is a
@@ -130,7 +131,9 @@ def candidate_pairs(ctx: PunchContext, start: float, policy: str, *,
                 continue                     # no route toward it from here
         local_ip, mss = sources[remote.addr]
         through = remote.kind is not CandidateKind.HOST
-        opener = mode is Mode.OPEN and through and we_filter
+        # (toward our own public address, a hairpin, nothing crosses a far
+        # gateway: an opener would only meet ours)
+        opener = mode is Mode.OPEN and through and we_filter and remote.addr != ours.public
         t = start + i * PACE
         out.append(PairPlan(
             (local_ip, ctx.local_port), remote.endpoint, policy, p.kind, p.priority, mode,
