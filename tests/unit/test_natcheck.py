@@ -35,13 +35,19 @@ def test_a_new_port_per_destination_is_sequential_or_random():
     assert far.mapping is Mapping.RANDOM                   # a step over 16 is no prediction
 
 
-def test_one_collided_probe_no_longer_flips_the_verdict():
-    # the second port was held toward the CCS by another host behind the
-    # NAT at that moment: that probe came out translated
+def test_collided_probes_no_longer_flip_the_verdict():
+    # another host behind the NAT held the port toward the CCS at that
+    # moment: that probe came out translated, its twin kept the number
     r = classify(probes((1000, 1000, 1000), (2000, 2000, 45123), (3000, 3000, 3000)), LOCAL)
     assert r.mapping is Mapping.PRESERVE
     assert "2 of 3 local ports kept their number" in r.evidence[0]
-    assert "1 of 3 local ports got a new port per destination" in r.evidence[0]
+    assert "1 of 3 local ports kept their number toward one CCS port" in r.evidence[0]
+    # even when most ports collided (three hosts probing one narrow range at once)
+    r = classify(probes((1000, 1000, 6000), (2000, 7000, 2000), (3000, 3000, 3000)), LOCAL)
+    assert r.mapping is Mapping.PRESERVE
+    # and one fully translated port among kept ones is outvoted
+    r = classify(probes((1000, 1000, 1000), (2000, 9000, 9001), (3000, 3000, 3000)), LOCAL)
+    assert r.mapping is Mapping.PRESERVE
 
 
 def test_with_one_ccs_probe_port_a_changed_port_is_not_called_independent():

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import random
 import socket
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -44,6 +45,7 @@ __all__ = ["Probe", "NatReport", "classify", "natcheck", "probe_portmap"]
 
 MAX_DELTA = 16
 PORTMAP_TIMEOUT = 0.5       # per protocol; a gateway without a daemon often answers ICMP at once
+ROUNDS = 3                  # probe rounds at most, while some ports keep their number and some not
 
 
 @dataclass(frozen=True)
@@ -85,14 +87,31 @@ class NatReport:
 
 
 def _per_port(probes_of_port: Sequence[Probe]) -> str:
-    """One local port's verdict: preserve, independent, dependent."""
+    """One local port's verdict: preserve, collided (kept toward one CCS
+    port, translated toward another: another host behind the NAT held the
+    port toward that one at that moment), independent, dependent."""
     ext = {p.external for p in probes_of_port}
     local = probes_of_port[0].local
     if ext == {local}:
         return "preserve"
+    if local in ext:
+        # a NAT that maps at random or in sequence keeps a port by chance
+        # about once in 60,000; a port-preserving one gives another exactly
+        # when the tuple is taken
+        return "collided"
     if len(ext) == 1 and len(probes_of_port) > 1:
         return "independent"
     return "dependent" if len(probes_of_port) > 1 else "changed"
+
+
+def _mixed(found: Sequence[Probe]) -> bool:
+    """Some local ports kept their number and some got another, without a
+    clear majority either way: a round more will tell."""
+    by_port: dict = {}
+    for p in found:
+        by_port.setdefault(p.local, []).append(p)
+    kept = sum(_per_port(ps) in ("preserve", "collided") for ps in by_port.values())
+    return 0 < kept and kept * 3 < len(by_port) * 2 and kept < len(by_port)
 
 
 def classify(found: Sequence[Probe], local_addrs: set,
@@ -111,6 +130,7 @@ def classify(found: Sequence[Probe], local_addrs: set,
         by_port.setdefault(p.local, []).append(p)
     verdicts = {port: _per_port(ps) for port, ps in by_port.items()}
     tally = collections.Counter(verdicts.values())
+    kept = tally["preserve"] + tally["collided"]
     two_ports = any(len(ps) > 1 for ps in by_port.values())
     evidence.append(", ".join(f"{n} of {len(verdicts)} local ports {_SAID[v]}"
                               for v, n in tally.most_common()))
@@ -121,7 +141,7 @@ def classify(found: Sequence[Probe], local_addrs: set,
     else:
         verdict, n = tally.most_common(1)[0]
         majority = n * 2 > len(verdicts)
-        if majority and verdict == "preserve":
+        if kept * 2 > len(verdicts):
             mapping = Mapping.PRESERVE
         elif majority and verdict == "independent":
             mapping = Mapping.INDEPENDENT
@@ -148,7 +168,8 @@ def classify(found: Sequence[Probe], local_addrs: set,
 
 _SAID = {"preserve": "kept their number", "independent": "got one other port for every "
          "destination", "dependent": "got a new port per destination",
-         "changed": "got another port"}
+         "changed": "got another port", "collided": "kept their number toward one CCS port "
+         "and not the other (another host behind the NAT held it)"}
 
 
 def _summary(mapping: Mapping, filtering: Filtering) -> NatClass:
@@ -218,16 +239,24 @@ async def natcheck(ccs_ip: str, probe_ports: Sequence[int], probes_n: int = 3,
         raise probes.ProbeError("no-probe", "the CCS answers no address probes")
     asking = asyncio.ensure_future(probe_portmap()) if portmap else None
     try:
-        found = []
-        for _ in range(max(2, probes_n)):
-            local = free_port()
-            for port in ports:
-                try:
-                    addr, ext = await probes.whoami(ccs_ip, port, local)
-                except (probes.ProbeError, OSError):
-                    continue
-                found.append(Probe(local, port, ext, addr))
+        found: list = []
         addrs = local_addresses() | {route_source(ccs_ip)}
+        for extra in range(ROUNDS):
+            for _ in range(max(2, probes_n)):
+                local = free_port()
+                for port in ports:
+                    try:
+                        addr, ext = await probes.whoami(ccs_ip, port, local)
+                    except (probes.ProbeError, OSError):
+                        continue
+                    found.append(Probe(local, port, ext, addr))
+            if not _mixed(found):
+                break
+            # some ports kept their number and some did not: other hosts
+            # behind the NAT were using the same ports at the same time (a
+            # crowded LAN, a narrow range); collisions pass, so probe again a
+            # little later, at a moment of our own, and let the majority say
+            await asyncio.sleep(random.uniform(0.02, 0.1))
         # after the whoami probes, not beside them: its connection takes a
         # mapping too, which would break a sequential NAPT's steady delta
         try:
