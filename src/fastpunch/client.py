@@ -157,6 +157,7 @@ class Device:
         self._standing: Optional[tuple] = None        # (info, gathered) the CCS holds
         self._tasks: set = set()                      # background: announcing, abandoning
         self._sessions: dict = {}                     # rendezvous session -> asyncio.Event
+        self._left_early: dict = {}                   # sessions whose peer left before we began
         self.probe_port: Optional[int] = None
         self.probe_port2: Optional[int] = None
         self.public_addr: Optional[tuple] = None      # what the CCS sees (reflexive)
@@ -322,11 +323,17 @@ class Device:
                         self._standing = None           # used up by a failed rendezvous
                         self._spawn(self._announce())
                 elif isinstance(msg, wire.PeerLeft):
+                    log.info("%s: %s left rendezvous %d: %s", self.name, msg.peer,
+                             msg.session, msg.reason)
                     gone = self._sessions.get(msg.session)
                     if gone is not None:
-                        log.info("%s: %s left rendezvous %d: %s", self.name, msg.peer,
-                                 msg.session, msg.reason)
                         gone.set()
+                    else:
+                        # it may come right behind its Ready, in the same read,
+                        # before the punch of that Ready has begun
+                        self._left_early[msg.session] = None
+                        while len(self._left_early) > 64:
+                            self._left_early.pop(next(iter(self._left_early)))
                 elif isinstance(msg, wire.Error):
                     cls = AuthenticationError if msg.code == "auth-failed" else CCSError
                     return cls(msg.code, msg.reason)
@@ -566,6 +573,9 @@ class Device:
         gone = asyncio.Event()
         if ready.session is not None:
             self._sessions[ready.session] = gone
+            if ready.session in self._left_early:
+                self._left_early.pop(ready.session)
+                gone.set()
         try:
             sock, report = await punch_ready(
                 ready, info, gathered, our_public=self.public_addr[0], ccs_ip=self.ccs_ip,
@@ -576,6 +586,7 @@ class Device:
             raise
         finally:
             self._sessions.pop(ready.session, None)
+            gathered.release()                   # the port's reservation, at once
             self._spawn(self.gatherer.release(gathered))
         return PeerConnection(sock, ready.peer, report.path, report.strategy, ready.role,
                               ready.key, report)

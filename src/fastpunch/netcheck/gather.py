@@ -19,6 +19,7 @@ The report says what was left out and why.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -32,7 +33,8 @@ from fastpunch.proto.candidates import (MAX_CANDIDATES, Candidate, normalize, pr
 from fastpunch.proto.kinds import CandidateKind as Kind
 from fastpunch.proto.kinds import Mapping
 
-__all__ = ["Gathered", "gather", "with_mapping", "host_candidates"]
+__all__ = ["Gathered", "gather", "with_mapping", "with_guard", "host_candidates",
+           "reserve_port", "guard_port"]
 
 MAP_TIMEOUT = 0.75
 
@@ -47,9 +49,68 @@ class Gathered:
     mapping: object = None            # the portmap.Mapping made for local_port, if any
     at: float = field(default_factory=time.monotonic)
     notes: tuple = ()
+    reservation: Optional[socket.socket] = None   # holds local_port (reserve_port)
+    guard: object = None              # netfilter.ScopedTable: our kernel's RSTs from the port
 
     def age(self) -> float:
         return time.monotonic() - self.at
+
+    def release(self) -> None:
+        """Let the port go (after the punch: the kernel socket holds it now,
+        or nobody needs it)."""
+        if self.reservation is not None:
+            self.reservation.close()
+        if self.guard is not None:
+            self.guard.remove()
+
+
+def guard_port(port: int):
+    """The nftables table that keeps our kernel from resetting anything
+    that arrives for ``port``, from the moment a punch takes it: a
+    peer's first SYN may come before our own side has the peer's candidates
+    (the CCS's Ready reaches the two at different times) and would draw a
+    RST that sets that pair back (seen: the LAN pair of two devices on one
+    LAN lost to the hairpinned one). The port is ours alone (reserved), so
+    only punch traffic meets the rule; the punch adds nothing to the
+    critical path. Crashed processes' tables are swept first (at most every
+    ``SWEEP_EVERY`` s per network namespace)."""
+    from fastpunch import netfilter
+
+    _sweep(netfilter)
+    table = netfilter.suppress_rsts([netfilter.RstSuppression(port)])
+    return table.apply()
+
+
+SWEEP_EVERY = 10.0
+_swept: dict = {}
+
+
+def _sweep(netfilter) -> None:
+    import os
+
+    ns = os.stat("/proc/thread-self/ns/net").st_ino
+    now = time.monotonic()
+    if now - _swept.get(ns, -SWEEP_EVERY) >= SWEEP_EVERY:
+        _swept[ns] = now
+        netfilter.sweep_stale()
+
+
+def reserve_port() -> tuple:
+    """(port, socket): a free TCP port, held by a bound socket until the
+    punch is over. Bound (SO_REUSEADDR), never listening or connected, it
+    keeps the kernel from giving the port to any connect() of this host
+    (ephemeral ports skip bound ones: without it, a relay or CCS connection
+    was seen taking a punch port between gathering and hand-off, and the
+    hand-off's bind failed), while the probe, kernel simultaneous open and
+    the TCP_REPAIR hand-off, all SO_REUSEADDR, bind it beside it."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", 0))
+    except BaseException:
+        s.close()
+        raise
+    return s.getsockname()[1], s
 
 
 def host_candidates(port: int, toward: str) -> list:
@@ -68,11 +129,42 @@ def host_candidates(port: int, toward: str) -> list:
     return out
 
 
-async def gather(ccs_ip: str, probe_port: Optional[int], local_port: int,
+async def gather(ccs_ip: str, probe_port: Optional[int], local_port: Optional[int] = None,
                  report: Optional[NatReport] = None, portmap_protocol: Optional[str] = None,
                  ) -> Gathered:
-    """The candidates of ``local_port`` (see the module docstring); a port
-    mapping only when ``portmap_protocol`` is given (``with_mapping``)."""
+    """The candidates of ``local_port`` (None: a port reserved for it,
+    ``reserve_port``; see the module docstring); a port mapping only when
+    ``portmap_protocol`` is given (``with_mapping``)."""
+    reservation = None
+    if local_port is None:
+        local_port, reservation = reserve_port()
+    try:
+        return await _gather(ccs_ip, probe_port, local_port, report, portmap_protocol,
+                             reservation)
+    except BaseException:
+        if reservation is not None:
+            reservation.close()
+        raise
+
+
+def with_guard(g: Gathered) -> Gathered:
+    """``g`` with its port's RST table (``guard_port``), for a device that
+    crafts segments, made when a punch takes the port: from before the
+    rendezvous, so nothing that arrives before our Ready draws a RST, and
+    not before (no table of ours stays in between connections)."""
+    from fastpunch.errors import FastpunchError
+
+    if g.guard is not None:
+        return g
+    try:
+        return replace(g, guard=guard_port(g.local_port))
+    except (FastpunchError, OSError) as exc:     # the punch makes its own then
+        return replace(g, notes=g.notes + (f"no RST guard for port {g.local_port} ahead of "
+                                           f"the punch: {exc}",))
+
+
+async def _gather(ccs_ip, probe_port, local_port, report, portmap_protocol,
+                  reservation) -> Gathered:
     notes = []
     local_addr = route_source(ccs_ip)
     cands = host_candidates(local_port, ccs_ip)
@@ -93,7 +185,10 @@ async def gather(ccs_ip: str, probe_port: Optional[int], local_port: int,
         if mapping_kind is Mapping.SEQUENTIAL and report.delta:
             # the probe took one mapping; the punch's first SYN takes the next
             guesses.append((srflx[1] + report.delta) & 0xFFFF or 1)
-        elif mapping_kind is Mapping.PRESERVE and srflx[1] != local_port:
+        elif srflx[1] != local_port and mapping_kind in (Mapping.PRESERVE, Mapping.UNKNOWN):
+            # a port-preserving NAT gives another port exactly when the tuple
+            # is taken (another host behind it held this port toward the
+            # CCS): toward the peer the port itself is likely kept
             notes.append(f"the probe of port {local_port} came out as {srflx[1]} (another "
                          "host behind the NAT had it toward the CCS?); the port itself "
                          "is a candidate too")
@@ -108,7 +203,8 @@ async def gather(ccs_ip: str, probe_port: Optional[int], local_port: int,
         port = srflx[1]
     else:
         port = local_port
-    out = Gathered(local_port, local_addr, normalize(cands), port, srflx, notes=tuple(notes))
+    out = Gathered(local_port, local_addr, normalize(cands), port, srflx, notes=tuple(notes),
+                   reservation=reservation)
     if portmap_protocol:
         out = await with_mapping(out, portmap_protocol)
     return out

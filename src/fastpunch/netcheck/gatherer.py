@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Optional
 
-from fastpunch.netcheck.gather import Gathered, gather, with_mapping
+from fastpunch.netcheck.gather import Gathered, gather, with_guard, with_mapping
 from fastpunch.netcheck.natcheck import NatReport, natcheck
 from fastpunch.proto.kinds import Filtering, Mapping, NatClass, parse
 
@@ -32,6 +32,7 @@ __all__ = ["Gatherer", "Capability", "crafted_capability", "report_for_guess"]
 
 log = logging.getLogger("fastpunch.netcheck")
 FRESH = 30.0            # seconds a prepared port's candidates are used without a new probe
+SWAPS = 3               # punch ports tried when the probe of one collided
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,9 @@ def report_for_guess(nat: str) -> NatReport:
 
 
 class Gatherer:
-    def __init__(self, nat: str = "auto", *, name: str = "",
-                 free_port: Optional[Callable[[], int]] = None) -> None:
-        from fastpunch.punch.base import free_port as _free
-
+    def __init__(self, nat: str = "auto", *, name: str = "") -> None:
         self.nat = nat
         self.name = name
-        self.free_port = free_port or _free
         self.report: Optional[NatReport] = None if nat == "auto" else report_for_guess(nat)
         self.capability: Optional[Capability] = None
         self._natcheck: Optional[asyncio.Task] = None
@@ -95,7 +92,7 @@ class Gatherer:
         """A new CCS session: natcheck (once per session, when asked for),
         then the next port's candidates, in the background."""
         self._ccs = (ccs_ip, probe_port, probe_port2)
-        self._prepared = None
+        self.forget_prepared()
         if self.nat == "auto" and probe_port and (self._natcheck is None or
                                                   self._natcheck.done()):
             self._natcheck = asyncio.get_running_loop().create_task(self._check())
@@ -144,7 +141,10 @@ class Gatherer:
         if self._sequential():
             return
         try:
-            self._prepared = await self._gather()
+            fresh = await self._gather()
+            if self._prepared is not None:
+                self._prepared.release()
+            self._prepared = fresh
         except (OSError, asyncio.TimeoutError) as exc:
             log.info("%s: next port not prepared: %s", self.name, exc)
 
@@ -152,9 +152,27 @@ class Gatherer:
         return self.report is not None and self.report.mapping is Mapping.SEQUENTIAL
 
     async def _gather(self, mapping: bool = False) -> Gathered:
+        """Gather a fresh port. Behind a port-preserving NAT a probe that
+        comes out translated means another host behind it holds that port
+        toward the CCS right now, and likely elsewhere too: that port is
+        swapped for another (a few tries), as its flows would collide."""
         ccs_ip, p1, _ = self._ccs
         protocol = self._portmap() if mapping else None
-        return await gather(ccs_ip, p1, self.free_port(), self.report, protocol)
+        swapped = []
+        for attempt in range(SWAPS):
+            g = await gather(ccs_ip, p1, None, self.report)
+            kept = g.srflx is None or g.srflx[1] == g.local_port
+            if kept or self.report is None or self.report.mapping is not Mapping.PRESERVE or \
+                    attempt == SWAPS - 1:
+                break
+            swapped.append(g.local_port)
+            g.release()
+        if swapped:
+            g = replace(g, notes=g.notes + (f"ports {swapped} collided toward the CCS (another "
+                                            "host behind the NAT): swapped",))
+        if protocol:
+            g = await with_mapping(g, protocol)
+        return g
 
     def _portmap(self) -> Optional[str]:
         return self.report.portmap if self.report is not None else None
@@ -170,15 +188,21 @@ class Gatherer:
         async with self._lock:
             ready, self._prepared = self._prepared, None
             if ready is None or ready.age() > FRESH or self._sequential():
+                if ready is not None:
+                    ready.release()
                 ready = await self._gather(mapping=True)
             elif self._portmap():
                 ready = await with_mapping(ready, self._portmap())
+            if self.crafted().crafted:
+                ready = with_guard(ready)
             self._prepare_later()
             return ready
 
     def forget_prepared(self) -> None:
         """Drop the prepared port (its candidates rest on an old report;
         a prepared port holds no mapping)."""
+        if self._prepared is not None:
+            self._prepared.release()
         self._prepared = None
 
     def crafted(self) -> Capability:
@@ -190,8 +214,9 @@ class Gatherer:
         return self.capability
 
     async def release(self, gathered: Gathered) -> None:
-        """Delete the port mapping made for a gathered port, if any (it
-        expires anyway)."""
+        """Let a gathered port go: its reservation, and the port mapping
+        made for it, if any (which expires anyway)."""
+        gathered.release()
         if gathered.mapping is None:
             return
         from fastpunch import portmap
@@ -207,7 +232,7 @@ class Gatherer:
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._prepared = None
+        self.forget_prepared()
 
     def isn(self) -> int:
         return int.from_bytes(os.urandom(4), "big")

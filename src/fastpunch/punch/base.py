@@ -62,6 +62,8 @@ class PunchContext:
     peer: Side
     ccs_ip: str = ""                # the CCS's address, as we reach it (spoof's source)
     session: Optional[int] = None   # the CCS's id of this rendezvous (PeerLeft, Abandon)
+    guarded: bool = False           # our kernel's RSTs from local_port are dropped already
+                                    # (since gathering: netcheck.gather.guard_port)
 
     @property
     def iss(self) -> int:

@@ -96,11 +96,15 @@ class Race:
     def _rst_rules(self) -> list:
         """Our kernel's RSTs dropped toward the peer: from each punch port to
         any port of every address of the peer (peer-reflexive flows come
-        from ports nobody announced), and from each spray source."""
+        from ports nobody announced), and from each spray source. (The punch
+        port guarded since gathering needs none.)"""
         rules = []
         peer_addrs = sorted({p.remote[0] for p in self.pairs} | self.machine.peer_addrs)
-        for port in sorted({p.local[1] for p in self.pairs} |
-                           {s.local_port for s in self.sprays if s.probe_ports}):
+        ports = {p.local[1] for p in self.pairs} | \
+            {s.local_port for s in self.sprays if s.probe_ports}
+        if self.ctx.guarded:
+            ports.discard(self.ctx.local_port)
+        for port in sorted(ports):
             rules += [netfilter.RstSuppression(port, addr) for addr in peer_addrs]
         for s in self.sprays:
             rules += [netfilter.RstSuppression(p, s.remote_ip, s.remote_port) for p in s.sources]
@@ -124,17 +128,22 @@ class Race:
         require_privileges()
         if not self.pairs and not self.sprays:
             raise PunchFailed("no-pairs", "no candidate pair to try")
-        netfilter.sweep_stale()        # tables of crashed fastpunch processes, in this netns
         loop = asyncio.get_running_loop()
         matches = self._matches()
         # the table before the receive socket: a peer SYN that came before the
         # table was answered with a RST by our kernel, and the peer may start
         # over from another port; in this order the machine never sees one
-        table = netfilter.suppress_rsts(self._rst_rules())
+        rules = self._rst_rules()
+        table = netfilter.suppress_rsts(rules) if rules else None
+        if table is not None:
+            from fastpunch.netcheck.gather import _sweep
+
+            _sweep(netfilter)          # tables of crashed fastpunch processes, in this netns
         done: asyncio.Future = loop.create_future()
         io: Optional[_RaceIO] = None
         background = False
-        table.apply()
+        if table is not None:
+            table.apply()
         try:
             tx = RawSender(mark=ENGINE_MARK)
             try:
@@ -142,7 +151,7 @@ class Race:
             except BaseException:
                 tx.close()
                 raise
-            io = _RaceIO(self, rx, tx, done, [table])
+            io = _RaceIO(self, rx, tx, done, [table] if table is not None else [])
             io.bind(loop)
             cancelled = None
             if self.cancel is not None:
@@ -160,7 +169,8 @@ class Race:
             self._record()
             if io is not None and not background:
                 io.close()
-            table.remove()
+            if table is not None:
+                table.remove()
 
     def _record(self) -> None:
         m, a = self.machine, self.attempt

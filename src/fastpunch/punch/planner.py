@@ -117,10 +117,13 @@ async def punch(ctx: PunchContext, plan: Sequence[str], start_at: float, report:
             task = loop.create_task(_run_stage(stage, ctx, Slot(begin, end), attempt, cancel))
             try:
                 waits = {task} | ({gone} if gone is not None else set())
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                if not task.done():
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not task.done():          # the peer left, or we were cancelled
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
+                if task.cancelled():                 # (only the peer's leaving cancels it)
                     raise PunchFailed("peer-gone", "the peer left the rendezvous")
                 sock = task.result()
             except PunchFailed as exc:

@@ -42,7 +42,8 @@ async def punch_ready(ready: RendezvousReady, info: NextInfo, gathered, *, our_p
     ours, peer = sides_of(ready, info, our_public)
     ctx = PunchContext(role=Role(ready.role), local_ip=route_source(ready.addr),
                        local_port=gathered.local_port, ours=ours, peer=peer, ccs_ip=ccs_ip,
-                       session=ready.session)
+                       session=ready.session,
+                       guarded=getattr(gathered, "guard", None) is not None)
     report = Report(ready.peer)
     for note in getattr(gathered, "notes", ()):
         report.history.append((0.0, f"gathering: {note}"))
