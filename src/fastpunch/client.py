@@ -380,6 +380,8 @@ class Device:
             return
         (info, gathered), self._standing = self._standing, None
         self._offers.put_nowait(Offer(ready.peer, STANDING, self, ready, info, gathered))
+        # (gathering the next one runs beside the punch this Ready starts;
+        # what it does on the loop thread takes well under a millisecond)
         self._spawn(self._announce())
 
     @staticmethod
