@@ -68,7 +68,7 @@ def test_unsolicited_syn_filtering(lab_factory, profile):
 
 @pytest.mark.parametrize("profile", ["nat", "nat-rst", "napt-random", "strict", "cgn"])
 def test_outbound_synack_that_starts_a_flow(lab_factory, profile):
-    """LAB-NOTES item 2: conntrack finds a first SYN-ACK INVALID and does not
+    """netfilter-facts 2: conntrack finds a first SYN-ACK INVALID and does not
     translate it: it leaves with the private source, unless INVALID is dropped."""
     from fastpunch import netfilter
     from fastpunch.packet import Flags, RawReceiver, RawSender, build, parse

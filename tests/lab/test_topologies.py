@@ -141,7 +141,7 @@ def test_napt_ei_maps_one_internal_port_to_one_other_external_port(lab_factory):
 
 def test_napt_ei_filters_and_leaks_like_the_other_nats(lab_factory):
     """The profile table's cells: unsolicited inbound SYNs are dropped
-    silently, and a first outbound SYN-ACK leaves untranslated (LAB-NOTES
+    silently, and a first outbound SYN-ACK leaves untranslated (netfilter-facts
     item 2: conntrack finds it INVALID and skips NAT)."""
     from fastpunch import netfilter
     from fastpunch.packet import Flags, RawReceiver, RawSender, build, parse

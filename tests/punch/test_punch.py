@@ -99,7 +99,7 @@ def test_the_nat_method_passes_only_where_the_responder_is_unfiltered(lab_pair):
 
 
 def test_the_nat_method_fails_cleanly_behind_a_linux_nat(lab_pair):
-    # LAB-NOTES 2: the responder's opening SYN-ACK is INVALID to conntrack
+    # netfilter-facts 2: the responder's opening SYN-ACK is INVALID to conntrack
     with lab_pair("nat", "nat") as (lab, ccs, cam, viewer):
         with pytest.raises(PunchFailed) as err:
             connect_pair(cam, viewer, strategies=["nat"])

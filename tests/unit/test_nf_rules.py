@@ -27,7 +27,7 @@ def test_rst_rule_refuses_bad_values(kwargs):
 
 def test_table_renders_one_line_ruleset_with_required_semicolons():
     t = Table("fastpunch_1_x0", (Chain("out", "output", ("tcp dport 1 drop", "accept")),))
-    # LAB-NOTES: in a one-line ruleset every closing brace needs a ';' before the next one
+    # nft syntax: in a one-line ruleset every closing brace needs a ';' before the next one
     assert t.render() == ("table ip fastpunch_1_x0 { chain out { type filter hook output "
                           "priority 0; policy accept; tcp dport 1 drop; accept; }; }")
     assert t.apply_commands().splitlines()[:2] == [

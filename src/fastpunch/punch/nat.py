@@ -2,7 +2,7 @@
 mapping; the responder's firewall drops it); the responder, never having
 seen it, sends a SYN-ACK acking the initiator's announced ISN + 1; the
 initiator answers ACK. Behind a Linux NAT the responder's opening SYN-ACK is
-INVALID to conntrack and leaves untranslated (LAB-NOTES 2), so this passes
+INVALID to conntrack and leaves untranslated (netfilter-facts 2), so this passes
 only where the responder is not behind such a NAT; ``symmetric`` passes
 everywhere this does, so plans use it only when asked for."""
 

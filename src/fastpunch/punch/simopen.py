@@ -2,7 +2,7 @@
 a device without the privileges crafted segments need. Both sides bind the
 punch port and connect() toward every candidate pair of the other's at once
 (one kernel socket each, SO_REUSEADDR), again until the slot ends; when the
-SYNs cross, the kernel completes the handshake itself (LAB-NOTES 4). The
+SYNs cross, the kernel completes the handshake itself (netfilter-facts 4). The
 first socket connected wins; the others are aborted."""
 
 from __future__ import annotations

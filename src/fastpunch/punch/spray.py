@@ -19,7 +19,7 @@ race; the spray's SYNs are built in C a batch at a time and sent with
 sendmmsg, under their own cap (``Limits.spray``).
 
 With 512 sources and 512 probes a round against ~64,500 possible ports,
-about 4 hits are expected per round (P(no hit) ~ 2%; LAB-NOTES: 1,024
+about 4 hits are expected per round (P(no hit) ~ 2%; public figures: 1,024
 probes ~98%). Two random NAPTs would need tens of thousands of probes a
 side: left to the relay (docs/punch.md has the arithmetic)."""
 

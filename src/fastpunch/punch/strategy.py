@@ -36,7 +36,7 @@ __all__ = ["Slot", "Strategy", "Flows", "candidate_pairs", "our_candidates", "FI
 # The first SYN of a pair that crosses NATs (the opener) dies one hop past
 # our own gateway: it opens our mapping without reaching the far gateway,
 # which might answer it with a RST that closes the mapping again
-# (LAB-NOTES 1, docs/punch.md). The full SYN follows MIN_GAP later toward a
+# (netfilter-facts 1 and 3, docs/punch.md). The full SYN follows MIN_GAP later toward a
 # gateway known to drop unsolicited SYNs quietly (a SYN of ours that comes
 # before the peer's own opener is only dropped, and the peer's SYN
 # completes the open), FIRST_GAP later toward one that may answer with a

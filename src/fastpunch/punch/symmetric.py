@@ -1,8 +1,8 @@
 """``symmetric``: both sides send SYNs with the ISNs they announced, toward
 every candidate pair at once; each answers the peer's SYN with a SYN-ACK
 (simultaneous open, RFC 9293 3.5). A Linux NAT accepts the peer's SYN once
-our own SYN has left through it (LAB-NOTES 3), and translates our SYN-ACK
-because the peer's SYN came first (LAB-NOTES 2). Works where a side may not
+our own SYN has left through it (netfilter-facts 3), and translates our SYN-ACK
+because the peer's SYN came first (netfilter-facts 2). Works where a side may not
 start with a SYN-ACK, and wherever the candidates name the mapping the
 peer's SYNs will come from: port-preserving NATs, endpoint-independent
 ones whatever the number, a port the gateway maps, the LAN itself. The
