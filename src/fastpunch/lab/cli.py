@@ -1,4 +1,4 @@
-"""``fastpunch lab up | exec | status | down``."""
+"""``fastpunch lab up | exec | status | down | matrix``."""
 
 from __future__ import annotations
 
@@ -68,6 +68,15 @@ def add_subparser(sub) -> None:
     dn = cmds.add_parser("down", help="tear labs down (all, or --lab TAG) and sweep stale ones")
     dn.add_argument("--lab", help="only this lab")
     dn.set_defaults(func=cmd_down)
+
+    from fastpunch.lab import matrix
+
+    mx = cmds.add_parser("matrix", help="the compatibility matrix: which profiles and "
+                                        "topologies connect, how, how fast",
+                         description=matrix.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    matrix.add_arguments(mx)
+    mx.set_defaults(func=matrix.cmd_matrix, matrix_parser=mx)
 
 
 def _states() -> list[dict]:
