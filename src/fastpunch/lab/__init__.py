@@ -1,5 +1,9 @@
 """The NAT lab: a small internet in network namespaces with real Linux
-netfilter gateways of every kind. See docs/lab.md."""
+netfilter gateways of every kind. See docs/lab.md.
+
+``fastpunch.lab.deploy`` puts a CCS in a lab's core and devices in its
+hosts (``LabCCS``, ``LoopThread``); ``fastpunch.lab.matrix`` is the
+compatibility matrix (``fastpunch lab matrix``, docs/compatibility.md)."""
 
 from fastpunch.lab.profiles import PROFILES as PROFILES
 from fastpunch.lab.topology import CCS_ADDR as CCS_ADDR
