@@ -1302,7 +1302,7 @@ def _finish(args, result: dict) -> int:
         if auto:
             line += (f"  pairs {_counts(auto.get('pairs') or {})}; sent "
                      f"{_sent_text(auto.get('sent'))} | {_sent_text(auto.get('accept_sent'))}")
-        print(line)
+        print(line, flush=True)
     problems = check(result) if args.check else []
     for p in problems:
         print(f"CHECK: {p}", file=sys.stderr)
