@@ -230,7 +230,8 @@ class Device:
             except (OSError, asyncio.TimeoutError) as exc:
                 last = exc
                 self._next_addr += 1
-        raise CCSError("unreachable", f"no CCS answered ({last})") from last
+        raise CCSError("unreachable", f"no CCS answered ({str(last) or type(last).__name__})") \
+            from last
 
     async def _login(self, addr: tuple) -> asyncio.StreamReader:
         from fastpunch.ccs.pki import client_context

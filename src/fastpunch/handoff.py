@@ -64,7 +64,7 @@ def _set(sock: socket.socket, step: str, opt: int, value) -> None:
 def repair_socket(state: Established, *, nonblocking: bool = False,
                   late: Optional[Callable[[], bytes]] = None) -> socket.socket:
     """A kernel socket ESTABLISHED on ``state``'s flow, no packet sent.
-    ``late`` (the engine's RawFlow.late_data) is called at the last moment
+    ``late`` (the punch machine's late_data) is called at the last moment
     before the socket joins the flow: the peer's bytes that came since
     ``state`` was taken, which the kernel dropped for want of a socket, go
     into the receive queue after ``state.received``."""

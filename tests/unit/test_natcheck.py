@@ -76,3 +76,9 @@ def test_the_report_reads_as_json():
     d = classify(probes((1000, 20001, 20002), (5000, 20003, 20004)), LOCAL).as_dict()
     assert (d["nat"], d["mapping"], d["delta"]) == ("napt-sequential", "sequential", 1)
     assert len(d["probes"]) == 4 and d["evidence"]
+
+
+def test_a_sequential_nat_shared_with_busy_neighbours_is_still_sequential():
+    # other hosts' mappings land between ours: steps of 1, 2, 1, 3, 1
+    r = classify(probes((1000, 20001, 20003), (5000, 20004, 20007), (7000, 20008, 20009)), LOCAL)
+    assert (r.mapping, r.delta) == (Mapping.SEQUENTIAL, 1), r.evidence

@@ -38,6 +38,12 @@ def test_a_port_mapping_makes_two_random_napts_worth_a_race_and_a_spray_needless
     assert plan(side("preserve", candidates=MAPPED), side("random")) == ("symmetric", "relay")
 
 
+def test_two_devices_on_one_lan_race_their_lan_pair_whatever_their_nat():
+    assert plan(side("random"), side("random"), lan=True) == ("symmetric", "relay")
+    # and nothing is sprayed beside the LAN pair
+    assert plan(side("preserve"), side("random"), lan=True) == ("symmetric", "relay")
+
+
 def test_without_crafting_only_kernel_strategies_and_the_relay():
     assert plan(side("preserve", crafted=False), side("preserve")) == ("simopen", "relay")
     # a port mapping needs no crafted packet

@@ -444,11 +444,12 @@ class CCSServer:
 
     def _screen(self, a: str, a_addr: str, a_info: wire.NextInfo, b: str, b_addr: str,
                 b_info: wire.NextInfo) -> tuple:
-        """Both sides' info as the other may see it: candidates aimed at
-        anyone but the device itself dropped (``candidates.sanitize``), and
-        LAN addresses given to the peer only when they can serve it (the two
-        behind one public address, or on one LAN by their prefixes): a LAN
-        address is none of a stranger's business."""
+        """Both sides' info as the other may see it, and whether they share
+        a LAN: candidates aimed at anyone but the device itself dropped
+        (``candidates.sanitize``), and LAN addresses given to the peer only
+        when they can serve it (the two behind one public address, or on one
+        LAN by their prefixes): a LAN address is none of a stranger's
+        business."""
         out = []
         kept = {}
         for name, addr, info in ((a, a_addr, a_info), (b, b_addr, b_info)):
@@ -464,7 +465,9 @@ class CCSServer:
             c = kept[name] if lan else tuple(x for x in kept[name]
                                              if x.kind is not cands.CandidateKind.HOST)
             out.append(wire.NextInfo(**{**info.fields(), "candidates": c}))
-        return tuple(out)
+        has_host = any(c.kind is cands.CandidateKind.HOST for c in kept[a]) and \
+            any(c.kind is cands.CandidateKind.HOST for c in kept[b])
+        return out[0], out[1], lan and has_host
 
     def start_delay(self, *rtts) -> int:
         """Milliseconds from now to the common start: enough for the Ready
@@ -488,11 +491,11 @@ class CCSServer:
             return
         self._finish(pending)
         b_info = wire.NextInfo.from_json(msg["info"])
-        a_info, b_info = self._screen(pending.a, a.peer[0], pending.a_info,
-                                      pending.b, msg["addr"], b_info)
+        a_info, b_info, lan = self._screen(pending.a, a.peer[0], pending.a_info,
+                                           pending.b, msg["addr"], b_info)
         key = self.random(32)
         legacy = a.machine.version < 2 or msg.get("version", 1) < 2
-        steps = make_plan(a_info, b_info, legacy=legacy)
+        steps = make_plan(a_info, b_info, legacy=legacy, lan=lan)
         session_id = int.from_bytes(self.random(8), "big") or 1
         start_at = int(self.clock() * 1000) + self.start_delay(a.rtt, msg.get("rtt"))
         if "spoof" in steps:

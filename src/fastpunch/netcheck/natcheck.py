@@ -46,6 +46,8 @@ __all__ = ["Probe", "NatReport", "classify", "natcheck", "probe_portmap"]
 MAX_DELTA = 16
 PORTMAP_TIMEOUT = 0.5       # per protocol; a gateway without a daemon often answers ICMP at once
 ROUNDS = 3                  # probe rounds at most, while some ports keep their number and some not
+PROBE_TIMEOUT = 2.0         # one whoami (a CCS round trip; a lost SYN is resent after 1 s)
+DEADLINE = 6.0              # natcheck's probes in all: a gateway that drops some costs this, no more
 
 
 @dataclass(frozen=True)
@@ -150,13 +152,20 @@ def classify(found: Sequence[Probe], local_addrs: set,
             if len(offsets) == 1:
                 offset = offsets.pop()
         else:
-            # a new port per destination: does each new mapping take the next one?
+            # a new port per destination: does each new mapping take the next
+            # one? Small forward steps, most of the time: other hosts behind
+            # the same NAT, probing or connecting meanwhile, take mappings
+            # too and stretch a step now and then (1, 2, 1, 3 ...); a random
+            # allocator steps by 1..16 about once in 4,000
             ext = [p.external for p in found]
-            steps = collections.Counter((b - a) & 0xFFFF for a, b in zip(ext, ext[1:]))
-            step, k = steps.most_common(1)[0] if steps else (0, 0)
-            if 0 < step <= MAX_DELTA and k * 2 > len(ext) - 1:
+            steps = [(b - a) & 0xFFFF for a, b in zip(ext, ext[1:])]
+            small = [d for d in steps if 0 < d <= MAX_DELTA]
+            if steps and len(small) * 2 > len(steps):
+                counts = collections.Counter(small)
+                step = min(counts, key=lambda d: (-counts[d], d))   # commonest, then least
                 mapping, delta = Mapping.SEQUENTIAL, step
-                evidence.append(f"{k} of {len(ext) - 1} successive mappings stepped by {step}")
+                evidence.append(f"{len(small)} of {len(steps)} successive mappings stepped "
+                                f"forward by at most {MAX_DELTA} (most often {step})")
             else:
                 mapping = Mapping.RANDOM
                 if not two_ports:
@@ -241,16 +250,22 @@ async def natcheck(ccs_ip: str, probe_ports: Sequence[int], probes_n: int = 3,
     try:
         found: list = []
         addrs = local_addresses() | {route_source(ccs_ip)}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
         for extra in range(ROUNDS):
             for _ in range(max(2, probes_n)):
                 local = free_port()
                 for port in ports:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
                     try:
-                        addr, ext = await probes.whoami(ccs_ip, port, local)
+                        addr, ext = await probes.whoami(ccs_ip, port, local,
+                                                        min(PROBE_TIMEOUT, left))
                     except (probes.ProbeError, OSError):
-                        continue
+                        break                    # that port's other probe would fare no better
                     found.append(Probe(local, port, ext, addr))
-            if not _mixed(found):
+            if not _mixed(found) or loop.time() >= deadline:
                 break
             # some ports kept their number and some did not: other hosts
             # behind the NAT were using the same ports at the same time (a

@@ -44,9 +44,11 @@ def _mapped(info) -> bool:
     return any(c.kind is CandidateKind.MAPPED for c in (getattr(info, "candidates", None) or ()))
 
 
-def plan(a, b, *, legacy: bool = False) -> tuple:
+def plan(a, b, *, legacy: bool = False, lan: bool = False) -> tuple:
     """Ordered strategy names for sides ``a`` and ``b`` (NextInfo-like);
-    "relay" always last. ``legacy``: one side speaks version 1."""
+    "relay" always last. ``legacy``: one side speaks version 1. ``lan``:
+    the two share a LAN (one public address, or a prefix), and their LAN
+    candidates make a pair whatever their NATs do."""
     crafted = a.crafted is not False and b.crafted is not False
     if legacy:
         return legacy_plan(a.nat, b.nat, crafted)
@@ -59,10 +61,10 @@ def plan(a, b, *, legacy: bool = False) -> tuple:
     if Mapping.SEQUENTIAL in (ma, mb):
         steps.append("predict")
     randoms = (ma is Mapping.RANDOM) + (mb is Mapping.RANDOM)
-    if randoms == 2 and not mapped:
+    if randoms == 2 and not mapped and not lan:
         return ("relay",)
     other = b if ma is Mapping.RANDOM else a
-    if randoms == 1 and not _mapped(other):
+    if randoms == 1 and not _mapped(other) and not lan:
         # a mapping on the other side takes the random side's SYNs in
         # (symmetric, answered as a peer-reflexive flow): no spray needed
         steps.append("spray")

@@ -15,7 +15,7 @@ from dataclasses import replace
 from fastpunch.proto.candidates import Candidate, priority
 from fastpunch.proto.kinds import CandidateKind, Mapping
 from fastpunch.punch.base import PunchContext
-from fastpunch.punch.strategy import Flows, Strategy, candidate_pairs
+from fastpunch.punch.strategy import Flows, Strategy, candidate_pairs, lan_first
 
 CANDIDATES = 6
 
@@ -38,7 +38,7 @@ class Predict(Strategy):
                                   priority(CandidateKind.PREDICTED, 65535 - i))
                         for i, port in enumerate(ports(ctx)))
         windowed = replace(ctx, peer=replace(ctx.peer, candidates=guesses))
-        return Flows(candidate_pairs(windowed, start, self.name, early=False))
+        return Flows(candidate_pairs(windowed, start + lan_first(ctx), self.name, early=False))
 
 
 STRATEGY = Predict()

@@ -54,8 +54,8 @@ async def punch_ready(ready: RendezvousReady, info: NextInfo, gathered, *, our_p
     try:
         sock, strategy = await planner.punch(ctx, ready.plan, ready.start_at / 1000, report,
                                              relay=relay, only=strategies, cancel=cancel, **kw)
-    except Exception as exc:
-        report.seconds = time.time() - began
+    except BaseException as exc:       # (a cancellation too: asyncio.wait_for's timeout
+        report.seconds = time.time() - began   # raises from it, as __cause__)
         exc.report = report
         raise
     report.path = "relay" if strategy == "relay" else "direct"

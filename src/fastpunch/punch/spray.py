@@ -31,7 +31,7 @@ from fastpunch.netcheck.route import mss_toward
 from fastpunch.proto.kinds import Mapping
 from fastpunch.proto.punch import SprayPlan
 from fastpunch.punch.base import PunchContext, PunchFailed
-from fastpunch.punch.strategy import Flows, Strategy
+from fastpunch.punch.strategy import Flows, Strategy, lan_first
 
 SOURCES = 512            # local ports on the random side
 PER_ROUND = 512          # probes per round on the other side
@@ -59,6 +59,7 @@ class Spray(Strategy):
         if not (mine or theirs):
             raise PunchFailed("unsupported", "spray is for a pair with one random NAPT")
         mss = mss_toward(ctx.peer.public)
+        start += lan_first(ctx)
         if mine:
             ports = tuple(sorted(random.SystemRandom().sample(range(*EPHEMERAL), SOURCES)))
             return Flows(sprays=(SprayPlan(ctx.local_ip, ctx.peer.public,

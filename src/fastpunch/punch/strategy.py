@@ -30,8 +30,8 @@ from fastpunch.proto.kinds import CandidateKind, Filtering, Mapping
 from fastpunch.proto.punch import Mode, PairPlan
 from fastpunch.punch.base import Attempt, PunchContext
 
-__all__ = ["Slot", "Strategy", "Flows", "candidate_pairs", "our_candidates", "FIRST_TTL",
-           "FIRST_GAP", "MIN_GAP", "PACE"]
+__all__ = ["Slot", "Strategy", "Flows", "candidate_pairs", "our_candidates", "lan_first",
+           "FIRST_TTL", "FIRST_GAP", "MIN_GAP", "PACE", "LAN_FIRST"]
 
 # The first SYN of a pair that crosses NATs (the opener) dies one hop past
 # our own gateway: it opens our mapping without reaching the far gateway,
@@ -46,6 +46,7 @@ FIRST_TTL = 2
 FIRST_GAP = 0.03
 MIN_GAP = 0.002
 PACE = 0.005          # between the first SYNs of successive pairs, highest priority first
+LAN_FIRST = 0.1       # the windows of guesses (predict, spray) wait this long behind a LAN pair
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,19 @@ class Strategy(abc.ABC):
         return f"<strategy {self.name}>"
 
 
+def lan_first(ctx: PunchContext) -> float:
+    """How long guesses wait: two devices on one LAN connect over it in a
+    few milliseconds, and a window of guessed ports or a spray beside it
+    would only add packets (measured: some 515 a side, with the LAN pair
+    winning in 30 ms)."""
+    from fastpunch.proto.candidates import same_lan
+
+    ours = our_candidates(ctx)
+    if ctx.ours.public == ctx.peer.public or same_lan(ours, ctx.peer.candidates):
+        return LAN_FIRST
+    return 0.0
+
+
 def our_candidates(ctx: PunchContext) -> tuple:
     """What we announced; without a gathering (a version-1 announcement),
     our address toward the peer and the port we announced."""
@@ -118,6 +132,13 @@ def candidate_pairs(ctx: PunchContext, start: float, policy: str, *,
     translating = ours.mapping.translates or peer.mapping.translates
     we_filter = not (ours.mapping is Mapping.NONE and ours.filtering is Filtering.OPEN)
     gap = MIN_GAP if peer.filtering in (Filtering.DROP, Filtering.OPEN) else FIRST_GAP
+    if peer.mapping is Mapping.SEQUENTIAL:
+        # its reflexive candidate is the probe's own mapping: the peer's punch
+        # comes from the next ones (its predicted candidate). A flow toward it
+        # would also take the first of our own next mappings, when ours is
+        # sequential too, and so shift every later flow off the port the peer
+        # predicted for it
+        pairs = [p for p in pairs if p.remote.kind is not CandidateKind.SRFLX]
     out = []
     sources: dict = {}
     for i, p in enumerate(pairs):
