@@ -363,13 +363,15 @@ class Device:
             await self.gatherer.settled()
             if self._standing is not None or self._closing or not self.connected:
                 return
-            info, gathered = await self.next_info()
+            info, gathered = await self.next_info(punch=True)
             if info.mapping == "sequential":
                 await self.gatherer.release(gathered)
                 return
             self._standing = (info, gathered)
             self._send(wire.RendezvousAnswer(request=STANDING, **info.fields()))
         except (CCSError, OSError, RuntimeError) as exc:   # re-announced at the next login
+            if self._standing is not None:
+                await self.gatherer.release(self._standing[1])
             self._standing = None
             log.info("%s: next-connection info not announced: %s", self.name, exc)
 
@@ -516,11 +518,14 @@ class Device:
         await asyncio.wait_for(self.gatherer.settled(), timeout)
         return self.natcheck_result
 
-    async def next_info(self) -> tuple:
+    async def next_info(self, *, punch: bool = False) -> tuple:
         """(next-connection info to announce, the netcheck.Gathered it
-        describes: the punch port and its candidates)."""
+        describes: the punch port and its candidates). Release the port
+        with ``await dev.gatherer.release(gathered)`` when it is not used.
+        ``punch``: a punch of ours will use it (it is guarded against our
+        kernel's RSTs from now on)."""
         g = self.gatherer
-        gathered = await g.take()
+        gathered = await g.take(guard=punch)
         report = g.report
         from fastpunch.netcheck.route import mss_toward
 
@@ -539,7 +544,7 @@ class Device:
         through the CCS relay otherwise. ``strategies`` restricts the plan
         (both sides must restrict it alike)."""
         began = time.time()
-        info, gathered = await self.next_info()
+        info, gathered = await self.next_info(punch=True)
         try:
             ready = await self.rendezvous(peer, info, timeout)
         except BaseException:
@@ -560,7 +565,7 @@ class Device:
             if offer.ready is not None:                # answered ahead (standing)
                 return await self._punch(offer.ready, offer.info, offer.gathered, began,
                                          strategies, relay_after)
-            info, gathered = await self.next_info()
+            info, gathered = await self.next_info(punch=True)
             try:
                 ready = await offer.answer(info)
             except BaseException:

@@ -13,6 +13,7 @@ the *output* hook, scoped to the flow's exact ports and peer.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
@@ -393,6 +394,7 @@ class ScopedTable:
         self.nft.run(self.table.apply_commands())
         self.applied = True
         self._netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        _live.add(self)
         return self
 
     def remove(self) -> None:
@@ -401,6 +403,7 @@ class ScopedTable:
         if not self.applied:
             return
         self.applied = False
+        _live.discard(self)
         fd, self._netns = self._netns, None
         try:
             _in_netns(fd, lambda: self.nft.run(self.table.delete_commands()))
@@ -412,6 +415,20 @@ class ScopedTable:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+# Tables applied and not yet removed: removed when the process exits
+# normally (one killed leaves them to sweep_stale, by the pid in their name).
+_live: set = set()
+
+
+@atexit.register
+def _remove_live() -> None:
+    for table in list(_live):
+        try:
+            table.remove()
+        except Exception:        # exiting: nothing to tell anyone
+            pass
 
 
 def suppress_rsts(rules: Iterable[RstSuppression], nft: Optional[Nftables] = None) -> ScopedTable:

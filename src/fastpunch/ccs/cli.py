@@ -259,14 +259,22 @@ def cmd_device_run(args) -> int:
                           server_hostname=args.server_name, nat=args.nat) as dev:
             say("connected", node=dev.node, public_addr=list(dev.public_addr))
             if args.rendezvous:
-                ready = await dev.rendezvous(args.rendezvous, (await dev.next_info())[0])
+                info, gathered = await dev.next_info()
+                try:
+                    ready = await dev.rendezvous(args.rendezvous, info)
+                finally:
+                    await dev.gatherer.release(gathered)   # shown, not punched from
                 say("ready", **_ready_json(ready))
                 return 0
 
             async def answer_all() -> None:
                 async for offer in dev.incoming():
                     say("offer", peer=offer.peer)
-                    ready = await offer.answer((await dev.next_info())[0])
+                    info, gathered = await dev.next_info()
+                    try:
+                        ready = await offer.answer(info)
+                    finally:
+                        await dev.gatherer.release(gathered)
                     say("ready", **_ready_json(ready))
 
             serving = loop.create_task(answer_all())

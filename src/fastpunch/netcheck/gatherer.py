@@ -85,6 +85,7 @@ class Gatherer:
         self._preparing: Optional[asyncio.Task] = None
         self._ccs: Optional[tuple] = None          # (ccs ip, probe port, second probe port)
         self._lock: Optional[asyncio.Lock] = None
+        self._out: dict = {}                       # id -> Gathered taken, not yet released
 
     # -- lifecycle -------------------------------------------------------------------
     def logged_in(self, ccs_ip: str, probe_port: Optional[int],
@@ -178,9 +179,11 @@ class Gatherer:
         return self.report.portmap if self.report is not None else None
 
     # -- using it ----------------------------------------------------------------------
-    async def take(self) -> Gathered:
+    async def take(self, guard: bool = False) -> Gathered:
         """The next punch port and its candidates: the prepared one when
-        fresh, else gathered now; the one after is prepared meanwhile."""
+        fresh, else gathered now; the one after is prepared meanwhile. With
+        ``guard`` (a punch will use it), its RST table too, for a device
+        that crafts segments; the caller releases it (``release``)."""
         if self._ccs is None:
             raise RuntimeError("gathering needs a CCS session")
         if self._lock is None:
@@ -193,8 +196,9 @@ class Gatherer:
                 ready = await self._gather(mapping=True)
             elif self._portmap():
                 ready = await with_mapping(ready, self._portmap())
-            if self.crafted().crafted:
+            if guard and self.crafted().crafted:
                 ready = with_guard(ready)
+            self._out[id(ready)] = ready      # released at close() if nobody does before
             self._prepare_later()
             return ready
 
@@ -217,6 +221,7 @@ class Gatherer:
         """Let a gathered port go: its reservation, and the port mapping
         made for it, if any (which expires anyway)."""
         gathered.release()
+        self._out.pop(id(gathered), None)
         if gathered.mapping is None:
             return
         from fastpunch import portmap
@@ -233,6 +238,8 @@ class Gatherer:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self.forget_prepared()
+        for g in list(self._out.values()):
+            await self.release(g)
 
     def isn(self) -> int:
         return int.from_bytes(os.urandom(4), "big")
