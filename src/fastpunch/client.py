@@ -28,7 +28,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Sequence, Union
+from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
 from fastpunch.errors import FastpunchError, RemoteProtocolError
 from fastpunch.proto import wire
@@ -137,7 +137,8 @@ class Device:
                  server_hostname: Optional[str] = None, reconnect: bool = True,
                  backoff: Optional[Backoff] = None, connect_timeout: float = 10.0,
                  nat: str = "auto", standing: bool = False,
-                 protocol: int = wire.VERSION) -> None:
+                 protocol: int = wire.VERSION,
+                 tracer: Optional[Callable] = None) -> None:
         single = isinstance(ccs, str) or (isinstance(ccs, tuple) and len(ccs) == 2
                                           and isinstance(ccs[1], int))
         self.addresses = [_address(ccs)] if single else [_address(c) for c in ccs]
@@ -151,6 +152,8 @@ class Device:
         self.backoff = backoff or Backoff()
         self.connect_timeout = connect_timeout
         self.protocol = protocol                      # CCS protocol version to speak
+        # called with every punch event as it happens (proto.punch's typed events)
+        self.tracer = tracer
         self.gatherer = Gatherer(nat, name=name)      # candidates, natcheck, capability
         # announce next-connection info ahead of offers (devices that accept())
         self.standing = standing
@@ -588,7 +591,7 @@ class Device:
             sock, report = await punch_ready(
                 ready, info, gathered, our_public=self.public_addr[0], ccs_ip=self.ccs_ip,
                 relay=lambda: self.relay(ready), strategies=strategies,
-                relay_after=relay_after, cancel=gone, began=began)
+                relay_after=relay_after, cancel=gone, began=began, tracer=self.tracer)
         except BaseException as exc:
             self._abandon(ready, exc)
             raise

@@ -425,3 +425,18 @@ def test_no_input_makes_the_machine_exceed_its_caps(steps, npairs, nominator):
         assert p.sent - p.replies <= lim.per_pair and p.replies <= lim.replies_per_pair
     # every segment that left is accounted for (mirrors none here)
     assert len(sent) == m.sent
+
+
+def test_a_tracer_sees_every_event_as_it_happens_and_cannot_break_the_punch():
+    seen = []
+
+    def tracer(event):
+        seen.append(event)
+        raise RuntimeError("a tracer's own fault")
+
+    m = machine(tracer=tracer)
+    m.add(pair(early=True))
+    m.advance(0.0)
+    m.receive(seg(B, A, Flags.SYN, B_ISN), 0.01)
+    assert m.state is MachineState.COMPLETE
+    assert seen == m.events and type(seen[-1]).__name__ == "Completed"

@@ -442,14 +442,18 @@ class PunchMachine:
                  peer_offer: Optional[TCPOptions] = None, limits: Limits = Limits(),
                  peer_addrs: Sequence[str] = (), prflx: bool = True,
                  random: Optional[Callable[[int, int], int]] = None,
-                 keep: bool = False) -> None:
+                 keep: bool = False, tracer: Optional[Callable] = None) -> None:
         """``peer_isn`` None: a peer whose ISN nobody announced (a kernel
         socket: the engine's live tests); any ISN is taken, and nothing
         completes on a SYN alone. ``keep``: the completed flow is not handed
-        off but stays the machine's, for data (``send_data``/``take_data``)."""
+        off but stays the machine's, for data (``send_data``/``take_data``).
+        ``tracer``: called with every event as it happens (go-libp2p's
+        holepunch tracer is the model); what it raises is its own business
+        and is dropped."""
         self.iss = iss & 0xFFFFFFFF
         self.peer_isn = None if peer_isn is None else peer_isn & 0xFFFFFFFF
         self.keep = keep
+        self.tracer = tracer
         self._data = bytearray()
         self._now = 0.0
         self.nominator = nominator
@@ -714,6 +718,11 @@ class PunchMachine:
     def _note(self, event: Event) -> None:
         if len(self.events) < MAX_EVENTS:
             self.events.append(event)
+        if self.tracer is not None:
+            try:
+                self.tracer(event)
+            except Exception:          # a tracer must not break a punch
+                pass
 
     def _tsval(self, now: float) -> int:
         return int(now * 1000) & 0xFFFFFFFF

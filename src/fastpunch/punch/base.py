@@ -64,6 +64,7 @@ class PunchContext:
     session: Optional[int] = None   # the CCS's id of this rendezvous (PeerLeft, Abandon)
     guarded: bool = False           # our kernel's RSTs from local_port are dropped already
                                     # (since gathering: netcheck.gather.guard_port)
+    tracer: Optional[Callable] = field(default=None, compare=False)   # Device(tracer=...)
 
     @property
     def iss(self) -> int:

@@ -61,11 +61,9 @@ class Race:
 
     def __init__(self, ctx: PunchContext, end: float, attempt: Attempt, *, nominator: bool,
                  limits: Limits = Limits(), confirm: bool = True,
-                 cancel: Optional[asyncio.Event] = None,
-                 tracer: Optional[Callable] = None) -> None:
+                 cancel: Optional[asyncio.Event] = None) -> None:
         self.ctx, self.end, self.attempt = ctx, end, attempt
         self.cancel = cancel
-        self.tracer = tracer
         peer = ctx.peer
         self.machine = PunchMachine(
             iss=ctx.iss, peer_isn=ctx.peer_isn, nominator=nominator, deadline=end,
@@ -76,7 +74,7 @@ class Race:
                                   timestamp=(0, 0) if peer.timestamps else None),
             limits=limits,
             peer_addrs={peer.public} | {c.addr for c in peer.reachable_at()},
-            random=random.SystemRandom().randint)
+            random=random.SystemRandom().randint, tracer=ctx.tracer)
         self.pairs: list = []
         self.sprays: list = []
         # called when a flow completes, before its hand-off: extra segments

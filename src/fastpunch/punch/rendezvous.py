@@ -34,7 +34,8 @@ async def punch_ready(ready: RendezvousReady, info: NextInfo, gathered, *, our_p
                       ccs_ip: str, relay: Callable, strategies=None,
                       relay_after: Optional[float] = None,
                       cancel: Optional[asyncio.Event] = None,
-                      began: Optional[float] = None) -> tuple:
+                      began: Optional[float] = None,
+                      tracer: Optional[Callable] = None) -> tuple:
     """(socket, Report). Raises what the planner raises, with the report
     attached as ``exc.report`` (the caller gets the attempts with the
     failure)."""
@@ -43,7 +44,7 @@ async def punch_ready(ready: RendezvousReady, info: NextInfo, gathered, *, our_p
     ctx = PunchContext(role=Role(ready.role), local_ip=route_source(ready.addr),
                        local_port=gathered.local_port, ours=ours, peer=peer, ccs_ip=ccs_ip,
                        session=ready.session,
-                       guarded=getattr(gathered, "guard", None) is not None)
+                       guarded=getattr(gathered, "guard", None) is not None, tracer=tracer)
     report = Report(ready.peer)
     for note in getattr(gathered, "notes", ()):
         report.history.append((0.0, f"gathering: {note}"))
