@@ -82,3 +82,16 @@ def test_a_sequential_nat_shared_with_busy_neighbours_is_still_sequential():
     # other hosts' mappings land between ours: steps of 1, 2, 1, 3, 1
     r = classify(probes((1000, 20001, 20003), (5000, 20004, 20007), (7000, 20008, 20009)), LOCAL)
     assert (r.mapping, r.delta) == (Mapping.SEQUENTIAL, 1), r.evidence
+
+
+def test_busy_neighbours_do_not_stretch_the_predicted_step():
+    # two neighbours probing at the same moment: most steps are 2 or 3, but
+    # the allocator itself steps by 1, and the punch right after a probe
+    # gets probe + 1 when nobody comes in between
+    r = classify(probes((1000, 20001, 20003), (5000, 20005, 20008), (7000, 20009, 20011),
+                        (9000, 20013, 20015)), LOCAL)
+    assert (r.mapping, r.delta) == (Mapping.SEQUENTIAL, 1), r.evidence
+    assert "by 1 at least, most often 2" in " ".join(r.evidence)
+    # an allocator with a stride of 2 is still read as 2
+    r = classify(probes((1000, 20002, 20004), (5000, 20008, 20010), (7000, 20012, 20016)), LOCAL)
+    assert (r.mapping, r.delta) == (Mapping.SEQUENTIAL, 2), r.evidence

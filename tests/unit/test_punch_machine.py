@@ -155,7 +155,7 @@ def test_the_peers_syn_from_an_unannounced_port_becomes_a_flow_and_is_answered()
     # the peer's NAT chose another port than its candidate: its SYN, with
     # the announced ISN, reaches us (we are open); answering it is the path
     m = machine(peer_addrs=[B[0]])
-    m.add(pair(early=True))
+    m.add(pair(early=True, policy="predict"))
     m.advance(0.0)
     out = m.receive(seg((B[0], 61234), A, Flags.SYN, B_ISN), 0.01)
     assert [(s.dport, Flags(s.flags), s.ack) for s in out] == \
@@ -163,6 +163,7 @@ def test_the_peers_syn_from_an_unannounced_port_becomes_a_flow_and_is_answered()
     assert m.state is MachineState.RUNNING        # a peer-reflexive flow completes on the ACK
     m.receive(seg((B[0], 61234), A, Flags.ACK, B_ISN + 1, A_ISN + 1), 0.02)
     assert m.state is MachineState.COMPLETE and m.outcome.pair.kind == "prflx"
+    assert m.outcome.pair.policy == "predict"     # the strategy whose flow drew it
     assert m.handoff(0.02).peer == (B[0], 61234)
 
 

@@ -890,7 +890,7 @@ KNOWN_LIMIT = (
     "NAPTs connect when each side's flows take the ports the other predicted, in order; "
     "neighbours punching through the same NATs at the same moment take ports in between, "
     "on both sides, and no window of guesses realigns them (a sequential NAPT facing any "
-    "other kind stays direct: the other side's window covers the shift).")
+    "other kind stays direct: the other side's 8 guesses cover the shift).")
 
 
 def _profiles_of(units: list) -> list:

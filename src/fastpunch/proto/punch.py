@@ -883,11 +883,11 @@ class PunchMachine:
             return self._ignore(seg, now, src, "flow limit reached")
         # the peer's SYN from a port it did not announce, with its ISN: its
         # NAT chose another mapping (an open host sees every one); answering
-        # it is the only way to this flow
-        pair = PairPlan((local_ports[seg.dport], seg.dport), (seg.src, seg.sport), "symmetric",
-                        "prflx", 0, Mode.OPEN, now,
-                        mss=next(f.plan.mss for f in self.flows.values()
-                                 if f.plan.local[1] == seg.dport))
+        # it is the only way to this flow. It belongs to the strategy whose
+        # flow on that port drew it (a forced "predict" reports "predict")
+        kin = next(f.plan for f in self.flows.values() if f.plan.local[1] == seg.dport)
+        pair = PairPlan((local_ports[seg.dport], seg.dport), (seg.src, seg.sport), kin.policy,
+                        "prflx", 0, Mode.OPEN, now, mss=kin.mss)
         flow = _Flow(pair, self.iss, self.offer)
         flow.started = True
         self.flows[pair.key] = flow

@@ -1,12 +1,14 @@
 """``predict``: toward a peer behind a sequential NAPT. The peer announced
 the external port its NAT will most likely give its punch (probed just
 before: the reflexive port + the step natcheck measured); other connections
-through that NAT can shift it by a few, so this side's flows go to
-``CANDIDATES`` ports from there on, besides the candidates ``symmetric``
-tries; the peer sends its SYNs to this side's candidates, and the flow its
-SYN arrives on wins. Completes on the peer's SYN-ACK only: a peer that
-starts over after a RST comes from its NAT's next port, and only its
-answer shows which port is current."""
+through that NAT can shift it by a few (three hosts connecting at once
+behind one sequential NAPT put up to six of their mappings between one
+host's probe and its punch: two probes and a flow or two each), so this
+side's flows go to ``CANDIDATES`` ports from there on, besides the
+candidates ``symmetric`` tries; the peer sends its SYNs to this side's
+candidates, and the flow its SYN arrives on wins. Completes on the peer's
+SYN-ACK only: a peer that starts over after a RST comes from its NAT's
+next port, and only its answer shows which port is current."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from fastpunch.proto.kinds import CandidateKind, Mapping
 from fastpunch.punch.base import PunchContext
 from fastpunch.punch.strategy import Flows, Strategy, candidate_pairs, lan_first
 
-CANDIDATES = 6
+CANDIDATES = 8
 
 
 def ports(ctx: PunchContext) -> list:
