@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -14,23 +13,6 @@ import pytest
 from fastpunch.lab.topology import lab_namespaces
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def cli(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("the lab CLI needs root")
-    env = {**os.environ, "FASTPUNCH_LAB_STATE": str(tmp_path)}
-
-    def run(*args, check=True):
-        proc = subprocess.run([sys.executable, "-m", "fastpunch", *args], capture_output=True,
-                              text=True, timeout=180, env=env)
-        if check:
-            assert proc.returncode == 0, proc.stderr
-        return proc
-
-    yield run
-    run("lab", "down", check=False)      # whatever happened, nothing stays up
 
 
 def tags():

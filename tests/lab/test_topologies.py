@@ -581,26 +581,6 @@ def test_identical_narrow_port_ranges_collide_on_their_own(lab_factory):
 
 
 # -- the CLI ----------------------------------------------------------------------------
-@pytest.fixture
-def cli(tmp_path):
-    import subprocess
-    import sys
-
-    if os.geteuid() != 0:
-        pytest.skip("the lab CLI needs root")
-    env = {**os.environ, "FASTPUNCH_LAB_STATE": str(tmp_path)}
-
-    def run(*args, check=True):
-        proc = subprocess.run([sys.executable, "-m", "fastpunch", *args], capture_output=True,
-                              text=True, timeout=180, env=env)
-        if check:
-            assert proc.returncode == 0, proc.stderr
-        return proc
-
-    yield run
-    run("lab", "down", check=False)
-
-
 def test_cli_up_with_hosts_hairpin_mtu_and_port_range(cli):
     state = json.loads(cli("lab", "up", "--a", "nat", "--b", "napt-ei", "--hosts", "a=2",
                            "--hairpin", "a=wan", "--mtu", "a=1400", "--wan-mtu", "b=1450",
