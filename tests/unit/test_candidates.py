@@ -193,3 +193,51 @@ def test_what_a_device_announces_is_normalized_and_the_encoder_refuses_duplicate
     with pytest.raises(CandidateError) as err:
         cands.encode([HOST, twin])
     assert err.value.code == "duplicate"
+
+
+def host(addr, prefix):
+    return Candidate(K.HOST, addr, 50000, cands.priority(K.HOST), prefix)
+
+
+def test_a_short_or_one_sided_prefix_does_not_make_a_stranger_a_neighbour():
+    b = (host("192.168.7.9", 24), Candidate(K.SRFLX, "203.0.113.20", 50000, 1))
+    # 10.0.0.1/1 and 192.168.0.1/1 between them cover every private range
+    hostile = (host("10.0.0.1", 1), host("192.168.0.1", 1))
+    assert not cands.same_lan(hostile, b) and not cands.same_lan(b, hostile)
+    # a long enough prefix claimed by one side only: the other's LAN says no
+    wide = (host("192.168.0.1", 16),)
+    assert not cands.same_lan(wide, b)
+    got = form_pairs(b, wide, Side.RESPONDER, our_public="203.0.113.20",
+                     peer_public="203.0.113.66")
+    assert got == []
+    # mutual: a real neighbour on the LAN, and only its on-link addresses pair
+    peer = (host("192.168.7.2", 24), host("10.9.0.2", 24))
+    assert cands.same_lan(peer, b)
+    got = form_pairs(b, peer, Side.RESPONDER, our_public="203.0.113.20",
+                     peer_public="203.0.113.66")
+    assert [p.remote.addr for p in got] == ["192.168.7.2"]
+
+
+def test_the_ccs_drops_candidates_carrying_its_own_address():
+    theirs = (host("10.0.0.5", 24), host("10.0.0.7", 24))
+    kept, dropped = cands.sanitize(theirs, "203.0.113.10", refused={"10.0.0.5"})
+    assert kept == theirs[1:] and [why for _, why in dropped] == ["the CCS's own address"]
+
+
+def test_the_ccs_gives_lan_addresses_only_to_a_neighbour():
+    from fastpunch.ccs.server import CCSServer
+
+    server = CCSServer(None, None, public_addr="198.51.100.1")
+    a = wire.NextInfo(port=1, isn=1, nat="nat", candidates=(
+        host("10.0.0.1", 1), Candidate(K.SRFLX, "203.0.113.10", 40000, 1),
+        Candidate(K.SRFLX, "198.51.100.1", 7443, 1)))          # the CCS itself
+    b = wire.NextInfo(port=2, isn=2, nat="nat", candidates=(
+        host("192.168.7.9", 24), Candidate(K.SRFLX, "203.0.113.20", 50000, 1)))
+    a_out, b_out, lan = server._screen("a", "203.0.113.10", a, "b", "203.0.113.20", b)
+    assert not lan
+    assert [c.addr for c in b_out.candidates] == ["203.0.113.20"]     # b's LAN kept from a
+    assert [c.addr for c in a_out.candidates] == ["203.0.113.10"]
+    # a real neighbour, by both prefixes, learns the LAN address
+    a = wire.NextInfo(port=1, isn=1, nat="nat", candidates=(host("192.168.7.2", 24),))
+    a_out, b_out, lan = server._screen("a", "203.0.113.10", a, "b", "203.0.113.20", b)
+    assert lan and "192.168.7.9" in [c.addr for c in b_out.candidates]

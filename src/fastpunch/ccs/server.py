@@ -442,6 +442,16 @@ class CCSServer:
             except Exception as exc:
                 event("spoof-assist-error", reason=str(exc))
 
+    def _own_addresses(self) -> set:
+        """Addresses of the CCS itself, which no candidate may carry."""
+        own = {self.public_addr} if self.public_addr else set()
+        if self._server is not None:
+            for sock in self._server.sockets:
+                addr = sock.getsockname()[0]
+                if addr not in ("0.0.0.0", "::"):
+                    own.add(addr)
+        return own
+
     def _screen(self, a: str, a_addr: str, a_info: wire.NextInfo, b: str, b_addr: str,
                 b_info: wire.NextInfo) -> tuple:
         """Both sides' info as the other may see it, and whether they share
@@ -453,7 +463,7 @@ class CCSServer:
         out = []
         kept = {}
         for name, addr, info in ((a, a_addr, a_info), (b, b_addr, b_info)):
-            good, dropped = cands.sanitize(info.candidates or (), addr)
+            good, dropped = cands.sanitize(info.candidates or (), addr, self._own_addresses())
             for c, why in dropped:
                 event("candidate-dropped", device=name, candidate=str(c), why=why)
             kept[name] = good

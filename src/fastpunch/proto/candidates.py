@@ -182,7 +182,8 @@ _PRIVATE_V4 = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"))
 
 
-def sanitize(candidates: Iterable[Candidate], reflexive: str) -> tuple:
+def sanitize(candidates: Iterable[Candidate], reflexive: str,
+             refused: Iterable[str] = ()) -> tuple:
     """The CCS's check of what a device announces, before the peer sees it:
     (kept, dropped as (candidate, why)).
 
@@ -190,13 +191,17 @@ def sanitize(candidates: Iterable[Candidate], reflexive: str) -> tuple:
     candidate that is not a host candidate must carry the address the CCS
     itself sees the device at (its gateway's public address), and a host
     candidate must be a LAN address (private, shared or link-local) or that
-    same public address. Also drops the IPv6 candidates nothing here can use
-    yet."""
+    same public address, and none of ``refused`` (the CCS's own addresses:
+    devices that reach it over a private network must not aim their peers
+    at it). Also drops the IPv6 candidates nothing here can use yet."""
+    refused = set(refused) - {reflexive}
     kept, dropped = [], []
     for c in candidates:
         ip = ipaddress.ip_address(c.addr)
         if ip.version != 4:
             dropped.append((c, "IPv6 is not supported yet"))
+        elif c.addr in refused:
+            dropped.append((c, "the CCS's own address"))
         elif c.kind is CandidateKind.HOST:
             if c.addr == reflexive or _private(ip):
                 kept.append(c)
@@ -226,10 +231,17 @@ class CandidatePair:
         return f"{self.ours} -> {self.remote}"
 
 
+# the shortest prefix taken as a LAN's: a device announcing 10.0.0.1/1 must
+# not pass for everybody's neighbour (and learn their LAN addresses)
+MIN_LAN_PREFIX = {4: 16, 6: 48}
+
+
 def _on_link(addr: str, host: Candidate) -> bool:
-    if not host.prefix:
-        return False
+    """Whether ``addr`` is inside the LAN ``host`` announced."""
     try:
+        ip = ipaddress.ip_address(host.addr)
+        if not host.prefix or host.prefix < MIN_LAN_PREFIX[ip.version]:
+            return False
         net = ipaddress.ip_network(f"{host.addr}/{host.prefix}", strict=False)
         return ipaddress.ip_address(addr) in net
     except ValueError:
@@ -237,11 +249,13 @@ def _on_link(addr: str, host: Candidate) -> bool:
 
 
 def same_lan(ours: Sequence[Candidate], theirs: Sequence[Candidate]) -> bool:
-    """Whether a LAN address of one side is on a LAN of the other's, by the
-    prefixes both announced: the rule both sides evaluate alike."""
+    """Whether the two sides share a LAN by the prefixes they announced: a
+    host address of each inside the other's announced LAN (both ways, so
+    neither side's claim alone decides), no LAN shorter than
+    ``MIN_LAN_PREFIX``. The rule both sides and the CCS evaluate alike."""
     mine = [c for c in ours if c.kind is CandidateKind.HOST]
     peer = [c for c in theirs if c.kind is CandidateKind.HOST]
-    return any(_on_link(p.addr, m) or _on_link(m.addr, p) for m in mine for p in peer)
+    return any(_on_link(p.addr, m) and _on_link(m.addr, p) for m in mine for p in peer)
 
 
 def form_pairs(ours: Sequence[Candidate], theirs: Sequence[Candidate], role: Role, *,
@@ -250,10 +264,16 @@ def form_pairs(ours: Sequence[Candidate], theirs: Sequence[Candidate], role: Rol
     both sides (a flow toward each remote candidate, from our one port).
 
     Host candidates pair only when they can be reached: both sides behind
-    the same public address (one gateway: the LAN), or a LAN address of one
-    inside a LAN prefix of the other. A LAN address of someone else's LAN
-    would send our SYNs out of our default route to nobody."""
-    lan = our_public == peer_public or same_lan(ours, theirs)
+    the same public address (one gateway: the LAN), or, across public
+    addresses, a LAN address of the peer inside one of our own announced
+    LANs while the two share a LAN (``same_lan``). A LAN address of someone
+    else's LAN would send our SYNs out of our default route to nobody."""
+    one_gateway = our_public == peer_public
+    lan = one_gateway or same_lan(ours, theirs)
+    our_hosts = [c for c in ours if c.kind is CandidateKind.HOST]
+
+    def reachable(remote: Candidate) -> bool:
+        return one_gateway or any(_on_link(remote.addr, m) for m in our_hosts)
 
     def ours_for(remote: Candidate) -> Candidate:
         want = CandidateKind.HOST if remote.kind is CandidateKind.HOST else CandidateKind.SRFLX
@@ -264,7 +284,7 @@ def form_pairs(ours: Sequence[Candidate], theirs: Sequence[Candidate], role: Rol
 
     best: dict = {}
     for remote in theirs:
-        if remote.kind is CandidateKind.HOST and not lan:
+        if remote.kind is CandidateKind.HOST and not (lan and reachable(remote)):
             continue
         if ipaddress.ip_address(remote.addr).version != 4:
             continue
