@@ -610,7 +610,8 @@ class Device:
         code = "cancelled" if isinstance(exc, asyncio.CancelledError) else \
             getattr(exc, "reason", None) or getattr(exc, "code", None) or "failed"
         try:
-            self._send(wire.Abandon(ready.session, str(code)[:32], str(exc)[:200] or code))
+            self._send(wire.Abandon(ready.session, wire.fit(str(code), wire.CODE),
+                                    wire.fit(str(exc)) or code))
         except (CCSError, ValueError, OSError):
             pass                                # the peer learns it from our session ending
 

@@ -412,3 +412,32 @@ def test_the_spoof_assist_holds_a_bounded_number_of_tables(deployment, caplog):
         server._assist_spoof((("192.0.2.10", 40001), ("192.0.2.20", 40002)), 0.05)
     assert len(server._assists) == server_mod.MAX_SPOOF_ASSISTS
     assert "spoof-assist-busy" in caplog.text
+
+
+def test_an_abandon_with_a_long_reason_still_reaches_the_peer(deployment):
+    """The CCS tells the peer "NAME gave up: CODE: REASON": with a long
+    name and a reason at its cap in non-ASCII bytes that text overflowed
+    PeerLeft's field, the encoder refused it and the peer never heard."""
+    cam = "c" * 64
+    deployment.enroll(cam, "viewer")
+    deployment.enroll("viewer")
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, cam) as a, deployment.device(addr, "viewer") as b:
+                ra, rb, _ = await rendezvous(a, b, "viewer", A_INFO, B_INFO)
+                assert ra.session == rb.session and ra.session
+                a._send(wire.Abandon(ra.session, "x" * 32, wire.fit("é" * 200)))
+                for _ in range(100):
+                    if rb.session in b._left_early:
+                        break
+                    await asyncio.sleep(0.02)
+                assert rb.session in b._left_early
+
+    arun(main())
+
+
+def test_text_is_cut_to_a_field_in_bytes():
+    assert wire.fit("é" * 200) == "é" * 128 and len(wire.fit("é" * 200).encode()) == 256
+    assert wire.fit("ok") == "ok" and wire.fit("a€b", 3) == "a"

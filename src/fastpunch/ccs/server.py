@@ -242,8 +242,11 @@ class CCSServer:
             if not sides:
                 self.active.pop(sid, None)
             event("peer-left", session=sid, device=device, peer=peer, code=code)
-            await self.deliver(peer_node, {"op": "peer-left", "session": sid, "to": peer,
-                                           "peer": device, "code": code, "reason": reason})
+            try:          # one peer's node failing must not leave the others untold
+                await self.deliver(peer_node, {"op": "peer-left", "session": sid, "to": peer,
+                                               "peer": device, "code": code, "reason": reason})
+            except Exception as exc:
+                event("peer-left-error", session=sid, peer=peer, reason=repr(exc))
 
     def _peer_left(self, msg: dict) -> None:
         sides = self.active.get(msg["session"])
@@ -254,8 +257,8 @@ class CCSServer:
             self.active.pop(msg["session"], None)
         session = self.sessions.get(msg["to"])
         if session is not None:
-            session.write(wire.PeerLeft(msg["session"], msg["peer"], msg["code"][:32],
-                                        msg["reason"]))
+            session.write(wire.PeerLeft(msg["session"], wire.fit(msg["peer"], wire.NAME),
+                                        wire.fit(msg["code"], wire.CODE), wire.fit(msg["reason"])))
 
     async def abandon(self, session: "DeviceSession", msg: wire.Abandon) -> None:
         """A device gave a rendezvous up; only its own (ids are checked
@@ -337,7 +340,7 @@ class CCSServer:
     def _refuse(self, session, request: int, code: str, reason: str) -> None:
         self.metrics.refused(code)
         event("rendezvous-refused", device=session.name, request=request, code=code, reason=reason)
-        session.write(wire.RendezvousRefused(request, code, reason))
+        session.write(wire.RendezvousRefused(request, wire.fit(code, wire.CODE), wire.fit(reason)))
 
     def _finish(self, pending: Pending) -> None:
         self.pending.pop(pending.id, None)

@@ -228,7 +228,6 @@ class Connection:
         reason is cut to the field's cap in bytes, not characters (a cut at
         256 characters of non-ASCII text overflowed it, and the encoder's
         refusal aborted the connection without any Error frame)."""
-        text = reason.encode("utf-8")[:wire.REASON].decode("utf-8", "ignore")
-        data = wire.encode(Error(code[:32], text), self.version)
+        data = wire.encode(Error(wire.fit(code, wire.CODE), wire.fit(reason)), self.version)
         self.state = State.CLOSED
         return data

@@ -28,7 +28,8 @@ from typing import Any, ClassVar, Optional
 from fastpunch.errors import RemoteProtocolError
 from fastpunch.proto import candidates as _candidates
 
-__all__ = ["VERSION", "MAX_FRAME", "WireError", "Message", "encode", "decode_frame", "MESSAGES"]
+__all__ = ["VERSION", "MAX_FRAME", "WireError", "Message", "encode", "decode_frame", "MESSAGES",
+           "fit"]
 
 VERSION = 2
 VERSIONS = (1, 2)         # a CCS accepts each; a device speaks the newest the CCS takes
@@ -88,6 +89,15 @@ NONCE = 32
 MAC = 32
 REASON = 256
 RELAY_TOKEN = 32
+CODE = 32          # error and refusal codes
+
+
+def fit(text: str, cap: int = REASON) -> str:
+    """``text`` cut to a string field's cap in UTF-8 bytes, on a character
+    boundary: a cut by characters overflows the field with non-ASCII text,
+    and the encoder's refusal then loses the whole message."""
+    data = text.encode("utf-8")
+    return text if len(data) <= cap else data[:cap].decode("utf-8", "ignore")
 
 
 # -- client -> server -----------------------------------------------------------------
