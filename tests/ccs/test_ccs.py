@@ -441,3 +441,28 @@ def test_an_abandon_with_a_long_reason_still_reaches_the_peer(deployment):
 def test_text_is_cut_to_a_field_in_bytes():
     assert wire.fit("é" * 200) == "é" * 128 and len(wire.fit("é" * 200).encode()) == 256
     assert wire.fit("ok") == "ok" and wire.fit("a€b", 3) == "a"
+
+
+def test_a_peer_gone_before_its_ready_is_reported_to_the_asker(deployment):
+    """Across nodes, B can leave between its answer and the Ready its node
+    should hand it: its node tells A's node, and A hears PeerLeft."""
+    deployment.enroll_pair()
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as a:
+                for _ in range(100):                      # logged in on the server side
+                    if "cam" in server.sessions:
+                        break
+                    await asyncio.sleep(0.01)
+                server._track(77, "cam", "viewer", server.node)
+                await server.handle({"op": "ready", "b": "viewer", "origin": server.node,
+                                     "fields": {"session": 77, "peer": "cam"}})
+                for _ in range(100):
+                    if 77 in a._left_early:
+                        break
+                    await asyncio.sleep(0.02)
+                assert 77 in a._left_early and 77 not in server.active
+
+    arun(main())

@@ -300,6 +300,14 @@ class CCSServer:
             await self._complete(msg)
         elif op == "ready":
             session = self.sessions.get(msg["b"])
+            sid = msg["fields"].get("session")
+            if session is None and sid is not None:
+                # B left between its answer and its Ready: A, already Ready,
+                # must not punch on and wait at the relay for nobody
+                await self.deliver(msg["origin"], {
+                    "op": "peer-left", "session": sid, "to": msg["fields"]["peer"],
+                    "peer": msg["b"], "code": "peer-gone",
+                    "reason": f"{msg['b']} left before its Ready"})
             if session is not None:
                 fields = dict(msg["fields"])
                 fields["key"] = self._open_key(fields["key"], msg["b"])
