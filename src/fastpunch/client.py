@@ -266,7 +266,7 @@ class Device:
         self.backoff.reset()
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
         self._up.set()
-        self._standing = None                          # a new session holds none yet
+        self._drop_standing()                          # a new session holds none yet
         self.gatherer.logged_in(self.ccs_ip, self.probe_port, self.probe_port2)
         if self.standing:
             self._spawn(self._announce())
@@ -324,7 +324,7 @@ class Device:
                     if not self._resolve(self._requests, msg.request, msg) and \
                             not self._resolve(self._answers, msg.request, msg) and \
                             msg.request == STANDING and self._standing is not None:
-                        self._standing = None           # used up by a failed rendezvous
+                        self._drop_standing()           # used up by a failed rendezvous
                         self._spawn(self._announce())
                 elif isinstance(msg, wire.PeerLeft):
                     log.info("%s: %s left rendezvous %d: %s", self.name, msg.peer,
@@ -377,6 +377,13 @@ class Device:
                 await self.gatherer.release(self._standing[1])
             self._standing = None
             log.info("%s: next-connection info not announced: %s", self.name, exc)
+
+    def _drop_standing(self) -> None:
+        """Forget the standing info the CCS no longer holds, and let its
+        port go (reservation, RST guard, gateway mapping)."""
+        if self._standing is not None:
+            self._spawn(self.gatherer.release(self._standing[1]))
+            self._standing = None
 
     def _standing_used(self, ready: wire.RendezvousReady) -> None:
         """The CCS answered an offer with our standing info: hand accept()
@@ -563,6 +570,10 @@ class Device:
         first; filtering it out by ``peer`` leaves that peer to its relay."""
         async for offer in self.incoming():
             if peer is not None and offer.peer != peer:
+                if offer.ready is not None:        # answered ahead: that peer is punching
+                    self._abandon(offer.ready, CCSError("not-accepted",
+                                                        f"{self.name} accepts {peer} only"))
+                    self._spawn(self.gatherer.release(offer.gathered))
                 continue
             began = time.time()
             if offer.ready is not None:                # answered ahead (standing)

@@ -466,3 +466,57 @@ def test_a_peer_gone_before_its_ready_is_reported_to_the_asker(deployment):
                 assert 77 in a._left_early and 77 not in server.active
 
     arun(main())
+
+
+def test_standing_info_the_ccs_no_longer_holds_lets_its_port_go(deployment):
+    """A standing announcement holds a reserved port (and, crafting, a RST
+    guard, a gateway mapping): a reconnect, which starts a session holding
+    none, releases it; only the fresh announcement's port stays taken."""
+    deployment.enroll_pair()
+
+    async def main():
+        server = deployment.server()
+        addr = await server.start("127.0.0.1", 0)
+        b = deployment.device(addr, "viewer", standing=True, nat="nat")
+        await b.login()
+        assert await standing_info(server, "viewer") is not None
+        assert len(b.gatherer._out) == 1
+        await server.close()
+        server2 = deployment.server()
+        async with running(server2, port=addr[1]):
+            await b.wait_connected(10)
+            assert await standing_info(server2, "viewer") is not None
+            for _ in range(50):
+                if len(b.gatherer._out) == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(b.gatherer._out) == 1
+        await b.close()
+        assert not b.gatherer._out
+
+    arun(main())
+
+
+def test_a_standing_offer_from_a_peer_not_accepted_is_abandoned(deployment):
+    """accept(peer=X) skips an offer the CCS answered ahead for someone
+    else: that someone, already Ready and punching, is told at once."""
+    deployment.enroll_pair()
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as a, \
+                    deployment.device(addr, "viewer", standing=True, nat="nat") as b:
+                assert await standing_info(server, "viewer") is not None
+                accepting = asyncio.create_task(b.accept(peer="someone-else"))
+                ra = await a.rendezvous("viewer", A_INFO)
+                for _ in range(100):
+                    if ra.session in a._left_early:
+                        break
+                    await asyncio.sleep(0.02)
+                assert ra.session in a._left_early
+                accepting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await accepting
+
+    arun(main())

@@ -19,6 +19,7 @@ The report says what was left out and why.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,7 @@ __all__ = ["Gathered", "gather", "with_mapping", "with_guard", "host_candidates"
            "reserve_port", "guard_port"]
 
 MAP_TIMEOUT = 0.75
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,16 @@ class Gathered:
 
     def release(self) -> None:
         """Let the port go (after the punch: the kernel socket holds it now,
-        or nobody needs it)."""
+        or nobody needs it). Never raises: a guard table that cannot be
+        removed is logged (the sweep of stale tables takes it later), and
+        must not turn a punch that worked into an error."""
         if self.reservation is not None:
             self.reservation.close()
         if self.guard is not None:
-            self.guard.remove()
+            try:
+                self.guard.remove()
+            except Exception as exc:        # NetfilterError, OSError: logged, not lost
+                log.warning("RST guard of port %d not removed: %s", self.local_port, exc)
 
 
 def guard_port(port: int):
