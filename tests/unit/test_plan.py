@@ -83,3 +83,41 @@ def test_backoff_is_exponential_capped_and_fully_jittered():
     assert b.next_delay() == 0.5
     with pytest.raises(ValueError):
         Backoff(base=2, cap=1)
+
+
+def test_a_stage_that_never_settles_is_stopped_after_its_slot_and_the_relay_connects(
+        monkeypatch):
+    import asyncio
+    import socket
+
+    from fastpunch.punch import planner
+    from fastpunch.punch.base import Report
+
+    class Hang:                      # a strategy whose loop died without settling
+        name, budget, crafted, races = "hang", 0.05, False, False
+
+        async def run(self, ctx, slot, attempt, cancel):
+            await asyncio.Event().wait()
+
+    monkeypatch.setitem(planner.STRATEGIES, "hang", Hang())
+    monkeypatch.setattr(planner, "OVERRUN", 0.05)
+
+    async def relay():
+        a, b = socket.socketpair()
+        b.close()
+        return a
+
+    async def main():
+        import time
+
+        report = Report("peer")
+        sock, how = await asyncio.wait_for(
+            planner.punch(None, ["hang", "relay"], time.time(), report, relay=relay,
+                          relay_after=0.2), 2.0)
+        sock.close()
+        return report, how
+
+    report, how = asyncio.run(main())
+    assert how == "relay"
+    assert (report.attempts[0].reason, report.attempts[0].ok) == ("timeout", False)
+    assert "after its slot" in report.attempts[0].detail

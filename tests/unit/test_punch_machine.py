@@ -372,6 +372,22 @@ def test_data_on_the_completing_segment_and_behind_it_reaches_the_hand_off():
     assert late == b"helloworld"
 
 
+def test_late_bytes_and_confirmation_come_from_the_winner_only():
+    # the peer's segments on another pair (same ISNs: the hairpinned one
+    # while the LAN pair won) are drained from the same socket
+    m = machine(peer_addrs=[B[0]])
+    m.add(pair(early=True))
+    m.advance(0.0)
+    m.receive(seg(B, A, Flags.SYN, B_ISN), 0.01)                  # completes on the peer's SYN
+    assert m.state is MachineState.COMPLETE
+    other = ("203.0.113.20", B[1])
+    late = m.late_data([seg(other, A, Flags.SYN | Flags.ACK, B_ISN, A_ISN + 1),
+                        seg(other, A, Flags.ACK | Flags.PSH, B_ISN + 1, A_ISN + 1, b"alien")])
+    assert late == b""
+    m.handed_off(0.02)
+    assert m.state is MachineState.CONFIRMING        # the other pair's SYN-ACK confirmed nothing
+
+
 def test_late_bytes_keep_to_their_limit_and_skip_syns():
     s1 = seg(B, A, Flags.ACK, 100, 1, b"abcdef")
     syn = seg(B, A, Flags.SYN, 106, 0, b"zz")
@@ -441,3 +457,25 @@ def test_a_tracer_sees_every_event_as_it_happens_and_cannot_break_the_punch():
     m.receive(seg(B, A, Flags.SYN, B_ISN), 0.01)
     assert m.state is MachineState.COMPLETE
     assert seen == m.events and type(seen[-1]).__name__ == "Completed"
+
+
+def test_a_failed_hand_off_and_a_driver_fault_end_the_attempt_and_say_so():
+    from fastpunch.proto.punch import Failure
+    from fastpunch.punch.driver import _IO
+
+    m = machine()
+    m.add(pair())
+    m.advance(0.0)
+    m.receive(seg(B, A, Flags.SYN | Flags.ACK, B_ISN, A_ISN + 1), 0.01)
+    assert m.state is MachineState.COMPLETE
+    m.handoff_failed(0.02, "hand-off failed: no TCP_REPAIR")
+    assert (m.state, m.failure, m.outcome) == (MachineState.FAILED, Failure.HANDOFF, None)
+    assert m.pairs[0].outcome == "completed, hand-off failed"
+    # a turn of the loop that raises settles the attempt through the fault hook
+    m = machine()
+    m.add(pair())
+    faults = []
+    io = _IO(m, None, None, lambda: None, faults.append)
+    io._guarded(lambda: 1 / 0)
+    assert m.state is MachineState.FAILED and m.failure is Failure.FAULT
+    assert "ZeroDivisionError" in m.reason and isinstance(faults[0], ZeroDivisionError)

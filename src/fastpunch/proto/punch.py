@@ -93,6 +93,8 @@ class Failure(str, enum.Enum):
     EXHAUSTED = "exhausted"              # every pair spent its budget (or the attempt its own)
     STOPPED = "stopped"                  # the caller stopped it (the peer left, cancelled)
     NO_PAIRS = "no-pairs"                # nothing to try
+    HANDOFF = "handoff-failed"           # a flow completed, its kernel socket could not be made
+    FAULT = "error"                      # the driver around the machine failed
 
 
 @dataclass(frozen=True)
@@ -570,6 +572,25 @@ class PunchMachine:
             self.state = MachineState.DONE
             self._note(Ended(now, "done", reason))
 
+    def handoff_failed(self, now: float, reason: str) -> None:
+        """The driver could not make the kernel socket of the winner
+        (COMPLETE): the attempt failed, and the report says so (not "won")."""
+        if self.state is not MachineState.COMPLETE:
+            return
+        self.winner.stats.outcome = "completed, hand-off failed"
+        self.outcome = None
+        self._fail(Failure.HANDOFF, now, reason)
+
+    def fault(self, now: float, reason: str) -> None:
+        """The driver failed (a bug, an unexpected error): the attempt ends
+        here, whatever its state, and says why."""
+        if self.state in (MachineState.RUNNING, MachineState.COMPLETE):
+            self.outcome = None
+            self._fail(Failure.FAULT, now, reason)
+        elif self.state is MachineState.CONFIRMING:
+            self.state = MachineState.DONE
+            self._note(Ended(now, "done", reason))
+
     def handed_off(self, now: float) -> None:
         """The driver made the kernel socket of the winner (COMPLETE): from
         here the kernel owns the flow; the machine only confirms (early)."""
@@ -706,9 +727,11 @@ class PunchMachine:
         (kept) and in ``more`` (drained by the driver just before the socket
         joins the flow): the kernel had no socket for them yet and dropped
         them; the hand-off queues them. Also notes whether any of them acked
-        our SYN (nothing then to confirm)."""
+        our SYN (nothing then to confirm). Only the winner's own segments
+        count: the driver drains one socket for every flow, and the peer's
+        bytes or SYN-ACK on another pair (same ISNs) are not this stream's."""
         w = self.winner
-        w.left.extend(more)
+        w.left.extend(s for s in more if (s.dport, s.src, s.sport) == w.plan.key)
         out = late_bytes(w.left, w.tracker.rcv_nxt, limit)
         if out:
             self._note(LateBytes(self._now, w.name, len(out)))

@@ -37,7 +37,8 @@ from fastpunch._engine import ENGINE_MARK, RawReceiver, RawSender, SegmentBatch,
 from fastpunch.errors import MalformedPacket
 from fastpunch.handoff import repair_socket
 from fastpunch.proto.punch import (
-    Limits, MachineState, Mode, PairPlan, PunchMachine, SendBatch, SprayPlan, TcpOptionsOffer,
+    Failure, Limits, MachineState, Mode, PairPlan, PunchMachine, SendBatch, SprayPlan,
+    TcpOptionsOffer,
 )
 from fastpunch.punch.base import Attempt, PunchContext, PunchFailed
 
@@ -168,7 +169,7 @@ class Race:
             if io is not None and not background:
                 io.close()
             if table is not None:
-                table.remove()
+                _remove_all([table])
 
     def _record(self) -> None:
         m, a = self.machine, self.attempt
@@ -188,10 +189,12 @@ class _IO:
     after each turn. Bound to one event loop at a time (``bind``/``unbind``),
     so a synchronous caller may drive it with ``asyncio.run`` call by call."""
 
-    def __init__(self, machine: PunchMachine, rx, tx, changed: Callable[[], None]) -> None:
+    def __init__(self, machine: PunchMachine, rx, tx, changed: Callable[[], None],
+                 fault: Optional[Callable[[BaseException], None]] = None) -> None:
         self.m = machine
         self.rx, self.tx = rx, tx
         self.changed = changed
+        self.fault = fault
         self.loop = None
         self.timer = None
         self.batch = None
@@ -258,6 +261,27 @@ class _IO:
         return out
 
     def readable(self) -> None:
+        self._guarded(self._readable)
+
+    def wake(self) -> None:
+        self.timer = None
+        self._guarded(self._wake)
+
+    def _guarded(self, turn: Callable[[], None]) -> None:
+        """One turn of the loop; an exception in it (a bug, a segment the
+        builder refuses) ends the attempt through ``fault``, which settles
+        whoever waits, instead of dying in the event loop's handler and
+        leaving them waiting for good."""
+        try:
+            turn()
+        except Exception as exc:
+            if self.fault is None:
+                raise
+            log.exception("punch loop failed")
+            self.m.fault(time.time(), f"{type(exc).__name__}: {exc}")
+            self.fault(exc)
+
+    def _readable(self) -> None:
         try:
             datagrams = self.rx.recv_many()
         except OSError as exc:
@@ -275,8 +299,7 @@ class _IO:
         self.changed()
         self.arm()
 
-    def wake(self) -> None:
-        self.timer = None
+    def _wake(self) -> None:
         if self.closed or self.loop is None:
             return
         self.send(self.m.advance(time.time()))
@@ -302,12 +325,22 @@ class _IO:
         self.tx.close()
 
 
+def _remove_all(tables: list) -> None:
+    """Remove every table; one that fails is logged (the sweep of stale
+    tables takes it later) and does not keep the others, or the result."""
+    for t in tables:
+        try:
+            t.remove()
+        except Exception as exc:
+            log.warning("RST table not removed: %s", exc)
+
+
 class _RaceIO:
     """A Race's loop: settles its future, hands off, confirms."""
 
     def __init__(self, race: Race, rx, tx, done: asyncio.Future, tables: list) -> None:
         self.race, self.m, self.done, self.tables = race, race.machine, done, tables
-        self.io = _IO(race.machine, rx, tx, self.changed)
+        self.io = _IO(race.machine, rx, tx, self.changed, self.fault)
         self.handed = False
 
     def bind(self, loop) -> None:
@@ -321,6 +354,12 @@ class _RaceIO:
             self.done.set_exception(PunchFailed(m.failure.value, m.reason))
         if m.state is MachineState.DONE and self.handed:
             self.close()
+
+    def fault(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(PunchFailed(Failure.FAULT.value,
+                                                f"the punch loop failed: {exc!r}"))
+        self.close()
 
     def stop(self, why: str) -> None:
         if self.io.closed:
@@ -337,19 +376,18 @@ class _RaceIO:
             sock = repair_socket(m.handoff(time.time()),
                                  late=lambda: m.late_data(self.io.parsed()))
         except BaseException as exc:
-            m.stop(time.time(), f"hand-off failed: {exc}")
+            m.handoff_failed(time.time(), f"hand-off failed: {exc}")
             if not self.done.done():
                 self.done.set_exception(exc)
             return
         m.handed_off(time.time())
-        # the kernel socket owns the winner now; the table goes, so the peer's
-        # segments on every other flow draw our kernel's RSTs
-        for t in self.tables:
-            t.remove()
         if not self.done.done():
             self.done.set_result(sock)
         else:                      # nobody waits any more (cancelled): drop it
             sock.close()
+        # the kernel socket owns the winner now; the table goes, so the peer's
+        # segments on every other flow draw our kernel's RSTs
+        _remove_all(self.tables)
 
     def confirming(self) -> bool:
         """Whether the loop goes on without the caller (CONFIRMING)."""
@@ -359,8 +397,7 @@ class _RaceIO:
         if self.io.closed:
             return
         self.io.close()
-        for t in self.tables:
-            t.remove()
+        _remove_all(self.tables)
         self.race._record()
 
 

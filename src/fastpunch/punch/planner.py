@@ -40,6 +40,7 @@ STRATEGIES: dict = {m.STRATEGY.name: m.STRATEGY
                     for m in (upnp, spray, predict, symmetric, spoof, nat, simopen)}
 BUDGET = {name: s.budget for name, s in STRATEGIES.items()}
 RELAY_AFTER = 1.0            # seconds after the start: join the relay in parallel
+OVERRUN = 2.0                # a stage still running this long after its slot is stopped
 
 
 def stages_of(plan: Sequence[str], only: Optional[Sequence[str]] = None) -> list:
@@ -117,12 +118,20 @@ async def punch(ctx: PunchContext, plan: Sequence[str], start_at: float, report:
             task = loop.create_task(_run_stage(stage, ctx, Slot(begin, end), attempt, cancel))
             try:
                 waits = {task} | ({gone} if gone is not None else set())
+                overran = False
                 try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    # bounded even if a strategy never settles (a fault in
+                    # a callback, a clock stepped back): its slot and a grace
+                    await asyncio.wait(waits, timeout=max(0.0, end - time.time()) + OVERRUN,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    overran = not task.done() and (gone is None or not gone.done())
                 finally:
-                    if not task.done():          # the peer left, or we were cancelled
+                    if not task.done():          # overran, the peer left, or we were cancelled
                         task.cancel()
                         await asyncio.gather(task, return_exceptions=True)
+                if overran:
+                    raise PunchFailed("timeout", f"still running {OVERRUN:g} s after its slot "
+                                                 "ended: stopped")
                 if task.cancelled():                 # (only the peer's leaving cancels it)
                     raise PunchFailed("peer-gone", "the peer left the rendezvous")
                 sock = task.result()
