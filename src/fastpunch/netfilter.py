@@ -374,10 +374,20 @@ def _in_netns(fd: int, fn):
     return value
 
 
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace (0 if unknown): a pid means
+    something only inside its namespace."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def owned_table_name(tag: str = "t") -> str:
-    """A fresh table name carrying this process's pid (for the stale sweep)."""
+    """A fresh table name carrying this process's pid and PID namespace (for
+    the stale sweep): ``fastpunch_<pid>_ns<inode>_<tag><n>``."""
     _check_name(tag)
-    return f"{TABLE_PREFIX}{os.getpid()}_{tag}{next(_counter)}"
+    return f"{TABLE_PREFIX}{os.getpid()}_ns{pid_namespace()}_{tag}{next(_counter)}"
 
 
 class ScopedTable:
@@ -467,15 +477,29 @@ def spoof_rewrite(local_port: int, peer: str, peer_port: int, ccs: str,
     return ScopedTable(table, nft)
 
 
-def sweep_stale(nft: Optional[Nftables] = None, family: str = "ip") -> list[str]:
+def sweep_stale(nft: Optional[Nftables] = None, family: str = "ip", *,
+                unmarked: bool = True) -> list[str]:
     """Delete tables left by fastpunch processes that no longer exist.
-    Returns the names removed."""
+    Returns the names removed.
+
+    Only tables of this PID namespace are judged: containers that share a
+    network namespace but not a PID namespace (host networking, a pod's
+    sidecars) see each other's tables, and a pid of theirs that is not
+    running here may well be running there. ``unmarked``: also tables named
+    without a namespace (by earlier versions), as the ``fastpunch sweep``
+    command does; the sweeps a device runs on its own leave those."""
     nft = nft or Nftables()
     removed = []
-    pattern = re.compile(rf"^{TABLE_PREFIX}(\d+)_")
+    here = pid_namespace()
+    pattern = re.compile(rf"^{TABLE_PREFIX}(\d+)_(?:ns(\d+)_)?")
     for name in nft.tables(family):
         m = pattern.match(name)
-        if m and not pid_alive(int(m.group(1))):
+        if not m:
+            continue
+        ns = m.group(2)
+        if ns is None and not unmarked or ns is not None and int(ns) != here:
+            continue
+        if not pid_alive(int(m.group(1))):
             nft.run(Table(name, family=family).delete_commands())
             removed.append(name)
     return removed

@@ -45,6 +45,30 @@ def test_stale_tables_of_dead_processes_are_swept_and_live_ones_kept(veth):
             nft.run(mine.delete_commands())
 
 
+def test_the_sweep_leaves_tables_of_other_pid_namespaces(veth):
+    """Two containers sharing a network namespace, not a PID namespace: a
+    pid of the other's that is not running here is not stale."""
+    nft = netfilter.Nftables()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = netfilter.pid_namespace()
+    theirs = netfilter.Table(f"fastpunch_{dead.pid}_ns{here + 1}_rst0",
+                             (netfilter.Chain("out", "output", ("counter",)),))
+    ours = netfilter.Table(f"fastpunch_{dead.pid}_ns{here}_rst1",
+                           (netfilter.Chain("out", "output", ("counter",)),))
+    legacy = netfilter.Table(f"fastpunch_{dead.pid}_rst2",
+                             (netfilter.Chain("out", "output", ("counter",)),))
+    with inside(veth.ns_a):
+        for t in (theirs, ours, legacy):
+            nft.run(t.apply_commands())
+        try:
+            assert netfilter.sweep_stale(nft, unmarked=False) == [ours.name]
+            assert netfilter.sweep_stale(nft) == [legacy.name]       # the sweep command's
+            assert theirs.name in nft.tables()
+        finally:
+            nft.run(theirs.delete_commands())
+
+
 def test_a_crashed_holder_leaves_a_table_that_the_sweep_removes(veth):
     """kill -9 mid-flow: no cleanup code runs, the sweep finds the table by pid."""
     code = textwrap.dedent(f"""

@@ -58,7 +58,8 @@ def test_owned_names_carry_the_pid():
     import os
 
     name = netfilter.owned_table_name("rst")
-    assert name.startswith(f"fastpunch_{os.getpid()}_rst")
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    assert name.startswith(f"fastpunch_{os.getpid()}_ns{ns}_rst")
 
 
 def test_missing_libnftables_names_the_package(monkeypatch):

@@ -99,7 +99,7 @@ def _sweep(netfilter) -> None:
     now = time.monotonic()
     if now - _swept.get(ns, -SWEEP_EVERY) >= SWEEP_EVERY:
         _swept[ns] = now
-        netfilter.sweep_stale()
+        netfilter.sweep_stale(unmarked=False)
 
 
 def reserve_port() -> tuple:
