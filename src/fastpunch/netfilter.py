@@ -162,7 +162,7 @@ def probe_nfnetlink() -> None:
 # context's bind waited too; a command on a kept context takes 0.2-0.6 ms.
 # Few, because a kept context also keeps its namespace alive.
 KEPT_CONTEXTS = 4
-_contexts: "OrderedDict" = None        # netns inode -> [ctx, lock]
+_contexts: "OrderedDict" = None        # netns inode -> [ctx, lock, usable]
 _contexts_lock = threading.Lock()
 
 
@@ -188,11 +188,12 @@ def _context(ffi, lib) -> list:
             raise NetfilterError("libnftables could not create a context")
         lib.nft_ctx_buffer_output(ctx)
         lib.nft_ctx_buffer_error(ctx)
-        entry = _contexts[ns] = [ctx, threading.Lock()]
+        entry = _contexts[ns] = [ctx, threading.Lock(), True]
         while len(_contexts) > KEPT_CONTEXTS:
-            _, (old, old_lock) = _contexts.popitem(last=False)
-            with old_lock:                  # (none of its commands is running)
-                _free_later(old)
+            _, old = _contexts.popitem(last=False)
+            with old[1]:                    # (none of its commands is running)
+                old[2] = False              # a thread that got it before: take another
+                _free_later(old[0])
         return entry
 
 
@@ -203,14 +204,21 @@ class Nftables:
 
     def run(self, commands: str, *, json_output: bool = False) -> str:
         ffi, lib = _load()
-        ctx, lock = _context(ffi, lib)
-        with lock:
+        while True:
+            ctx, lock, _ = entry = _context(ffi, lib)
+            lock.acquire()
+            if entry[2]:
+                break
+            lock.release()             # evicted (freed) since we got it
+        try:
             flags = lib.nft_ctx_output_get_flags(ctx)
             lib.nft_ctx_output_set_flags(ctx, (flags | _NFT_CTX_OUTPUT_JSON) if json_output
                                          else (flags & ~_NFT_CTX_OUTPUT_JSON))
             rc = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
             out = ffi.string(lib.nft_ctx_get_output_buffer(ctx)).decode(errors="replace")
             err = ffi.string(lib.nft_ctx_get_error_buffer(ctx)).decode(errors="replace")
+        finally:
+            lock.release()
         if rc != 0:
             if "Operation not permitted" in err or "Permission denied" in err:
                 raise InsufficientPrivilegeError("CAP_NET_ADMIN", "changing nftables rules")

@@ -173,3 +173,37 @@ def test_a_scoped_table_is_removed_in_its_namespace_from_any_thread(veth):
 def test_spoof_rewrite_refuses_bad_ports_and_addresses(args):
     with pytest.raises(ValueError):
         netfilter.spoof_rewrite(*args)
+
+
+def test_kept_contexts_survive_threads_racing_their_eviction():
+    """More namespaces than kept contexts, several threads at once: a
+    context evicted (and freed) between one thread's lookup and its command
+    must not be used (that was a use-after-free); every command answers."""
+    import threading
+
+    from fastpunch._netns import VethPair
+    from tests.conftest import require_root
+
+    require_root("libnftables in namespaces")
+    with VethPair() as p1, VethPair() as p2, VethPair() as p3:
+        spaces = [p.ns_a for p in (p1, p2, p3)] + [p.ns_b for p in (p1, p2, p3)]
+        assert len(spaces) > netfilter.KEPT_CONTEXTS
+        errors, done = [], []
+
+        def churn(offset):
+            nft = netfilter.Nftables()
+            try:
+                for i in range(60):
+                    with inside(spaces[(i + offset) % len(spaces)]):
+                        assert nft.tables() == []
+                done.append(offset)
+            except BaseException as exc:           # reported below, not lost in the thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=churn, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert sorted(done) == [0, 1, 2, 3]
