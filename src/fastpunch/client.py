@@ -15,8 +15,9 @@ each CCS address it was given in turn (several nodes of one deployment).
 Requests in flight when the connection drops fail with
 ``CCSError("disconnected")``; ``incoming()`` carries on after a reconnect.
 A credential the CCS refuses is final (no retry loop). It speaks the
-newest protocol version and falls back to version 1 once when an older
-CCS refuses it.
+newest protocol version and falls back to version 1 for a login to an
+older CCS that refuses it (the next login tries the newest again: a
+rolling upgrade does not pin a device to version 1).
 """
 
 from __future__ import annotations
@@ -219,24 +220,27 @@ class Device:
         last: Optional[BaseException] = None
         for _ in range(len(self.addresses)):
             addr = self.addresses[self._next_addr % len(self.addresses)]
-            try:
-                return await self._login(addr)
-            except AuthenticationError:
-                raise
-            except CCSError as exc:
-                if exc.code == "version-refused" and self.protocol > 1:
-                    log.warning("%s: %s; speaking protocol version 1", self.name, exc)
-                    self.protocol = 1
-                    return await self._login_any()
-                last = exc
-                self._next_addr += 1
-            except (OSError, asyncio.TimeoutError) as exc:
-                last = exc
-                self._next_addr += 1
+            version = self.protocol
+            while True:
+                try:
+                    return await self._login(addr, version)
+                except AuthenticationError:
+                    raise
+                except CCSError as exc:
+                    if exc.code == "version-refused" and version > 1:
+                        log.warning("%s: %s; speaking protocol version 1 to %s:%d",
+                                    self.name, exc, *addr)
+                        version = 1
+                        continue
+                    last = exc
+                except (OSError, asyncio.TimeoutError) as exc:
+                    last = exc
+                break
+            self._next_addr += 1
         raise CCSError("unreachable", f"no CCS answered ({str(last) or type(last).__name__})") \
             from last
 
-    async def _login(self, addr: tuple) -> asyncio.StreamReader:
+    async def _login(self, addr: tuple, version: int) -> asyncio.StreamReader:
         from fastpunch.ccs.pki import client_context
 
         host, port = addr
@@ -244,7 +248,7 @@ class Device:
             host, port, ssl=client_context(self.ca_file),
             server_hostname=self.server_hostname or host), self.connect_timeout)
         try:
-            m = self._machine = Connection(Role.CLIENT, self.protocol)
+            m = self._machine = Connection(Role.CLIENT, version)
             writer.write(m.hello(self.name, self.key, os.urandom))
             while True:
                 msg = await asyncio.wait_for(self._read(reader), self.connect_timeout)

@@ -520,3 +520,61 @@ def test_a_standing_offer_from_a_peer_not_accepted_is_abandoned(deployment):
                     await accepting
 
     arun(main())
+
+
+def test_a_device_falls_back_to_version_1_per_login_not_for_good(deployment):
+    """In front of the real CCS, a TLS front that plays an old CCS to
+    version-2 Hellos (an Error in version 1) and passes version-1 sessions
+    through: the device logs in speaking 1, and after the session drops its
+    next login tries version 2 again (a rolling upgrade must not pin it)."""
+    from fastpunch.ccs import pki as ccs_pki
+
+    deployment.enroll_pair()
+    hellos = []
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as real:
+            client_ctx = ccs_pki.client_context(deployment.ca)
+            links = []
+
+            async def front(reader, writer):
+                head = await reader.readexactly(4)
+                hellos.append(head[0])
+                if head[0] != 1:
+                    writer.write(wire.encode(wire.Error("unsupported-version",
+                                                        "this CCS speaks version 1"), 1))
+                    await writer.drain()
+                    writer.close()
+                    return
+                up_r, up_w = await asyncio.open_connection(*real, ssl=client_ctx,
+                                                           server_hostname="localhost")
+                up_w.write(head)
+
+                async def pipe(r, w):
+                    try:
+                        while data := await r.read(65536):
+                            w.write(data)
+                            await w.drain()
+                    except (ConnectionError, OSError):
+                        pass
+                    finally:
+                        w.close()
+                links.append(asyncio.gather(pipe(reader, up_w), pipe(up_r, writer)))
+
+            old = await asyncio.start_server(front, "127.0.0.1", 0,
+                                             ssl=ccs_pki.server_context(deployment.dir))
+            addr = old.sockets[0].getsockname()[:2]
+            async with deployment.device(addr, "cam") as a:
+                assert a.connected and a._machine.version == 1 and hellos == [2, 1]
+                server.sessions["cam"].close("test", "dropped")      # the session drops
+                for _ in range(200):
+                    if len(hellos) >= 4 and a.connected:
+                        break
+                    await asyncio.sleep(0.02)
+                assert hellos[2:4] == [2, 1] and a.protocol == wire.VERSION
+            old.close()
+            for link in links:
+                link.cancel()
+
+    arun(main())
