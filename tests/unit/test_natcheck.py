@@ -95,3 +95,20 @@ def test_busy_neighbours_do_not_stretch_the_predicted_step():
     # an allocator with a stride of 2 is still read as 2
     r = classify(probes((1000, 20002, 20004), (5000, 20008, 20010), (7000, 20012, 20016)), LOCAL)
     assert (r.mapping, r.delta) == (Mapping.SEQUENTIAL, 2), r.evidence
+
+
+def test_no_guess_wraps_past_port_65535():
+    from types import SimpleNamespace
+
+    from fastpunch.netcheck.gather import _next_mapping
+    from fastpunch.punch.base import Side
+    from fastpunch.punch.predict import CANDIDATES, ports
+
+    seq = SimpleNamespace(delta=1)
+    assert _next_mapping(("203.0.113.10", 20000), Mapping.SEQUENTIAL, seq) == 20001
+    assert _next_mapping(("203.0.113.10", 65535), Mapping.SEQUENTIAL, seq) is None
+    assert _next_mapping(("203.0.113.10", 20000), Mapping.RANDOM, seq) is None
+    peer = Side("203.0.113.20", 65532, 1, mapping=Mapping.SEQUENTIAL)
+    assert ports(SimpleNamespace(peer=peer)) == [65532, 65533, 65534, 65535]
+    peer = Side("203.0.113.20", 20000, 1, mapping=Mapping.SEQUENTIAL)
+    assert ports(SimpleNamespace(peer=peer)) == list(range(20000, 20000 + CANDIDATES))

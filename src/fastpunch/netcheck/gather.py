@@ -170,6 +170,16 @@ def with_guard(g: Gathered) -> Gathered:
                                            f"the punch: {exc}",))
 
 
+def _next_mapping(srflx, mapping_kind, report) -> Optional[int]:
+    """A sequential NAPT's next external port after the probe's, or None:
+    not sequential, or past 65535 (the allocator wraps into a range of its
+    own, which nobody here knows)."""
+    if srflx is None or mapping_kind is not Mapping.SEQUENTIAL or not report.delta:
+        return None
+    port = srflx[1] + report.delta
+    return port if port <= 0xFFFF else None
+
+
 async def _gather(ccs_ip, probe_port, local_port, report, portmap_protocol,
                   reservation) -> Gathered:
     notes = []
@@ -189,9 +199,9 @@ async def _gather(ccs_ip, probe_port, local_port, report, portmap_protocol,
     elif srflx is not None:
         cands.append(Candidate(Kind.SRFLX, srflx[0], srflx[1], priority(Kind.SRFLX)))
         guesses = []
-        if mapping_kind is Mapping.SEQUENTIAL and report.delta:
+        if _next_mapping(srflx, mapping_kind, report) is not None:
             # the probe took one mapping; the punch's first SYN takes the next
-            guesses.append((srflx[1] + report.delta) & 0xFFFF or 1)
+            guesses.append(_next_mapping(srflx, mapping_kind, report))
         elif srflx[1] != local_port and mapping_kind in (Mapping.PRESERVE, Mapping.UNKNOWN):
             # a port-preserving NAT gives another port exactly when the tuple
             # is taken (another host behind it held this port toward the
@@ -204,8 +214,8 @@ async def _gather(ccs_ip, probe_port, local_port, report, portmap_protocol,
             if (srflx[0], port) not in [c.endpoint for c in cands]:
                 cands.append(Candidate(Kind.PREDICTED, srflx[0], port,
                                        priority(Kind.PREDICTED, 65535 - n)))
-    if mapping_kind is Mapping.SEQUENTIAL and srflx is not None and report.delta:
-        port = (srflx[1] + report.delta) & 0xFFFF or 1
+    if _next_mapping(srflx, mapping_kind, report) is not None:
+        port = _next_mapping(srflx, mapping_kind, report)
     elif srflx is not None:
         port = srflx[1]
     else:

@@ -39,6 +39,16 @@ def _ioctl(s: socket.socket, request: int, name: str) -> bytes:
     return fcntl.ioctl(s.fileno(), request, struct.pack("16s16x", name.encode()[:15]))
 
 
+def prefix_of(mask: str) -> int:
+    """The prefix length of a dotted netmask; 0 (no LAN prefix to tell) for
+    a non-contiguous one, which the kernel accepts (SIOCSIFNETMASK) and
+    ``ipaddress`` refuses."""
+    try:
+        return ipaddress.ip_network(f"0.0.0.0/{mask}").prefixlen
+    except ValueError:
+        return 0
+
+
 def interfaces() -> list:
     """Every up, non-loopback interface with an IPv4 address. (One address
     per interface: the primary; secondary addresses need netlink and are
@@ -54,6 +64,5 @@ def interfaces() -> list:
                 mask = parse_ifreq_addr(_ioctl(s, _SIOCGIFNETMASK, name))
             except OSError:           # no IPv4 address on it (EADDRNOTAVAIL), or gone
                 continue
-            prefix = ipaddress.ip_network(f"0.0.0.0/{mask}").prefixlen
-            out.append(Interface(name, addr, prefix))
+            out.append(Interface(name, addr, prefix_of(mask)))
     return out

@@ -23,9 +23,11 @@ CANDIDATES = 8
 
 
 def ports(ctx: PunchContext) -> list:
-    """The peer's ports to try: its announced one and the next few."""
+    """The peer's ports to try: its announced one and the next few, not
+    past 65535 (an allocator wraps into its own range, which nobody here
+    knows: a wrapped guess would aim at ports 0-7)."""
     if ctx.peer.mapping is Mapping.SEQUENTIAL or ctx.peer.nat.value == "napt-sequential":
-        return [(ctx.peer.port + i) & 0xFFFF for i in range(CANDIDATES)]
+        return [ctx.peer.port + i for i in range(CANDIDATES) if ctx.peer.port + i <= 0xFFFF]
     return [ctx.peer.port]
 
 
