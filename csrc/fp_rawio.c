@@ -13,6 +13,10 @@
 #include "fastpunch/fp_rawio.h"
 #include "fp_wire.h"
 
+/* at most this many packets queued before the filter are drained (the
+ * queue is bounded by the receive buffer anyway) */
+#define FP_DRAIN_MAX 65536
+
 #define BATCH_CHUNK 256 /* mmsghdr entries per sendmmsg/recvmmsg call */
 
 int fp_raw_open_send(int sndbuf, uint32_t mark)
@@ -127,20 +131,30 @@ int fp_raw_open_recv_any(const struct fp_match *m, int count, int rcvbuf)
     int fd = socket(AF_INET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
     if (fd < 0)
         return -errno;
+    /* Packets that arrive between socket() and the filter bypass it. A
+     * drop-everything filter goes first, the queue it closed is drained,
+     * then the real filter replaces it: the drain ends (nothing new can
+     * queue meanwhile, however much traffic there is) and drops no packet
+     * the real filter would have let in after it was attached. */
+    struct sock_filter none[] = {BPF_STMT(BPF_RET | BPF_K, 0)};
+    struct sock_fprog drop_all = {.len = 1, .filter = none};
     int e = 0;
     if (rcvbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf) < 0)
         e = errno;
+    if (!e && setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &drop_all, sizeof drop_all) < 0)
+        e = errno;
+    if (!e) {
+        uint8_t scratch[64];
+        for (int i = 0; i < FP_DRAIN_MAX; i++)
+            if (recv(fd, scratch, sizeof scratch, MSG_DONTWAIT | MSG_TRUNC) < 0)
+                break;
+    }
     if (!e && setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &fprog, sizeof fprog) < 0)
         e = errno;
     if (e) {
         close(fd);
         return -e;
     }
-    /* Packets that arrived between socket() and the filter bypassed it:
-     * drain them so the caller only ever sees filtered traffic. */
-    uint8_t scratch[64];
-    while (recv(fd, scratch, sizeof scratch, MSG_DONTWAIT | MSG_TRUNC) >= 0)
-        ;
     return fd;
 }
 

@@ -368,3 +368,47 @@ def test_peer_data_that_came_before_the_socket_is_queued_at_once(veth):
 
     assert [e.count for e in flow.machine.events if isinstance(e, LateBytes)] == [len(first)]
     assert bytes(got) == first + rest
+
+
+def test_a_receiver_opens_under_a_flood_and_misses_nothing_after_it(veth):
+    """Opening a receiver drains what queued before its filter. Under a
+    steady flood of the flow's own segments that drain must end, and what
+    comes after the open must be there. (Draining behind the real filter
+    spun as long as a flood faster than the drain lasted, discarding the
+    flow's segments; a Python sender is not that fast, so this checks the
+    outcome, not that race: the drain now runs behind a drop-all filter.)"""
+    with inside(veth.ns_b):
+        guard = netfilter.suppress_rsts([netfilter.RstSuppression(9)])
+    stop = threading.Event()
+    sent = []
+
+    def flood():
+        with inside(veth.ns_a), RawSender() as tx:
+            for i in range(400_000):                       # bounded: count and time
+                if stop.is_set():
+                    break
+                tx.send(build(veth.addr_a, veth.addr_b, 41501, 9, seq=i))
+                sent.append(i)
+
+    with guard:
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        try:
+            time.sleep(0.05)
+            opened = []
+            opener = threading.Thread(target=lambda: opened.append(_open_in(veth)))
+            opener.start()
+            opener.join(10)
+            assert opened, "the receiver did not open under the flood"
+            with opened[0] as rx:
+                assert not stop.is_set() and flooder.is_alive()
+                got = collect(rx, 5)
+            assert len(got) >= 5 and all(s.sport == 41501 for s in got)
+        finally:
+            stop.set()
+            flooder.join(60)
+
+
+def _open_in(veth):
+    with inside(veth.ns_b):
+        return RawReceiver(src=veth.addr_a, dst=veth.addr_b, sport=41501, dport=9)
