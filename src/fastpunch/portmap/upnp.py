@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import re
 import socket
 import time
 import xml.etree.ElementTree as ET
@@ -99,12 +100,27 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+_ENCODING = re.compile(r"""<\?xml[^>]*?\bencoding\s*=\s*["']([^"']+)["']""")
+
+
 def _parse_xml(data: bytes, what: str) -> ET.Element:
     data = bytes(data)
     if len(data) > MAX_XML:
         raise PortMapError("upnp-oversized",
                            f"{what}: {len(data)} bytes of XML (at most {MAX_XML})")
-    if b"<!doctype" in data.lower() or b"<!entity" in data.lower():
+    # UTF-8 only (what UPnP specifies), so that the check below reads the
+    # very text the parser will: a UTF-16 or EBCDIC document would hide a
+    # DTD from a look at its bytes
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PortMapError("upnp-bad-xml", f"{what}: XML that is not UTF-8") from None
+    declared = _ENCODING.match(text.lstrip("\ufeff"))
+    if declared and declared.group(1).lower().replace("_", "-") not in ("utf-8", "utf8",
+                                                                         "us-ascii", "ascii"):
+        raise PortMapError("upnp-bad-xml", f"{what}: XML declared as {declared.group(1)}, "
+                                           "not UTF-8")
+    if "<!doctype" in text.lower() or "<!entity" in text.lower():
         # no DTDs at all: no entity expansion bombs, no external entities
         raise PortMapError("upnp-bad-xml", f"{what}: XML with a DTD or entity declaration")
     try:

@@ -135,6 +135,11 @@ def test_root_description_oversized():
     b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]>'
     b"<root>&b;</root>",                                        # entity expansion
     b'<?xml version="1.0"?><!DOCTYPE r SYSTEM "http://10.9.9.9/x.dtd"><root/>',
+    # the same DTD where a look at the bytes cannot see it
+    '<?xml version="1.0" encoding="utf-16"?><!DOCTYPE r [<!ENTITY a "aaaa">]><root>&a;</root>'
+    .encode("utf-16"),
+    '<?xml version="1.0" encoding="cp037"?><root/>'.encode("ascii"),
+    b"<root>\xff\xfe</root>",                                   # not UTF-8
 ])
 def test_root_description_bad_xml(doc):
     raises("upnp-bad-xml", pm.parse_root_description, doc, LOCATION)
