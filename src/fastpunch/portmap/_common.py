@@ -46,13 +46,15 @@ class Mapping:
 
 
 def _check_port(port: int, what: str, zero: bool = False) -> int:
-    if not isinstance(port, int) or not (0 if zero else 1) <= port <= 0xFFFF:
+    if isinstance(port, bool) or not isinstance(port, int) or \
+            not (0 if zero else 1) <= port <= 0xFFFF:
         raise ValueError(f"{what} must be a port number: {port!r}")
     return port
 
 
 def _check_lifetime(lifetime: int, zero: bool = False) -> int:
-    if not isinstance(lifetime, int) or not (0 if zero else 1) <= lifetime <= 0xFFFFFFFF:
+    if isinstance(lifetime, bool) or not isinstance(lifetime, int) or \
+            not (0 if zero else 1) <= lifetime <= 0xFFFFFFFF:
         raise ValueError(f"lifetime must be 1..2**32-1 seconds: {lifetime!r}")
     return lifetime
 

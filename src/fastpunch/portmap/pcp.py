@@ -148,6 +148,11 @@ async def _map_pcp(gateway: str, internal_addr: str, internal_port: int, externa
                    lifetime: int, deadline: float) -> Mapping:
     internal_addr, nonce, reply = await _pcp_map(gateway, internal_addr, internal_port,
                                                  external_port, lifetime, deadline)
+    if reply.lifetime == 0 or reply.external_port == 0:
+        # a "success" that grants nothing (RFC 6887 11.4: lifetime 0 is a
+        # deletion) is no mapping to announce to a peer
+        raise PortMapError("pcp-malformed", "the PCP server granted no port "
+                           f"(lifetime {reply.lifetime}, port {reply.external_port})")
     return Mapping("pcp", gateway, internal_addr, internal_port, reply.external_addr,
                    reply.external_port, reply.lifetime, nonce=nonce)
 

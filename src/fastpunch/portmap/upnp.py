@@ -352,7 +352,10 @@ async def _igd_service(gateway: Optional[str], deadline: float) -> Tuple[IgdServ
         raise PortMapError(f"upnp-http-{response.status}", f"GET {location[:100]}: HTTP "
                            f"status {response.status}")
     service = parse_root_description(response.body, location)
-    _igd_cache[key] = (service, time.monotonic() + IGD_CACHE_SECONDS)
+    now = time.monotonic()
+    for stale in [k for k, (_, until) in _igd_cache.items() if until <= now]:
+        del _igd_cache[stale]               # (one entry per namespace and gateway seen)
+    _igd_cache[key] = (service, now + IGD_CACHE_SECONDS)
     return service, False
 
 

@@ -61,7 +61,8 @@ def test_pcp_delete_request_is_lifetime_zero_with_the_same_nonce():
 @pytest.mark.parametrize("kw", [dict(nonce=b"short"), dict(internal_port=0),
                                 dict(internal_port=70000), dict(lifetime=-1),
                                 dict(lifetime=2 ** 32), dict(client_addr="::1"),
-                                dict(client_addr="10.1.0")])
+                                dict(client_addr="10.1.0"), dict(internal_port=True),
+                                dict(lifetime=True)])
 def test_pcp_map_request_refuses_bad_arguments(kw):
     args = dict(nonce=NONCE, client_addr="10.1.0.2", internal_port=43000, lifetime=120)
     args.update(kw)
@@ -173,3 +174,31 @@ def test_pcp_unknown_result_and_short_error_reply():
     header_only = struct.pack("!BBBBII", 2, 0x81, 0, 3, 0, 7) + b"\0" * 12
     assert raises("pcp-malformed-request", pm.pcp_decode_map_response, header_only,
                   NONCE).result == 3
+
+
+def test_a_success_that_grants_no_lifetime_is_no_mapping(monkeypatch):
+    """A PCP server on loopback (a free port in place of 5351) answers the
+    MAP with result SUCCESS and lifetime 0: that is a deletion, nothing to
+    announce to a peer, and is refused as such."""
+    import asyncio
+    import threading
+    import time
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(5)
+    monkeypatch.setattr(pm, "PCP_PORT", server.getsockname()[1])
+
+    def answer():
+        with server:
+            request, peer = server.recvfrom(1100)
+            server.sendto(pcp_server_reply(request, lifetime=0, port=40000), peer)
+
+    t = threading.Thread(target=answer)
+    t.start()
+    try:
+        with pytest.raises(pm.PortMapError) as err:
+            asyncio.run(pm._map_pcp("127.0.0.1", "", 40000, 40000, 120, time.monotonic() + 3))
+        assert err.value.code == "pcp-malformed" and "granted no port" in str(err.value)
+    finally:
+        t.join(10)
