@@ -29,7 +29,7 @@ def _pyroute2():
         import pyroute2
         from pyroute2 import netns
     except ImportError as exc:
-        raise KernelFeatureMissing("pyroute2", "pip install pyroute2 (or fastpunch[test])") from exc
+        raise KernelFeatureMissing("pyroute2", "pip install 'fastpunch[lab]' (pyroute2)") from exc
     return pyroute2, netns
 
 
@@ -144,20 +144,44 @@ class VethPair:
         self.down()
 
 
+_RUN_NETNS = "/run/netns"
+_MNT_DETACH = 2
+
+
+def listed() -> list[str]:
+    """Names in /run/netns (where ``ip netns`` and pyroute2 bind-mount them)."""
+    return sorted(os.listdir(_RUN_NETNS)) if os.path.isdir(_RUN_NETNS) else []
+
+
+def remove(name: str) -> None:
+    """Remove a named namespace as ``ip netns delete`` does (detach its bind
+    mount, unlink the name), without pyroute2, which a device install lacks
+    (``fastpunch sweep`` runs there). OSError if it cannot."""
+    import ctypes
+
+    if "/" in name or name in ("", ".", ".."):
+        raise ValueError(f"not a namespace name: {name!r}")
+    path = os.path.join(_RUN_NETNS, name)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(path.encode(), _MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err != 22:                       # EINVAL: not mounted (a half-made name): unlink it
+            raise OSError(err, os.strerror(err), path)
+    os.unlink(path)
+
+
 def ours(prefix: str = PREFIX) -> list[str]:
     """Namespaces whose names say this library made them."""
-    _, netns = _pyroute2()
-    return [ns for ns in netns.listnetns() if re.match(rf"^{prefix}\d+x\d+[ab]$", ns)]
+    return [ns for ns in listed() if re.match(rf"^{prefix}\d+x\d+[ab]$", ns)]
 
 
 def sweep_stale(prefix: str = PREFIX) -> list[str]:
     """Remove namespaces left by processes that no longer exist."""
-    _, netns = _pyroute2()
     removed = []
     for ns in ours(prefix):
         pid = int(re.match(rf"^{prefix}(\d+)x", ns).group(1))
         if not pid_alive(pid):
             with contextlib.suppress(OSError):
-                netns.remove(ns)
+                remove(ns)
                 removed.append(ns)
     return removed

@@ -1,4 +1,4 @@
-"""nftables rules as data, applied atomically through libnftables (cffi, ABI mode).
+"""nftables rules as data, applied atomically through libnftables (ctypes).
 
 Every ruleset fastpunch installs lives in a table it owns, named
 ``fastpunch_<pid>_<n>`` so a crashed process's tables can be found and swept
@@ -14,6 +14,7 @@ the *output* hook, scoped to the flow's exact ports and peer.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import itertools
 import json
 import os
@@ -44,51 +45,54 @@ __all__ = [
 TABLE_PREFIX = "fastpunch_"
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
-_CDEF = """
-struct nft_ctx;
-struct nft_ctx *nft_ctx_new(uint32_t flags);
-void nft_ctx_free(struct nft_ctx *ctx);
-int nft_ctx_buffer_output(struct nft_ctx *ctx);
-const char *nft_ctx_get_output_buffer(struct nft_ctx *ctx);
-int nft_ctx_buffer_error(struct nft_ctx *ctx);
-const char *nft_ctx_get_error_buffer(struct nft_ctx *ctx);
-unsigned int nft_ctx_output_get_flags(struct nft_ctx *ctx);
-void nft_ctx_output_set_flags(struct nft_ctx *ctx, unsigned int flags);
-int nft_run_cmd_from_buffer(struct nft_ctx *nft, const char *buf);
-"""
 _NFT_CTX_OUTPUT_JSON = 1 << 4
 _LIB_NAMES = ("libnftables.so.1", "libnftables.so")
 
+# libnftables through ctypes: ten calls with plain C types need no binding
+# generator, and ctypes is in every CPython (cffi, used before, cost a
+# dependency with pycparser and had no armv7 wheel on the index).
+# (name, result type, argument types)
+_SIGNATURES = (
+    ("nft_ctx_new", ctypes.c_void_p, (ctypes.c_uint32,)),
+    ("nft_ctx_free", None, (ctypes.c_void_p,)),
+    ("nft_ctx_buffer_output", ctypes.c_int, (ctypes.c_void_p,)),
+    ("nft_ctx_get_output_buffer", ctypes.c_char_p, (ctypes.c_void_p,)),
+    ("nft_ctx_buffer_error", ctypes.c_int, (ctypes.c_void_p,)),
+    ("nft_ctx_get_error_buffer", ctypes.c_char_p, (ctypes.c_void_p,)),
+    ("nft_ctx_output_get_flags", ctypes.c_uint, (ctypes.c_void_p,)),
+    ("nft_ctx_output_set_flags", None, (ctypes.c_void_p, ctypes.c_uint)),
+    ("nft_run_cmd_from_buffer", ctypes.c_int, (ctypes.c_void_p, ctypes.c_char_p)),
+)
+
 _lib_lock = threading.Lock()
-_ffi = None
 _lib = None
 
 
 def _load():
-    global _ffi, _lib
+    """The loaded libnftables (KernelFeatureMissing if it is not installed
+    or lacks a call fastpunch uses)."""
+    global _lib
     with _lib_lock:
         if _lib is None:
-            try:
-                import cffi
-            except ImportError as exc:  # pragma: no cover - cffi is a hard dependency
-                raise KernelFeatureMissing("cffi", "pip install cffi") from exc
-            ffi = cffi.FFI()
-            ffi.cdef(_CDEF)
-            last: Optional[OSError] = None
+            last: Optional[Exception] = None
             for name in _LIB_NAMES:
                 try:
-                    _lib = ffi.dlopen(name)
-                    break
-                except OSError as exc:
+                    lib = ctypes.CDLL(name)
+                    for fn, restype, argtypes in _SIGNATURES:
+                        f = getattr(lib, fn)
+                        f.restype, f.argtypes = restype, argtypes
+                except (OSError, AttributeError) as exc:
                     last = exc
+                    continue
+                _lib = lib
+                break
             else:
                 raise KernelFeatureMissing(
                     "libnftables",
                     "install it (Debian/Ubuntu: apt-get install libnftables1 nftables; "
                     f"Alpine: apk add nftables-libs); loader said: {last}",
                 )
-            _ffi = ffi
-    return _ffi, _lib
+    return _lib
 
 
 # Freeing a context closes its netlink socket, which waits for an RCU grace
@@ -169,7 +173,7 @@ _contexts_lock = threading.Lock()
 _contexts_pid = 0
 
 
-def _context(ffi, lib) -> list:
+def _context(lib) -> list:
     global _contexts, _contexts_pid
     ns = os.stat("/proc/thread-self/ns/net").st_ino
     with _contexts_lock:
@@ -184,7 +188,7 @@ def _context(ffi, lib) -> list:
             return entry
         probe_nfnetlink()       # libnftables would exit() the process instead
         ctx = lib.nft_ctx_new(0)
-        if ctx == ffi.NULL:
+        if not ctx:
             raise NetfilterError("libnftables could not create a context")
         lib.nft_ctx_buffer_output(ctx)
         lib.nft_ctx_buffer_error(ctx)
@@ -203,9 +207,9 @@ class Nftables:
     context (``_context``)."""
 
     def run(self, commands: str, *, json_output: bool = False) -> str:
-        ffi, lib = _load()
+        lib = _load()
         while True:
-            ctx, lock, _ = entry = _context(ffi, lib)
+            ctx, lock, _ = entry = _context(lib)
             lock.acquire()
             if entry[2]:
                 break
@@ -215,8 +219,8 @@ class Nftables:
             lib.nft_ctx_output_set_flags(ctx, (flags | _NFT_CTX_OUTPUT_JSON) if json_output
                                          else (flags & ~_NFT_CTX_OUTPUT_JSON))
             rc = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
-            out = ffi.string(lib.nft_ctx_get_output_buffer(ctx)).decode(errors="replace")
-            err = ffi.string(lib.nft_ctx_get_error_buffer(ctx)).decode(errors="replace")
+            out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+            err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
         finally:
             lock.release()
         if rc != 0:

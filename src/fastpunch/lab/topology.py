@@ -33,7 +33,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
-from fastpunch import _caps
+from fastpunch import _caps, _netns
 from fastpunch._netns import create_namespace, inside, veth_between
 from fastpunch._proc import pid_alive
 from fastpunch.errors import FastpunchError, KernelFeatureMissing
@@ -91,7 +91,7 @@ def _pyroute2():
     try:
         import pyroute2
     except ImportError as exc:
-        raise KernelFeatureMissing("pyroute2", "pip install pyroute2") from exc
+        raise KernelFeatureMissing("pyroute2", "pip install 'fastpunch[lab]' (pyroute2)") from exc
     return pyroute2
 
 
@@ -672,8 +672,7 @@ def setns_preexec(ns: str):
 
 
 def lab_namespaces() -> Iterator[tuple[str, int]]:
-    run_dir = "/run/netns"
-    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+    for name in _netns.listed():
         m = _NS_RE.match(name)
         if m:
             yield name, int(m.group(1))
@@ -682,11 +681,10 @@ def lab_namespaces() -> Iterator[tuple[str, int]]:
 def sweep_stale(all_labs: bool = False) -> list[str]:
     """Remove the namespaces of labs whose creating process is gone (or every
     lab's with ``all_labs``). Returns the names removed."""
-    pyroute2 = _pyroute2()
     removed = []
     for name, pid in lab_namespaces():
         if all_labs or not pid_alive(pid):
             with contextlib.suppress(OSError):
-                pyroute2.netns.remove(name)
+                _netns.remove(name)
                 removed.append(name)
     return removed
