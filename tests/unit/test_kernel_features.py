@@ -4,6 +4,7 @@ filter fails the syscall, as a kernel without the feature does."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,12 +16,12 @@ from tests import seccomp
 ROOT = __file__.rsplit("/tests/", 1)[0]
 
 
-def run_child(body: str) -> subprocess.CompletedProcess:
+def run_child(body: str, deny: str = "deny_nfnetlink") -> subprocess.CompletedProcess:
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {ROOT!r})
-        from tests.seccomp import deny_nfnetlink
-        deny_nfnetlink()
+        from tests import seccomp
+        seccomp.{deny}()
     """) + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
@@ -57,3 +58,41 @@ def test_without_nfnetlink_every_netfilter_call_raises_kernel_feature_missing():
     assert lines[-1] == "still alive"
     assert [line.split(" |")[0] for line in lines[:-1]] == ["missing: nf_tables"] * 3
     assert "netfilter netlink socket" in lines[0]
+
+
+@pytest.mark.skipif(not seccomp.supported(), reason="no seccomp syscall table for this machine")
+@pytest.mark.parametrize("deny, error, named", [
+    ("deny_nfnetlink", "KernelFeatureMissing", "nf_tables"),
+    ("deny_raw", "InsufficientPrivilegeError", "CAP_NET_RAW"),
+    ("deny_repair", "KernelFeatureMissing", "TCP_REPAIR"),
+    ("deny_mark", "KernelFeatureMissing", "SO_MARK"),
+])
+def test_each_missing_feature_is_named_before_a_punch_and_the_device_plans_without_it(
+        deny, error, named):
+    if os.geteuid() != 0:
+        pytest.skip("the probes pass only where the privileges are held")
+    out = run_child("""
+        from fastpunch.punch.driver import require_privileges
+        from fastpunch.netcheck.gatherer import crafted_capability
+        try:
+            require_privileges()
+            print("nothing missing")
+        except Exception as exc:
+            print("raised", type(exc).__name__, getattr(exc, "feature", None) or exc.capability)
+        cap = crafted_capability()
+        print("crafted", cap.crafted, "|", cap.why)
+        print("still alive")
+    """, deny=deny)
+    assert out.returncode == 0, out.stderr
+    raised, crafted, alive = out.stdout.splitlines()
+    assert raised == f"raised {error} {named}"
+    assert crafted.startswith("crafted False | ") and named in crafted
+    assert alive == "still alive"
+
+
+def test_the_probes_pass_where_everything_is_there():
+    if os.geteuid() != 0:
+        pytest.skip("needs CAP_NET_RAW and CAP_NET_ADMIN")
+    from fastpunch.netcheck.gatherer import crafted_capability
+
+    assert crafted_capability().crafted

@@ -42,17 +42,18 @@ class Capability:
 
 
 def crafted_capability() -> Capability:
-    """Can this process craft segments and hand them to the kernel?"""
-    from fastpunch import _caps, netfilter
-    from fastpunch.errors import KernelFeatureMissing
+    """Can this process craft segments and hand them to the kernel? (every
+    feature probed, ``fastpunch._features``; ``why`` names the first one
+    missing)"""
+    from fastpunch import _features
+    from fastpunch.errors import InsufficientPrivilegeError, KernelFeatureMissing
 
-    lacking = _caps.missing(_caps.CAP_NET_RAW, _caps.CAP_NET_ADMIN)
-    if lacking:
-        return Capability(False, f"no {' and '.join(lacking)}")
     try:
-        netfilter.probe_nfnetlink()
+        _features.require_crafted()
+    except InsufficientPrivilegeError as exc:
+        return Capability(False, exc.strerror)
     except KernelFeatureMissing as exc:
-        return Capability(False, str(exc))
+        return Capability(False, exc.strerror)      # (without str()'s "[Errno 38]")
     return Capability(True)
 
 
@@ -196,8 +197,12 @@ class Gatherer:
                 ready = await self._gather(mapping=True)
             elif self._portmap():
                 ready = await with_mapping(ready, self._portmap())
-            if guard and self.crafted().crafted:
+            capability = self.crafted()
+            if guard and capability.crafted:
                 ready = with_guard(ready)
+            elif not capability.crafted:        # (the report says why the plan has none)
+                ready = replace(ready, notes=ready.notes + (
+                    f"no crafted strategies here: {capability.why}",))
             self._out[id(ready)] = ready      # released at close() if nobody does before
             self._prepare_later()
             return ready

@@ -31,7 +31,7 @@ import socket
 import time
 from typing import Callable, Optional, Sequence
 
-from fastpunch import _caps, netfilter
+from fastpunch import _features, netfilter
 from fastpunch._engine import ENGINE_MARK, RawReceiver, RawSender, SegmentBatch, TCPOptions, \
     build, parse
 from fastpunch.errors import MalformedPacket
@@ -49,11 +49,10 @@ BATCH = 512                   # SYNs one sendmmsg carries (spray rounds)
 
 
 def require_privileges() -> None:
-    """Raw sockets (CAP_NET_RAW), nftables and TCP_REPAIR (CAP_NET_ADMIN),
-    and a kernel that offers nftables at all (KernelFeatureMissing, before
-    libnftables could exit the process)."""
-    _caps.require("crafted handshake and kernel hand-off", _caps.CAP_NET_RAW, _caps.CAP_NET_ADMIN)
-    netfilter.probe_nfnetlink()
+    """Raw sockets (CAP_NET_RAW), nftables, SO_MARK and TCP_REPAIR
+    (CAP_NET_ADMIN), and a kernel that offers each (KernelFeatureMissing,
+    before libnftables could exit the process): ``_features``."""
+    _features.require_crafted()
 
 
 class Race:

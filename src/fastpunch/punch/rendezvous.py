@@ -48,6 +48,9 @@ async def punch_ready(ready: RendezvousReady, info: NextInfo, gathered, *, our_p
     report = Report(ready.peer)
     for note in getattr(gathered, "notes", ()):
         report.history.append((0.0, f"gathering: {note}"))
+    if not peer.crafted:
+        report.history.append((0.0, f"{ready.peer} announced it cannot craft segments: "
+                                    "no crafted strategies in the plan"))
     report.history.append((0.0, f"{len(ours.candidates)} candidates of ours, "
                                 f"{len(peer.candidates)} of {ready.peer}'s; plan "
                                 f"{', '.join(ready.plan)}"))

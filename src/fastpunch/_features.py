@@ -1,0 +1,69 @@
+"""Probe, before a crafted punch relies on them, every kernel feature it
+needs, so a device on an odd kernel learns what is missing up front (and
+announces that it cannot craft segments) instead of failing mid-handshake
+or, for nf_tables, being killed by libnftables' exit():
+
+* raw IPv4 sockets (CAP_NET_RAW; some containers forbid them outright);
+* SO_MARK on them, which exempts our own RSTs from suppression (CAP_NET_ADMIN);
+* TCP_REPAIR, the hand-off to a kernel socket (CAP_NET_ADMIN; a kernel can be
+  built without it);
+* the netfilter netlink socket libnftables opens (nf_tables).
+
+A missing privilege is :class:`InsufficientPrivilegeError`, a missing feature
+:class:`KernelFeatureMissing`, each naming it; nothing here exits."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from fastpunch import _caps
+from fastpunch.errors import InsufficientPrivilegeError, KernelFeatureMissing
+
+__all__ = ["require_crafted", "probe_raw", "probe_mark", "probe_repair"]
+
+_TCP_REPAIR = 19
+_SO_MARK = getattr(socket, "SO_MARK", 36)
+_DENIED = (errno.EPERM, errno.EACCES)
+
+
+def probe_raw() -> None:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP).close()
+    except OSError as exc:
+        if exc.errno in _DENIED:
+            raise InsufficientPrivilegeError("CAP_NET_RAW", "raw sockets") from exc
+        raise KernelFeatureMissing(
+            "raw sockets", f"socket(AF_INET, SOCK_RAW, IPPROTO_TCP) failed: {exc.strerror}") from exc
+
+
+def _setsockopt(level: int, option: str, number: int, value: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.setsockopt(level, number, value)
+        except OSError as exc:
+            if exc.errno in _DENIED:
+                raise InsufficientPrivilegeError("CAP_NET_ADMIN", option) from exc
+            raise KernelFeatureMissing(
+                option, f"this kernel refuses it ({exc.strerror}): crafted flows cannot "
+                        "be handed to the kernel or marked") from exc
+
+
+def probe_mark() -> None:
+    _setsockopt(socket.SOL_SOCKET, "SO_MARK", _SO_MARK, 1)
+
+
+def probe_repair() -> None:
+    # (on a socket that was never connected: repair mode is then a no-op to leave)
+    _setsockopt(socket.SOL_TCP, "TCP_REPAIR", _TCP_REPAIR, 1)
+
+
+def require_crafted() -> None:
+    """Everything a crafted punch needs, or the first thing missing, named."""
+    from fastpunch import netfilter
+
+    _caps.require("crafted handshake and kernel hand-off", _caps.CAP_NET_RAW, _caps.CAP_NET_ADMIN)
+    probe_raw()
+    probe_mark()
+    probe_repair()
+    netfilter.probe_nfnetlink()       # libnftables would exit() the process instead
