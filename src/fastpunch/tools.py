@@ -93,7 +93,7 @@ def add_subparsers(sub) -> None:
 def open_connection(args):
     """Log in, connect or accept; returns (PeerConnection, secure socket)."""
     from fastpunch.ccs.cli import read_credentials
-    from fastpunch.ccs.server import new_event_loop
+    from fastpunch._loop import new_event_loop
     from fastpunch.client import Device
 
     name, key = read_credentials(args.key_file)
@@ -166,7 +166,7 @@ def _say(args, conn, summary: dict) -> None:
 
 def cmd_natcheck(args) -> int:
     from fastpunch.ccs.cli import read_credentials
-    from fastpunch.ccs.server import new_event_loop
+    from fastpunch._loop import new_event_loop
     from fastpunch.client import Device
 
     _, key = read_credentials(args.key_file)

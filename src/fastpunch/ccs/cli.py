@@ -240,7 +240,7 @@ def _ready_json(ready) -> dict:
 
 
 def cmd_device_run(args) -> int:
-    from fastpunch.ccs.server import new_event_loop
+    from fastpunch._loop import new_event_loop
     from fastpunch.client import Device
 
     name, key = read_credentials(args.key_file)

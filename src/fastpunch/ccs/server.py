@@ -632,10 +632,10 @@ class DeviceSession(asyncio.Protocol):
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed (the production loop), else asyncio's own."""
-    try:
-        import uvloop
-    except ImportError:
+    """uvloop when installed (the production loop), else asyncio's own
+    (logged: a CCS node should have it)."""
+    from fastpunch import _loop
+
+    if not _loop.have_uvloop():
         event("loop", uvloop=False)
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+    return _loop.new_event_loop()

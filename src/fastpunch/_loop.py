@@ -1,0 +1,26 @@
+"""The event loop: uvloop when installed (the CCS's production loop,
+``fastpunch[ccs]``), else asyncio's own, which is what a device install has.
+Its own module so a device's commands need not import the CCS server (and
+its key store's sqlite3) to get one."""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = ["new_event_loop", "have_uvloop"]
+
+
+def have_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
