@@ -3,6 +3,7 @@
 
 #include "fastpunch/fp_checksum.h"
 #include "fastpunch/fp_errors.h"
+#include "fastpunch/fp_size.h"
 #include "fastpunch/fp_tcp.h"
 #include "fp_wire.h"
 
@@ -180,6 +181,9 @@ long fp_segment_parse_batch(const uint8_t *buf, size_t stride, const uint32_t *l
                             size_t count, int verify, struct fp_segment *out, int32_t *status)
 {
     long ok = 0;
+    size_t span;
+    if (fp_size_span(count, stride, 0, &span) < 0)   /* (a layout no buffer can hold) */
+        return -FP_E_TOOBIG;
     for (size_t i = 0; i < count; i++) {
         size_t len = lens[i] < stride ? lens[i] : stride;
         status[i] = fp_segment_parse(buf + i * stride, len, verify, &out[i]);
@@ -265,6 +269,13 @@ long fp_segment_build_batch(uint8_t *out, size_t stride, size_t count,
         return -FP_E_TOOBIG;
     if (stride < dlen)
         return -FP_E_NOSPACE;
+    /* the layout the caller's buffers must hold: out spans (count - 1) *
+     * stride + dlen bytes, payloads count * payload_len; refused if either
+     * wraps size_t (a 32-bit target), as no buffer can be that large */
+    size_t span;
+    if (fp_size_span(count, stride, dlen, &span) < 0 ||
+        fp_size_mul(count, payload_len, &span) < 0)
+        return -FP_E_TOOBIG;
     wr16(tmpl + 2, (uint16_t)dlen);
 
     for (size_t i = 0; i < count; i++) {

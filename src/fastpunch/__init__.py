@@ -4,6 +4,8 @@ The public surface is re-exported here explicitly; modules starting with an
 underscore are private.
 """
 
+from typing import TYPE_CHECKING
+
 from fastpunch.errors import (
     FastpunchError as FastpunchError,
     InsufficientPrivilegeError as InsufficientPrivilegeError,
@@ -21,6 +23,16 @@ __version__ = "0.1.0"
 # (a gateway that just crafts segments) should not pay for that at import.
 _CLIENT = ("AuthenticationError", "CCSError", "Device", "NextInfo", "RelayError",
            "RendezvousRefusedError")
+
+if TYPE_CHECKING:       # what the lazy __getattr__ below returns, for type checkers
+    from fastpunch.client import (
+        AuthenticationError as AuthenticationError,
+        CCSError as CCSError,
+        Device as Device,
+        NextInfo as NextInfo,
+        RelayError as RelayError,
+        RendezvousRefusedError as RendezvousRefusedError,
+    )
 
 
 def __getattr__(name: str):
