@@ -4,38 +4,38 @@ import enum
 from ipaddress import IPv4Address
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
-from typing_extensions import Buffer
+from typing_extensions import Buffer, disjoint_base
 
-Address = Union[str, int, IPv4Address]
+_Address = Union[str, int, IPv4Address]
 
 ENGINE_MARK: int
 
 class Flags(enum.IntFlag):
-    FIN: int
-    SYN: int
-    RST: int
-    PSH: int
-    ACK: int
-    URG: int
-    ECE: int
-    CWR: int
-    AE: int
+    FIN = 1
+    SYN = 2
+    RST = 4
+    PSH = 8
+    ACK = 16
+    URG = 32
+    ECE = 64
+    CWR = 128
+    AE = 256
 
 class FlowState(enum.IntEnum):
-    CLOSED: int
-    SYN_SENT: int
-    SYN_RECEIVED: int
-    ESTABLISHED: int
-    RESET: int
+    CLOSED = 0
+    SYN_SENT = 1
+    SYN_RECEIVED = 2
+    ESTABLISHED = 3
+    RESET = 4
 
 class FlowEvent(enum.IntEnum):
-    NONE: int
-    ESTABLISHED: int
-    RESET: int
-    UNACCEPTABLE: int
-    BAD_ACK: int
-    IGNORED: int
-    SYN_RETRANSMIT: int
+    NONE = 0
+    ESTABLISHED = 1
+    RESET = 2
+    UNACCEPTABLE = 3
+    BAD_ACK = 4
+    IGNORED = 5
+    SYN_RETRANSMIT = 6
 
 class Reply(NamedTuple):
     flags: int
@@ -45,10 +45,10 @@ class Reply(NamedTuple):
 
 def reason_name(code: int) -> str: ...
 def flags_str(flags: int) -> str: ...
-def ip_to_int(a: Address) -> int: ...
+def ip_to_int(a: _Address) -> int: ...
 def int_to_ip(a: int) -> str: ...
 def checksum(data: Buffer) -> int: ...
-def tcp_checksum(src: Address, dst: Address, segment: Buffer) -> int: ...
+def tcp_checksum(src: _Address, dst: _Address, segment: Buffer) -> int: ...
 def checksum_update(check: int, old: int, new: int, width: int = 16) -> int: ...
 def checksum_many(data: Buffer, stride: int, length: int, out: Buffer) -> None: ...
 def seq_before(a: int, b: int) -> bool: ...
@@ -56,6 +56,7 @@ def seq_after(a: int, b: int) -> bool: ...
 def seq_between(x: int, lo: int, hi: int) -> bool: ...
 def seq_acceptable(rcv_nxt: int, rcv_wnd: int, seq: int, seg_len: int) -> bool: ...
 
+@disjoint_base
 class TCPOptions:
     def __init__(
         self,
@@ -82,6 +83,7 @@ class TCPOptions:
     @property
     def unknown(self) -> int: ...
 
+@disjoint_base
 class Segment:
     src: str
     dst: str
@@ -113,8 +115,8 @@ class Segment:
 
 def parse(data: Buffer, *, verify: bool = True) -> Segment: ...
 def build(
-    src: Address,
-    dst: Address,
+    src: _Address,
+    dst: _Address,
     sport: int,
     dport: int,
     seq: int = 0,
@@ -131,6 +133,7 @@ def build(
     ip_options: Optional[Buffer] = None,
 ) -> bytes: ...
 
+@disjoint_base
 class SegmentBatch:
     capacity: int
     stride: int
@@ -138,8 +141,8 @@ class SegmentBatch:
     def fill(
         self,
         count: int,
-        src: Address,
-        dst: Address,
+        src: _Address,
+        dst: _Address,
         sport: int,
         dport: int,
         seq: int = 0,
@@ -161,12 +164,13 @@ class SegmentBatch:
         daddrs: Optional[Buffer] = None,
     ) -> int: ...
     def __len__(self) -> int: ...
-    def __getitem__(self, i: int) -> bytes: ...
+    def __getitem__(self, i: int, /) -> bytes: ...
     @property
     def lengths(self) -> list[int]: ...
     @property
     def buffer(self) -> memoryview: ...
 
+@disjoint_base
 class ParsedBatch:
     capacity: int
     stride: int
@@ -177,8 +181,9 @@ class ParsedBatch:
     def column(self, name: str) -> memoryview: ...
     def reason(self, i: int) -> Optional[str]: ...
     def __len__(self) -> int: ...
-    def __getitem__(self, i: int) -> Segment: ...
+    def __getitem__(self, i: int, /) -> Segment: ...
 
+@disjoint_base
 class FlowTracker:
     def __init__(self, iss: int, rcv_wnd: int = 65535, wscale: Optional[int] = 7) -> None: ...
     def syn_sent(self) -> Reply: ...
@@ -210,17 +215,18 @@ class RawSender:
     def __enter__(self) -> "RawSender": ...
     def __exit__(self, *exc: object) -> None: ...
 
+@disjoint_base
 class RawReceiver:
     def __init__(
         self,
-        src: Optional[Address] = None,
-        dst: Optional[Address] = None,
+        src: Optional[_Address] = None,
+        dst: Optional[_Address] = None,
         sport: int = 0,
         dport: int = 0,
         rcvbuf: int = 0,
         capacity: int = 64,
         stride: int = 2048,
-        matches: Optional[Sequence[Tuple[Optional[Address], Optional[Address], int, int]]] = None,
+        matches: Optional[Sequence[Tuple[Optional[_Address], Optional[_Address], int, int]]] = None,
     ) -> None: ...
     def fileno(self) -> int: ...
     def recv_many(self) -> list[bytes]: ...
