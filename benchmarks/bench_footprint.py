@@ -154,6 +154,10 @@ def test_agent_memory_idle_and_streaming(benchmark, station, tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     procs = [baseline, agent]
     try:
+        import select
+
+        ready, _, _ = select.select([agent.stdout], [], [], 30)     # (bounded)
+        assert ready, "the agent did not log in within 30 s"
         assert json.loads(agent.stdout.readline())["event"] == "connected"
         time.sleep(2.0)                                  # settled: heartbeats, nothing else
         idle_kb, bare_kb = _rss_kb(agent.pid), _rss_kb(baseline.pid)
@@ -171,12 +175,13 @@ def test_agent_memory_idle_and_streaming(benchmark, station, tmp_path):
         def stream():
             recv = subprocess.Popen(_device_cmd("recv", "--from", "cam", "--json", str(out),
                                                 *station("viewer")),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             procs.append(recv)
             time.sleep(1.0)                              # (it announces itself first)
             send = subprocess.Popen(_device_cmd("send", "--to", "viewer", "--json", str(payload),
                                                 *station("cam")),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    text=True)
             procs.append(send)
             send_kb, recv_kb = _wait_peak(send, 180), _wait_peak(recv, 60)
             return send_kb, recv_kb, json.loads(recv.stdout.read().splitlines()[-1])

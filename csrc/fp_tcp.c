@@ -182,8 +182,11 @@ long fp_segment_parse_batch(const uint8_t *buf, size_t stride, const uint32_t *l
 {
     long ok = 0;
     size_t span;
-    if (fp_size_span(count, stride, 0, &span) < 0)   /* (a layout no buffer can hold) */
+    if (fp_size_mul(count, stride, &span) < 0) {     /* a layout no buffer can hold */
+        for (size_t i = 0; i < count; i++)
+            status[i] = -FP_E_TOOBIG;
         return -FP_E_TOOBIG;
+    }
     for (size_t i = 0; i < count; i++) {
         size_t len = lens[i] < stride ? lens[i] : stride;
         status[i] = fp_segment_parse(buf + i * stride, len, verify, &out[i]);
@@ -231,6 +234,8 @@ int fp_segment_build(uint8_t *buf, size_t cap, const struct fp_ipv4 *ip,
     int optlen = fp_tcp_opts_encode(&tcp->opts, opts, sizeof opts);
     if (optlen < 0)
         return optlen;
+    if (payload_len > 0xffff)                /* (before the sum below could wrap) */
+        return -FP_E_TOOBIG;
     size_t tlen = FP_TCP_MIN_HLEN + (size_t)optlen + payload_len;
     struct fp_ipv4 iph = *ip;
     iph.proto = FP_IPPROTO_TCP;
@@ -264,17 +269,19 @@ long fp_segment_build_batch(uint8_t *out, size_t stride, size_t count,
         return hdr;
     size_t ihl = (size_t)(tmpl[0] & 0x0f) * 4;
     size_t doff = (size_t)hdr - ihl;
+    if (payload_len > 0xffff)                /* (before the sum below could wrap) */
+        return -FP_E_TOOBIG;
     size_t dlen = (size_t)hdr + payload_len;
     if (dlen > 0xffff)
         return -FP_E_TOOBIG;
     if (stride < dlen)
         return -FP_E_NOSPACE;
-    /* the layout the caller's buffers must hold: out spans (count - 1) *
-     * stride + dlen bytes, payloads count * payload_len; refused if either
-     * wraps size_t (a 32-bit target), as no buffer can be that large */
+    /* the layout the caller's buffer must hold, (count - 1) * stride + dlen
+     * bytes, refused if it wraps size_t (a 32-bit target): no buffer can be
+     * that large. (payloads, count * payload_len, is no larger: payload_len
+     * <= dlen <= stride.) */
     size_t span;
-    if (fp_size_span(count, stride, dlen, &span) < 0 ||
-        fp_size_mul(count, payload_len, &span) < 0)
+    if (fp_size_span(count, stride, dlen, &span) < 0)
         return -FP_E_TOOBIG;
     wr16(tmpl + 2, (uint16_t)dlen);
 

@@ -5,8 +5,8 @@ or, for nf_tables, being killed by libnftables' exit():
 
 * raw IPv4 sockets (CAP_NET_RAW; some containers forbid them outright);
 * SO_MARK on them, which exempts our own RSTs from suppression (CAP_NET_ADMIN);
-* TCP_REPAIR, the hand-off to a kernel socket (CAP_NET_ADMIN; a kernel can be
-  built without it);
+* TCP_REPAIR, the hand-off to a kernel socket (CAP_NET_ADMIN; in every
+  kernel since 3.5, but a sandbox or an LSM may refuse it);
 * the netfilter netlink socket libnftables opens (nf_tables).
 
 A missing privilege is :class:`InsufficientPrivilegeError`, a missing feature
@@ -25,6 +25,11 @@ __all__ = ["require_crafted", "probe_raw", "probe_mark", "probe_repair"]
 _TCP_REPAIR = 19
 _SO_MARK = getattr(socket, "SO_MARK", 36)
 _DENIED = (errno.EPERM, errno.EACCES)
+# what a kernel (or a sandbox standing in for one) answers for a feature it
+# does not offer; anything else (EMFILE, ENOBUFS, ENOMEM...) is a passing
+# condition, raised as the OSError it is, and not taken for a missing feature
+_ABSENT = (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT,
+           errno.ENOPROTOOPT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 def probe_raw() -> None:
@@ -33,6 +38,8 @@ def probe_raw() -> None:
     except OSError as exc:
         if exc.errno in _DENIED:
             raise InsufficientPrivilegeError("CAP_NET_RAW", "raw sockets") from exc
+        if exc.errno not in _ABSENT:
+            raise
         raise KernelFeatureMissing(
             "raw sockets", f"socket(AF_INET, SOCK_RAW, IPPROTO_TCP) failed: {exc.strerror}") from exc
 
@@ -44,6 +51,8 @@ def _setsockopt(level: int, option: str, number: int, value: int) -> None:
         except OSError as exc:
             if exc.errno in _DENIED:
                 raise InsufficientPrivilegeError("CAP_NET_ADMIN", option) from exc
+            if exc.errno not in _ABSENT:
+                raise
             raise KernelFeatureMissing(
                 option, f"this kernel refuses it ({exc.strerror}): crafted flows cannot "
                         "be handed to the kernel or marked") from exc

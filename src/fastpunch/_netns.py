@@ -145,7 +145,7 @@ class VethPair:
 
 
 _RUN_NETNS = "/run/netns"
-_MNT_DETACH = 2
+_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
 
 
 def listed() -> list[str]:
@@ -159,11 +159,12 @@ def remove(name: str) -> None:
     (``fastpunch sweep`` runs there). OSError if it cannot."""
     import ctypes
 
-    if "/" in name or name in ("", ".", ".."):
+    if "/" in name or "\0" in name or name in ("", ".", ".."):
         raise ValueError(f"not a namespace name: {name!r}")
     path = os.path.join(_RUN_NETNS, name)
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(path.encode(), _MNT_DETACH) != 0:
+    # (NOFOLLOW: a symlink planted in /run/netns must not detach its target)
+    if libc.umount2(path.encode(), _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
         err = ctypes.get_errno()
         if err != 22:                       # EINVAL: not mounted (a half-made name): unlink it
             raise OSError(err, os.strerror(err), path)

@@ -40,7 +40,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     from fastpunch import lab
 
-    tables = netfilter.sweep_stale()
+    from fastpunch.errors import KernelFeatureMissing
+
+    try:
+        tables = netfilter.sweep_stale()
+    except KernelFeatureMissing as exc:      # (no nf_tables: no tables to sweep; namespaces still)
+        print(f"no nftables tables swept: {exc.strerror}", file=sys.stderr)
+        tables = []
     spaces = _netns.sweep_stale() + lab.sweep_stale()
     print(f"removed {len(tables)} stale nftables tables, {len(spaces)} stale namespaces")
     return 0

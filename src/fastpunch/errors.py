@@ -61,7 +61,8 @@ class InsufficientPrivilegeError(FastpunchError, PermissionError):
         super().__init__(
             _errno.EPERM,
             f"{action} needs {capability}: run as root, or grant it to the interpreter "
-            f"(setcap {capability.lower()}+ep), or run inside a user namespace that has it",
+            f"(setcap {capability.lower().replace(' and ', ',')}+ep), or run inside a user "
+            "namespace that has it",
         )
         self.capability = capability
 

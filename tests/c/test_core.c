@@ -6,7 +6,11 @@
  * that wrap there must be refused), and the C library.
  *
  * The segment below is scapy's bytes for the same fields (an independent
- * oracle; regenerate with the snippet in scripts/cross-check). */
+ * oracle), from scapy 2.5:
+ *   raw(IP(src="198.51.100.1", dst="203.0.113.7", id=0x1234, ttl=64, flags="DF") /
+ *       TCP(sport=40000, dport=443, seq=0xdeadbeef, flags="S", window=64240,
+ *           options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (0x01020304, 0)),
+ *                    ("NOP", None), ("WScale", 7)]) / b"hi") */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,10 +65,14 @@ static void test_checksums(void)
     uint8_t wire[2];
     memcpy(wire, &c, 2);
     CHECK(wire[0] == 0x22 && wire[1] == 0x0d);      /* ~0xddf2 in wire order */
-    /* odd length, at an odd address */
+    /* at an odd address */
     uint8_t odd[9] = {0xff, 0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7};
     fp_sum16 c2 = fp_csum(odd + 1, 8);
     CHECK(c2 == c);
+    /* an odd length: the last byte counts as its high half, 00 01 f2 -> 0x0001 + 0xf200 */
+    fp_sum16 c3 = fp_csum(rfc, 3);
+    memcpy(wire, &c3, 2);
+    CHECK(wire[0] == (uint8_t)~0xf2 && wire[1] == (uint8_t)~0x01);
     /* an IPv4 header whose checksum is b861 (a common textbook example) */
     uint8_t hdr[20] = {0x45,0x00,0x00,0x73,0x00,0x00,0x40,0x00,0x40,0x11,0x00,0x00,
                        0xc0,0xa8,0x00,0x01,0xc0,0xa8,0x00,0xc7};
@@ -178,10 +186,14 @@ static void test_sizes_refuse_what_wraps_here(void)
     CHECK(fp_segment_build_batch(one, SIZE_MAX / 2, 4, &ip, &tcp, NULL, 0, NULL, lens)
           == -FP_E_TOOBIG);
     CHECK(fp_segment_build_batch(one, 100, 4, &ip, &tcp, one, SIZE_MAX / 2, NULL, lens) < 0);
+    /* a payload length whose sum with the header wraps to a small one */
+    CHECK(fp_segment_build_batch(one, 100, 1, &ip, &tcp, one, SIZE_MAX - 10, NULL, lens)
+          == -FP_E_TOOBIG);
+    CHECK(fp_segment_build(one, sizeof one, &ip, &tcp, one, SIZE_MAX - 10) == -FP_E_TOOBIG);
     struct fp_segment segs[4];
     int32_t status[4] = {7, 7, 7, 7};
     CHECK(fp_segment_parse_batch(one, SIZE_MAX / 2, lens, 4, 0, segs, status) == -FP_E_TOOBIG);
-    CHECK(status[0] == 7);
+    CHECK(status[0] == -FP_E_TOOBIG && status[3] == -FP_E_TOOBIG);
 }
 
 int main(void)

@@ -43,26 +43,29 @@ def test_a_device_without_nf_tables_connects_by_kernel_open_and_says_why(lab_pai
                            "--key-file", {str(key_file)!r}, "--ca", {ccs.paths["ca"]!r},
                            "--server-name", "localhost"]))
         """)
+        log = open(tmp_path / "child.log", "w+")    # (a file: nobody reads a pipe meanwhile)
         child = subprocess.Popen(["ip", "netns", "exec", lab.ns("a"), sys.executable, "-c", child],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, stderr=log, text=True)
         try:
             conn = accepting.result(90)
             # the viewer's half of the secure channel's handshake (the CLI
             # connects, secures, reports and closes)
             conn.secure().close()
-            stdout, stderr = child.communicate(timeout=60)
+            stdout, _ = child.communicate(timeout=60)
         finally:
             if child.poll() is None:
                 child.kill()
                 child.wait()
+            log.seek(0)
+            stderr = log.read()
+            log.close()
         assert child.returncode == 0, stderr
         summary = json.loads(stdout.splitlines()[-1])
         report = summary["report"]
-        # it connected, and only by what needs no crafted segment
-        assert summary["path"] in ("direct", "relay")
+        # it connected, and only by what needs no crafted segment: between two
+        # port-preserving NATs, kernel simultaneous open goes direct
         assert {a["strategy"] for a in report["attempts"]} <= KERNEL_ONLY, report
-        if summary["path"] == "direct":
-            assert summary["strategy"] == "simopen"
+        assert (summary["path"], summary["strategy"]) == ("direct", "simopen"), summary
         # ... and said why, in the report a user reads, and in its log
         assert "gathering: no crafted strategies here: nf_tables" in stdout, stdout
         assert "netfilter netlink socket" in stdout and "no crafted strategies" in stderr

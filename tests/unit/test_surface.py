@@ -56,3 +56,8 @@ def test_reason_names_are_stable():
     assert fastpunch.packet.reason_name(4096) == "truncated"
     assert fastpunch.packet.reason_name(-4100) == "ip-checksum"
     assert fastpunch.packet.reason_name(-1) == "system-error"
+
+
+def test_the_privilege_hint_is_a_command_that_works():
+    err = errors.InsufficientPrivilegeError("CAP_NET_RAW and CAP_NET_ADMIN", "crafting")
+    assert "setcap cap_net_raw,cap_net_admin+ep" in str(err)

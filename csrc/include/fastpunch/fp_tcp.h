@@ -95,7 +95,7 @@ int fp_segment_parse(const uint8_t *buf, size_t len, int verify, struct fp_segme
 /* Parse count datagrams laid out stride bytes apart with lengths lens[]
  * (a recvmmsg buffer). out[i] and status[i] (0 or a negative FP_E_* code)
  * describe datagram i. Returns how many parsed, or -FP_E_TOOBIG (nothing
- * parsed, status[] untouched) for a layout that wraps size_t. */
+ * parsed, every status[i] -FP_E_TOOBIG) for a layout that wraps size_t. */
 long fp_segment_parse_batch(const uint8_t *buf, size_t stride, const uint32_t *lens,
                             size_t count, int verify, struct fp_segment *out, int32_t *status);
 

@@ -39,6 +39,7 @@ SWAPS = 3               # punch ports tried when the probe of one collided
 class Capability:
     crafted: bool
     why: str = ""
+    lasting: bool = True        # False: a passing condition (EMFILE...): ask again next time
 
 
 def crafted_capability() -> Capability:
@@ -54,6 +55,8 @@ def crafted_capability() -> Capability:
         return Capability(False, exc.strerror)
     except KernelFeatureMissing as exc:
         return Capability(False, exc.strerror)      # (without str()'s "[Errno 38]")
+    except OSError as exc:
+        return Capability(False, f"probing the crafted path failed: {exc}", lasting=False)
     return Capability(True)
 
 
@@ -215,7 +218,7 @@ class Gatherer:
         self._prepared = None
 
     def crafted(self) -> Capability:
-        if self.capability is None:
+        if self.capability is None or not self.capability.lasting:
             self.capability = crafted_capability()
             if not self.capability.crafted:
                 log.warning("%s: no crafted strategies (%s): kernel simultaneous open and "
