@@ -15,6 +15,7 @@ A missing privilege is :class:`InsufficientPrivilegeError`, a missing feature
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 from fastpunch import _caps
@@ -67,12 +68,21 @@ def probe_repair() -> None:
     _setsockopt(socket.SOL_TCP, "TCP_REPAIR", _TCP_REPAIR, 1)
 
 
+_passed: set = set()        # (pid, network namespace inode) where every probe passed
+
+
 def require_crafted() -> None:
-    """Everything a crafted punch needs, or the first thing missing, named."""
+    """Everything a crafted punch needs, or the first thing missing, named.
+    Once it all passed in a namespace it is not probed again there (this
+    runs before every crafted punch, on its critical path)."""
     from fastpunch import netfilter
 
+    key = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
+    if key in _passed:
+        return
     _caps.require("crafted handshake and kernel hand-off", _caps.CAP_NET_RAW, _caps.CAP_NET_ADMIN)
     probe_raw()
     probe_mark()
     probe_repair()
     netfilter.probe_nfnetlink()       # libnftables would exit() the process instead
+    _passed.add(key)

@@ -7,15 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["new_event_loop", "have_uvloop"]
-
-
-def have_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
+__all__ = ["new_event_loop"]
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -636,6 +636,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     (logged: a CCS node should have it)."""
     from fastpunch import _loop
 
-    if not _loop.have_uvloop():
+    loop = _loop.new_event_loop()
+    if not type(loop).__module__.startswith("uvloop"):
         event("loop", uvloop=False)
-    return _loop.new_event_loop()
+    return loop
