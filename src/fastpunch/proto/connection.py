@@ -19,6 +19,7 @@ owner may try again with an older version.
 from __future__ import annotations
 
 import enum
+import os
 from typing import Callable, Optional, Union
 
 from fastpunch.errors import LocalProtocolError, RemoteProtocolError
@@ -75,6 +76,11 @@ class _Sentinel:
         return self.name
 
 
+# the key an unknown device's proof is checked under: random per process, never
+# told anyone, so no proof matches it (and the machine fails the login anyway);
+# it only makes that failure cost what a wrong key for a known device costs
+_DUMMY_KEY = os.urandom(auth.KEY_BYTES)
+
 NEED_DATA = _Sentinel("NEED_DATA")
 CLOSED = _Sentinel("CLOSED")
 
@@ -94,6 +100,7 @@ class Connection:
         self.client_nonce: Optional[bytes] = None
         self.server_nonce: Optional[bytes] = None
         self._key: Optional[bytes] = None
+        self._known = False             # server: the Hello named an enrolled device
         self.authenticated = False
 
     @property
@@ -170,10 +177,12 @@ class Connection:
                 raise ProtocolViolation("bad-nonce", "server nonce must be 32 bytes")
             self.server_nonce = msg.nonce
         elif isinstance(msg, AuthResponse):
-            good = self._key is not None and auth.verify(
+            # the proof is computed and compared for an unknown name too (under
+            # the dummy key): failing takes the same time either way
+            good = auth.verify(
                 auth.client_proof(self._key, self.name, self.server_nonce, self.client_nonce),
                 msg.mac)
-            if not good:
+            if not (good and self._known):
                 # The caller answers with Error("auth-failed") and closes.
                 self.state = State.VERDICT
                 self.authenticated = False
@@ -207,8 +216,10 @@ class Connection:
 
     def challenge(self, key: Optional[bytes], random: Callable[[int], bytes]) -> bytes:
         """Server: after Hello. ``key`` is None for an unknown device: the
-        exchange still runs (nothing reveals which names exist) and fails."""
-        self._key = key
+        exchange still runs (nothing reveals which names exist, not even
+        its time: the proof is checked under a dummy key) and fails."""
+        self._known = key is not None
+        self._key = key if key is not None else _DUMMY_KEY
         return self.send(Challenge(random(auth.NONCE_BYTES)))
 
     def respond(self) -> bytes:
