@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 from fastpunch.ccs import pki
 from fastpunch.ccs.keystore import KeyStore
@@ -48,6 +49,13 @@ def raise_nofile(n: int) -> int:
             pass
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, n), hard), hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
@@ -139,6 +147,7 @@ async def drive(port: int, ca: str, names: list, keys: dict, rate: float, second
     latencies: list = []
     failures = 0
     futs = []
+    cpu0 = cpu_seconds(server_pid)
     start = time.perf_counter()
     for k in range(total):
         due = start + k / rate
@@ -154,6 +163,7 @@ async def drive(port: int, ca: str, names: list, keys: dict, rate: float, second
         devices[a].request(b, rid)
         futs.append((sent, fut))
     await asyncio.wait([f for _, f in futs], timeout=30)
+    server_cpu = cpu_seconds(server_pid) - cpu0
     for sent, fut in futs:
         if fut.done() and fut.exception() is None:
             latencies.append(fut.result() - sent)
@@ -174,10 +184,14 @@ async def drive(port: int, ca: str, names: list, keys: dict, rate: float, second
         "p50_ms": round(percentile(latencies, 50) * 1000, 2) if latencies else None,
         "p99_ms": round(percentile(latencies, 99) * 1000, 2) if latencies else None,
         "max_ms": round(max(latencies) * 1000, 2) if latencies else None,
+        # the CCS's own CPU per rendezvous: what bounds its rate on a given core
+        "server_cpu_ms_per_rendezvous": round(server_cpu * 1000 / max(1, len(latencies)), 3),
+        "server_cpu_share": round(server_cpu / (time.perf_counter() - start), 2),
     }
 
 
-def run(devices: int, rate: float, seconds: float, workdir: str) -> dict:
+def run(devices: int, rate: float, seconds: float, workdir: str,
+        profile: Optional[str] = None) -> dict:
     if devices < 2 or devices % 2:
         raise ValueError("an even number of devices, at least 2")
     limit = raise_nofile(devices + 64)
@@ -200,8 +214,9 @@ def run(devices: int, rate: float, seconds: float, workdir: str) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    prof = ["-m", "cProfile", "-o", profile] if profile else []
     server = subprocess.Popen(
-        [sys.executable, "-m", "fastpunch", "ccs", "serve", "--dir", d, "--listen",
+        [sys.executable, *prof, "-m", "fastpunch", "ccs", "serve", "--dir", d, "--listen",
          f"127.0.0.1:{port}", "--relay-port", "-1", "--heartbeat", "300", "--ready-file", ready],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         preexec_fn=lambda: raise_nofile(devices + 64))
@@ -234,9 +249,11 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=20000)
     ap.add_argument("--rate", type=float, default=2000, help="rendezvous per second (open loop)")
     ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--profile", metavar="FILE",
+                    help="run the CCS under cProfile, its stats written here (pstats)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        print(json.dumps(run(args.devices, args.rate, args.seconds, tmp)))
+        print(json.dumps(run(args.devices, args.rate, args.seconds, tmp, args.profile)))
 
 
 if __name__ == "__main__":

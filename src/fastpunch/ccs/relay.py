@@ -25,7 +25,11 @@ confirmation then fails and the devices retry.
 
 Quotas: a global cap on concurrent relays, a per-device cap on concurrent
 relays, and a per-device byte quota; a relay that exhausts its quota is
-cut (both sockets shut down) and logged.
+cut (both sockets shut down) and logged. Connections that have not said
+who they are yet are capped per source address (the oldest cut past it),
+filtering probes per source address and in all. Every way out of a join
+(a side reset while it waits, a status that cannot be sent, the peer's
+timeout, a revocation) releases the slot and both sockets.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from fastpunch.ccs.budget import Gate
 from fastpunch.proto.probe import FILTERING, WHOAMI
 from fastpunch.proto.probe import VERDICT_BYTES as FILTER_VERDICTS
 
@@ -48,11 +53,16 @@ MAGIC = b"FPR1"
 FILTER_PROBE_SECONDS = 1.0  # at most: a SYN unanswered this long was dropped
 FILTER_PROBE_MIN = 0.25     # at least, whatever the round trip
 MAX_FILTER_PROBES = 64    # at once; each holds two sockets for up to a second
+PROBES_PER_SOURCE = 4     # of those, from one source address
+HELLOS_PER_SOURCE = 64    # relay connections yet to send their hello, per source address
+HELLOS_TOTAL = 4096
+HELLO_SECONDS = 10.0
 HELLO_BYTES = len(MAGIC) + 32
 CHUNK = 1 << 20
 F_SETPIPE_SZ = 1031
 
-JOINED, UNKNOWN_TOKEN, BUSY, DEVICE_BUSY, QUOTA, PEER_TIMEOUT, BAD_HELLO = range(7)
+JOINED, UNKNOWN_TOKEN, BUSY, DEVICE_BUSY, QUOTA, PEER_TIMEOUT, BAD_HELLO, PEER_GONE, \
+    REVOKED = range(9)
 STATUS_TEXT = {
     UNKNOWN_TOKEN: ("unknown-token", "the relay token is unknown, used or expired"),
     BUSY: ("relay-busy", "the CCS carries its maximum number of relays"),
@@ -60,6 +70,8 @@ STATUS_TEXT = {
     QUOTA: ("quota", "this device has used its relay byte quota"),
     PEER_TIMEOUT: ("peer-timeout", "the peer did not join the relay in time"),
     BAD_HELLO: ("bad-hello", "the relay hello is malformed"),
+    PEER_GONE: ("peer-gone", "the peer's relay connection closed before the join"),
+    REVOKED: ("revoked", "this relay was cut by the CCS (a device was removed or denied)"),
 }
 
 
@@ -69,6 +81,7 @@ class _Ticket:
     side: int
     device: str
     expires: float
+    devices: tuple = ()            # both sides it was issued for
 
 
 @dataclass
@@ -78,13 +91,18 @@ class _Pair:
     socks: list = field(default_factory=lambda: [None, None])
     joined: Optional[asyncio.Future] = None
     bytes: int = 0
+    running: bool = False           # both joined, the pumps own the sockets
+    issued: tuple = ()              # the two devices the tickets were issued for
+    unwatch: Callable[[], None] = lambda: None    # stop watching the waiting side
 
 
 class Relay:
     def __init__(self, *, max_relays: int = 256, per_device: int = 4,
                  quota_bytes: Optional[int] = None, join_timeout: float = 30.0,
                  token_ttl: float = 120.0, log: Callable[..., None] = lambda kind, **kw: None,
-                 random: Callable[[int], bytes] = os.urandom) -> None:
+                 random: Callable[[int], bytes] = os.urandom,
+                 probes_per_source: int = PROBES_PER_SOURCE,
+                 hellos_per_source: int = HELLOS_PER_SOURCE) -> None:
         self.max_relays, self.per_device, self.quota_bytes = max_relays, per_device, quota_bytes
         self.join_timeout, self.token_ttl = join_timeout, token_ttl
         self.log, self.random = log, random
@@ -103,6 +121,11 @@ class Relay:
         self._probe_task: Optional[asyncio.Task] = None
         self._threads: set[threading.Thread] = set()
         self._filter_probes = 0
+        self.probes_per_source = probes_per_source
+        self._probes_from: dict[str, int] = {}
+        self._hellos = Gate(hellos_per_source, HELLOS_TOTAL)
+        self._hello_keys = 0
+        self._gone: dict[int, float] = {}        # pair -> until: a side left before the join
 
     # -- tickets (called by the control plane) ------------------------------------------
     def issue(self, a: str, b: str) -> tuple[bytes, bytes]:
@@ -111,10 +134,14 @@ class Relay:
         # front, not by scanning them all on every rendezvous (the hot path)
         while self._expiry and self._expiry[0][0] < now:
             self.tickets.pop(self._expiry.popleft()[1], None)
+        for pid, until in list(self._gone.items()):      # in insertion order: oldest first
+            if until >= now:
+                break
+            del self._gone[pid]
         self._next += 1
         tokens = self.random(32), self.random(32)
         for side, (tok, dev) in enumerate(zip(tokens, (a, b))):
-            self.tickets[tok] = _Ticket(self._next, side, dev, now + self.token_ttl)
+            self.tickets[tok] = _Ticket(self._next, side, dev, now + self.token_ttl, (a, b))
             self._expiry.append((now + self.token_ttl, tok))
         return tokens
 
@@ -154,17 +181,50 @@ class Relay:
     async def _accept_loop(self, listener: socket.socket, probes_only: bool = False) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(listener)
-            loop.create_task(self._admit(conn, probes_only))
+            try:
+                conn, addr = await loop.sock_accept(listener)
+            except OSError as exc:          # EMFILE...: say so, go on
+                self.log("relay-accept-error", reason=str(exc))
+                await asyncio.sleep(0.05)
+                continue
+            self._hello_keys += 1
+            key = self._hello_keys
+            task = loop.create_task(self._admit(conn, probes_only, key))
+            self._hellos.admit(key, addr[0], task.cancel)
 
-    async def _admit(self, conn: socket.socket, probes_only: bool = False) -> None:
+    # -- revocation (a device removed, disabled or re-keyed; a pair denied) -----------
+    def revoke(self, device: str) -> None:
+        """Void ``device``'s tickets and cut every relay it is in."""
+        self._void(lambda devices: device in devices)
+
+    def revoke_pair(self, a: str, b: str) -> None:
+        self._void(lambda devices: set(devices) == {a, b})
+
+    def _void(self, match: Callable[[tuple], bool]) -> None:
+        for tok, ticket in list(self.tickets.items()):
+            if match(ticket.devices):
+                del self.tickets[tok]
+        for pair in list(self.pairs.values()):
+            if not match(pair.issued):
+                continue
+            self.log("relay-revoked", pair=pair.id, devices=pair.issued)
+            if pair.running:
+                for sock in pair.socks:
+                    if sock is not None:
+                        _shutdown(sock)          # the pumps see EOF and release the pair
+            elif pair.joined is not None and not pair.joined.done():
+                pair.joined.set_result(REVOKED)  # the waiting side is told and released
+
+    async def _admit(self, conn: socket.socket, probes_only: bool, key: int) -> None:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
         try:
-            hello = await asyncio.wait_for(_recv_exactly(loop, conn, HELLO_BYTES), 10)
-        except (asyncio.TimeoutError, OSError):
-            conn.close()
+            hello = await asyncio.wait_for(_recv_exactly(loop, conn, HELLO_BYTES), HELLO_SECONDS)
+        except (asyncio.TimeoutError, OSError, asyncio.CancelledError):
+            conn.close()        # silent, or cut for a newer one from its address
             return
+        finally:
+            self._hellos.leave(key)
         if len(hello) == HELLO_BYTES and hello.startswith(WHOAMI):
             return self._whoami(conn)
         if probes_only:
@@ -176,35 +236,101 @@ class Relay:
         ticket = self.tickets.pop(hello[len(MAGIC):], None)
         if ticket is None or ticket.expires < time.monotonic():
             return self._refuse(conn, UNKNOWN_TOKEN, None)
+        if ticket.pair in self._gone:
+            return self._refuse(conn, PEER_GONE, ticket.device)
         pair = self.pairs.get(ticket.pair)
         if pair is None:
             if len(self.pairs) >= self.max_relays:
                 return self._refuse(conn, BUSY, ticket.device)
-            pair = _Pair(ticket.pair, (None, None))
-        devices = list(pair.devices)
-        devices[ticket.side] = ticket.device
-        pair.devices = tuple(devices)
+            pair = _Pair(ticket.pair, (None, None), issued=ticket.devices)
         if self.active.get(ticket.device, 0) >= self.per_device:
             return self._refuse(conn, DEVICE_BUSY, ticket.device)
         if self.quota_bytes is not None and self.used.get(ticket.device, 0) >= self.quota_bytes:
             return self._refuse(conn, QUOTA, ticket.device)
+        devices = list(pair.devices)
+        devices[ticket.side] = ticket.device
+        pair.devices = tuple(devices)
         self.pairs[pair.id] = pair
         self.active[ticket.device] = self.active.get(ticket.device, 0) + 1
         pair.socks[ticket.side] = conn
-        other = pair.socks[1 - ticket.side]
-        if other is None:
-            pair.joined = loop.create_future()
-            try:
-                await asyncio.wait_for(asyncio.shield(pair.joined), self.join_timeout)
-            except asyncio.TimeoutError:
+        if pair.socks[1 - ticket.side] is None:
+            return await self._wait_for_peer(pair, ticket, conn)
+        pair.joined.set_result(JOINED)
+        self._start(pair, 1 - ticket.side)
+
+    async def _wait_for_peer(self, pair: _Pair, ticket: _Ticket, conn: socket.socket) -> None:
+        """The first side waits for the second, and is watched meanwhile: a
+        device sends nothing before it is told it joined, so a byte, an EOF
+        or a reset from it means it is gone, and its slot is freed at once."""
+        loop = asyncio.get_running_loop()
+        pair.joined = loop.create_future()
+        watch = loop.create_future()
+        fd = conn.fileno()
+        # readable = a byte, an EOF or an error; peeked at, never read
+        loop.add_reader(fd, lambda: watch.done() or watch.set_result(None))
+        pair.unwatch = lambda: loop.remove_reader(fd)
+        status = None
+        try:
+            done, _ = await asyncio.wait({pair.joined, watch}, timeout=self.join_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if pair.joined in done:
+                status = pair.joined.result()
+                if status == JOINED:
+                    return                  # the second side starts the pumps
+            elif watch in done:
+                status = PEER_GONE          # (for the log: this side is the one gone)
+            else:
+                status = PEER_TIMEOUT
+        except asyncio.CancelledError:
+            status = REVOKED
+            raise
+        finally:
+            pair.unwatch()
+            watch.cancel()
+            if status != JOINED:
+                if pair.joined is not None and not pair.joined.done():
+                    pair.joined.set_result(status)
+                pair.socks[ticket.side] = None
                 self._release(ticket.device)
                 self.pairs.pop(pair.id, None)
-                return self._refuse(conn, PEER_TIMEOUT, ticket.device)
+                self._gone[pair.id] = time.monotonic() + self.token_ttl
+                if status == PEER_GONE:
+                    self.log("relay-left", pair=pair.id, device=ticket.device)
+                    conn.close()
+                else:
+                    self._refuse(conn, status, ticket.device)
+
+    def _start(self, pair: _Pair, waiter: int) -> None:
+        """Both sides are here: tell each, the one that waited first, then
+        pump. If the waiter cannot be told (reset since it joined), the
+        newcomer hears "peer-gone"; if the newcomer cannot, the waiter's
+        connection is closed. Either way nothing is left held."""
+        pair.unwatch()
+        order = (waiter, 1 - waiter)
+        told = 0
+        for side in order:
+            try:
+                pair.socks[side].send(bytes([JOINED]))   # one byte, an empty send buffer
+                told += 1
+            except OSError:
+                break
+        if told < 2:
+            if told == 0:
+                try:
+                    pair.socks[order[1]].send(bytes([PEER_GONE]))
+                except OSError:
+                    pass
+            for sock in pair.socks:
+                sock.close()
+            for dev in pair.devices:
+                self._release(dev)
+            self.pairs.pop(pair.id, None)
+            self.log("relay-aborted", pair=pair.id, devices=pair.devices,
+                     reason="a side closed before it could be told it joined")
             return
-        pair.joined.set_result(None)
-        for s in pair.socks:
-            s.setblocking(True)
-            s.sendall(bytes([JOINED]))
+        pair.running = True
+        for sock in pair.socks:
+            sock.setblocking(True)
         self.relays_total += 1
         self.log("relay-joined", pair=pair.id, devices=pair.devices)
         done = threading.Event()
@@ -230,11 +356,19 @@ class Relay:
         this very connection opened, from another port of the same address:
         natcheck's filtering probe (drop, RST, or let in). It only ever
         connects back to the asker's own proven address and port, so it
-        needs no token; concurrent probes are capped."""
+        needs no token; concurrent probes are capped, per source address
+        (so one address cannot take every slot) and in all."""
         loop = asyncio.get_running_loop()
         verdict = b"B"
-        if self._filter_probes < MAX_FILTER_PROBES:
+        try:
+            source = conn.getpeername()[0]
+        except OSError:
+            conn.close()
+            return
+        mine = self._probes_from.get(source, 0)
+        if self._filter_probes < MAX_FILTER_PROBES and mine < self.probes_per_source:
             self._filter_probes += 1
+            self._probes_from[source] = mine + 1
             probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 probe.setblocking(False)
@@ -249,6 +383,11 @@ class Relay:
             finally:
                 probe.close()
                 self._filter_probes -= 1
+                left = self._probes_from[source] - 1
+                if left:
+                    self._probes_from[source] = left
+                else:
+                    del self._probes_from[source]
         try:
             await loop.sock_sendall(conn, verdict)
         except OSError:

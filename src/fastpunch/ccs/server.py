@@ -31,11 +31,15 @@ import itertools
 import json
 import logging
 import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from fastpunch.ccs.budget import Bucket, Budgets, Gate
 from fastpunch.ccs.keystore import KeyStore
+from fastpunch.ccs.lifecycle import REFUSALS, Watcher, stale
 from fastpunch.ccs.registry import MemoryRegistry
 from fastpunch.ccs.relay import Relay
 from fastpunch.errors import RemoteProtocolError
@@ -75,6 +79,17 @@ class Pending:
 
 
 @dataclass
+class Offer:
+    """A rendezvous offered to B (on B's node), until B answers it."""
+    origin: str
+    pid: int
+    a: str
+    b: str
+    expires: float
+    session: "DeviceSession"        # the connection it went to (not a later one of B's)
+
+
+@dataclass
 class Metrics:
     auth_failures: int = 0
     rendezvous_ok: int = 0
@@ -101,7 +116,8 @@ class CCSServer:
                  auth_timeout: float = 10.0, start_delay_ms: int = 250,
                  random: Callable[[int], bytes] = os.urandom,
                  clock: Callable[[], float] = time.time,
-                 cluster_key: Optional[bytes] = None, spoof_assist: bool = True) -> None:
+                 cluster_key: Optional[bytes] = None, spoof_assist: bool = True,
+                 budgets: Optional[Budgets] = None, watch_keystore: bool = True) -> None:
         self.keystore = keystore
         self.ssl_context = ssl_context
         self.registry = registry if registry is not None else MemoryRegistry()
@@ -125,22 +141,43 @@ class CCSServer:
         self.clock = clock
         self.sessions: dict[str, DeviceSession] = {}
         self.pending: dict[int, Pending] = {}             # origin side
-        self.offers: dict[int, tuple] = {}                 # B side: oid -> (origin, pid, a, b)
+        # B side: oid -> Offer. Offer ids are random (a device guessing
+        # another's cannot), checked against their owner before anything
+        # changes, and dropped after rendezvous_timeout if never answered.
+        self.offers: dict[int, Offer] = {}
+        self._offer_expiry: collections.deque = collections.deque()   # (expires, oid)
+        self.budgets = budgets if budgets is not None else Budgets()
+        self.gate = Gate(self.budgets.preauth_per_source, self.budgets.preauth_total)
+        self._listener: Optional[socket.socket] = None
+        self._accepting: Optional[asyncio.Task] = None
+        self._incoming = itertools.count(1)
         self.waiting: dict[str, list[int]] = {}           # offline peer -> pending ids
         self.metrics = Metrics()
         self._ids = itertools.count(1)
-        self._server = None
         self._tasks: set[asyncio.Task] = set()
         self.spoof_assist = spoof_assist
         self._assists: set = set()                 # RST-suppression tables for spoof plans
         # rendezvous whose sides are punching: session -> {device here: (peer, its node)}
         self.active: dict = {}
+        # device here -> its sessions in ``active``: a device leaving finds
+        # its own without scanning every rendezvous of the last minute (at
+        # 2,000 rendezvous/s that scan was 120,000 entries per disconnect)
+        self._active_of: dict = {}
         self._active_expiry: collections.deque = collections.deque()
         self.probe_port2 = 0
+        # follows the key store's audit log: disable/remove/rekey/deny take effect at once
+        self.watch_keystore = watch_keystore
+        self._watcher: Optional[Watcher] = None
 
     @property
     def connected(self) -> int:
         return len(self.sessions)
+
+    @property
+    def serving(self) -> bool:
+        """The device listener is open and its accept loop running."""
+        return self._listener is not None and self._listener.fileno() >= 0 and \
+            self._accepting is not None and not self._accepting.done()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, relay_port: Optional[int] = 0,
                     probe_port: Optional[int] = 0):
@@ -151,9 +188,10 @@ class CCSServer:
         it). Returns the device listener's (host, port)."""
         loop = asyncio.get_running_loop()
         await self.registry.start(self.handle, lambda name: name in self.sessions)
-        self._server = await loop.create_server(lambda: DeviceSession(self), host, port,
-                                                ssl=self.ssl_context, backlog=4096)
-        bound = self._server.sockets[0].getsockname()[:2]
+        self._listener = _listen(host, port)
+        self._accepting = loop.create_task(self._accept_loop())
+        bound = self._listener.getsockname()[:2]
+        self._housekeeping = loop.create_task(self._housekeep())
         if self.public_addr is None:
             self.public_addr = bound[0]
         if relay_port is not None:
@@ -162,14 +200,29 @@ class CCSServer:
                 self.probe_port2 = await self.relay.start_probe(host, probe_port)
         event("listening", node=self.node, addr=bound, relay_port=self.relay_port,
               probe_port=self.probe_port2)
+        if self.watch_keystore:
+            self._watcher = Watcher(self.keystore, self)
+            self._watcher.start()
         return bound
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
+        for task in (self._accepting, getattr(self, "_housekeeping", None)):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
             for session in list(self.sessions.values()):
                 session.transport.abort()
-            await self._server.wait_closed()
+            for key in list(self.gate._all):      # handshakes and logins under way
+                self.gate._evict(key)
         for pending in list(self.pending.values()):
             self._finish(pending)
         for task in list(self._tasks):
@@ -178,6 +231,68 @@ class CCSServer:
             self._unassist(table)
         await self.relay.close()
         await self.registry.close()
+
+    # -- accepting: TLS handshakes and logins are bounded in time and number ------------
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self._listener)
+            except OSError as exc:          # EMFILE, ENOBUFS...: say so, go on
+                event("accept-error", reason=str(exc))
+                await asyncio.sleep(0.05)
+                continue
+            key = next(self._incoming)
+            task = loop.create_task(self._handshake(conn, key))
+            self.gate.admit(key, addr[0], task.cancel)
+
+    async def _handshake(self, conn: socket.socket, key: int) -> None:
+        """TLS on an accepted socket within ``handshake_timeout``; the
+        session then has ``auth_timeout`` to log in. Until it has, it is in
+        the gate, which cuts the oldest such connection of a source (or of
+        all) past its cap."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: DeviceSession(self, key), conn, ssl=self.ssl_context,
+                ssl_handshake_timeout=self.budgets.handshake_timeout, ssl_shutdown_timeout=2.0)
+        except asyncio.CancelledError:
+            conn.close()
+            self.gate.leave(key)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            conn.close()
+            self.gate.leave(key)
+            event("handshake-failed", reason=str(exc) or type(exc).__name__)
+        except Exception as exc:          # ssl.SSLError is an OSError; anything else, logged
+            conn.close()
+            self.gate.leave(key)
+            event("handshake-failed", reason=repr(exc))
+
+    async def _housekeep(self) -> None:
+        """Drop what nobody will come back for: offers never answered."""
+        while True:
+            await asyncio.sleep(1.0)
+            self._expire_offers(time.monotonic())
+
+    def _expire_offers(self, now: float) -> None:
+        while self._offer_expiry and self._offer_expiry[0][0] <= now:
+            _, oid = self._offer_expiry.popleft()
+            offer = self.offers.get(oid)
+            if offer is not None and offer.expires <= now:
+                self._drop_offer(oid, expired=True)
+
+    def _drop_offer(self, oid: int, expired: bool = False) -> Optional[Offer]:
+        offer = self.offers.pop(oid, None)
+        if offer is None:
+            return None
+        b = offer.session
+        b.offers_from[offer.a] -= 1
+        if not b.offers_from[offer.a]:
+            del b.offers_from[offer.a]
+        b.offers_pending -= 1
+        if expired:
+            b.expired.append(oid)
+        return offer
 
     def spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -214,10 +329,6 @@ class CCSServer:
         self.spawn(self.registry.offline(name))
         for pending in [p for p in self.pending.values() if p.a == name]:
             self._finish(pending)
-        for oid, (origin, pid, a, b) in list(self.offers.items()):
-            if b == name:
-                del self.offers[oid]
-                self.spawn(self.deliver(origin, {"op": "gone", "pid": pid, "name": name}))
         self.spawn(self._left(name, "peer-offline", f"{name} disconnected from the CCS"))
 
     # -- rendezvous whose sides are punching --------------------------------------------
@@ -225,22 +336,37 @@ class CCSServer:
         now = time.monotonic()
         while self._active_expiry and self._active_expiry[0][0] < now:
             _, old = self._active_expiry.popleft()
-            self.active.pop(old, None)
+            for gone in list(self.active.get(old, ())):
+                self._untrack(old, gone)
         self.active.setdefault(session, {})[device] = (peer, peer_node)
+        self._active_of.setdefault(device, set()).add(session)
         self._active_expiry.append((now + ACTIVE_SECONDS, session))
+
+    def _untrack(self, session: int, device: str):
+        """Forget ``device``'s side of ``session``: its (peer, peer's node), or None."""
+        sides = self.active.get(session)
+        if not sides or device not in sides:
+            return None
+        side = sides.pop(device)
+        if not sides:
+            del self.active[session]
+        mine = self._active_of.get(device)
+        if mine is not None:
+            mine.discard(session)
+            if not mine:
+                del self._active_of[device]
+        return side
 
     async def _left(self, device: str, code: str, reason: str,
                     session: Optional[int] = None) -> None:
         """``device`` (of this node) is gone from its rendezvous (all, or
         ``session``): tell each peer, wherever it is, so it stops punching
         and does not wait at the relay."""
-        for sid in ([session] if session is not None else list(self.active)):
-            sides = self.active.get(sid)
-            if not sides or device not in sides:
+        for sid in ([session] if session is not None else list(self._active_of.get(device, ()))):
+            side = self._untrack(sid, device)
+            if side is None:
                 continue
-            peer, peer_node = sides.pop(device)
-            if not sides:
-                self.active.pop(sid, None)
+            peer, peer_node = side
             event("peer-left", session=sid, device=device, peer=peer, code=code)
             try:          # one peer's node failing must not leave the others untold
                 await self.deliver(peer_node, {"op": "peer-left", "session": sid, "to": peer,
@@ -249,12 +375,8 @@ class CCSServer:
                 event("peer-left-error", session=sid, peer=peer, reason=repr(exc))
 
     def _peer_left(self, msg: dict) -> None:
-        sides = self.active.get(msg["session"])
-        if not sides or msg["to"] not in sides:
+        if self._untrack(msg["session"], msg["to"]) is None:
             return
-        sides.pop(msg["to"])
-        if not sides:
-            self.active.pop(msg["session"], None)
         session = self.sessions.get(msg["to"])
         if session is not None:
             session.write(wire.PeerLeft(msg["session"], wire.fit(msg["peer"], wire.NAME),
@@ -293,8 +415,24 @@ class CCSServer:
                     "node": self.node, "addr": session.peer[0], "rtt": session.rtt,
                     "version": session.machine.version, "info": info.to_json()})
                 return
-            oid = next(self._ids)
-            self.offers[oid] = (msg["origin"], msg["pid"], msg["a"], msg["b"])
+            budgets = self.budgets
+            if session.offers_pending >= budgets.offers_pending or \
+                    session.offers_from.get(msg["a"], 0) >= budgets.offers_per_pair:
+                # B has enough unanswered offers (from A, or from everyone):
+                # A hears so at once, and B's other peers are not crowded out
+                await self.deliver(msg["origin"], {
+                    "op": "busy", "pid": msg["pid"],
+                    "reason": f"{msg['b']} has {session.offers_pending} offers unanswered"})
+                return
+            oid = secrets.randbits(32)
+            while not oid or oid in self.offers:
+                oid = secrets.randbits(32)
+            expires = time.monotonic() + self.rendezvous_timeout
+            self.offers[oid] = Offer(msg["origin"], msg["pid"], msg["a"], msg["b"], expires,
+                                     session)
+            self._offer_expiry.append((expires, oid))
+            session.offers_pending += 1
+            session.offers_from[msg["a"]] = session.offers_from.get(msg["a"], 0) + 1
             session.write(wire.RendezvousOffer(oid, msg["a"]))
         elif op == "answer":
             await self._complete(msg)
@@ -321,6 +459,14 @@ class CCSServer:
             session = self.sessions.get(msg["b"])
             if session is not None:
                 self._refuse(session, msg["oid"], msg["code"], msg["reason"])
+        elif op == "busy":
+            pending = self.pending.get(msg["pid"])
+            if pending is not None:
+                self._finish(pending)
+                a = self.sessions.get(pending.a)
+                if a is not None:
+                    self._refuse(a, pending.a_request, msg.get("code", "peer-busy"),
+                                 msg["reason"])
         elif op == "gone":
             pending = self.pending.get(msg["pid"])
             if pending is not None:        # B left before answering: wait for it again
@@ -351,7 +497,10 @@ class CCSServer:
         session.write(wire.RendezvousRefused(request, wire.fit(code, wire.CODE), wire.fit(reason)))
 
     def _finish(self, pending: Pending) -> None:
-        self.pending.pop(pending.id, None)
+        if self.pending.pop(pending.id, None) is not None:
+            a = self.sessions.get(pending.a)
+            if a is not None and a.in_flight:
+                a.in_flight -= 1
         if pending.timer is not None:
             pending.timer.cancel()
         waiting = self.waiting.get(pending.b)
@@ -366,9 +515,17 @@ class CCSServer:
         if not self.keystore.may_reach(session.name, msg.peer):
             return self._refuse(session, msg.request, "not-authorized",
                                 f"{session.name} may not reach {msg.peer}")
+        if not 0 < msg.port < 65536:
+            return self._refuse(session, msg.request, "bad-info",
+                                f"port {msg.port} is not a port a peer can aim at")
+        if session.in_flight >= self.budgets.rendezvous_in_flight:
+            return self._refuse(session, msg.request, "too-many-rendezvous",
+                                f"{session.name} has {session.in_flight} rendezvous under way "
+                                f"(at most {self.budgets.rendezvous_in_flight})")
         pending = Pending(next(self._ids), session.name, msg.request, wire.next_info_of(msg),
                           msg.peer, time.monotonic())
         self.pending[pending.id] = pending
+        session.in_flight += 1
         pending.timer = asyncio.get_running_loop().call_later(
             self.rendezvous_timeout, self._timeout, pending.id)
         node = self.node if msg.peer in self.sessions else await self.registry.locate(msg.peer)
@@ -390,17 +547,73 @@ class CCSServer:
 
     async def answer(self, session: "DeviceSession", msg: wire.RendezvousAnswer) -> None:
         if msg.request == STANDING:         # info for the next offer, ahead of time
+            if not 0 < msg.port < 65536:
+                return session.close("bad-info", f"port {msg.port} is not a port a peer "
+                                                 "can aim at")
             session.standing = wire.next_info_of(msg)
             return
-        offer = self.offers.pop(msg.request, None)
-        if offer is None or offer[3] != session.name:
+        offer = self.offers.get(msg.request)
+        if offer is None or offer.session is not session:   # the owner first: nothing changes
+            if msg.request in session.expired:           # ours, answered too late
+                event("late-answer", device=session.name, request=msg.request)
+                return
             session.close("unknown-request", f"no rendezvous {msg.request} is offered to you")
             return
-        origin, pid, a, b = offer
-        await self.deliver(origin, {"op": "answer", "pid": pid, "oid": msg.request, "b": b,
-                                    "node": self.node, "addr": session.peer[0], "rtt": session.rtt,
-                                    "version": session.machine.version,
-                                    "info": wire.next_info_of(msg).to_json()})
+        self._drop_offer(msg.request)
+        if not 0 < msg.port < 65536:
+            event("bad-answer", device=session.name, request=msg.request, port=msg.port)
+            await self.deliver(offer.origin, {
+                "op": "busy", "pid": offer.pid, "code": "peer-bad-info",
+                "reason": f"{offer.b} announced port {msg.port}, which no peer can aim at"})
+            return
+        await self.deliver(offer.origin, {"op": "answer", "pid": offer.pid, "oid": msg.request,
+                                          "b": offer.b, "node": self.node,
+                                          "addr": session.peer[0], "rtt": session.rtt,
+                                          "version": session.machine.version,
+                                          "info": wire.next_info_of(msg).to_json()})
+
+    # -- device lifecycle (the key store's watcher calls these) -------------------------
+    def revoke(self, name: str, code: str, reason: str) -> None:
+        """``name`` was removed, disabled or re-keyed: cut its session here
+        (with an Error saying why), void its relay tickets and cut its
+        relays, drop the rendezvous it asked for or was offered, and tell
+        the peers it was punching with. Idempotent."""
+        event("revoked", device=name, code=code, reason=reason, node=self.node)
+        self.relay.revoke(name)
+        for pending in [p for p in self.pending.values() if p.a == name or p.b == name]:
+            self._finish(pending)
+            if pending.b == name:
+                a = self.sessions.get(pending.a)
+                if a is not None:
+                    self._refuse(a, pending.a_request, code, f"{name}: {reason}")
+        session = self.sessions.get(name)
+        if session is not None:
+            session.close(code, reason)      # offline() follows: offers, presence
+        self.spawn(self._left(name, code, reason))
+
+    def deny(self, a: str, b: str) -> None:
+        """``a`` and ``b`` may no longer meet: what is under way between
+        them stops (requests are checked against the ACL as they come)."""
+        event("denied", a=a, b=b, node=self.node)
+        pair = {a, b}
+        self.relay.revoke_pair(a, b)
+        for pending in [p for p in self.pending.values() if {p.a, p.b} == pair]:
+            self._finish(pending)
+            session = self.sessions.get(pending.a)
+            if session is not None:
+                self._refuse(session, pending.a_request, "not-authorized",
+                             f"{pending.a} may no longer reach {pending.b}")
+        for oid, offer in list(self.offers.items()):
+            if {offer.a, offer.b} == pair:
+                self._drop_offer(oid)
+                self.spawn(self.deliver(offer.origin, {
+                    "op": "busy", "pid": offer.pid, "code": "not-authorized",
+                    "reason": f"{offer.a} may no longer reach {offer.b}"}))
+        for sid, sides in list(self.active.items()):
+            for device, (peer, _) in list(sides.items()):
+                if {device, peer} == pair:
+                    self.spawn(self._left(device, "not-authorized",
+                                          f"{device} and {peer} may no longer meet", sid))
 
     def _seal_key(self, key: bytes, device: str) -> str:
         """A session key for another node: AES-GCM under the cluster key,
@@ -432,10 +645,10 @@ class CCSServer:
             event("spoof-assist-busy", tables=len(self._assists))
             return
         (a_addr, a_port), (b_addr, b_port) = sides
-        table = netfilter.suppress_rsts([
-            netfilter.RstSuppression(b_port, a_addr, a_port, exempt_mark=None),
-            netfilter.RstSuppression(a_port, b_addr, b_port, exempt_mark=None)])
         try:
+            table = netfilter.suppress_rsts([
+                netfilter.RstSuppression(b_port, a_addr, a_port, exempt_mark=None),
+                netfilter.RstSuppression(a_port, b_addr, b_port, exempt_mark=None)])
             table.apply()
         except Exception as exc:        # no privilege, no nftables: say so once
             self.spoof_assist = False
@@ -456,11 +669,10 @@ class CCSServer:
     def _own_addresses(self) -> set:
         """Addresses of the CCS itself, which no candidate may carry."""
         own = {self.public_addr} if self.public_addr else set()
-        if self._server is not None:
-            for sock in self._server.sockets:
-                addr = sock.getsockname()[0]
-                if addr not in ("0.0.0.0", "::"):
-                    own.add(addr)
+        if self._listener is not None:
+            addr = self._listener.getsockname()[0]
+            if addr not in ("0.0.0.0", "::"):
+                own.add(addr)
         return own
 
     def _screen(self, a: str, a_addr: str, a_info: wire.NextInfo, b: str, b_addr: str,
@@ -540,13 +752,24 @@ class CCSServer:
 
 
 class DeviceSession(asyncio.Protocol):
-    """Thin glue: bytes in and out of one server-side Connection machine."""
+    """Thin glue: bytes in and out of one server-side Connection machine,
+    within the device's budgets: messages a second (a token bucket),
+    bytes queued to it (reading stops while its transport is paused, and a
+    device that lets more pile up is cut), rendezvous and offers under way."""
 
     __slots__ = ("server", "machine", "name", "peer", "transport", "_deadline", "rtt",
-                 "_challenged", "standing")
+                 "_challenged", "standing", "key", "bucket", "in_flight", "offers_pending",
+                 "offers_from", "expired", "generation")
 
-    def __init__(self, server: CCSServer) -> None:
+    def __init__(self, server: CCSServer, key: int = 0) -> None:
         self.server = server
+        self.key = key                      # in the server's gate until logged in
+        self.bucket: Optional[Bucket] = None
+        self.in_flight = 0                  # rendezvous it asked for, unanswered
+        self.offers_pending = 0             # offers to it, unanswered
+        self.offers_from: dict = {}         # the same, per asking device
+        self.expired: collections.deque = collections.deque(maxlen=64)   # offers it let lapse
+        self.generation = 0
         self.machine = Connection(Role.SERVER)
         self.name: Optional[str] = None
         self.peer: tuple = ("0.0.0.0", 0)
@@ -559,7 +782,24 @@ class DeviceSession(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = transport.get_extra_info("peername")[:2]
+        budgets = self.server.budgets
+        transport.set_write_buffer_limits(high=min(64 * 1024, budgets.write_buffer))
+        self.bucket = Bucket(budgets.messages_per_second, budgets.message_burst,
+                             time.monotonic())
+        self.server.gate.update(self.key, lambda: self.close("login-crowded",
+                                                             "too many connections waiting "
+                                                             "to log in from this address"))
         self._arm(self.server.auth_timeout, "auth-timeout")
+
+    def pause_writing(self) -> None:
+        """The device does not read what we send: stop reading what it
+        sends (its requests are what would make us write more)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def _arm(self, seconds: float, code: str) -> None:
         if self._deadline is not None:
@@ -572,6 +812,9 @@ class DeviceSession(asyncio.Protocol):
         told what version 2 added (PeerLeft)."""
         if self.transport is not None and not self.transport.is_closing() \
                 and self.machine.state is State.READY and msg.SINCE <= self.machine.version:
+            if self.transport.get_write_buffer_size() > self.server.budgets.write_buffer:
+                return self.close("slow-reader", f"more than {self.server.budgets.write_buffer} "
+                                                 "bytes waiting for the device to read them")
             self.transport.write(self.machine.send(msg))
 
     def close(self, code: str, reason: str) -> None:
@@ -581,6 +824,10 @@ class DeviceSession(asyncio.Protocol):
         event("closed", device=self.name or self.machine.name, addr=self.peer, code=code,
               reason=reason)
         self.transport.close()
+        # a device that does not read would hold the flush (and its buffers)
+        # forever; one that never logged in gets only a moment
+        grace = 2.0 if self.name is not None else 0.25
+        asyncio.get_running_loop().call_later(grace, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
         self.machine.receive_data(data)
@@ -599,20 +846,35 @@ class DeviceSession(asyncio.Protocol):
                 return self.close(getattr(exc, "code", "protocol-error"), str(exc))
             if msg is NEED_DATA or msg is CLOSED:
                 return
+            if not self.bucket.take(time.monotonic()):
+                budgets = self.server.budgets
+                return self.close("rate-limited",
+                                  f"more than {budgets.messages_per_second:g} messages a second "
+                                  f"(bursts of {budgets.message_burst})")
             self._dispatch(msg)
+            if self.transport.is_closing():
+                return
 
     def _dispatch(self, msg: wire.Message) -> None:
         srv = self.server
         if isinstance(msg, wire.Hello):
-            self.transport.write(self.machine.challenge(srv.keystore.key_for(msg.name), srv.random))
+            # (an unknown name costs what a known one does: keystore.lookup, Connection)
+            record = srv.keystore.lookup(msg.name)
+            self.generation = record.generation if record is not None else None
+            self.transport.write(self.machine.challenge(record.key if record is not None else None,
+                                                        srv.random))
             self._challenged = time.monotonic()
         elif isinstance(msg, wire.AuthResponse):        # verified by the machine
+            why = stale(srv.keystore, self.machine.name, self.generation)
+            if why is not None:         # disabled (or removed, re-keyed since its Hello)
+                return self.close(why, REFUSALS[why])
             self.rtt = time.monotonic() - self._challenged
             self.name = self.machine.name
             self.transport.write(self.machine.accept(self.peer[0], self.peer[1], srv.heartbeat,
                                                      srv.node, srv.relay_port or None,
                                                      srv.probe_port2 or None))
             self._arm(3 * srv.heartbeat, "dead-peer")
+            srv.gate.leave(self.key)
             srv.online(self)
         elif isinstance(msg, wire.Heartbeat):
             self._arm(3 * srv.heartbeat, "dead-peer")
@@ -627,8 +889,31 @@ class DeviceSession(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
+        srv = self.server
+        srv.gate.leave(self.key)
+        if self.offers_pending:        # offers it will never answer: their origins wait again
+            for oid in [oid for oid, offer in srv.offers.items() if offer.session is self]:
+                offer = srv._drop_offer(oid)
+                srv.spawn(srv.deliver(offer.origin, {"op": "gone", "pid": offer.pid,
+                                                     "name": offer.b}))
         if self.name is not None:
             self.server.offline(self)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is not 0-65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
