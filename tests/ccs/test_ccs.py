@@ -335,17 +335,16 @@ def test_metrics_endpoint(deployment):
             mserver.close()
         head, body = text.split("\r\n\r\n", 1)
         assert head.startswith("HTTP/1.1 200")
-        values = {}
-        for line in body.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        node = f'node="{server.node}"'
-        assert values[f"fastpunch_ccs_connected_devices{{{node}}}"] == 2
-        assert values[f'fastpunch_ccs_rendezvous_total{{{node},result="ok"}}'] == 1
-        assert values[f"fastpunch_ccs_auth_failures_total{{{node}}}"] == 1
-        assert values[f'fastpunch_ccs_rendezvous_seconds_bucket{{{node},le="+Inf"}}'] == 1
-        assert values[f"fastpunch_ccs_relay_bytes_total{{{node}}}"] == 0
+        from prometheus_client.parser import text_string_to_metric_families
+
+        values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                  for family in text_string_to_metric_families(body) for s in family.samples}
+        node = ("node", server.node)
+        assert values["fastpunch_ccs_connected_devices", (node,)] == 2
+        assert values["fastpunch_ccs_rendezvous_total", (node, ("result", "ok"))] == 1
+        assert values["fastpunch_ccs_auth_failures_total", (node,)] == 1
+        assert values["fastpunch_ccs_rendezvous_seconds_bucket", (("le", "+Inf"), node)] == 1
+        assert values["fastpunch_ccs_relay_bytes_total", (node,)] == 0
 
     arun(main())
 

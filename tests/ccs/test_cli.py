@@ -40,14 +40,18 @@ def test_init_creates_private_files_and_refuses_to_overwrite(deploy):
 
 
 def test_add_device_prints_credentials_and_seals_them(deploy, tmp_path):
-    r = fp("ccs", "add-device", "cam-1", "--may-reach", "viewer", "--dir", str(deploy),
-           "--key-file", str(tmp_path / "cam.key"))
+    r = fp("ccs", "add-device", "cam-1", "--may-reach", "viewer", "--dir", str(deploy))
     assert r.returncode == 0, r.stderr
     creds = json.loads(r.stdout)
     assert creds["name"] == "cam-1" and len(bytes.fromhex(creds["key"])) == 32
-    assert mode(tmp_path / "cam.key") == 0o600
-    assert json.loads((tmp_path / "cam.key").read_text()) == creds
     assert bytes.fromhex(creds["key"]) not in (deploy / "keys.db").read_bytes()   # sealed
+    # with a key file the credentials go there (0600), and the key not on stdout
+    r = fp("ccs", "add-device", "cam-2", "--dir", str(deploy), "--key-file", str(tmp_path / "cam.key"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"name": "cam-2", "key_file": str(tmp_path / "cam.key")}
+    creds = json.loads((tmp_path / "cam.key").read_text())
+    assert mode(tmp_path / "cam.key") == 0o600 and creds["name"] == "cam-2"
+    assert creds["key"] not in r.stdout + r.stderr
     again = fp("ccs", "add-device", "cam-1", "--dir", str(deploy))
     assert again.returncode == 1 and "already exists" in again.stderr
     bad = fp("ccs", "add-device", "../etc", "--dir", str(deploy))

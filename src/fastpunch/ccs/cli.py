@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
 import sys
+from typing import Optional
 
 from fastpunch.errors import FastpunchError
 
@@ -27,6 +29,9 @@ def add_subparsers(sub) -> None:
                    help="IP address devices use for the CCS (repeatable; default 127.0.0.1)")
     p.add_argument("--sealed", action="store_true",
                    help="also create master.key and seal every device key with it")
+    p.add_argument("--ca-key-out", metavar="PATH",
+                   help="write the CA key here, outside --dir, and nowhere else (keep it "
+                        "offline: only `ccs renew-cert --ca-key` needs it) (default: DIR/ca.key)")
     p.set_defaults(func=cmd_init)
 
     p = cmds.add_parser("add-device", help="enroll a device and print its credentials (JSON)")
@@ -34,7 +39,11 @@ def add_subparsers(sub) -> None:
     p.add_argument("--may-reach", action="append", default=[], metavar="OTHER",
                    help="a device this one may rendezvous with (repeatable; both directions)")
     p.add_argument("--dir", default=DEFAULT_DIR)
-    p.add_argument("--key-file", help="also write the credentials here (0600)")
+    p.add_argument("--key-file", help="write the credentials here (0600) instead of printing "
+                                      "the key")
+    p.add_argument("--key-from", metavar="FILE",
+                   help="take the key from these credentials (the same device enrolled on "
+                        "another node) instead of making one")
     p.set_defaults(func=cmd_add_device)
 
     p = cmds.add_parser("allow", help="let two enrolled devices rendezvous")
@@ -43,24 +52,37 @@ def add_subparsers(sub) -> None:
     p.add_argument("--dir", default=DEFAULT_DIR)
     p.set_defaults(func=cmd_allow)
 
-    p = cmds.add_parser("serve", help="run a CCS node (asyncio on uvloop)")
-    p.add_argument("--dir", default=DEFAULT_DIR)
-    p.add_argument("--listen", default="0.0.0.0:7443", metavar="HOST:PORT")
-    p.add_argument("--relay-port", type=int, default=7444, help="0 = any, -1 = no relay")
-    p.add_argument("--probe-port", type=int, default=7445,
-                   help="a second port answering address probes (natcheck sees whether a "
-                        "mapping depends on the destination port); 0 = any, -1 = none")
-    p.add_argument("--public-addr", help="address devices reach the relay at (default: --listen host)")
-    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
-    p.add_argument("--redis", metavar="URL", help="share presence with other nodes through Redis")
-    p.add_argument("--node", default=socket.gethostname(), help="this node's name (default hostname)")
-    p.add_argument("--heartbeat", type=int, default=15, help="seconds between device heartbeats")
-    p.add_argument("--rendezvous-timeout", type=float, default=30.0)
-    p.add_argument("--relay-max", type=int, default=256, help="concurrent relays, whole node")
-    p.add_argument("--relay-per-device", type=int, default=4, help="concurrent relays per device")
-    p.add_argument("--relay-quota", type=int, metavar="BYTES", help="relay bytes per device")
-    p.add_argument("--ready-file", help="write {host, port, relay_port, metrics} here when listening")
+    from fastpunch.ccs.admin import add_subparsers as add_admin   # devices, acl, audit
+
+    add_admin(cmds)
+
+    from fastpunch.ccs import config as serve_config
+
+    p = cmds.add_parser(
+        "serve", help="run a CCS node (asyncio on uvloop)",
+        description="Run a CCS node. Every setting is a flag, an environment variable "
+                    "FASTPUNCH_CCS_<SETTING> and a key of the --config TOML file; a flag "
+                    "wins over the environment, which wins over the file. SIGHUP reloads "
+                    "server.pem/server.key.")
+    serve_config.add_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = cmds.add_parser("renew-cert", help="issue a new server key and certificate from the CA",
+                        description="A new server key and certificate signed by the deployment "
+                                    "CA, replacing server.key and server.pem atomically; then "
+                                    "reload a running node with SIGHUP.")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"deployment directory (default: {DEFAULT_DIR})")
+    p.add_argument("--ca-key", metavar="PATH",
+                   help="the CA key, wherever it is kept (default: DIR/ca.key)")
+    p.add_argument("--name", action="append", metavar="DNS",
+                   help="DNS name for the certificate (repeatable; replaces the old "
+                        "certificate's names) (default: the old certificate's)")
+    p.add_argument("--ip", action="append", metavar="ADDR",
+                   help="IP address for the certificate (repeatable; replaces the old "
+                        "certificate's addresses) (default: the old certificate's)")
+    p.add_argument("--days", type=int, default=730,
+                   help="validity in days, at most the CA's own (default: 730)")
+    p.set_defaults(func=cmd_renew_cert)
 
     dev = sub.add_parser("device", help="a device agent")
     dcmds = dev.add_subparsers(dest="device_command", required=True)
@@ -91,9 +113,64 @@ def _store(args, create: bool = False):
 
 
 def _write_secret(path: str, text: str) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    """Write a secret readable by its owner only (see _secret_file)."""
+    with _secret_file(path) as write:
+        write(text)
+
+
+def key_from(path: Optional[str], name: str) -> Optional[bytes]:
+    """The key of ``name`` in a credentials file (``--key-from``), or None."""
+    if path is None:
+        return None
+    holder, key = read_credentials(path)
+    if holder is not None and holder != name:
+        raise FastpunchError(f"{path} holds the credentials of {holder!r}, not {name!r}")
+    if len(key) != 32:
+        raise FastpunchError(f"{path}: a device key is 32 bytes, not {len(key)}")
+    return key
+
+
+@contextlib.contextmanager
+def _secret_file(path: str):
+    """Open ``path`` for a secret, yielding the function that writes it:
+    never through a symbolic link, never into anything but a regular file,
+    and an existing file (perhaps world-readable) made 0600 before anything
+    goes in. Opened before the change that makes the secret, so a path that
+    cannot take it fails the command before anything changed; a file
+    created here is removed again if the change fails."""
+    import errno
+    import stat
+
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK   # (a FIFO: no wait)
+    created = True
+    try:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            created = False
+            fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FastpunchError(f"{path} is a symbolic link: not writing a secret through it") \
+                from None
+        raise FastpunchError(f"cannot write a secret to {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FastpunchError(f"{path} is not a regular file: not writing a secret into it")
+        os.fchmod(fd, 0o600)            # open() leaves an existing file's mode as it was
+
+        def write(text: str) -> None:
+            os.ftruncate(fd, 0)
+            os.write(fd, text.encode())   # (a few hundred bytes: one write)
+
+        try:
+            yield write
+        except BaseException:
+            if created:
+                os.unlink(path)
+            raise
+    finally:
+        os.close(fd)
 
 
 def cmd_init(args) -> int:
@@ -101,7 +178,15 @@ def cmd_init(args) -> int:
 
     if os.path.exists(os.path.join(args.dir, "ca.pem")):
         raise FastpunchError(f"{args.dir} already holds a deployment; not overwriting its CA")
-    paths = pki.init(args.dir, args.name or ["localhost"], args.ip or ["127.0.0.1"])
+    if args.ca_key_out is not None:
+        out = os.path.dirname(os.path.realpath(args.ca_key_out))
+        home = os.path.realpath(args.dir)
+        if out == home or out.startswith(home + os.sep):
+            raise FastpunchError(f"--ca-key-out {args.ca_key_out} is inside --dir {args.dir}: "
+                                 "the point is to keep the CA key off the serving machine's "
+                                 "directory")
+    paths = pki.init(args.dir, args.name or ["localhost"], args.ip or ["127.0.0.1"],
+                     ca_key_path=args.ca_key_out)
     if args.sealed:
         _write_secret(os.path.join(args.dir, "master.key"), os.urandom(32).hex() + "\n")
     # seals session keys between CCS nodes (copy it with keys.db to every node)
@@ -112,36 +197,52 @@ def cmd_init(args) -> int:
 
 
 def cmd_add_device(args) -> int:
+    from fastpunch.ccs.admin import say_audit
+
+    given = key_from(args.key_from, args.name)
     store = _store(args)
     try:
-        key = store.add_device(args.name, args.may_reach)
+        with _secret_file(args.key_file) if args.key_file else contextlib.nullcontext() as write:
+            key = store.add_device(args.name, args.may_reach, given)
+            say_audit(store)
+            creds = json.dumps({"name": args.name, "key": key.hex(),
+                                "ca": os.path.join(args.dir, "ca.pem")})
+            if write is not None:
+                write(creds + "\n")
+                creds = json.dumps({"name": args.name, "key_file": args.key_file})   # not the key
+            elif given is not None:
+                creds = json.dumps({"name": args.name, "key_from": args.key_from})  # nor here
     finally:
         store.close()
-    creds = json.dumps({"name": args.name, "key": key.hex(),
-                        "ca": os.path.join(args.dir, "ca.pem")})
-    if args.key_file:
-        _write_secret(args.key_file, creds + "\n")
     print(creds)
     return 0
 
 
 def cmd_allow(args) -> int:
+    """The first spelling of ``ccs acl allow`` (kept)."""
+    from fastpunch.ccs.admin import say_audit
+    from fastpunch.ccs.keystore import UnknownDeviceError
+
     store = _store(args)
     try:
         for name in (args.a, args.b):
-            if store.key_for(name) is None:
-                raise FastpunchError(f"no device {name!r}: enroll it with `ccs add-device`")
+            if store.state(name) is None:
+                raise UnknownDeviceError(name)
         store.allow(args.a, args.b)
+        say_audit(store)
     finally:
         store.close()
     return 0
 
 
 def _hostport(text: str) -> tuple:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise FastpunchError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+    """``HOST:PORT`` (or ``[v6]:PORT``) -> (host, port); the port 0-65535."""
+    from fastpunch.ccs.config import parse_hostport
+
+    try:
+        return parse_hostport(text)
+    except ValueError:
+        raise FastpunchError(f"expected HOST:PORT with a port 0-65535, got {text!r}") from None
 
 
 def _logging() -> None:
@@ -158,49 +259,114 @@ def _raise_nofile() -> None:
 
 
 def cmd_serve(args) -> int:
-    from fastpunch.ccs import metrics, pki
+    from types import SimpleNamespace
+
+    from fastpunch.ccs import config, metrics, pki
     from fastpunch.ccs.registry import MemoryRegistry, RedisRegistry
     from fastpunch.ccs.relay import Relay
     from fastpunch.ccs.server import CCSServer, event, new_event_loop
 
+    # every setting checked before anything starts (a ConfigError names it)
+    cfg = config.load({s.key: getattr(args, s.key) for s in config.SETTINGS} |
+                      {"config": args.config}, os.environ)
     _logging()
     _raise_nofile()
-    store = _store(args)
-    host, port = _hostport(args.listen)
-    registry = RedisRegistry(args.redis, args.node) if args.redis else MemoryRegistry(args.node)
+    event("config", file=cfg.file, settings=cfg.shown())
+    for name in config.unknown_environment(os.environ):
+        event("config-unknown-variable", variable=name,
+              reason="names no setting of ccs serve; ignored")
+    directory = cfg["dir"]
+    budgets = None
+    if config.BUDGETS:
+        from fastpunch.ccs.budget import Budgets
+
+        budgets = Budgets(**cfg.budgets())
     cluster_key = None
-    if args.redis:
-        path = os.path.join(args.dir, "cluster.key")
+    if cfg["redis"]:
+        path = os.path.join(directory, "cluster.key")
         if not os.path.exists(path):
             raise FastpunchError(f"--redis needs {path} (the same on every node; "
                                  "`fastpunch ccs init` writes one)")
         with open(path) as f:
             cluster_key = bytes.fromhex(f.read().strip())
-    relay = Relay(max_relays=args.relay_max, per_device=args.relay_per_device,
-                  quota_bytes=args.relay_quota, log=event)
-    server = CCSServer(store, pki.server_context(args.dir), registry=registry, relay=relay,
-                       public_addr=args.public_addr, heartbeat=args.heartbeat,
-                       rendezvous_timeout=args.rendezvous_timeout, cluster_key=cluster_key)
+    store = _store(SimpleNamespace(dir=directory))
+    try:
+        ssl_context = pki.server_context(directory)     # server.pem/server.key; never ca.key
+        host, port = cfg["listen"]
+        node = cfg["node"]
+        try:
+            registry = RedisRegistry(cfg["redis"], node) if cfg["redis"] else MemoryRegistry(node)
+        except RuntimeError as exc:         # no redis package
+            raise FastpunchError(str(exc)) from exc
+        relay_limits = {}
+        if budgets is not None:
+            relay_limits = {"probes_per_source": budgets.probes_per_source,
+                            "hellos_per_source": budgets.relay_hellos_per_source}
+        relay = Relay(max_relays=cfg["relay_max"], per_device=cfg["relay_per_device"],
+                      quota_bytes=cfg["relay_quota"], log=event, **relay_limits)
+        extra = {} if budgets is None else {"budgets": budgets}
+        server = CCSServer(store, ssl_context, registry=registry, relay=relay,
+                           public_addr=cfg["public_addr"], heartbeat=cfg["heartbeat"],
+                           rendezvous_timeout=cfg["rendezvous_timeout"],
+                           auth_timeout=cfg["auth_timeout"], cluster_key=cluster_key, **extra)
+    except BaseException:
+        store.close()
+        raise
+
+    def reload_certificate() -> None:
+        """SIGHUP: the renewed server.pem/server.key for handshakes from now
+        on; a pair that does not load leaves the old one serving."""
+        try:
+            cert = pki.reload_server_context(ssl_context, directory)
+        except (FastpunchError, OSError) as exc:
+            event("cert-reload-failed", dir=directory, reason=str(exc),
+                  kept="the certificate already serving")
+        else:
+            event("cert-reloaded", dir=directory, **cert)
+
+    def notify(state: str) -> None:
+        """sd_notify(3) for systemd's Type=notify: READY=1 once listening."""
+        path = os.environ.get("NOTIFY_SOCKET")
+        if not path:
+            return
+        if path.startswith("@"):
+            path = "\0" + path[1:]                # an abstract socket
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.connect(path)
+                s.sendall(state.encode())
+        except OSError as exc:
+            event("notify-failed", socket=path, reason=str(exc))
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        bound = await server.start(host, port, None if args.relay_port < 0 else args.relay_port,
-                                   None if args.probe_port < 0 else args.probe_port)
+        loop.add_signal_handler(signal.SIGHUP, reload_certificate)
+        relay_port, probe_port = cfg["relay_port"], cfg["probe_port"]
+        try:
+            bound = await server.start(host, port, None if relay_port < 0 else relay_port,
+                                       None if probe_port < 0 else probe_port)
+        except RuntimeError as exc:         # the registry's: Redis not reachable
+            try:
+                await server.close()
+            except Exception:               # it cannot reach Redis to say goodbye either
+                pass
+            raise FastpunchError(str(exc)) from exc
         mserver = None
         ready = {"host": bound[0], "port": bound[1], "relay_port": server.relay_port,
                  "probe_port": server.probe_port2, "node": server.node}
-        if args.metrics:
-            mhost, mport = _hostport(args.metrics)
-            mserver = await metrics.serve(server, mhost, mport)
+        if cfg["metrics"] is not None:
+            mserver = await metrics.serve(server, *cfg["metrics"])
             ready["metrics"] = mserver.sockets[0].getsockname()[1]
-        if args.ready_file:
-            with open(args.ready_file + ".tmp", "w") as f:
+        if cfg["ready_file"]:
+            with open(cfg["ready_file"] + ".tmp", "w") as f:
                 json.dump(ready, f)
-            os.replace(args.ready_file + ".tmp", args.ready_file)
+            os.replace(cfg["ready_file"] + ".tmp", cfg["ready_file"])
+        notify(f"READY=1\nSTATUS=listening on {bound[0]}:{bound[1]}\nMAINPID={os.getpid()}")
         await stop.wait()
+        notify("STOPPING=1")
         event("stopping", node=server.node)
         if mserver is not None:
             mserver.close()
@@ -212,6 +378,17 @@ def cmd_serve(args) -> int:
     finally:
         loop.close()
         store.close()
+    return 0
+
+
+def cmd_renew_cert(args) -> int:
+    from fastpunch.ccs import pki
+
+    out = pki.renew(args.dir, ca_key_path=args.ca_key, names=args.name, addresses=args.ip,
+                    days=args.days)
+    print(json.dumps(out))
+    print("reload a running `ccs serve` with SIGHUP (systemctl reload fastpunch-ccs)",
+          file=sys.stderr)
     return 0
 
 

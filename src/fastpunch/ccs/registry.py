@@ -40,6 +40,9 @@ class MemoryRegistry:
     async def close(self) -> None:
         pass
 
+    async def ping(self) -> None:
+        """Readiness: nothing outside this process to ask."""
+
     async def online(self, name: str) -> None:
         pass
 
@@ -97,6 +100,23 @@ class RedisRegistry:
         await self._pubsub.subscribe(self._key("to", self.node), self._key("broadcast"))
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._listen(handler)), loop.create_task(self._alive())]
+
+    async def ping(self) -> None:
+        """Readiness: raises RuntimeError saying why this node cannot use the
+        registry (Redis does not answer, or its inbox or presence refresh
+        has stopped: it would then miss messages, or vanish for the others)."""
+        from redis.exceptions import RedisError
+
+        if not self._tasks:
+            raise RuntimeError("the registry is not started")
+        for task, what in zip(self._tasks, ("inbox", "presence refresh")):
+            if task.done():
+                why = "cancelled" if task.cancelled() else repr(task.exception())
+                raise RuntimeError(f"this node's {what} stopped: {why}")
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            raise RuntimeError(f"redis does not answer: {exc}") from exc
 
     async def _alive(self) -> None:
         while True:
