@@ -6,8 +6,9 @@ its key store's sqlite3) to get one."""
 from __future__ import annotations
 
 import asyncio
+from typing import Optional
 
-__all__ = ["new_event_loop"]
+__all__ = ["new_event_loop", "cancel"]
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -16,3 +17,14 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+async def cancel(*tasks: Optional[asyncio.Task]) -> None:
+    """Cancel each task (None: skipped) and wait until it has stopped."""
+    for task in tasks:
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass

@@ -38,6 +38,9 @@ from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, Role
 from fastpunch.proto.wire import STANDING, NextInfo
 
 log = logging.getLogger("fastpunch.client")
+# Errors after which a device does not log in again: its credentials were
+# refused, or an operator removed, disabled or re-keyed it (ccs devices ...).
+FINAL_CODES = frozenset({"auth-failed", "device-disabled", "device-removed", "device-rekeyed"})
 
 __all__ = ["Device", "Offer", "NextInfo", "PeerConnection", "AuthenticationError",
            "RendezvousRefusedError", "CCSError", "RelayError"]
@@ -343,7 +346,9 @@ class Device:
                         while len(self._left_early) > 64:
                             self._left_early.pop(next(iter(self._left_early)))
                 elif isinstance(msg, wire.Error):
-                    cls = AuthenticationError if msg.code == "auth-failed" else CCSError
+                    # the CCS refused this device's credentials, or an operator
+                    # removed, disabled or re-keyed it: logging in again cannot help
+                    cls = AuthenticationError if msg.code in FINAL_CODES else CCSError
                     return cls(msg.code, msg.reason)
         except CCSError as exc:
             return exc

@@ -407,3 +407,87 @@ def test_a_device_that_does_not_read_is_paused_then_cut(deployment):
             mallory.close()
 
     arun(main())
+
+
+def test_a_second_login_does_not_reset_what_the_first_asked_for(deployment):
+    """Requests belong to the connection that asked: a device logging in
+    again to escape its in-flight cap ends its old requests instead."""
+    from fastpunch.ccs.budget import Budgets
+
+    from .conftest import running
+
+    deployment.enroll_pair()
+
+    async def main():
+        server = deployment.server(budgets=Budgets(rendezvous_in_flight=3))
+        async with running(server) as (host, port):
+            first = await login(port, deployment.ca, "viewer", deployment.keys["viewer"])
+            for rid in range(1, 4):              # cam is offline: all three wait
+                first.send(wire.RendezvousRequest(request=rid, peer="cam", **INFO.fields()))
+            deadline = time.monotonic() + 5
+            while len(server.pending) < 3:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            second = await login(port, deployment.ca, "viewer", deployment.keys["viewer"])
+            await asyncio.wait_for(first.closed, 5)           # replaced
+            deadline = time.monotonic() + 5
+            while server.pending:                # the first connection's requests ended
+                assert time.monotonic() < deadline, server.pending
+                await asyncio.sleep(0.02)
+            asks = [asyncio.ensure_future(second.rendezvous("cam", rid, timeout=20))
+                    for rid in range(1, 5)]
+            done, _ = await asyncio.wait(asks, timeout=2)
+            assert [f.result().code for f in done] == ["too-many-rendezvous"]
+            assert len(server.pending) == 3 and server.sessions["viewer"].in_flight == 3
+            for f in asks:
+                f.cancel()
+            second.close()
+
+    arun(main())
+
+
+def test_an_offer_outstanding_when_its_device_logs_in_again_goes_to_the_new_login(deployment):
+    from .conftest import running
+
+    deployment.enroll_pair()
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as (host, port):
+            cam = await login(port, deployment.ca, "cam", deployment.keys["cam"], answer=False)
+            viewer = await login(port, deployment.ca, "viewer", deployment.keys["viewer"])
+            asking = asyncio.ensure_future(viewer.rendezvous("cam", 1, timeout=20))
+            await asyncio.wait_for(cam.offers.get(), 5)
+            t0 = time.monotonic()
+            again = await login(port, deployment.ca, "cam", deployment.keys["cam"])  # answers
+            ready = await asyncio.wait_for(asking, 5)
+            assert isinstance(ready, wire.RendezvousReady), ready
+            assert time.monotonic() - t0 < 2          # not the 30 s rendezvous timeout
+            for c in (cam, viewer, again):
+                c.close()
+
+    arun(main())
+
+
+def test_a_denied_pair_s_offer_answered_late_does_not_cut_the_answerer(deployment):
+    from .conftest import running
+
+    deployment.enroll_pair()
+
+    async def main():
+        server = deployment.server(watch_keystore=False)
+        async with running(server) as (host, port):
+            cam = await login(port, deployment.ca, "cam", deployment.keys["cam"], answer=False)
+            viewer = await login(port, deployment.ca, "viewer", deployment.keys["viewer"])
+            asking = asyncio.ensure_future(viewer.rendezvous("cam", 1, timeout=20))
+            offer = await asyncio.wait_for(cam.offers.get(), 5)
+            server.deny("cam", "viewer")
+            refused = await asyncio.wait_for(asking, 5)
+            assert refused.code == "not-authorized"
+            cam.send(wire.RendezvousAnswer(request=offer.request, **INFO.fields()))
+            await asyncio.sleep(0.3)
+            assert not cam.closed.done() and server.sessions.get("cam") is not None
+            for c in (cam, viewer):
+                c.close()
+
+    arun(main())

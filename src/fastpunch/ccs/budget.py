@@ -77,6 +77,9 @@ class Gate:
     def __len__(self) -> int:
         return len(self._all)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._all
+
     def count(self, source: str) -> int:
         return len(self._by_source.get(source, ()))
 

@@ -25,6 +25,7 @@ import inspect
 import logging
 from typing import Optional
 
+from fastpunch import _loop
 from fastpunch.ccs.keystore import AuditRow, KeyStore
 
 log = logging.getLogger("fastpunch.ccs")
@@ -80,12 +81,7 @@ class Watcher:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await _loop.cancel(task)
 
     async def _run(self) -> None:
         while True:

@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from fastpunch import _loop
 from fastpunch.ccs.budget import Gate
 from fastpunch.proto.probe import FILTERING, WHOAMI
 from fastpunch.proto.probe import VERDICT_BYTES as FILTER_VERDICTS
@@ -125,6 +126,7 @@ class Relay:
         self._probes_from: dict[str, int] = {}
         self._hellos = Gate(hellos_per_source, HELLOS_TOTAL)
         self._hello_keys = 0
+        self._admits: set[asyncio.Task] = set()
         self._gone: dict[int, float] = {}        # pair -> until: a side left before the join
 
     # -- tickets (called by the control plane) ------------------------------------------
@@ -147,7 +149,7 @@ class Relay:
 
     # -- serving --------------------------------------------------------------------------
     async def start(self, host: str, port: int = 0) -> int:
-        self._listener = _listen(host, port)
+        self._listener = listen(host, port)
         self._task = asyncio.get_running_loop().create_task(self._accept_loop(self._listener))
         return self._listener.getsockname()[1]
 
@@ -155,22 +157,21 @@ class Relay:
         """A second port that answers "who am I" probes only: from one local
         port, a device probes both, and sees whether its gateway gives that
         port one external port for every destination or a new one each."""
-        self._probe_listener = _listen(host, port)
+        self._probe_listener = listen(host, port)
         self._probe_task = asyncio.get_running_loop().create_task(
             self._accept_loop(self._probe_listener, probes_only=True))
         return self._probe_listener.getsockname()[1]
 
     async def close(self) -> None:
-        for task in (self._task, self._probe_task):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        await _loop.cancel(self._task, self._probe_task)
         for listener in (self._listener, self._probe_listener):
             if listener is not None:
                 listener.close()
+        admits = list(self._admits)
+        for task in admits:          # hellos, probes, sides waiting for their peer
+            task.cancel()
+        if admits:
+            await asyncio.gather(*admits, return_exceptions=True)
         for pair in list(self.pairs.values()):
             for s in pair.socks:
                 if s is not None:
@@ -190,6 +191,8 @@ class Relay:
             self._hello_keys += 1
             key = self._hello_keys
             task = loop.create_task(self._admit(conn, probes_only, key))
+            self._admits.add(task)
+            task.add_done_callback(self._admits.discard)
             self._hellos.admit(key, addr[0], task.cancel)
 
     # -- revocation (a device removed, disabled or re-keyed; a pair denied) -----------
@@ -216,12 +219,21 @@ class Relay:
                 pair.joined.set_result(REVOKED)  # the waiting side is told and released
 
     async def _admit(self, conn: socket.socket, probes_only: bool, key: int) -> None:
+        try:
+            await self._admit_one(conn, probes_only, key)
+        except asyncio.CancelledError:
+            conn.close()            # (cut, or the relay closing): the socket goes with it
+            raise
+        finally:
+            self._hellos.leave(key)
+
+    async def _admit_one(self, conn: socket.socket, probes_only: bool, key: int) -> None:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
         try:
             hello = await asyncio.wait_for(_recv_exactly(loop, conn, HELLO_BYTES), HELLO_SECONDS)
-        except (asyncio.TimeoutError, OSError, asyncio.CancelledError):
-            conn.close()        # silent, or cut for a newer one from its address
+        except (asyncio.TimeoutError, OSError):
+            conn.close()        # silent (cut for a newer one from its address: _admit)
             return
         finally:
             self._hellos.leave(key)
@@ -243,15 +255,23 @@ class Relay:
             if len(self.pairs) >= self.max_relays:
                 return self._refuse(conn, BUSY, ticket.device)
             pair = _Pair(ticket.pair, (None, None), issued=ticket.devices)
-        if self.active.get(ticket.device, 0) >= self.per_device:
-            return self._refuse(conn, DEVICE_BUSY, ticket.device)
-        if self.quota_bytes is not None and self.used.get(ticket.device, 0) >= self.quota_bytes:
-            return self._refuse(conn, QUOTA, ticket.device)
+        refusal = None
+        with self._lock:
+            if self.active.get(ticket.device, 0) >= self.per_device:
+                refusal = DEVICE_BUSY
+            elif self.quota_bytes is not None and \
+                    self.used.get(ticket.device, 0) >= self.quota_bytes:
+                refusal = QUOTA
+            else:
+                self.active[ticket.device] = self.active.get(ticket.device, 0) + 1
+        if refusal is not None:
+            if pair.joined is not None and not pair.joined.done():
+                pair.joined.set_result(PEER_GONE)     # the side waiting for it: released too
+            return self._refuse(conn, refusal, ticket.device)
         devices = list(pair.devices)
         devices[ticket.side] = ticket.device
         pair.devices = tuple(devices)
         self.pairs[pair.id] = pair
-        self.active[ticket.device] = self.active.get(ticket.device, 0) + 1
         pair.socks[ticket.side] = conn
         if pair.socks[1 - ticket.side] is None:
             return await self._wait_for_peer(pair, ticket, conn)
@@ -268,7 +288,13 @@ class Relay:
         fd = conn.fileno()
         # readable = a byte, an EOF or an error; peeked at, never read
         loop.add_reader(fd, lambda: watch.done() or watch.set_result(None))
-        pair.unwatch = lambda: loop.remove_reader(fd)
+        watching = [True]
+
+        def unwatch() -> None:      # once: later, the fd number may be another socket's
+            if watching:
+                watching.clear()
+                loop.remove_reader(fd)
+        pair.unwatch = unwatch
         status = None
         try:
             done, _ = await asyncio.wait({pair.joined, watch}, timeout=self.join_timeout,
@@ -404,10 +430,13 @@ class Relay:
         conn.close()
 
     def _release(self, device: Optional[str]) -> None:
-        if device is not None and self.active.get(device):
-            self.active[device] -= 1
-            if not self.active[device]:
-                del self.active[device]
+        """One relay slot of ``device`` back (from the loop and from pump
+        threads: under the lock, like the take in _admit)."""
+        with self._lock:
+            if device is not None and self.active.get(device):
+                self.active[device] -= 1
+                if not self.active[device]:
+                    del self.active[device]
 
     # -- the data path (one thread per direction; os.splice drops the GIL) ------------
     def _pump(self, pair: _Pair, side: int, done: threading.Event) -> None:
@@ -459,12 +488,17 @@ class Relay:
             self._threads.discard(threading.current_thread())
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def listen(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A non-blocking listening TCP socket (the relay's, the probe port's,
+    the CCS's device port)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is not 0-65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(1024)
+        sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -37,11 +37,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from fastpunch import _loop
 from fastpunch.ccs.budget import Bucket, Budgets, Gate
 from fastpunch.ccs.keystore import KeyStore
 from fastpunch.ccs.lifecycle import REFUSALS, Watcher, stale
 from fastpunch.ccs.registry import MemoryRegistry
-from fastpunch.ccs.relay import Relay
+from fastpunch.ccs.relay import Relay, listen
 from fastpunch.errors import RemoteProtocolError
 from fastpunch.proto import wire
 from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, ProtocolViolation, Role, State
@@ -75,6 +76,7 @@ class Pending:
     a_info: wire.NextInfo
     b: str
     started: float
+    session: Optional["DeviceSession"] = None   # A's connection that asked (not a later one)
     timer: Optional[asyncio.TimerHandle] = None
 
 
@@ -188,7 +190,7 @@ class CCSServer:
         it). Returns the device listener's (host, port)."""
         loop = asyncio.get_running_loop()
         await self.registry.start(self.handle, lambda name: name in self.sessions)
-        self._listener = _listen(host, port)
+        self._listener = listen(host, port, backlog=4096)
         self._accepting = loop.create_task(self._accept_loop())
         bound = self._listener.getsockname()[:2]
         self._housekeeping = loop.create_task(self._housekeep())
@@ -209,13 +211,7 @@ class CCSServer:
         if self._watcher is not None:
             await self._watcher.stop()
             self._watcher = None
-        for task in (self._accepting, getattr(self, "_housekeeping", None)):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        await _loop.cancel(self._accepting, getattr(self, "_housekeeping", None))
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -243,30 +239,34 @@ class CCSServer:
                 await asyncio.sleep(0.05)
                 continue
             key = next(self._incoming)
-            task = loop.create_task(self._handshake(conn, key))
-            self.gate.admit(key, addr[0], task.cancel)
+            handed = []          # [True] once the socket is the TLS transport's to close
+            task = loop.create_task(self._handshake(conn, key, handed))
 
-    async def _handshake(self, conn: socket.socket, key: int) -> None:
+            def cut(conn=conn, task=task, handed=handed) -> None:
+                task.cancel()
+                if not handed:           # cut before its task ran: the socket is ours
+                    conn.close()
+            self.gate.admit(key, addr[0], cut)
+
+    async def _handshake(self, conn: socket.socket, key: int, handed: list) -> None:
         """TLS on an accepted socket within ``handshake_timeout``; the
         session then has ``auth_timeout`` to log in. Until it has, it is in
         the gate, which cuts the oldest such connection of a source (or of
-        all) past its cap."""
+        all) past its cap. From the call on, the socket is the transport's:
+        asyncio closes it on a failure or a cancellation (closing it here as
+        well would free its number while the transport's shutdown still
+        watches it, and the next accepted socket would inherit that)."""
         loop = asyncio.get_running_loop()
+        handed.append(True)
         try:
             await loop.connect_accepted_socket(
                 lambda: DeviceSession(self, key), conn, ssl=self.ssl_context,
                 ssl_handshake_timeout=self.budgets.handshake_timeout, ssl_shutdown_timeout=2.0)
         except asyncio.CancelledError:
-            conn.close()
             self.gate.leave(key)
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-            conn.close()
+        except Exception as exc:          # ssl.SSLError, timeouts, resets: logged
             self.gate.leave(key)
             event("handshake-failed", reason=str(exc) or type(exc).__name__)
-        except Exception as exc:          # ssl.SSLError is an OSError; anything else, logged
-            conn.close()
-            self.gate.leave(key)
-            event("handshake-failed", reason=repr(exc))
 
     async def _housekeep(self) -> None:
         """Drop what nobody will come back for: offers never answered."""
@@ -327,8 +327,6 @@ class CCSServer:
         del self.sessions[name]
         event("offline", device=name, node=self.node)
         self.spawn(self.registry.offline(name))
-        for pending in [p for p in self.pending.values() if p.a == name]:
-            self._finish(pending)
         self.spawn(self._left(name, "peer-offline", f"{name} disconnected from the CCS"))
 
     # -- rendezvous whose sides are punching --------------------------------------------
@@ -463,13 +461,16 @@ class CCSServer:
             pending = self.pending.get(msg["pid"])
             if pending is not None:
                 self._finish(pending)
-                a = self.sessions.get(pending.a)
+                a = self._asker(pending)
                 if a is not None:
                     self._refuse(a, pending.a_request, msg.get("code", "peer-busy"),
                                  msg["reason"])
         elif op == "gone":
             pending = self.pending.get(msg["pid"])
-            if pending is not None:        # B left before answering: wait for it again
+            if pending is not None and msg.get("again"):
+                # B's old connection went, a newer one of B's is on that node: offer there
+                await self._offer(pending, msg["again"])
+            elif pending is not None:      # B left before answering: wait for it again
                 self.waiting.setdefault(pending.b, []).append(pending.id)
         elif op == "online":
             await self._peer_online(msg["name"], msg["node"])
@@ -487,8 +488,13 @@ class CCSServer:
     async def _offer(self, pending: Pending, node: str) -> None:
         sent = await self.deliver(node, {"op": "offer", "origin": self.node, "pid": pending.id,
                                          "a": pending.a, "b": pending.b})
-        if not sent:
+        if not sent and pending.id in self.pending:    # (not if it ended while we sent)
             self.waiting.setdefault(pending.b, []).append(pending.id)
+
+    def _asker(self, pending: Pending) -> Optional["DeviceSession"]:
+        """The connection that asked for ``pending``, if it is still A's."""
+        a = pending.session
+        return a if a is not None and self.sessions.get(pending.a) is a else None
 
     # -- rendezvous ----------------------------------------------------------------------
     def _refuse(self, session, request: int, code: str, reason: str) -> None:
@@ -497,10 +503,8 @@ class CCSServer:
         session.write(wire.RendezvousRefused(request, wire.fit(code, wire.CODE), wire.fit(reason)))
 
     def _finish(self, pending: Pending) -> None:
-        if self.pending.pop(pending.id, None) is not None:
-            a = self.sessions.get(pending.a)
-            if a is not None and a.in_flight:
-                a.in_flight -= 1
+        if self.pending.pop(pending.id, None) is not None and pending.session is not None:
+            pending.session.in_flight -= 1
         if pending.timer is not None:
             pending.timer.cancel()
         waiting = self.waiting.get(pending.b)
@@ -523,12 +527,14 @@ class CCSServer:
                                 f"{session.name} has {session.in_flight} rendezvous under way "
                                 f"(at most {self.budgets.rendezvous_in_flight})")
         pending = Pending(next(self._ids), session.name, msg.request, wire.next_info_of(msg),
-                          msg.peer, time.monotonic())
+                          msg.peer, time.monotonic(), session)
         self.pending[pending.id] = pending
         session.in_flight += 1
         pending.timer = asyncio.get_running_loop().call_later(
             self.rendezvous_timeout, self._timeout, pending.id)
         node = self.node if msg.peer in self.sessions else await self.registry.locate(msg.peer)
+        if pending.id not in self.pending:           # A left (or was cut) while we looked
+            return
         if node is None:
             self.waiting.setdefault(msg.peer, []).append(pending.id)
             event("rendezvous-waiting", device=session.name, peer=msg.peer)
@@ -540,7 +546,7 @@ class CCSServer:
         if pending is None:
             return
         self._finish(pending)
-        a = self.sessions.get(pending.a)
+        a = self._asker(pending)
         if a is not None:
             self._refuse(a, pending.a_request, "peer-offline",
                          f"{pending.b} did not answer within {self.rendezvous_timeout:g} s")
@@ -583,7 +589,7 @@ class CCSServer:
         for pending in [p for p in self.pending.values() if p.a == name or p.b == name]:
             self._finish(pending)
             if pending.b == name:
-                a = self.sessions.get(pending.a)
+                a = self._asker(pending)
                 if a is not None:
                     self._refuse(a, pending.a_request, code, f"{name}: {reason}")
         session = self.sessions.get(name)
@@ -599,13 +605,13 @@ class CCSServer:
         self.relay.revoke_pair(a, b)
         for pending in [p for p in self.pending.values() if {p.a, p.b} == pair]:
             self._finish(pending)
-            session = self.sessions.get(pending.a)
+            session = self._asker(pending)
             if session is not None:
                 self._refuse(session, pending.a_request, "not-authorized",
                              f"{pending.a} may no longer reach {pending.b}")
         for oid, offer in list(self.offers.items()):
             if {offer.a, offer.b} == pair:
-                self._drop_offer(oid)
+                self._drop_offer(oid, expired=True)    # B's answer to it is then not a crime
                 self.spawn(self.deliver(offer.origin, {
                     "op": "busy", "pid": offer.pid, "code": "not-authorized",
                     "reason": f"{offer.a} may no longer reach {offer.b}"}))
@@ -714,7 +720,7 @@ class CCSServer:
 
     async def _complete(self, msg: dict) -> None:
         pending = self.pending.get(msg["pid"])
-        a = self.sessions.get(pending.a) if pending is not None else None
+        a = self._asker(pending) if pending is not None else None
         if a is None:
             await self.deliver(msg["node"], {"op": "refuse", "b": msg["b"], "oid": msg["oid"],
                                              "code": "peer-gone",
@@ -786,6 +792,9 @@ class DeviceSession(asyncio.Protocol):
         transport.set_write_buffer_limits(high=min(64 * 1024, budgets.write_buffer))
         self.bucket = Bucket(budgets.messages_per_second, budgets.message_burst,
                              time.monotonic())
+        if self.key not in self.server.gate:        # cut while its handshake finished
+            transport.abort()
+            return
         self.server.gate.update(self.key, lambda: self.close("login-crowded",
                                                              "too many connections waiting "
                                                              "to log in from this address"))
@@ -891,29 +900,18 @@ class DeviceSession(asyncio.Protocol):
             self._deadline.cancel()
         srv = self.server
         srv.gate.leave(self.key)
-        if self.offers_pending:        # offers it will never answer: their origins wait again
+        if self.in_flight:             # what this connection asked for ends with it
+            for pending in [p for p in srv.pending.values() if p.session is self]:
+                srv._finish(pending)
+        if self.offers_pending:        # offers it will never answer: their origins wait again,
+            newer = srv.sessions.get(self.name)     # or offer at once to B's newer connection
+            again = srv.node if newer is not None and newer is not self else None
             for oid in [oid for oid, offer in srv.offers.items() if offer.session is self]:
                 offer = srv._drop_offer(oid)
                 srv.spawn(srv.deliver(offer.origin, {"op": "gone", "pid": offer.pid,
-                                                     "name": offer.b}))
+                                                     "name": offer.b, "again": again}))
         if self.name is not None:
             self.server.offline(self)
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is not 0-65535")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(4096)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
