@@ -27,7 +27,7 @@ import time
 from typing import Optional
 
 from fastpunch.ccs import pki
-from fastpunch.ccs.relay import FILTERING, MAGIC
+from fastpunch.ccs.relay import FILTERING
 from fastpunch.proto import wire
 from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, Role
 

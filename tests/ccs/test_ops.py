@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import stat
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from fastpunch.ccs import config, metrics, pki
-from fastpunch.ccs.keystore import KeyStore
 from fastpunch.client import Device
 
 from .conftest import arun, free_port

@@ -143,7 +143,7 @@ class Watcher:
         return "none"
 
     def _event(self, kind: str, **fields) -> None:
-        from fastpunch.ccs.server import event
+        from fastpunch.ccs.events import event
 
         event(kind, node=getattr(self.server, "node", None), **fields)
 

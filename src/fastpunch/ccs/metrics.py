@@ -139,7 +139,7 @@ def _response(status: str, ctype: str, body: bytes, head_only: bool) -> bytes:
 
 
 async def serve(server: "CCSServer", host: str, port: int) -> asyncio.AbstractServer:
-    from fastpunch.ccs.server import event
+    from fastpunch.ccs.events import event
 
     try:
         from prometheus_client.exposition import choose_encoder
