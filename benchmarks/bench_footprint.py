@@ -150,7 +150,8 @@ def station(tmp_path):
 
 def test_agent_memory_idle_and_streaming(benchmark, station, tmp_path):
     baseline = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(30)"])
-    agent = subprocess.Popen(_device_cmd("device", "run", *station("idle")),
+    # --nat unknown: the figures are of the agent itself, without a natcheck
+    agent = subprocess.Popen(_device_cmd("device", "run", "--nat", "unknown", *station("idle")),
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     procs = [baseline, agent]
     try:

@@ -21,6 +21,7 @@ path) goes to stderr on a terminal; a one-line JSON summary always ends it
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 import sys
@@ -33,13 +34,19 @@ from fastpunch.errors import FastpunchError
 CHUNK = 256 * 1024
 
 
-def add_device_args(p: argparse.ArgumentParser) -> None:
+def add_login_args(p: argparse.ArgumentParser) -> None:
+    """What every device command needs to log in to the CCS."""
     p.add_argument("--ccs", action="append", required=True, metavar="HOST:PORT",
                    help="CCS node (repeatable)")
     p.add_argument("--name", required=True, help="this device's name")
     p.add_argument("--key-file", required=True, help="credentials from `fastpunch ccs add-device`")
     p.add_argument("--ca", required=True, help="the deployment's ca.pem (pinned)")
     p.add_argument("--server-name", help="TLS name of the CCS (default: the host given)")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """A command that connects to a peer: logging in, and how to connect."""
+    add_login_args(p)
     p.add_argument("--nat", default="auto",
                    help="this device's NAT kind (default: %(default)s, natcheck finds out)")
     p.add_argument("--quick", action="store_true",
@@ -54,8 +61,10 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 def add_subparsers(sub) -> None:
     p = sub.add_parser("natcheck", help="classify this device's NAT mapping with the CCS's help")
-    add_device_args(p)
-    p.add_argument("--probes", type=int, default=4)
+    add_login_args(p)
+    p.add_argument("--probes", type=int, default=4, help="address probes from each local port")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds for the whole check (login and probes)")
     p.set_defaults(func=cmd_natcheck)
 
     p = sub.add_parser("connect", help="connect to a peer and report how (then close)")
@@ -177,9 +186,15 @@ def cmd_natcheck(args) -> int:
                           server_hostname=args.server_name, nat="unknown") as dev:
             return await dev.natcheck(args.probes)
 
+    async def bounded():
+        try:
+            return await asyncio.wait_for(run(), args.timeout)
+        except asyncio.TimeoutError:
+            raise FastpunchError(f"natcheck did not finish within {args.timeout:g} s") from None
+
     loop = new_event_loop()
     try:
-        result = loop.run_until_complete(run())
+        result = loop.run_until_complete(bounded())
     finally:
         loop.close()
     print(json.dumps(result))

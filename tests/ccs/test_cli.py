@@ -99,9 +99,10 @@ def test_serve_and_two_device_agents_rendezvous(deploy, tmp_path):
         # both sides got the same rendezvous: one key (not shown), one plan, one start
         assert answered["peer"] == "cam" and answered["key"] == "(32 bytes)"
         assert (answered["plan"], answered["start_at"]) == (lines[1]["plan"], lines[1]["start_at"])
-        # a refused rendezvous is an error exit with the reason
-        r = fp("device", "run", "--name", "viewer", "--key-file", str(tmp_path / "viewer.key"),
-               "--rendezvous", "viewer", *common)
+        # a refused rendezvous is an error exit with the reason (as cam, which is not
+        # running now: a second "viewer" would fight the agent for its login)
+        r = fp("device", "run", "--name", "cam", "--key-file", str(tmp_path / "cam.key"),
+               "--rendezvous", "cam", *common)
         assert r.returncode == 1 and "(self)" in r.stderr
         # bad credentials: a clear error, no retry loop
         (tmp_path / "bad.key").write_text(os.urandom(32).hex())

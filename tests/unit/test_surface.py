@@ -1,6 +1,9 @@
 """The exported surface and the exception hierarchy (trio-style guard)."""
 
+import argparse
 import errno
+
+import pytest
 
 import fastpunch
 import fastpunch.packet
@@ -61,3 +64,60 @@ def test_reason_names_are_stable():
 def test_the_privilege_hint_is_a_command_that_works():
     err = errors.InsufficientPrivilegeError("CAP_NET_RAW and CAP_NET_ADMIN", "crafting")
     assert "setcap cap_net_raw,cap_net_admin+ep" in str(err)
+
+
+def test_the_command_tells_its_version_and_every_default():
+    import contextlib
+    import io
+
+    from fastpunch import __version__
+    from fastpunch.cli import build_parser, main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and out.getvalue().strip() == f"fastpunch {__version__}"
+    parser = build_parser()
+
+    def helps(p, path):
+        text = p.format_help()
+        yield path, p, text
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from helps(child, path + [name])
+
+    seen = 0
+    for path, p, text in helps(parser, []):
+        for action in p._actions:
+            if not action.option_strings or action.default in (None, False, "",
+                                                                argparse.SUPPRESS):
+                continue
+            seen += 1
+            assert "default" in (p._get_formatter()._get_help_string(action) or ""), \
+                (path, action.option_strings)
+    assert seen > 40
+    # the device agent guesses like every other device command
+    run = parser.parse_args(["device", "run", "--ccs", "h:1", "--name", "n", "--key-file", "k",
+                             "--ca", "c"])
+    assert run.nat == "auto"
+    natcheck = parser.parse_args(["natcheck", "--ccs", "h:1", "--name", "n", "--key-file", "k",
+                                  "--ca", "c", "--timeout", "5"])
+    assert natcheck.timeout == 5.0 and not hasattr(natcheck, "strategy")
+    assert "wait for the peer" not in next(p for path, p, _ in helps(parser, [])
+                                           if path == ["natcheck"]).format_help()
+
+
+def test_the_demo_says_what_its_rate_is_and_how_it_connected():
+    from fastpunch.labdemo import summary_lines
+
+    report = {"path": "direct", "strategy": "symmetric", "connect_seconds": 0.088,
+              "cipher": "AES_256_GCM", "frames": 250, "codec": "h264", "size": "640x360",
+              "decode_errors": [], "video_bytes": 460000, "video_MB_per_s": 0.044,
+              "bytes_through_ccs": 0}
+    first, video, ccs = summary_lines(report, 250)
+    assert first == "connected directly, by symmetric in 88 ms (encrypted, AES_256_GCM)"
+    assert "0.46 MB, the stream's bitrate 0.35 Mbit/s (real time" in video
+    assert ccs == "bytes of video through the CCS: 0"
+    relayed = summary_lines({**report, "path": "relay", "strategy": "relay"}, 250)[0]
+    assert relayed.startswith("connected through the CCS relay in") and "via" not in relayed

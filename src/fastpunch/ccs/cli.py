@@ -93,7 +93,8 @@ def add_subparsers(sub) -> None:
     p.add_argument("--key-file", required=True, help="credentials from `fastpunch ccs add-device`")
     p.add_argument("--ca", required=True, help="the deployment's ca.pem (pinned)")
     p.add_argument("--server-name", help="TLS name of the CCS (default: the host given)")
-    p.add_argument("--nat", default="unknown", help="this device's NAT guess, sent with its info")
+    p.add_argument("--nat", default="auto",
+                   help="this device's NAT kind (auto: natcheck finds out after login)")
     p.add_argument("--rendezvous", metavar="PEER", help="ask for PEER once, print the result, exit")
     p.set_defaults(func=cmd_device_run)
 
