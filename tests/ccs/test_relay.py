@@ -293,3 +293,42 @@ def test_the_probe_reads_the_connections_round_trip_from_the_kernel():
     closed = socket.socket()
     closed.close()
     assert _rtt_seconds(closed) is None          # no kernel socket behind it
+
+
+def test_a_side_refused_at_the_join_releases_the_side_waiting_for_it():
+    """b already holds its one relay; its refused join to a's relay must
+    tell a (waiting) "peer-gone" at once and free a's slot, not leave it
+    waiting for the join timeout."""
+    from fastpunch.ccs.relay import DEVICE_BUSY, MAGIC, PEER_GONE
+
+    async def main():
+        relay = Relay(per_device=1, join_timeout=20)
+        port = await relay.start("127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        socks = []
+
+        async def join(token):
+            s = socket.socket()
+            s.setblocking(False)
+            await loop.sock_connect(s, ("127.0.0.1", port))
+            await loop.sock_sendall(s, MAGIC + token)
+            socks.append(s)
+            return s
+
+        try:
+            a1, b1 = relay.issue("a", "b")
+            b2, c2 = relay.issue("b", "c")
+            await join(b2)                          # b's one relay slot, waiting for c
+            waiter = await join(a1)                 # a waits for b
+            await asyncio.sleep(0.1)
+            refused = await join(b1)                # b is at its cap
+            assert await asyncio.wait_for(loop.sock_recv(refused, 1), 5) == bytes([DEVICE_BUSY])
+            assert await asyncio.wait_for(loop.sock_recv(waiter, 1), 5) == bytes([PEER_GONE])
+            await asyncio.sleep(0.05)
+            assert relay.active == {"b": 1} and len(relay.pairs) == 1
+        finally:
+            for s in socks:
+                s.close()
+            await relay.close()
+
+    arun(main(), 30)

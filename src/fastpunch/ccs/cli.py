@@ -263,6 +263,7 @@ def cmd_serve(args) -> int:
     from types import SimpleNamespace
 
     from fastpunch.ccs import config, metrics, pki
+    from fastpunch.ccs.budget import Budgets
     from fastpunch.ccs.registry import MemoryRegistry, RedisRegistry
     from fastpunch.ccs.relay import Relay
     from fastpunch.ccs.server import CCSServer, event, new_event_loop
@@ -277,11 +278,7 @@ def cmd_serve(args) -> int:
         event("config-unknown-variable", variable=name,
               reason="names no setting of ccs serve; ignored")
     directory = cfg["dir"]
-    budgets = None
-    if config.BUDGETS:
-        from fastpunch.ccs.budget import Budgets
-
-        budgets = Budgets(**cfg.budgets())
+    budgets = Budgets(**cfg.budgets())
     cluster_key = None
     if cfg["redis"]:
         path = os.path.join(directory, "cluster.key")
@@ -299,17 +296,15 @@ def cmd_serve(args) -> int:
             registry = RedisRegistry(cfg["redis"], node) if cfg["redis"] else MemoryRegistry(node)
         except RuntimeError as exc:         # no redis package
             raise FastpunchError(str(exc)) from exc
-        relay_limits = {}
-        if budgets is not None:
-            relay_limits = {"probes_per_source": budgets.probes_per_source,
-                            "hellos_per_source": budgets.relay_hellos_per_source}
         relay = Relay(max_relays=cfg["relay_max"], per_device=cfg["relay_per_device"],
-                      quota_bytes=cfg["relay_quota"], log=event, **relay_limits)
-        extra = {} if budgets is None else {"budgets": budgets}
+                      quota_bytes=cfg["relay_quota"], log=event,
+                      probes_per_source=budgets.probes_per_source,
+                      hellos_per_source=budgets.relay_hellos_per_source)
         server = CCSServer(store, ssl_context, registry=registry, relay=relay,
                            public_addr=cfg["public_addr"], heartbeat=cfg["heartbeat"],
                            rendezvous_timeout=cfg["rendezvous_timeout"],
-                           auth_timeout=cfg["auth_timeout"], cluster_key=cluster_key, **extra)
+                           auth_timeout=cfg["auth_timeout"], cluster_key=cluster_key,
+                           budgets=budgets)
     except BaseException:
         store.close()
         raise

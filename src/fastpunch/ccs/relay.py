@@ -296,15 +296,16 @@ class Relay:
                 loop.remove_reader(fd)
         pair.unwatch = unwatch
         status = None
+        left = False                        # this side is the one gone
         try:
             done, _ = await asyncio.wait({pair.joined, watch}, timeout=self.join_timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
-            if pair.joined in done:
+            if pair.joined in done:         # joined, or its peer refused/revoked: told so
                 status = pair.joined.result()
                 if status == JOINED:
                     return                  # the second side starts the pumps
             elif watch in done:
-                status = PEER_GONE          # (for the log: this side is the one gone)
+                status, left = PEER_GONE, True
             else:
                 status = PEER_TIMEOUT
         except asyncio.CancelledError:
@@ -320,7 +321,7 @@ class Relay:
                 self._release(ticket.device)
                 self.pairs.pop(pair.id, None)
                 self._gone[pair.id] = time.monotonic() + self.token_ttl
-                if status == PEER_GONE:
+                if left:
                     self.log("relay-left", pair=pair.id, device=ticket.device)
                     conn.close()
                 else:
