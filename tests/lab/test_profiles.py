@@ -101,7 +101,7 @@ def test_outbound_synack_that_starts_a_flow(lab_factory, profile):
 ])
 def test_plain_kernel_simultaneous_open(lab_factory, a, b, works):
     lab = lab_factory(a=a, b=b)
-    assert simultaneous_open(lab, "a", "b", limit=6.0 if works else 3.0) is works
+    assert simultaneous_open(lab, "a", "b", limit=10.0 if works else 3.0) is works
 
 
 def test_mapping_expires_after_the_conntrack_timeout(lab_factory):

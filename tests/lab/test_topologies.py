@@ -165,9 +165,13 @@ def test_napt_ei_filters_and_leaks_like_the_other_nats(lab_factory):
     assert seen and {(s.src, s.sport) for s in seen} == {(site.host_addr, 46000)}
 
 
-def test_napt_ei_port_map_loads_in_well_under_a_second(lab_factory):
+def test_napt_ei_port_map_loads_in_one_transaction(lab_factory):
     """The 64,512-element port map is applied in one libnftables transaction
-    per gateway: time a fresh apply of the whole NAT table."""
+    per gateway: time a fresh apply of the whole NAT table. One transaction
+    takes about half a second on this 2-core VM (0.45-0.54 s); an element a
+    command would take a minute, so the bound is set far from both: a
+    tighter one measured the VM's speed of the day (docs/benchmarks.md for
+    figures), not how the map is loaded."""
     from fastpunch.lab.profiles import PROFILES, gateway_tables
     from fastpunch.netfilter import Nftables
 
@@ -182,7 +186,7 @@ def test_napt_ei_port_map_loads_in_well_under_a_second(lab_factory):
             nft.run(table.apply_commands())
             timings.append(time.perf_counter() - t0)
     print(f"napt-ei NAT table apply: {', '.join(f'{t * 1000:.0f} ms' for t in timings)}")
-    assert min(timings) < 0.5
+    assert min(timings) < 5.0
     with Server(lab, "inet", lab.ccs_addr, CCS_PORT) as ccs:      # and it still maps
         connect_from(lab, "a", 41000, (lab.ccs_addr, CCS_PORT)).close()
         assert ccs.wait(1) == [(lab.sites["a"].public_addr, 41000 + EI_OFFSET)]
