@@ -111,7 +111,13 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def redis_url(tmp_path):
+def redis_url(redis_proc):
+    yield redis_proc[0]
+
+
+@pytest.fixture
+def redis_proc(tmp_path):
+    """A real redis-server on loopback: (its URL, its process), stopped after."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
@@ -132,7 +138,7 @@ def redis_url(tmp_path):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", proc
     finally:
         proc.terminate()
         proc.wait(10)

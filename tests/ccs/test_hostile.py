@@ -56,17 +56,25 @@ def _raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def measure(node: Node, ca: str, keys: dict, attack: str, count: int = 0) -> tuple:
-    rss0 = node.rss_kib()
+def under_attack(node: Node, ca: str, keys: dict, attack: str, count: int = 0,
+                 before=lambda: None) -> tuple:
+    """Run ``attack``; once it is in full swing, ``before()`` and then the
+    legitimate device's measurement. (before's result, legit, attack's result)."""
     proc = start_attack(attack, node, ca, ATTACK_SECONDS, key=keys["mallory"], count=count)
     try:
         time.sleep(1.5)                   # the attack in full swing
+        first = before()
         legit = arun(legitimate(node.port, ca, keys, LEGIT_SECONDS), timeout=60)
-        result = attack_result(proc, timeout=60)
+        return first, legit, attack_result(proc, timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def measure(node: Node, ca: str, keys: dict, attack: str, count: int = 0) -> tuple:
+    rss0 = node.rss_kib()
+    _, legit, result = under_attack(node, ca, keys, attack, count)
     grown = node.peak_kib() - rss0
     print(attack, legit, result, f"rss +{grown} KiB")
     assert not legit["failures"], legit["failures"]
@@ -165,16 +173,9 @@ def _probe(port: int) -> bytes:
 
 def test_probe_slots_cannot_be_held_by_one_address(site, drop_syns_to_attacker):
     node, ca, keys = site
-    proc = start_attack("probe-hold", node, ca, ATTACK_SECONDS, count=48)
-    try:
-        time.sleep(1.5)
-        verdicts = [_probe(node.relay_port) for _ in range(10)]
-        legit = arun(legitimate(node.port, ca, keys, LEGIT_SECONDS), timeout=60)
-        result = attack_result(proc, timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    verdicts, legit, result = under_attack(
+        node, ca, keys, "probe-hold", count=48,
+        before=lambda: [_probe(node.relay_port) for _ in range(10)])
     # ours are answered (an RST from our own closed port: "R"), never "busy"
     assert b"B" not in verdicts and set(verdicts) <= {b"R", b"O"}, verdicts
     # the attacker held its share (dropped: "D") and was told "busy" past it

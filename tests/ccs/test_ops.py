@@ -490,32 +490,6 @@ def test_readyz_is_503_when_the_key_store_does_not_read(tmp_path, nodes, fault):
     assert http_get(port, "/healthz")[0] == 200
 
 
-@pytest.fixture
-def redis_proc(tmp_path):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
-        time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0", proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-
-
 def test_readyz_is_503_when_redis_is_gone(deploy, tmp_path, nodes, redis_proc):
     url, redis = redis_proc
     node = nodes(tmp_path, serve_args(deploy, "--redis", url, "--node", "r1"))
