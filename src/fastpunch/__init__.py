@@ -16,6 +16,7 @@ from fastpunch.errors import (
     PacketBuildError as PacketBuildError,
     RemoteProtocolError as RemoteProtocolError,
 )
+from fastpunch.liveness import Keepalive as Keepalive, PathLost as PathLost
 
 __version__ = "0.1.0"
 
@@ -57,5 +58,7 @@ __all__ = [
     "NetfilterError",
     "PacketBuildError",
     "RemoteProtocolError",
+    "Keepalive",
+    "PathLost",
     "__version__",
 ]

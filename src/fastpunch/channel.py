@@ -11,7 +11,9 @@ Two faces, one machine:
 
 All protocol decisions (what to accept, error codes, key schedule) live in
 ``fastpunch.proto.channel``; docs/channel.md describes them. Errors raised
-here are that module's ``ChannelViolation`` / ``ChannelUsageError`` classes.
+here are that module's ``ChannelViolation`` / ``ChannelUsageError`` classes,
+and ``fastpunch.liveness.PathLost`` when the kernel's keepalive or user
+timeout found the path dead (ETIMEDOUT): never a silent hang.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import asyncio
 import os
 import socket
 from collections import deque
-from typing import Callable, Optional, Union
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Union
+
+from fastpunch.liveness import Keepalive, PathLost, path_lost
 
 from fastpunch.proto.channel import (
     NEED_DATA,
@@ -35,7 +40,7 @@ from fastpunch.proto.channel import (
 )
 
 __all__ = ["SecureSocket", "SecureReader", "SecureWriter", "secure_streams",
-           "ChannelViolation", "ChannelUsageError"]
+           "ChannelViolation", "ChannelUsageError", "PathLost"]
 
 #: Plaintext encrypted per socket write: 16 records. Bounds the extra memory a
 #: huge sendall() needs, and lets the kernel drain one chunk while we seal
@@ -98,6 +103,18 @@ class _Plaintext:
         return out[0] if len(out) == 1 else b"".join(out)
 
 
+@contextmanager
+def _liveness(keepalive: Optional[Keepalive]) -> Iterator[None]:
+    """ETIMEDOUT from the stream (the kernel gave the path up) as PathLost."""
+    try:
+        yield
+    except OSError as exc:
+        lost = path_lost(exc, keepalive)
+        if lost is None:
+            raise
+        raise lost from exc
+
+
 def _pump(channel: Channel, sink: _Plaintext) -> Union[bool, None]:
     """Drain the machine's events into sink. Returns True once the peer's
     close is in, None when it needs more bytes."""
@@ -118,8 +135,9 @@ class SecureSocket:
 
     def __init__(self, sock: socket.socket, role: Union[str, Role], session_key: bytes, *,
                  random: Callable[[int], bytes] = os.urandom, cipher: Optional[Cipher] = None,
-                 handshake: bool = True) -> None:
+                 handshake: bool = True, keepalive: Optional[Keepalive] = None) -> None:
         self.sock = sock
+        self.keepalive = keepalive       # what the socket was given: named in PathLost
         self.channel = Channel(role, session_key, random=random, cipher=cipher)
         self._plain = _Plaintext()
         self._peer_closed = False
@@ -135,6 +153,10 @@ class SecureSocket:
     def handshake(self) -> None:
         """Hellos both ways, then confirms both ways; returns when the peer
         is confirmed. Raises ChannelViolation (e.g. confirm-failed)."""
+        with _liveness(self.keepalive):
+            self._handshake()
+
+    def _handshake(self) -> None:
         ch = self.channel
         self.sock.sendall(ch.start())
         while not ch.confirmed:
@@ -154,8 +176,9 @@ class SecureSocket:
     def sendall(self, data) -> None:
         view = memoryview(data).cast("B")
         send, encrypt = self.sock.sendall, self.channel.send_data
-        for off in range(0, len(view), WRITE_CHUNK):
-            send(encrypt(view[off:off + WRITE_CHUNK]))
+        with _liveness(self.keepalive):
+            for off in range(0, len(view), WRITE_CHUNK):
+                send(encrypt(view[off:off + WRITE_CHUNK]))
 
     def recv(self, bufsize: int) -> bytes:
         """Up to bufsize plaintext bytes (bytes-like: often a bytearray, so
@@ -167,7 +190,8 @@ class SecureSocket:
                 self._peer_closed = True
             elif not plain.size:
                 # recv_into one reused buffer: no 256 KiB object per read.
-                n = self.sock.recv_into(self._rbuf)
+                with _liveness(self.keepalive):
+                    n = self.sock.recv_into(self._rbuf)
                 self.channel.receive_data(self._rview[:n] if n else b"")
         return plain.take_some(bufsize) if bufsize > 0 and plain.size else b""
 
@@ -206,8 +230,9 @@ class SecureSocket:
 # -- asyncio ---------------------------------------------------------------------------------
 class _Shared:
     def __init__(self, channel: Channel, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+                 writer: asyncio.StreamWriter, keepalive: Optional[Keepalive]) -> None:
         self.channel, self.reader, self.writer = channel, reader, writer
+        self.keepalive = keepalive
         self.plain = _Plaintext()
         self.peer_closed = False
 
@@ -229,7 +254,9 @@ class SecureReader:
             if s.plain.size:
                 return True
             if not s.peer_closed:
-                s.channel.receive_data(await s.reader.read(READ_CHUNK))
+                with _liveness(s.keepalive):
+                    data = await s.reader.read(READ_CHUNK)
+                s.channel.receive_data(data)
 
     async def read(self, n: int = -1) -> bytes:
         """Up to n bytes (n < 0: until the peer's close); b"" at its close."""
@@ -277,7 +304,8 @@ class SecureWriter:
             self._s.writer.write(self._s.channel.send_data(data))
 
     async def drain(self) -> None:
-        await self._s.writer.drain()
+        with _liveness(self._s.keepalive):
+            await self._s.writer.drain()
 
     def close(self) -> None:
         """Send our close record and close the transport."""
@@ -313,9 +341,20 @@ class SecureWriter:
 async def secure_streams(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          role: Union[str, Role], session_key: bytes, *,
                          random: Callable[[int], bytes] = os.urandom,
-                         cipher: Optional[Cipher] = None) -> tuple[SecureReader, SecureWriter]:
+                         cipher: Optional[Cipher] = None,
+                         keepalive: Optional[Keepalive] = None
+                         ) -> tuple[SecureReader, SecureWriter]:
     """Run the handshake over (reader, writer) and return the plaintext pair.
-    Raises ChannelViolation (e.g. confirm-failed) if the peer does not prove the key."""
+    Raises ChannelViolation (e.g. confirm-failed) if the peer does not prove
+    the key. ``keepalive``: the liveness settings of the stream under it
+    (named in the PathLost a dead path raises)."""
+    with _liveness(keepalive):
+        ch = await _handshake(reader, writer, role, session_key, random, cipher)
+    shared = _Shared(ch, reader, writer, keepalive)
+    return SecureReader(shared), SecureWriter(shared)
+
+
+async def _handshake(reader, writer, role, session_key, random, cipher) -> Channel:
     ch = Channel(role, session_key, random=random, cipher=cipher)
     writer.write(ch.start())
     await writer.drain()
@@ -330,5 +369,4 @@ async def secure_streams(reader: asyncio.StreamReader, writer: asyncio.StreamWri
             await writer.drain()
         if event is NEED_DATA:
             ch.receive_data(await reader.read(READ_CHUNK))
-    shared = _Shared(ch, reader, writer)
-    return SecureReader(shared), SecureWriter(shared)
+    return ch

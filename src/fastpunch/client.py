@@ -15,9 +15,12 @@ each CCS address it was given in turn (several nodes of one deployment).
 Requests in flight when the connection drops fail with
 ``CCSError("disconnected")``; ``incoming()`` carries on after a reconnect.
 A credential the CCS refuses is final (no retry loop). It speaks the
-newest protocol version and falls back to version 1 for a login to an
-older CCS that refuses it (the next login tries the newest again: a
-rolling upgrade does not pin a device to version 1).
+newest protocol version and falls back to the version an older CCS
+answers in for a login it refuses (the next login tries the newest again:
+a rolling upgrade does not pin a device to an old version). Every stream
+it hands out carries the kernel's keepalive and user timeout
+(fastpunch.liveness): the period the CCS advertises unless the
+application chose one.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
+from fastpunch import liveness
 from fastpunch.errors import FastpunchError, RemoteProtocolError
+from fastpunch.liveness import Keepalive
 from fastpunch.proto import wire
 from fastpunch.proto.backoff import Backoff
 from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, Role
@@ -77,13 +82,17 @@ class PeerConnection:
     role: str
     key: bytes
     report: "object"
+    #: the liveness settings on ``sock`` (None: keepalive turned off). A
+    #: dead path surfaces as ETIMEDOUT on the socket, as liveness.PathLost
+    #: from the secure channel.
+    keepalive: Optional[Keepalive] = None
 
     def secure(self):
         """The secure channel over this connection (blocking socket API)."""
         from fastpunch.channel import SecureSocket
 
         self.sock.setblocking(True)
-        return SecureSocket(self.sock, self.role, self.key)
+        return SecureSocket(self.sock, self.role, self.key, keepalive=self.keepalive)
 
     async def secure_streams(self):
         """The secure channel as asyncio (reader, writer)."""
@@ -91,7 +100,8 @@ class PeerConnection:
 
         self.sock.setblocking(False)
         reader, writer = await asyncio.open_connection(sock=self.sock)
-        return await secure_streams(reader, writer, self.role, self.key)
+        return await secure_streams(reader, writer, self.role, self.key,
+                                    keepalive=self.keepalive)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -142,7 +152,8 @@ class Device:
                  backoff: Optional[Backoff] = None, connect_timeout: float = 10.0,
                  nat: str = "auto", standing: bool = False,
                  protocol: int = wire.VERSION,
-                 tracer: Optional[Callable] = None) -> None:
+                 tracer: Optional[Callable] = None,
+                 keepalive: Union[None, bool, int, Keepalive] = None) -> None:
         single = isinstance(ccs, str) or (isinstance(ccs, tuple) and len(ccs) == 2
                                           and isinstance(ccs[1], int))
         self.addresses = [_address(ccs)] if single else [_address(c) for c in ccs]
@@ -156,6 +167,11 @@ class Device:
         self.backoff = backoff or Backoff()
         self.connect_timeout = connect_timeout
         self.protocol = protocol                      # CCS protocol version to speak
+        # liveness of the streams we hand out: None follows the CCS's advertised
+        # period, a number of seconds or a Keepalive overrides it, False turns it off
+        liveness.resolve(keepalive)                   # a bad value fails here, not later
+        self._keepalive = keepalive
+        self.advertised_keepalive: Optional[int] = None
         # called with every punch event as it happens (proto.punch's typed events)
         self.tracer = tracer
         self.gatherer = Gatherer(nat, name=name)      # candidates, natcheck, capability
@@ -184,6 +200,17 @@ class Device:
         self._closing = False
         self._fatal: Optional[BaseException] = None
         self._next_addr = 0
+
+    @property
+    def keepalive(self) -> Optional[Keepalive]:
+        """What the next stream gets: the application's setting, else the
+        period the CCS advertised at login, else liveness.DEFAULT."""
+        return liveness.resolve(self._keepalive, self.advertised_keepalive)
+
+    @keepalive.setter
+    def keepalive(self, value: Union[None, bool, int, Keepalive]) -> None:
+        liveness.resolve(value)
+        self._keepalive = value
 
     @property
     def nat(self) -> str:
@@ -231,9 +258,12 @@ class Device:
                     raise
                 except CCSError as exc:
                     if exc.code == "version-refused" and version > 1:
-                        log.warning("%s: %s; speaking protocol version 1 to %s:%d",
-                                    self.name, exc, *addr)
-                        version = 1
+                        # the version the CCS answered in is the newest it speaks
+                        spoken = getattr(exc.__cause__, "version", None)
+                        version = spoken if spoken in wire.VERSIONS and spoken < version \
+                            else version - 1
+                        log.warning("%s: %s; speaking protocol version %d to %s:%d",
+                                    self.name, exc, version, *addr)
                         continue
                     last = exc
                 except (OSError, asyncio.TimeoutError) as exc:
@@ -267,6 +297,14 @@ class Device:
         self._writer = writer
         self.public_addr, self.heartbeat, self.node = (msg.addr, msg.port), msg.heartbeat, msg.node
         self.probe_port, self.probe_port2 = msg.probe_port, msg.probe_port2
+        self.advertised_keepalive = None
+        if msg.keepalive is not None:
+            if liveness.MIN_PERIOD <= msg.keepalive <= liveness.MAX_PERIOD:
+                self.advertised_keepalive = msg.keepalive
+            else:
+                log.warning("%s: the CCS advertises a keepalive period of %d s, outside "
+                            "%d..%d: using the default", self.name, msg.keepalive,
+                            liveness.MIN_PERIOD, liveness.MAX_PERIOD)
         self.ccs = addr
         self.ccs_ip = writer.get_extra_info("peername")[0]
         self.connections += 1
@@ -619,8 +657,14 @@ class Device:
             self._sessions.pop(ready.session, None)
             gathered.release()                   # the port's reservation, at once
             self._spawn(self.gatherer.release(gathered))
+        keepalive = self.keepalive
+        try:
+            liveness.apply(sock, keepalive)
+        except BaseException:
+            sock.close()
+            raise
         return PeerConnection(sock, ready.peer, report.path, report.strategy, ready.role,
-                              ready.key, report)
+                              ready.key, report, keepalive)
 
     def _abandon(self, ready, exc: BaseException) -> None:
         """Tell the CCS we gave this rendezvous up, so it tells the peer

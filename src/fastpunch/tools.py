@@ -56,7 +56,23 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help="these strategies instead of the CCS's plan, in this order (both "
                         "sides alike; add 'relay' to allow the relay); default: the plan")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the peer")
+    p.add_argument("--keepalive", type=_keepalive, default=None, metavar="SECONDS",
+                   help="keepalive period of the stream, 0 = none (default: the CCS's, "
+                        "else 10; docs/liveness.md)")
     p.add_argument("--json", action="store_true", help="print only the JSON summary")
+
+
+def _keepalive(text: str):
+    """--keepalive: whole seconds 1-3600, or 0 for none."""
+    from fastpunch import liveness
+
+    try:
+        value = int(text)
+        return False if value == 0 else liveness.Keepalive(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"whole seconds, {liveness.MIN_PERIOD}-{liveness.MAX_PERIOD}, or 0 for none: "
+            f"{text!r}") from None
 
 
 def add_subparsers(sub) -> None:
@@ -115,7 +131,8 @@ def open_connection(args):
         # an accepting side announces its next-connection info ahead: the
         # peer's rendezvous then takes one CCS round trip, not two
         dev = Device(args.ccs, args.name, key, ca_file=args.ca, server_hostname=args.server_name,
-                     nat=args.nat, standing=accepting and getattr(args, "from_", None) is None)
+                     nat=args.nat, standing=accepting and getattr(args, "from_", None) is None,
+                     keepalive=args.keepalive)
         await dev.login()
         try:
             if not args.quick:

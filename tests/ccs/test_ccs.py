@@ -521,11 +521,15 @@ def test_a_standing_offer_from_a_peer_not_accepted_is_abandoned(deployment):
     arun(main())
 
 
-def test_a_device_falls_back_to_version_1_per_login_not_for_good(deployment):
-    """In front of the real CCS, a TLS front that plays an old CCS to
-    version-2 Hellos (an Error in version 1) and passes version-1 sessions
-    through: the device logs in speaking 1, and after the session drops its
-    next login tries version 2 again (a rolling upgrade must not pin it)."""
+@pytest.mark.parametrize("old_version", [1, 2])
+def test_a_device_falls_back_to_the_old_ccs_version_per_login_not_for_good(deployment,
+                                                                            old_version):
+    """In front of the real CCS, a TLS front that plays an old CCS to newer
+    Hellos (an Error in its own version, as an old decoder answers) and
+    passes sessions of its version through: the device logs in speaking
+    that version (not always 1: a version-2 CCS keeps the candidates), and
+    after the session drops its next login tries the newest again (a
+    rolling upgrade must not pin it)."""
     from fastpunch.ccs import pki as ccs_pki
 
     deployment.enroll_pair()
@@ -540,9 +544,10 @@ def test_a_device_falls_back_to_version_1_per_login_not_for_good(deployment):
             async def front(reader, writer):
                 head = await reader.readexactly(4)
                 hellos.append(head[0])
-                if head[0] != 1:
-                    writer.write(wire.encode(wire.Error("unsupported-version",
-                                                        "this CCS speaks version 1"), 1))
+                if head[0] != old_version:
+                    writer.write(wire.encode(wire.Error("bad-version",
+                                                        f"this CCS speaks {old_version}"),
+                                             old_version))
                     await writer.drain()
                     writer.close()
                     return
@@ -565,13 +570,15 @@ def test_a_device_falls_back_to_version_1_per_login_not_for_good(deployment):
                                              ssl=ccs_pki.server_context(deployment.dir))
             addr = old.sockets[0].getsockname()[:2]
             async with deployment.device(addr, "cam") as a:
-                assert a.connected and a._machine.version == 1 and hellos == [2, 1]
+                assert a.connected and a._machine.version == old_version
+                assert hellos == [wire.VERSION, old_version]
                 server.sessions["cam"].close("test", "dropped")      # the session drops
                 for _ in range(200):
                     if len(hellos) >= 4 and a.connected:
                         break
                     await asyncio.sleep(0.02)
-                assert hellos[2:4] == [2, 1] and a.protocol == wire.VERSION
+                assert hellos[2:4] == [wire.VERSION, old_version]
+                assert a.protocol == wire.VERSION
             old.close()
             for link in links:
                 link.cancel()

@@ -26,7 +26,7 @@ def test_top_level_exports():
         "AuthenticationError", "CCSError", "Device", "NextInfo", "RelayError",
         "RendezvousRefusedError", "FastpunchError", "InsufficientPrivilegeError", "KernelFeatureMissing",
         "LocalProtocolError", "MalformedPacket", "NetfilterError", "PacketBuildError",
-        "RemoteProtocolError", "__version__"])
+        "RemoteProtocolError", "Keepalive", "PathLost", "__version__"])
 
 
 def test_hierarchy_lets_callers_catch_builtins():
@@ -36,9 +36,11 @@ def test_hierarchy_lets_callers_catch_builtins():
     assert issubclass(errors.KernelFeatureMissing, OSError)
     assert issubclass(errors.NetfilterError, OSError)
     assert issubclass(fastpunch.AuthenticationError, PermissionError)
+    assert issubclass(fastpunch.PathLost, ConnectionError)
     for cls in (errors.MalformedPacket, errors.InsufficientPrivilegeError,
                 errors.LocalProtocolError, errors.RemoteProtocolError,
-                fastpunch.CCSError, fastpunch.RelayError, fastpunch.RendezvousRefusedError):
+                fastpunch.CCSError, fastpunch.RelayError, fastpunch.RendezvousRefusedError,
+                fastpunch.PathLost):
         assert issubclass(cls, errors.FastpunchError)
 
 

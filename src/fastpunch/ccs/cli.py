@@ -302,6 +302,7 @@ def cmd_serve(args) -> int:
                       hellos_per_source=budgets.relay_hellos_per_source)
         server = CCSServer(store, ssl_context, registry=registry, relay=relay,
                            public_addr=cfg["public_addr"], heartbeat=cfg["heartbeat"],
+                           keepalive=cfg["keepalive"],
                            rendezvous_timeout=cfg["rendezvous_timeout"],
                            auth_timeout=cfg["auth_timeout"], cluster_key=cluster_key,
                            budgets=budgets)

@@ -176,6 +176,10 @@ GENERAL = (
     Setting("node", _node, None, "this node's name", "NAME", shown="this host's name"),
     Setting("heartbeat", _integer(1, 3600, "whole seconds, 1-3600"), 15,
             "seconds between device heartbeats (a device silent for 3 is dropped)", "SECONDS"),
+    Setting("keepalive", _integer(1, 3600, "whole seconds, 1-3600"), 10,
+            "keepalive period devices give their peer streams (and this node its relay "
+            "legs): keep it under the shortest idle timeout of the gateways on the way",
+            "SECONDS"),
     Setting("rendezvous_timeout", _seconds, 30.0, "seconds a rendezvous waits for its peer",
             "SECONDS"),
     Setting("auth_timeout", _seconds, 10.0, "seconds a connection has to log in after TLS",

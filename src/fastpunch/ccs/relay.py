@@ -45,10 +45,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from fastpunch import _loop
+from fastpunch import _loop, liveness
 from fastpunch.ccs.budget import Gate
+from fastpunch.liveness import Keepalive
 from fastpunch.proto.probe import FILTERING, WHOAMI
-from fastpunch.proto.probe import VERDICT_BYTES as FILTER_VERDICTS
 
 MAGIC = b"FPR1"
 FILTER_PROBE_SECONDS = 1.0  # at most: a SYN unanswered this long was dropped
@@ -103,8 +103,13 @@ class Relay:
                  token_ttl: float = 120.0, log: Callable[..., None] = lambda kind, **kw: None,
                  random: Callable[[int], bytes] = os.urandom,
                  probes_per_source: int = PROBES_PER_SOURCE,
-                 hellos_per_source: int = HELLOS_PER_SOURCE) -> None:
+                 hellos_per_source: int = HELLOS_PER_SOURCE,
+                 keepalive: Optional[Keepalive] = liveness.DEFAULT) -> None:
         self.max_relays, self.per_device, self.quota_bytes = max_relays, per_device, quota_bytes
+        # on both legs of every relay: an idle relayed stream keeps its NAT
+        # entries, and a leg whose device vanished ends the pair (its pump
+        # gets ETIMEDOUT and shuts the other leg) instead of holding a slot
+        self.keepalive = keepalive
         self.join_timeout, self.token_ttl = join_timeout, token_ttl
         self.log, self.random = log, random
         self.tickets: dict[bytes, _Ticket] = {}
@@ -358,6 +363,10 @@ class Relay:
         pair.running = True
         for sock in pair.socks:
             sock.setblocking(True)
+            try:
+                liveness.apply(sock, self.keepalive)
+            except liveness.KeepaliveError as exc:     # the relay works without it
+                self.log("relay-keepalive-refused", pair=pair.id, reason=str(exc))
         self.relays_total += 1
         self.log("relay-joined", pair=pair.id, devices=pair.devices)
         done = threading.Event()

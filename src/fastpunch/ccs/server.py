@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from fastpunch import _loop
+from fastpunch import _loop, liveness
 from fastpunch.ccs.budget import Budgets, Gate
 from fastpunch.ccs.events import event
 from fastpunch.ccs.keystore import KeyStore
@@ -113,7 +113,8 @@ class CCSServer:
                  random: Callable[[int], bytes] = os.urandom,
                  clock: Callable[[], float] = time.time,
                  cluster_key: Optional[bytes] = None, spoof_assist: bool = True,
-                 budgets: Optional[Budgets] = None, watch_keystore: bool = True) -> None:
+                 budgets: Optional[Budgets] = None, watch_keystore: bool = True,
+                 keepalive: Optional[int] = liveness.DEFAULT.period) -> None:
         self.keystore = keystore
         self.ssl_context = ssl_context
         self.registry = registry if registry is not None else MemoryRegistry()
@@ -130,6 +131,12 @@ class CCSServer:
         self.public_addr = public_addr
         self.relay_port = 0
         self.heartbeat = heartbeat
+        # the keepalive period devices are told to keep their peer streams
+        # alive with (AuthOk, protocol 3), also on this node's relay legs;
+        # None advertises nothing and leaves the relay's own setting
+        self.keepalive = keepalive
+        if keepalive is not None:
+            self.relay.keepalive = liveness.Keepalive(keepalive)
         self.rendezvous_timeout = rendezvous_timeout
         self.auth_timeout = auth_timeout
         self.start_delay_ms = start_delay_ms

@@ -147,7 +147,7 @@ class DeviceSession(asyncio.Protocol):
             self.name = self.machine.name
             self.transport.write(self.machine.accept(self.peer[0], self.peer[1], srv.heartbeat,
                                                      srv.node, srv.relay_port or None,
-                                                     srv.probe_port2 or None))
+                                                     srv.probe_port2 or None, srv.keepalive))
             self._arm(3 * srv.heartbeat, "dead-peer")
             srv.gate.leave(self.key)
             srv.online(self)

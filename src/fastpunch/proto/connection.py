@@ -63,9 +63,13 @@ TRANSITIONS: dict[tuple[State, Role], dict[type, State]] = {
 
 
 class ProtocolViolation(RemoteProtocolError):
-    def __init__(self, code: str, message: str) -> None:
+    """``version``: for "version-refused", the protocol version the CCS
+    answered in (the newest it speaks, to try next)."""
+
+    def __init__(self, code: str, message: str, version: Optional[int] = None) -> None:
         super().__init__(f"{message} ({code})")
         self.code = code
+        self.version = version
 
 
 class _Sentinel:
@@ -149,7 +153,8 @@ class Connection:
             self.state = State.CLOSED
             reason = msg.reason if isinstance(msg, Error) else type(msg).__name__
             raise ProtocolViolation("version-refused", f"the CCS speaks protocol version "
-                                                       f"{frame_v}, not {self.version}: {reason}")
+                                                       f"{frame_v}, not {self.version}: {reason}",
+                                    frame_v)
         if msg is not None and self.role is Role.SERVER and isinstance(msg, Hello):
             self.version = frame_v
         if msg is None:
@@ -228,11 +233,12 @@ class Connection:
                                                         self.client_nonce)))
 
     def accept(self, addr: str, port: int, heartbeat: int, node: Optional[str] = None,
-               probe_port: Optional[int] = None, probe_port2: Optional[int] = None) -> bytes:
+               probe_port: Optional[int] = None, probe_port2: Optional[int] = None,
+               keepalive: Optional[int] = None) -> bytes:
         """Server: after a verified AuthResponse."""
         return self.send(AuthOk(auth.server_proof(self._key, self.name, self.server_nonce,
                                                   self.client_nonce), addr, port, heartbeat, node,
-                                probe_port, probe_port2))
+                                probe_port, probe_port2, keepalive))
 
     def error(self, code: str, reason: str) -> bytes:
         """Server: a fatal error; the connection is closed afterwards. The

@@ -10,11 +10,12 @@ oversized, unknown, duplicated or missing. No I/O here.
 
 Versions. Version 2 adds candidates and NAT evidence to the
 next-connection info, a session id to RendezvousReady, a second probe port
-to AuthOk, and the messages Abandon and PeerLeft. A field or message
-carries the version it appeared in (``since``); a frame of version 1 may not
-hold a version-2 field (``unknown-field``, as a version-1 decoder would say),
-and ``encode(msg, 1)`` leaves version-2 fields out, so a CCS speaks
-version 1 to a device that said Hello in version 1.
+to AuthOk, and the messages Abandon and PeerLeft. Version 3 adds the
+keepalive period a CCS advertises in AuthOk. A field or message
+carries the version it appeared in (``since``); a frame of version N may not
+hold a field of a later version (``unknown-field``, as a version-N decoder
+would say), and ``encode(msg, N)`` leaves later fields out, so a CCS speaks
+version N to a device that said Hello in version N.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from fastpunch.proto import candidates as _candidates
 __all__ = ["VERSION", "MAX_FRAME", "WireError", "Message", "encode", "decode_frame", "MESSAGES",
            "fit"]
 
-VERSION = 2
-VERSIONS = (1, 2)         # a CCS accepts each; a device speaks the newest the CCS takes
+VERSION = 3
+VERSIONS = (1, 2, 3)        # a CCS accepts each; a device speaks the newest the CCS takes
 MAX_FRAME = 8192          # bytes of payload; every field is capped far below this
 HEADER = struct.Struct("!BBH")
 FIELD = struct.Struct("!BH")
@@ -200,13 +201,15 @@ class Challenge(Message):
 @_msg(65, {"mac": (1, "bytes", MAC, True), "addr": (2, "ipv4", 4, True),
            "port": (3, "u16", 2, True), "heartbeat": (4, "u16", 2, True),
            "node": (5, "str", NAME, False), "probe_port": (6, "u16", 2, False),
-           "probe_port2": (7, "u16", 2, False, 2)})
+           "probe_port2": (7, "u16", 2, False, 2), "keepalive": (8, "u16", 2, False, 3)})
 class AuthOk(Message):
     """Server proof, and the address and port the CCS sees (reflexive).
     ``node`` names the CCS node, for logs; ``probe_port`` is where it answers
     "who am I" probes (the relay port) for the device's natcheck;
     ``probe_port2`` a second port that answers them, so natcheck can tell
-    whether a mapping depends on the destination port."""
+    whether a mapping depends on the destination port; ``keepalive`` the
+    period (seconds) of the keepalives devices should keep their peer
+    streams alive with (fastpunch.liveness)."""
     mac: bytes
     addr: str
     port: int
@@ -214,6 +217,7 @@ class AuthOk(Message):
     node: Optional[str] = None
     probe_port: Optional[int] = None
     probe_port2: Optional[int] = None
+    keepalive: Optional[int] = None
 
 
 @_msg(66, {"seq": (1, "u32", 4, True)})

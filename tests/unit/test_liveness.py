@@ -1,0 +1,141 @@
+"""fastpunch.liveness: the settings, what they bound, and the socket options
+they set on a real kernel socket; the CCS's advertised period on the wire."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import socket
+
+import pytest
+
+from fastpunch import liveness
+from fastpunch.liveness import Keepalive, KeepaliveError, PathLost
+from fastpunch.proto import wire
+from fastpunch.proto.connection import Connection, ProtocolViolation, Role
+
+
+@pytest.mark.parametrize("period", [0, -1, 3601, 1.5, True, "10", None])
+def test_a_period_outside_whole_seconds_1_3600_is_refused(period):
+    with pytest.raises(ValueError, match="whole seconds"):
+        Keepalive(period)
+
+
+@pytest.mark.parametrize("timeout", [0, 0.5, 3601, math.nan, True, "3"])
+def test_a_bad_timeout_is_refused(timeout):
+    with pytest.raises(ValueError, match="timeout"):
+        Keepalive(10, timeout)
+
+
+@pytest.mark.parametrize("period,interval,dead,idle", [
+    (10, 2, 5.0, 12.0),        # the default: dead at the first re-probe
+    (1, 1, 3.0, 3.0),          # probes at 1 and 2 s, the check at 3 s finds 3 s passed
+    (60, 15, 30.0, 75.0),
+    (3600, 900, 30.0, 4500.0),
+])
+def test_derived_values_follow_the_kernels_keepalive_timer(period, interval, dead, idle):
+    k = Keepalive(period)
+    assert (k.interval, k.dead_after, k.idle_detection(), k.busy_detection()) == \
+        (interval, dead, idle, dead)
+    # within two periods while idle, as docs/liveness.md promises, from 3 s up
+    if period >= 3:
+        assert k.idle_detection() <= 2 * period
+
+
+def test_a_long_timeout_waits_for_the_probe_after_it():
+    # probes at 10, 12, 14, ...: the first check with 15 s passed is at 16 s
+    k = Keepalive(10, timeout=15)
+    assert k.idle_detection() == 16.0 and k.busy_detection() == 15.0
+    assert k.probes == 4
+
+
+def test_resolve_orders_application_ccs_and_default():
+    assert liveness.resolve(None) == liveness.DEFAULT
+    assert liveness.resolve(None, 25) == Keepalive(25)
+    assert liveness.resolve(7, 25) == Keepalive(7)
+    assert liveness.resolve(7.0) == Keepalive(7)
+    assert liveness.resolve(Keepalive(3, 4), 25) == Keepalive(3, 4)
+    assert liveness.resolve(False, 25) is None and liveness.resolve(0) is None
+    with pytest.raises(ValueError):
+        liveness.resolve(2.5)
+
+
+def _tcp_pair():
+    srv = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(srv.getsockname())
+    b, _ = srv.accept()
+    srv.close()
+    return a, b
+
+
+def test_apply_sets_every_option_on_a_kernel_socket_and_none_clears_them():
+    a, b = _tcp_pair()
+    with a, b:
+        k = Keepalive(7, timeout=4)
+        liveness.apply(a, k)
+        got = [a.getsockopt(level, opt) for level, opt, _ in k.socket_options()]
+        assert got == [1, 7, 1, k.probes, 4000]
+        liveness.apply(a, None)
+        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        assert a.getsockopt(socket.IPPROTO_TCP, liveness.TCP_USER_TIMEOUT) == 0
+
+
+def test_a_socket_that_refuses_an_option_names_it():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        with pytest.raises(KeepaliveError) as err:
+            liveness.apply(udp, liveness.DEFAULT)
+    assert err.value.option == "TCP_KEEPIDLE" and "cannot set TCP_KEEPIDLE" in str(err.value)
+    assert isinstance(err.value, OSError)
+
+
+def test_only_etimedout_means_the_path_is_lost():
+    lost = liveness.path_lost(TimeoutError(errno.ETIMEDOUT, "Connection timed out"),
+                              Keepalive(10))
+    assert isinstance(lost, PathLost) and isinstance(lost, ConnectionError)
+    assert lost.code == "path-lost" and "keepalive every 10 s" in str(lost)
+    assert lost.errno == errno.ETIMEDOUT
+    assert liveness.path_lost(ConnectionResetError(errno.ECONNRESET, "reset"), None) is None
+    assert liveness.path_lost(socket.timeout("timed out"), None) is None    # a recv timeout
+    assert liveness.path_lost(lost, None) is None                           # not twice
+
+
+# -- the CCS advertises its period (protocol version 3) ----------------------------------
+def _login(version: int, keepalive):
+    client = Connection(Role.CLIENT, version)
+    server = Connection(Role.SERVER)
+    key = bytes(32)
+    server.receive_data(client.hello("cam", key, os.urandom))
+    server.next_event()
+    client.receive_data(server.challenge(key, os.urandom))
+    client.next_event()
+    server.receive_data(client.respond())
+    server.next_event()
+    client.receive_data(server.accept("203.0.113.10", 4000, 15, keepalive=keepalive))
+    return client.next_event()
+
+
+def test_authok_carries_the_keepalive_period_from_version_3_only():
+    assert _login(3, 25).keepalive == 25
+    assert _login(2, 25).keepalive is None            # left out for a version-2 device
+    assert _login(3, None).keepalive is None
+
+
+def test_a_version_2_frame_with_the_keepalive_field_is_refused():
+    ok = wire.AuthOk(bytes(32), "203.0.113.10", 4000, 15, keepalive=25)
+    frame = bytearray(wire.encode(ok, 3))
+    frame[0] = 2
+    with pytest.raises(wire.WireError) as err:
+        wire.decode_frame(frame)
+    assert err.value.code == "unknown-field"
+
+
+def test_a_refused_hello_names_the_version_the_ccs_answered_in():
+    client = Connection(Role.CLIENT)
+    client.hello("cam", bytes(32), os.urandom)
+    # what a version-2 CCS answers a version-3 Hello (its decoder says bad-version)
+    client.receive_data(wire.encode(wire.Error("bad-version", "protocol version 3, expected "
+                                                              "1 or 2"), 2))
+    with pytest.raises(ProtocolViolation) as err:
+        client.next_event()
+    assert err.value.code == "version-refused" and err.value.version == 2
