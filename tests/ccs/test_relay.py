@@ -332,3 +332,58 @@ def test_a_side_refused_at_the_join_releases_the_side_waiting_for_it():
             await relay.close()
 
     arun(main(), 30)
+
+
+def test_the_relay_gives_both_legs_the_nodes_keepalive(deployment):
+    # an idle relayed stream keeps each leg's NAT entries; a leg whose device
+    # vanished ends the pair instead of holding a slot (docs/liveness.md)
+    from fastpunch import liveness
+
+    enroll(deployment)
+
+    async def main():
+        server = deployment.server(keepalive=25)
+        async with running(server) as addr:
+            a, b, ra, rb = await paired(deployment, addr)
+            assert a.advertised_keepalive == b.advertised_keepalive == 25
+            assert a.keepalive == liveness.Keepalive(25)
+            sa, sb = await asyncio.gather(a.relay(ra), b.relay(rb))
+            for _ in range(100):
+                if server.relay.pairs and all(p.running for p in server.relay.pairs.values()):
+                    break
+                await asyncio.sleep(0.02)
+            (pair,) = server.relay.pairs.values()
+            legs = [(s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                     s.getsockopt(socket.IPPROTO_TCP, liveness.TCP_KEEPIDLE),
+                     s.getsockopt(socket.IPPROTO_TCP, liveness.TCP_USER_TIMEOUT))
+                    for s in pair.socks]
+            sa.close()
+            sb.close()
+            await a.close()
+            await b.close()
+            return legs
+
+    assert arun(main()) == [(1, 25, 12500)] * 2
+
+
+def test_an_out_of_range_advertised_keepalive_is_ignored_with_a_warning(deployment, caplog):
+    # the CCS is trusted, but a misconfigured one must not break the device:
+    # a period outside 1-3600 s is logged and the default used
+    from fastpunch import liveness
+
+    enroll(deployment)
+
+    async def main():
+        server = deployment.server()
+        with pytest.raises(ValueError, match="whole seconds"):
+            deployment.server(keepalive=0)            # a node refuses it in its settings
+        server.keepalive = 0                          # what a broken node would send
+        async with running(server) as addr:
+            a = deployment.device(addr, "cam", reconnect=False)
+            async with a:
+                return a.advertised_keepalive, a.keepalive
+
+    with caplog.at_level("WARNING", logger="fastpunch.client"):
+        advertised, used = arun(main())
+    assert advertised is None and used == liveness.DEFAULT
+    assert any("keepalive period of 0 s" in r.getMessage() for r in caplog.records)

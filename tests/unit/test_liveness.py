@@ -139,3 +139,34 @@ def test_a_refused_hello_names_the_version_the_ccs_answered_in():
     with pytest.raises(ProtocolViolation) as err:
         client.next_event()
     assert err.value.code == "version-refused" and err.value.version == 2
+
+
+def test_a_device_refuses_a_bad_keepalive_when_made_not_at_its_first_stream():
+    from fastpunch.client import Device
+
+    with pytest.raises(ValueError, match="whole seconds"):
+        Device(("127.0.0.1", 7443), "cam", bytes(32), ca_file="ca.pem", keepalive=2.5)
+    dev = Device(("127.0.0.1", 7443), "cam", bytes(32), ca_file="ca.pem", keepalive=False)
+    assert dev.keepalive is None
+    dev.keepalive = 30
+    assert dev.keepalive == Keepalive(30)
+    with pytest.raises(ValueError):
+        dev.keepalive = -1
+    assert dev.keepalive == Keepalive(30)                 # unchanged by the refusal
+
+
+@pytest.mark.parametrize("text,want", [("0", False), ("15", Keepalive(15))])
+def test_the_keepalive_flag_takes_whole_seconds_or_0(text, want):
+    from fastpunch.tools import _keepalive
+
+    assert _keepalive(text) == want
+
+
+@pytest.mark.parametrize("text", ["-3", "2.5", "ten", "4000"])
+def test_the_keepalive_flag_refuses_the_rest_with_the_range(text):
+    import argparse
+
+    from fastpunch.tools import _keepalive
+
+    with pytest.raises(argparse.ArgumentTypeError, match="1-3600, or 0 for none"):
+        _keepalive(text)
