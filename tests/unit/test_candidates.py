@@ -62,7 +62,10 @@ def test_version_1_frames_leave_version_2_fields_out_and_may_not_carry_them():
         wire.encode(wire.PeerLeft(1, "cam", "x", "y"), 1)
 
 
-def login(version: int):
+def login(version: int, **accept_kw):
+    """(client, server, AuthOk as the client decoded it) after a login in
+    ``version``; ``accept_kw`` go to the server's accept()."""
+    accept_kw = {"probe_port": 7444, "probe_port2": 7445, **accept_kw}
     client = Connection(Role.CLIENT, version)
     server = Connection(Role.SERVER)
     key = bytes(32)
@@ -72,8 +75,7 @@ def login(version: int):
     client.next_event()
     server.receive_data(client.respond())
     server.next_event()
-    client.receive_data(server.accept("203.0.113.10", 4000, 15, probe_port=7444,
-                                      probe_port2=7445))
+    client.receive_data(server.accept("203.0.113.10", 4000, 15, **accept_kw))
     ok = client.next_event()
     return client, server, ok
 

@@ -14,6 +14,7 @@ from fastpunch import liveness
 from fastpunch.liveness import Keepalive, KeepaliveError, PathLost
 from fastpunch.proto import wire
 from fastpunch.proto.connection import Connection, ProtocolViolation, Role
+from tests.unit.test_candidates import login
 
 
 @pytest.mark.parametrize("period", [0, -1, 3601, 1.5, True, "10", None])
@@ -102,17 +103,7 @@ def test_only_etimedout_means_the_path_is_lost():
 
 # -- the CCS advertises its period (protocol version 3) ----------------------------------
 def _login(version: int, keepalive):
-    client = Connection(Role.CLIENT, version)
-    server = Connection(Role.SERVER)
-    key = bytes(32)
-    server.receive_data(client.hello("cam", key, os.urandom))
-    server.next_event()
-    client.receive_data(server.challenge(key, os.urandom))
-    client.next_event()
-    server.receive_data(client.respond())
-    server.next_event()
-    client.receive_data(server.accept("203.0.113.10", 4000, 15, keepalive=keepalive))
-    return client.next_event()
+    return login(version, keepalive=keepalive)[2]
 
 
 def test_authok_carries_the_keepalive_period_from_version_3_only():
