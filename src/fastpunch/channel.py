@@ -200,7 +200,8 @@ class SecureSocket:
         still works until the peer's close."""
         record = self.channel.close()
         if record:
-            self.sock.sendall(record)
+            with _liveness(self.keepalive):
+                self.sock.sendall(record)
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:

@@ -299,12 +299,11 @@ class Device:
         self.probe_port, self.probe_port2 = msg.probe_port, msg.probe_port2
         self.advertised_keepalive = None
         if msg.keepalive is not None:
-            if liveness.MIN_PERIOD <= msg.keepalive <= liveness.MAX_PERIOD:
-                self.advertised_keepalive = msg.keepalive
-            else:
-                log.warning("%s: the CCS advertises a keepalive period of %d s, outside "
-                            "%d..%d: using the default", self.name, msg.keepalive,
-                            liveness.MIN_PERIOD, liveness.MAX_PERIOD)
+            try:
+                self.advertised_keepalive = Keepalive(msg.keepalive).period
+            except ValueError as exc:
+                log.warning("%s: the CCS advertises a keepalive period of %d s (%s): "
+                            "using the default", self.name, msg.keepalive, exc)
         self.ccs = addr
         self.ccs_ip = writer.get_extra_info("peername")[0]
         self.connections += 1
@@ -518,7 +517,8 @@ class Device:
 
     async def relay(self, ready: wire.RendezvousReady, timeout: float = 35.0) -> socket.socket:
         """Join the CCS relay for this rendezvous; returns a connected,
-        non-blocking socket once the peer has joined too."""
+        non-blocking socket once the peer has joined too, with this
+        device's keepalive (``self.keepalive``) set on it."""
         from fastpunch.ccs.relay import JOINED, MAGIC, relay_status_error
 
         loop = asyncio.get_running_loop()
@@ -537,6 +537,15 @@ class Device:
             code, reason = relay_status_error(status[0]) if status else \
                 ("relay-closed", "the relay closed the connection")
             raise RelayError(code, reason)
+        return self._kept_alive(sock)
+
+    def _kept_alive(self, sock: socket.socket) -> socket.socket:
+        """sock with this device's keepalive set (closed if the kernel refuses it)."""
+        try:
+            liveness.apply(sock, self.keepalive)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     # -- what the network is (fastpunch.netcheck) --------------------------------------
@@ -657,14 +666,13 @@ class Device:
             self._sessions.pop(ready.session, None)
             gathered.release()                   # the port's reservation, at once
             self._spawn(self.gatherer.release(gathered))
-        keepalive = self.keepalive
         try:
-            liveness.apply(sock, keepalive)
-        except BaseException:
-            sock.close()
+            self._kept_alive(sock)           # (a relayed one again: relay() set it too)
+        except BaseException as exc:
+            self._abandon(ready, exc)
             raise
         return PeerConnection(sock, ready.peer, report.path, report.strategy, ready.role,
-                              ready.key, report, keepalive)
+                              ready.key, report, self.keepalive)
 
     def _abandon(self, ready, exc: BaseException) -> None:
         """Tell the CCS we gave this rendezvous up, so it tells the peer

@@ -28,9 +28,10 @@ What that bounds (docs/liveness.md has the measurements):
   its first unacknowledged segment (the kernel clamps its retransmission
   timer to the user timeout);
 * a side that is **receiving or idle** learns it when a probe goes
-  unanswered: at most ``period + interval`` seconds after it last heard
-  from the peer when ``timeout <= period + interval``, else at the first
-  probe after ``timeout``.
+  unanswered: ``period + interval`` seconds after it last heard from the
+  peer when ``timeout <= period + interval``, else at the first probe after
+  ``timeout`` (plus the kernel timer wheel's rounding, at most an eighth of
+  each timer's delay: measured 0.2 s on 12 s).
 
 The period is the CCS's to advertise (``AuthOk.keepalive``, a CCS setting),
 the application's to override (``Device(keepalive=...)``). Pure settings
@@ -51,6 +52,7 @@ __all__ = ["Keepalive", "DEFAULT", "apply", "resolve", "PathLost", "KeepaliveErr
            "path_lost", "MIN_PERIOD", "MAX_PERIOD"]
 
 MIN_PERIOD, MAX_PERIOD = 1, 3600          # whole seconds (TCP_KEEPIDLE's unit)
+MAX_PROBES = 127                          # the kernel's cap on TCP_KEEPCNT (MAX_TCP_KEEPCNT)
 # SOL_TCP option numbers (linux/tcp.h); Python names them where the libc does
 TCP_KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", 4)
 TCP_KEEPINTVL = getattr(socket, "TCP_KEEPINTVL", 5)
@@ -65,7 +67,8 @@ class Keepalive:
     ``period``: whole seconds of silence before the first probe (keep it
     under the shortest idle timeout of the gateways on the way; 10 s is the
     CCS's default). ``timeout``: seconds without an acknowledgement after
-    which the path is declared dead; default ``clamp(period / 2, 3, 30)``.
+    which the path is declared dead (the kernel's TCP_USER_TIMEOUT); None
+    for ``clamp(period / 2, 3, 30)``, which :attr:`user_timeout` gives.
     ``interval`` (derived): seconds between probes once one went out."""
 
     period: int = 10
@@ -89,33 +92,36 @@ class Keepalive:
         return max(1, self.period // 4)
 
     @property
-    def dead_after(self) -> float:
-        """TCP_USER_TIMEOUT, in seconds."""
+    def user_timeout(self) -> float:
+        """The timeout in force (TCP_USER_TIMEOUT), in seconds."""
         if self.timeout is not None:
             return float(self.timeout)
         return min(30.0, max(3.0, self.period / 2))
 
     @property
     def probes(self) -> int:
-        """TCP_KEEPCNT: what the kernel counts if the user timeout is not
-        in force (it is, whenever :func:`apply` succeeded)."""
-        return max(1, math.ceil(max(0.0, self.dead_after - self.period) / self.interval) + 1)
+        """TCP_KEEPCNT: unanswered probes before the kernel gives up, which
+        it counts only while TCP_USER_TIMEOUT is 0 (after :func:`apply` it
+        is not): the same moment as the user timeout, within the kernel's
+        cap of 127. The check at ``period + k * interval`` sees k probes out."""
+        k = math.ceil(max(0.0, self.user_timeout - self.period) / self.interval)
+        return min(MAX_PROBES, max(1, k))
 
     def idle_detection(self) -> float:
         """Seconds, at most, from the last thing heard from the peer to
         ETIMEDOUT on a side that is not sending."""
         first = self.period + self.interval          # the first probe's check
-        if self.dead_after <= first:
+        if self.user_timeout <= first:
             return float(first)
         # probes every interval after the first, until one finds the timeout passed
-        steps = math.ceil((self.dead_after - self.period) / self.interval)
+        steps = math.ceil((self.user_timeout - self.period) / self.interval)
         return float(self.period + steps * self.interval)
 
     def busy_detection(self) -> float:
         """Seconds from the first unacknowledged segment to ETIMEDOUT on a
         side that is sending: the user timeout (the kernel clamps its last
         retransmission timer to it; measured 0.2-0.5 s past it)."""
-        return self.dead_after
+        return self.user_timeout
 
     def socket_options(self) -> list:
         """[(level, option, value)] that :func:`apply` sets, in order."""
@@ -123,18 +129,20 @@ class Keepalive:
                 (socket.IPPROTO_TCP, TCP_KEEPIDLE, self.period),
                 (socket.IPPROTO_TCP, TCP_KEEPINTVL, self.interval),
                 (socket.IPPROTO_TCP, TCP_KEEPCNT, self.probes),
-                (socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(self.dead_after * 1000))]
+                (socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(self.user_timeout * 1000))]
 
     def describe(self) -> str:
-        return (f"keepalive every {self.period} s, dead after {self.dead_after:g} s "
+        return (f"keepalive every {self.period} s, dead after {self.user_timeout:g} s "
                 f"without an acknowledgement")
 
 
 DEFAULT = Keepalive()
 
-_NAMES = {socket.SO_KEEPALIVE: "SO_KEEPALIVE", TCP_KEEPIDLE: "TCP_KEEPIDLE",
-          TCP_KEEPINTVL: "TCP_KEEPINTVL", TCP_KEEPCNT: "TCP_KEEPCNT",
-          TCP_USER_TIMEOUT: "TCP_USER_TIMEOUT"}
+_NAMES = {(socket.SOL_SOCKET, socket.SO_KEEPALIVE): "SO_KEEPALIVE",
+          (socket.IPPROTO_TCP, TCP_KEEPIDLE): "TCP_KEEPIDLE",
+          (socket.IPPROTO_TCP, TCP_KEEPINTVL): "TCP_KEEPINTVL",
+          (socket.IPPROTO_TCP, TCP_KEEPCNT): "TCP_KEEPCNT",
+          (socket.IPPROTO_TCP, TCP_USER_TIMEOUT): "TCP_USER_TIMEOUT"}
 
 
 class KeepaliveError(FastpunchError, OSError):
@@ -192,4 +200,4 @@ def apply(sock: socket.socket, keepalive: Optional[Keepalive]) -> None:
         try:
             sock.setsockopt(level, option, value)
         except OSError as exc:
-            raise KeepaliveError(_NAMES.get(option, str(option)), exc) from exc
+            raise KeepaliveError(_NAMES.get((level, option), str(option)), exc) from exc

@@ -30,6 +30,7 @@ import time
 from typing import Optional
 
 from fastpunch.errors import FastpunchError
+from fastpunch.liveness import PathLost
 
 CHUNK = 256 * 1024
 
@@ -290,10 +291,13 @@ def cmd_exec(args) -> int:
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     progress_out = Progress(conn, True)
     progress_in = Progress(conn, True)
+    lost: list = []                 # a dead path is an error, not the child's quiet end
 
     def feed():
         try:
             _pump_in(secure, proc.stdin, progress_in)
+        except PathLost as exc:
+            lost.append(exc)
         except (BrokenPipeError, OSError):
             pass
         finally:
@@ -306,6 +310,8 @@ def cmd_exec(args) -> int:
     reader.start()
     try:
         _pump_out(proc.stdout, secure, progress_out)
+    except PathLost as exc:
+        lost.append(exc)
     except (BrokenPipeError, ConnectionError):
         pass
     rc = proc.wait()
@@ -313,4 +319,6 @@ def cmd_exec(args) -> int:
     secure.close()
     _say(args, conn, {**progress_out.summary(sent=progress_out.bytes),
                       "received": progress_in.bytes, "exit_code": rc})
+    if lost:
+        raise lost[0]
     return rc

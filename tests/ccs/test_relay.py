@@ -387,3 +387,13 @@ def test_an_out_of_range_advertised_keepalive_is_ignored_with_a_warning(deployme
         advertised, used = arun(main())
     assert advertised is None and used == liveness.DEFAULT
     assert any("keepalive period of 0 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_node_advertises_the_keepalive_of_the_relay_it_was_given(deployment):
+    from fastpunch.liveness import DEFAULT, Keepalive
+
+    assert deployment.server().keepalive == DEFAULT.period
+    assert deployment.server(relay=Relay(keepalive=Keepalive(30))).keepalive == 30
+    assert deployment.server(relay=Relay(keepalive=None)).keepalive is None
+    server = deployment.server(relay=Relay(keepalive=Keepalive(30)), keepalive=12)
+    assert server.keepalive == 12 and server.relay.keepalive == Keepalive(12)

@@ -6,7 +6,9 @@ connections (direct and relayed) and the CCS's advertised period.
   stream idle for 60 s: with the keepalive every connection is handed out
   with, direct and relayed streams carry data both ways afterwards; the same
   direct stream with keepalive turned off does not (the issue's report,
-  kept as the control).
+  kept as the control: it rests on what the lab's gateways do, as most
+  real ones do, with a segment from outside for a flow they forgot: no
+  state, so it is dropped or reset, never passed in).
 * A path cut mid-stream (a gateway that drops everything between the two
   sides): each side gets PathLost, or the relay's end of stream, within the
   stated bound instead of hanging."""
@@ -146,8 +148,7 @@ def test_a_dead_path_is_reported_in_bound_direct_and_relayed(tmp_path):
         # the camera's relay leg is healthy: the relay found the viewer's leg
         # dead (its own keepalive) and ended the camera's, which says so
         exc, took = results["relay-cam"]
-        assert isinstance(exc, (ChannelViolation, PathLost)), exc
-        assert getattr(exc, "code", "") in ("truncated", "path-lost"), exc
+        assert isinstance(exc, ChannelViolation) and exc.code == "truncated", exc
         assert took <= bound + SLACK, took
         for conn in direct + relayed:
             conn.close()

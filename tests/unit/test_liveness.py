@@ -37,7 +37,7 @@ def test_a_bad_timeout_is_refused(timeout):
 ])
 def test_derived_values_follow_the_kernels_keepalive_timer(period, interval, dead, idle):
     k = Keepalive(period)
-    assert (k.interval, k.dead_after, k.idle_detection(), k.busy_detection()) == \
+    assert (k.interval, k.user_timeout, k.idle_detection(), k.busy_detection()) == \
         (interval, dead, idle, dead)
     # within two periods while idle, as docs/liveness.md promises, from 3 s up
     if period >= 3:
@@ -48,7 +48,18 @@ def test_a_long_timeout_waits_for_the_probe_after_it():
     # probes at 10, 12, 14, ...: the first check with 15 s passed is at 16 s
     k = Keepalive(10, timeout=15)
     assert k.idle_detection() == 16.0 and k.busy_detection() == 15.0
-    assert k.probes == 4
+    assert k.probes == 3        # checks at 12, 14, 16 s: the third sees 3 probes out
+
+
+def test_a_long_timeout_stays_within_the_kernels_probe_cap_and_applies():
+    # 300 s of 2 s probes would be 146: the kernel refuses TCP_KEEPCNT > 127
+    k = Keepalive(10, timeout=300)
+    assert k.probes == liveness.MAX_PROBES
+    a, b = _tcp_pair()
+    with a, b:
+        liveness.apply(a, k)
+        assert a.getsockopt(socket.IPPROTO_TCP, liveness.TCP_KEEPCNT) == 127
+        assert a.getsockopt(socket.IPPROTO_TCP, liveness.TCP_USER_TIMEOUT) == 300_000
 
 
 def test_resolve_orders_application_ccs_and_default():

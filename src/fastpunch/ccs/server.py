@@ -114,7 +114,7 @@ class CCSServer:
                  clock: Callable[[], float] = time.time,
                  cluster_key: Optional[bytes] = None, spoof_assist: bool = True,
                  budgets: Optional[Budgets] = None, watch_keystore: bool = True,
-                 keepalive: Optional[int] = liveness.DEFAULT.period) -> None:
+                 keepalive: Optional[int] = None) -> None:
         self.keystore = keystore
         self.ssl_context = ssl_context
         self.registry = registry if registry is not None else MemoryRegistry()
@@ -133,10 +133,11 @@ class CCSServer:
         self.heartbeat = heartbeat
         # the keepalive period devices are told to keep their peer streams
         # alive with (AuthOk, protocol 3), also on this node's relay legs;
-        # None advertises nothing and leaves the relay's own setting
-        self.keepalive = keepalive
+        # None: the relay's own setting (liveness.DEFAULT unless the Relay
+        # given says otherwise), advertised as it is
         if keepalive is not None:
             self.relay.keepalive = liveness.Keepalive(keepalive)
+        self.keepalive = self.relay.keepalive.period if self.relay.keepalive else None
         self.rendezvous_timeout = rendezvous_timeout
         self.auth_timeout = auth_timeout
         self.start_delay_ms = start_delay_ms
