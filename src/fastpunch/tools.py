@@ -179,9 +179,15 @@ class Progress:
         if self.tty:
             sys.stderr.write("\n")
         return {"peer": self.conn.peer, "path": self.conn.path, "strategy": self.conn.strategy,
-                "connect_seconds": round(self.conn.report.seconds, 4), "bytes": self.bytes,
+                "connect_seconds": round(self.conn.report.seconds, 4),
+                "keepalive_seconds": _keepalive_seconds(self.conn), "bytes": self.bytes,
                 "seconds": round(seconds, 3),
                 "MB_per_s": round(self.bytes / max(seconds, 1e-9) / 1e6, 2), **extra}
+
+
+def _keepalive_seconds(conn) -> Optional[int]:
+    """The summary's keepalive: the period in force, None when off."""
+    return conn.keepalive.period if conn.keepalive is not None else None
 
 
 def _say(args, conn, summary: dict) -> None:
@@ -223,10 +229,12 @@ def cmd_connect(args) -> int:
     conn, secure = open_connection(args)
     summary = {"peer": conn.peer, "path": conn.path, "strategy": conn.strategy,
                "connect_seconds": round(conn.report.seconds, 4), "cipher": secure.cipher.name,
+               "keepalive_seconds": _keepalive_seconds(conn),
                "report": conn.report.as_dict() if args.verbose else None}
     if args.verbose and not args.json:
         for line in conn.report.lines():
             print(line)
+        print(conn.keepalive.describe() if conn.keepalive else "keepalive: off")
     print(json.dumps(summary))
     secure.close()
     return 0

@@ -43,5 +43,6 @@ def test_without_privileges_the_planner_falls_back_to_simopen(tmp_path, a, b, st
     assert viewer.returncode == 0, viewer.stderr
     summary = json.loads(viewer.stdout.strip().splitlines()[-1])
     assert (summary["path"], summary["strategy"]) == ("direct", strategy)
+    assert summary["keepalive_seconds"] == 10      # the CCS's period; needs no capability
     attempts = [t["strategy"] for t in summary["report"]["attempts"]]
     assert attempts == [strategy]
