@@ -123,7 +123,7 @@ class Keepalive:
         retransmission timer to it; measured 0.2-0.5 s past it)."""
         return self.user_timeout
 
-    def socket_options(self) -> list:
+    def socket_options(self) -> list[tuple[int, int, int]]:
         """[(level, option, value)] that :func:`apply` sets, in order."""
         return [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
                 (socket.IPPROTO_TCP, TCP_KEEPIDLE, self.period),
@@ -183,7 +183,10 @@ def resolve(value: Union[None, bool, int, float, Keepalive],
         return Keepalive(int(advertised)) if advertised else DEFAULT
     if value is False or value == 0:
         return None
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"keepalive period must be whole seconds in "
+                             f"{MIN_PERIOD}..{MAX_PERIOD}, not {value!r}")
         value = int(value)
     return Keepalive(value)
 
