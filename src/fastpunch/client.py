@@ -666,11 +666,12 @@ class Device:
             self._sessions.pop(ready.session, None)
             gathered.release()                   # the port's reservation, at once
             self._spawn(self.gatherer.release(gathered))
-        try:
-            self._kept_alive(sock)           # (a relayed one again: relay() set it too)
-        except BaseException as exc:
-            self._abandon(ready, exc)
-            raise
+        if report.path != "relay":             # relay() set it on a relayed one
+            try:
+                self._kept_alive(sock)
+            except BaseException as exc:
+                self._abandon(ready, exc)
+                raise
         return PeerConnection(sock, ready.peer, report.path, report.strategy, ready.role,
                               ready.key, report, self.keepalive)
 

@@ -98,24 +98,24 @@ class Keepalive:
             return float(self.timeout)
         return min(30.0, max(3.0, self.period / 2))
 
+    def _fatal_check(self) -> int:
+        """k of the keepalive timer's check at ``period + k * interval`` (k
+        probes out by then) that first finds the user timeout passed; the
+        kernel gives up no sooner than the first probe's check (k = 1)."""
+        return max(1, math.ceil(max(0.0, self.user_timeout - self.period) / self.interval))
+
     @property
     def probes(self) -> int:
         """TCP_KEEPCNT: unanswered probes before the kernel gives up, which
         it counts only while TCP_USER_TIMEOUT is 0 (after :func:`apply` it
         is not): the same moment as the user timeout, within the kernel's
-        cap of 127. The check at ``period + k * interval`` sees k probes out."""
-        k = math.ceil(max(0.0, self.user_timeout - self.period) / self.interval)
-        return min(MAX_PROBES, max(1, k))
+        cap of 127."""
+        return min(MAX_PROBES, self._fatal_check())
 
     def idle_detection(self) -> float:
         """Seconds, at most, from the last thing heard from the peer to
         ETIMEDOUT on a side that is not sending."""
-        first = self.period + self.interval          # the first probe's check
-        if self.user_timeout <= first:
-            return float(first)
-        # probes every interval after the first, until one finds the timeout passed
-        steps = math.ceil((self.user_timeout - self.period) / self.interval)
-        return float(self.period + steps * self.interval)
+        return float(self.period + self._fatal_check() * self.interval)
 
     def busy_detection(self) -> float:
         """Seconds from the first unacknowledged segment to ETIMEDOUT on a
