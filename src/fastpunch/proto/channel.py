@@ -30,6 +30,14 @@ Key schedule (HKDF-SHA256 from ``cryptography``)::
         = i2r key[32] i2r iv[12] r2i key[32] r2i iv[12]
           initiator confirm key[32] responder confirm key[32]
 
+    exporter secret = HKDF(ikm=session key, salt=initiator nonce || responder nonce,
+                           info="fastpunch-channel-v1 exporter" || transcript, length=32)
+    exporter(label, n) = HKDF-Expand(exporter secret, info=label, n)
+
+The exporter gives layers above (the resumable session) secrets bound to this
+one channel: both ends get the same bytes, nobody who lacks the session key
+or saw other hellos does.
+
 The cipher is the initiator's choice (its hello's cipher byte); the
 responder's byte is only its preference. Both hellos are inside the
 transcript, so a relay that rewrites either (cipher, role, nonce) makes the
@@ -56,7 +64,7 @@ from typing import Callable, Optional, Union
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from fastpunch.errors import LocalProtocolError, RemoteProtocolError
 
@@ -87,6 +95,7 @@ RUN_RECORDS = 64                           # data records opened into one Data e
 
 _LABEL = b"fastpunch-channel-v1"
 _KEYS_INFO = _LABEL + b" keys"
+_EXPORTER_INFO = _LABEL + b" exporter"
 _CONFIRM_LABEL = {"initiator": _LABEL + b" initiator confirm",
                   "responder": _LABEL + b" responder confirm"}
 
@@ -302,6 +311,7 @@ class Channel:
         self._send_seq = self._recv_seq = 0
         self._peer_confirm: Optional[bytes] = None
         self._encrypt_into = self._decrypt_into = None
+        self._exporter_secret: Optional[bytes] = None
 
     # -- state ----------------------------------------------------------------------
     @property
@@ -309,6 +319,11 @@ class Channel:
         """Both ends proved the key: application data may flow."""
         return self.recv_state in (RecvState.OPEN, RecvState.CLOSED) and \
             self.send_state in (SendState.OPEN, SendState.CLOSED)
+
+    @property
+    def eof(self) -> bool:
+        """receive_data(b"") was called: the stream under us ended."""
+        return self._eof
 
     @property
     def closed(self) -> bool:
@@ -383,6 +398,9 @@ class Channel:
             recv = (i2r_key, i2r_iv, i_confirm, "initiator")
         self._send_aead, self._send_iv = aead(send[0]), int.from_bytes(send[1], "big")
         self._recv_aead, self._recv_iv = aead(recv[0]), int.from_bytes(recv[1], "big")
+        self._exporter_secret = HKDF(algorithm=hashes.SHA256(), length=32,
+                                     salt=i_nonce + r_nonce,
+                                     info=_EXPORTER_INFO + transcript).derive(self._session_key)
         self._encrypt_into = getattr(self._send_aead, "encrypt_into", None)
         self._decrypt_into = getattr(self._recv_aead, "decrypt_into", None)
         my_confirm = hmac.new(send[2], _CONFIRM_LABEL[send[3]] + transcript,
@@ -392,6 +410,18 @@ class Channel:
         if self.send_state is SendState.HELLO:
             self._out += self._seal(RecordType.CONFIRM, my_confirm)
             self.send_state = SendState.CONFIRM
+
+    def exporter(self, label: bytes, length: int) -> bytes:
+        """``length`` bytes (1..255*32) bound to this channel and ``label``: the
+        same at both ends once both hellos are in. Layers above derive their
+        own secrets from it (see proto.session); it reveals nothing of the
+        record keys."""
+        if self._exporter_secret is None:
+            raise ChannelUsageError("not-started", "no exporter before both hellos are in")
+        if not isinstance(label, (bytes, bytearray)) or not 1 <= length <= 255 * 32:
+            raise ChannelUsageError("bad-argument", "exporter(label: bytes, 1 <= length <= 8160)")
+        return HKDFExpand(algorithm=hashes.SHA256(), length=length,
+                          info=bytes(label)).derive(self._exporter_secret)
 
     # -- nonces ---------------------------------------------------------------------
     def _next_send_nonce(self) -> bytes:

@@ -1,0 +1,358 @@
+"""Resumable sessions over blocking sockets: glue around proto.session.Session.
+
+``ResumableSocket(sock, role, session_key, reconnect=...)`` is a stream that
+survives the death of the socket under it. When the transport fails (EOF, a
+reset, a dead path found by the keepalive: ETIMEDOUT, a record that fails its
+MAC) the socket asks ``reconnect`` for a new one, by whatever route the
+application has (a fresh punch, the CCS relay, another node's relay), resumes
+the session over it and carries on: ``sendall`` and ``recv`` see no gap, and
+every byte arrives once, in order. Only when ``reconnect`` gives up (returns
+None, raises, or ``resume_timeout`` passes) does the socket raise
+:class:`SessionLost`.
+
+The two sides do not reconnect alike. The initiator dials: its ``reconnect``
+returns a connected socket. The responder waits: a :class:`ResumeListener`
+on a listening socket hands it the connection whose preamble names its
+session. A ResumeListener is watched while the socket waits for data, so a responder whose old path
+died silently switches to the new transport as soon as the initiator brings
+one, without waiting for its own keepalive to give the old one up.
+
+Protocol decisions live in fastpunch.proto.session; docs/session.md.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from typing import Callable, Dict, Optional, Tuple, Union
+
+from fastpunch import liveness
+from fastpunch.channel import _Plaintext
+from fastpunch.errors import FastpunchError
+from fastpunch.liveness import Keepalive
+from fastpunch.proto import session as _s
+from fastpunch.proto.channel import Cipher, Role
+
+__all__ = ["ResumableSocket", "ResumeListener", "SessionLost", "Transport"]
+
+READ_CHUNK = 256 * 1024
+WRITE_CHUNK = 16 * 16384
+
+#: What a reconnect source gives: a connected socket, or one whose first
+#: bytes (the resume preamble) were already read, with those bytes.
+Transport = Union[socket.socket, Tuple[socket.socket, bytes]]
+
+
+class SessionLost(FastpunchError, ConnectionError):
+    """The session's transport died and no new one could be had in time.
+    ``history`` is the session's path history; ``code`` "session-lost"."""
+
+    code = "session-lost"
+
+    def __init__(self, message: str, history: list) -> None:
+        super().__init__(message)
+        self.history = history
+
+
+class _Lost(Exception):
+    """The current transport failed (internal: triggers a resume)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class ResumeListener:
+    """Accepts resumed transports on a listening socket and routes each to
+    the session its preamble names. ``accept_for(session_id, timeout)``
+    returns (socket, preamble) for that session; streams for other sessions
+    wait (at most ``backlog`` of them, the oldest closed first), streams
+    without a preamble, or silent for ``preamble_timeout``, are closed."""
+
+    def __init__(self, listener: socket.socket, *, preamble_timeout: float = 5.0,
+                 backlog: int = 16) -> None:
+        self.listener = listener
+        self.preamble_timeout = preamble_timeout
+        self.backlog = backlog
+        self._waiting: Dict[bytes, Tuple[socket.socket, bytes]] = {}
+        self.refused = 0                       # streams closed for a bad or missing preamble
+
+    def fileno(self) -> int:
+        return self.listener.fileno()
+
+    def _accept_one(self, timeout: Optional[float]) -> None:
+        ready, _, _ = select.select([self.listener], [], [], timeout)
+        if not ready:
+            return
+        conn, _ = self.listener.accept()
+        conn.settimeout(self.preamble_timeout)
+        head = b""
+        try:
+            while len(head) < _s.PREAMBLE_BYTES:
+                part = conn.recv(_s.PREAMBLE_BYTES - len(head))
+                if not part:
+                    break
+                head += part
+        except OSError:
+            pass
+        conn.settimeout(None)
+        sid = _s.read_preamble(head)
+        if sid is None:
+            self.refused += 1
+            conn.close()
+            return
+        old = self._waiting.pop(sid, None)
+        if old is not None:
+            old[0].close()                     # the newer attempt replaces it
+        while len(self._waiting) >= self.backlog:
+            stale = next(iter(self._waiting))
+            self._waiting.pop(stale)[0].close()
+        self._waiting[sid] = (conn, head)
+
+    def offered(self, session_id: bytes) -> bool:
+        """Take the streams already waiting to be accepted (without
+        blocking on new ones); True if one resumes session_id."""
+        while session_id not in self._waiting:
+            ready, _, _ = select.select([self.listener], [], [], 0)
+            if not ready:
+                return False
+            self._accept_one(0)
+        return True
+
+    def accept_for(self, session_id: bytes, timeout: Optional[float]) -> Optional[Transport]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while session_id not in self._waiting:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            self._accept_one(left)
+        return self._waiting.pop(session_id)
+
+    def close(self) -> None:
+        for conn, _ in self._waiting.values():
+            conn.close()
+        self._waiting.clear()
+        self.listener.close()
+
+
+class ResumableSocket:
+    """A session that outlives its sockets (blocking). ``reconnect``: a
+    callable returning a new Transport (or None to give up), or a
+    ResumeListener (the responder's side); None: the first transport's death
+    is final. ``resume_timeout``: seconds to get a new transport, per loss."""
+
+    def __init__(self, sock: socket.socket, role: Union[str, Role], session_key: bytes, *,
+                 reconnect: Union[None, ResumeListener,
+                                  Callable[[], Optional[Transport]]] = None,
+                 keepalive: Optional[Keepalive] = liveness.DEFAULT,
+                 window: int = _s.DEFAULT_WINDOW, resume_timeout: float = 30.0,
+                 random: Callable[[int], bytes] = os.urandom, cipher: Optional[Cipher] = None,
+                 clock: Callable[[], float] = time.monotonic, handshake: bool = True) -> None:
+        self.session = _s.Session(role, session_key, window=window, random=random,
+                                  cipher=cipher, clock=clock)
+        self.keepalive = keepalive
+        self.reconnect = reconnect
+        self.resume_timeout = resume_timeout
+        self._clock = clock
+        self._plain = _Plaintext()
+        self._peer_closed = False
+        self._rbuf = bytearray(READ_CHUNK)
+        self._rview = memoryview(self._rbuf)
+        self.sock = sock
+        self.resumes = 0                       # transports after the first
+        liveness.apply(sock, keepalive)
+        if handshake:
+            self.handshake()
+
+    @property
+    def session_id(self) -> Optional[bytes]:
+        return self.session.session_id
+
+    @property
+    def history(self) -> list:
+        """The session's path history (proto.session.PathEvent): for reports."""
+        return list(self.session.history)
+
+    # -- transport I/O ------------------------------------------------------------------
+    def _write_out(self) -> None:
+        out = self.session.data_to_send()
+        if out:
+            try:
+                self.sock.sendall(out)
+            except OSError as exc:
+                lost = liveness.path_lost(exc, self.keepalive)
+                raise _Lost("path-lost" if lost else "write-failed", str(exc)) from exc
+
+    def _pump(self) -> None:
+        """Process the session's events; _Lost when the transport died."""
+        s = self.session
+        while True:
+            event = s.next_event()
+            # The event first: a Data event is already counted as ours (and
+            # acknowledged on resume), so a failing write must not drop it.
+            if type(event) is _s.Data:
+                self._plain.push(event.data)
+            elif type(event) is _s.Closed:
+                self._peer_closed = True
+            elif type(event) is _s.TransportLost:
+                raise _Lost(event.code, event.message)
+            self._write_out()
+            if event is _s.NEED_DATA:
+                return
+
+    def _read_once(self) -> None:
+        """Wait for bytes from the transport (or a new transport offered, or
+        an ACK due) and feed them to the session."""
+        s = self.session
+        watch = [self.sock]
+        if isinstance(self.reconnect, ResumeListener):
+            watch.append(self.reconnect)
+        deadline = s.next_deadline(self._clock())
+        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        try:
+            ready, _, _ = select.select(watch, [], [], timeout)
+        except (OSError, ValueError) as exc:
+            raise _Lost("select-failed", str(exc)) from exc
+        if self.reconnect in ready and s.session_id is not None and \
+                self.reconnect.offered(s.session_id):
+            # The peer brought a new transport: the old one is dead to it.
+            raise _Lost("superseded", "the peer resumed on a new transport")
+        if self.sock in ready:
+            try:
+                n = self.sock.recv_into(self._rbuf)
+            except OSError as exc:
+                lost = liveness.path_lost(exc, self.keepalive)
+                raise _Lost("path-lost" if lost else "read-failed", str(exc)) from exc
+            s.receive_data(self._rview[:n] if n else b"")
+        s.poll(self._clock())
+
+    def _step(self) -> None:
+        """One read and its events; resumes across a lost transport."""
+        try:
+            self._read_once()
+            self._pump()
+        except _Lost as lost:
+            self._resume(lost)
+
+    def _resume(self, lost: "_Lost") -> None:
+        self.session.lose(lost.code, str(lost))
+        why = str(lost)
+        if self.reconnect is None or not self.session.resumable:
+            raise SessionLost(f"the transport died ({why}) and the session cannot resume",
+                              self.history)
+        deadline = self._clock() + self.resume_timeout
+        while True:
+            left = deadline - self._clock()
+            if left <= 0:
+                raise SessionLost(f"no new transport within {self.resume_timeout} s "
+                                  f"(last: {why})", self.history)
+            try:
+                if isinstance(self.reconnect, ResumeListener):
+                    got = self.reconnect.accept_for(self.session.session_id, left)
+                else:
+                    got = self.reconnect()
+            except OSError as exc:
+                why = f"reconnect: {exc}"
+                time.sleep(min(0.5, max(0.0, deadline - self._clock())))
+                continue
+            if got is None:
+                raise SessionLost(f"no new transport (last: {why})", self.history)
+            sock, head = got if isinstance(got, tuple) else (got, b"")
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = sock
+            liveness.apply(sock, self.keepalive)
+            self.session.resume()
+            self.resumes += 1
+            try:
+                self._write_out()
+                if head:
+                    self.session.receive_data(head)
+                self._pump()
+                while self.session.state in (_s.SessionState.HANDSHAKE,
+                                             _s.SessionState.SYNC):
+                    if self._clock() > deadline:
+                        raise _Lost("resume-timeout", "the resume handshake did not finish")
+                    self._read_once()
+                    self._pump()
+                return
+            except _Lost as again:
+                self.session.lose(again.code, str(again))
+                why = str(again)
+
+    # -- the application's face ---------------------------------------------------------
+    def handshake(self) -> None:
+        """The first transport's handshake; returns once the session exists."""
+        try:
+            self._write_out()
+            while self.session.session_id is None or \
+                    self.session.state is _s.SessionState.HANDSHAKE:
+                self._read_once()
+                self._pump()
+        except _Lost as lost:
+            raise SessionLost(f"the first transport failed: {lost}", self.history) from None
+
+    def sendall(self, data) -> None:
+        """Every byte is taken (waiting for the peer's acknowledgements when
+        the window is full) and will be delivered, whatever the transports."""
+        view = memoryview(data).cast("B")
+        off, n = 0, len(view)
+        s = self.session
+        while off < n:
+            took = s.send(view[off:off + WRITE_CHUNK])
+            off += took
+            try:
+                self._write_out()
+            except _Lost as lost:
+                self._resume(lost)
+                continue
+            if not took:
+                self._step()                    # wait for ACKs (or a new transport)
+
+    def recv(self, bufsize: int) -> bytes:
+        """Up to bufsize bytes; b"" once the peer closed its stream."""
+        plain = self._plain
+        while not plain.size and not self._peer_closed:
+            self._step()
+        return bytes(plain.take_some(bufsize)) if bufsize > 0 and plain.size else b""
+
+    def close_write(self) -> None:
+        """End our stream (the peer's recv returns b"" after the last byte);
+        recv() goes on until the peer ends its own."""
+        self.session.close()
+        try:
+            self._write_out()
+        except _Lost as lost:
+            self._resume(lost)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End our stream and wait (up to timeout) until both streams ended
+        and the peer holds all of ours; then close the socket. Bytes the
+        peer still sends meanwhile are dropped."""
+        s = self.session
+        end = self._clock() + timeout
+        try:
+            self.close_write()
+            while s.state is not _s.SessionState.FINISHED and self._clock() < end:
+                self._step()
+                self._plain = _Plaintext()
+        except SessionLost:
+            pass
+        finally:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def __enter__(self) -> "ResumableSocket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
