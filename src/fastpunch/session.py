@@ -313,12 +313,16 @@ class ResumableSocket:
             if not took:
                 self._step()                    # wait for ACKs (or a new transport)
 
-    def recv(self, bufsize: int) -> bytes:
-        """Up to bufsize bytes; b"" once the peer closed its stream."""
+    def recv(self, bufsize: int) -> Union[bytes, bytearray]:
+        """Up to bufsize bytes (bytes or bytearray); b"" once the peer closed
+        its stream."""
         plain = self._plain
         while not plain.size and not self._peer_closed:
             self._step()
-        return bytes(plain.take_some(bufsize)) if bufsize > 0 and plain.size else b""
+        if bufsize <= 0 or not plain.size:
+            return b""
+        data = plain.take_some(bufsize)
+        return bytes(data) if isinstance(data, memoryview) else data
 
     def close_write(self) -> None:
         """End our stream (the peer's recv returns b"" after the last byte);

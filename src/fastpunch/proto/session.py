@@ -94,8 +94,9 @@ SESSION_ID_BYTES = 16
 HISTORY = 64                                # path-history entries kept, newest
 PREAMBLE_MAGIC = b"FPS1"
 PREAMBLE_BYTES = len(PREAMBLE_MAGIC) + SESSION_ID_BYTES
-#: Plaintext handed to the channel per call: whole 16 KiB records, bounded.
-_SEAL_CHUNK = 64 * _ch.MAX_PLAINTEXT
+#: A DATA frame smaller than this is copied next to its header into one
+#: record; a larger one is sealed where it lies, its header a record apart.
+_COPY_BELOW = 8192
 
 _ID_LABEL = b"fastpunch-session-v1 id"
 _RESUME_KEY_LABEL = b"fastpunch-session-v1 resume key"
@@ -169,9 +170,10 @@ class Resumed:
 
 @dataclass(frozen=True)
 class Data:
-    """The peer's bytes, in order (bytes-like: a bytearray when a whole
-    channel run was one frame's payload)."""
-    data: Union[bytes, bytearray]
+    """The peer's bytes, in order. Bytes-like, not always bytes: a slice
+    (memoryview) of the buffer the channel opened the records into, which
+    nothing writes again; ``bytes(event.data)`` for a copy of one's own."""
+    data: Union[bytes, bytearray, memoryview]
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,17 @@ def read_preamble(data: bytes) -> Optional[bytes]:
     return bytes(data[len(PREAMBLE_MAGIC):PREAMBLE_BYTES])
 
 
+def _keepable(data, n: int) -> Union[bytes, memoryview]:
+    """The first n bytes of data, in a form nobody can change while we keep
+    it: a slice of immutable bytes as is (no copy), anything else copied."""
+    if isinstance(data, bytes):
+        return data if n == len(data) else memoryview(data)[:n]
+    view = memoryview(data)
+    if isinstance(view.obj, bytes):
+        return view[:n]
+    return bytes(view[:n])
+
+
 class Session:
     """One end of a resumable session. ``role`` and ``session_key`` as for
     :class:`Channel` (the first transport's key); ``window``: bytes we keep
@@ -247,7 +260,7 @@ class Session:
         self._preamble_left = 0                  # bytes of the peer's preamble still due
         self._preamble = bytearray()
         # -- our stream: offsets count bytes, FIN being the byte after the data
-        self._kept: Deque[bytes] = deque()       # unacknowledged data, oldest first
+        self._kept: Deque[Union[bytes, memoryview]] = deque()   # unacknowledged, oldest first
         self._kept_base = 0                      # stream offset of _kept[0][0]
         self._written = 0                        # data bytes taken by send()
         self._fin = False                        # close() called
@@ -443,8 +456,9 @@ class Session:
                 n = min(self._data_left, end - pos)
                 self._data_left -= n
                 self._received += n
-                whole = n == end                 # the channel gave us a fresh buffer
-                self._events.append(Data(chunk if whole else bytes(view[pos:pos + n])))
+                # The channel's buffer is fresh for each run and never
+                # written again: slices of it go out uncopied.
+                self._events.append(Data(chunk if n == end else view[pos:pos + n]))
                 pos += n
                 if self._data_left == 0:
                     self._after_data()
@@ -558,7 +572,7 @@ class Session:
             self._kept_base += len(kept.popleft())
         if kept and self._kept_base < upto:
             cut = upto - self._kept_base
-            kept[0] = kept[0][cut:]
+            kept[0] = memoryview(kept[0])[cut:]      # the rest, uncopied
             self._kept_base = upto
 
     def _after_data(self) -> None:
@@ -594,11 +608,12 @@ class Session:
             raise SessionUsageError("closed", "the session failed")
         if self._fin or self.state is SessionState.FINISHED:
             raise SessionUsageError("closed", "send() after close()")
+        if not isinstance(data, bytes):
+            data = memoryview(data).cast("B")    # len() in bytes, whatever the format
         n = min(len(data), self.writable)
         if n == 0:
             return 0
-        piece = bytes(memoryview(data)[:n]) if n < len(data) or not isinstance(data, bytes) \
-            else data
+        piece = _keepable(data, n)
         self._kept.append(piece)
         self._written += n
         self._flush()
@@ -619,25 +634,38 @@ class Session:
             return
         if self._sent < self._written:
             # Find the kept piece holding _sent (normally the newest).
-            pieces: List[Tuple[bytes, int]] = []
+            pieces: List[Tuple[Union[bytes, memoryview], int]] = []
             off = self._written                  # _kept spans [_kept_base, _written)
             for piece in reversed(self._kept):
                 off -= len(piece)
                 if off + len(piece) <= self._sent:
                     break
                 pieces.append((piece, max(0, self._sent - off)))
-            plain = bytearray()
+            plain = bytearray()                  # small frames, gathered into one record
+            seal, out = self._channel.send_data, self._out
             for piece, start in reversed(pieces):
                 view = memoryview(piece)[start:]
                 for i in range(0, len(view), MAX_FRAME):
                     part = view[i:i + MAX_FRAME]
-                    plain += FRAME.pack(FrameType.DATA, len(part))
-                    plain += part
-                    if len(plain) >= _SEAL_CHUNK:
-                        self._out.append(self._channel.send_data(plain))
-                        plain = bytearray()
+                    header = FRAME.pack(FrameType.DATA, len(part))
+                    if len(part) < _COPY_BELOW:
+                        plain += header
+                        plain += part
+                        if len(plain) < _COPY_BELOW:
+                            continue
+                    else:
+                        # A large frame: its header in a record of its own,
+                        # its bytes sealed straight from where they are kept.
+                        if plain:
+                            out.append(seal(plain))
+                            plain = bytearray()
+                        out.append(seal(header))
+                        out.append(seal(part))
+                        continue
+                    out.append(seal(plain))
+                    plain = bytearray()
             if plain:
-                self._out.append(self._channel.send_data(plain))
+                out.append(seal(plain))
             self._sent = self._written
         if self._fin and self._sent == self._written:
             self._emit_frame(FrameType.FIN, b"")
