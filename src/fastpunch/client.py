@@ -86,6 +86,9 @@ class PeerConnection:
     #: dead path surfaces as ETIMEDOUT on the socket, as liveness.PathLost
     #: from the secure channel.
     keepalive: Optional[Keepalive] = None
+    #: the event loop of the Device that made it (for resumable())
+    loop: Optional[asyncio.AbstractEventLoop] = None
+    device: Optional["Device"] = None
 
     def secure(self):
         """The secure channel over this connection (blocking socket API)."""
@@ -102,6 +105,28 @@ class PeerConnection:
         reader, writer = await asyncio.open_connection(sock=self.sock)
         return await secure_streams(reader, writer, self.role, self.key,
                                     keepalive=self.keepalive)
+
+    def resumable(self, **kw):
+        """A resumable session over this connection (blocking socket API,
+        fastpunch.session.ResumableSocket): when its transport dies it gets a
+        new one through the CCS (a fresh punch, or the relay) and goes on,
+        every byte once and in order. Both sides must call it. The Device
+        must stay logged in, its event loop running in another thread, for
+        as long as the session lives. ``kw``: ResumableSocket's options."""
+        from fastpunch.session import PeerRoute, ResumableSocket
+
+        if self.device is None or self.loop is None:
+            raise CCSError("no-device", "this connection has no device to resume through")
+        loop = self.loop
+        route = PeerRoute(self.device, self.peer, dial=self.role == "initiator",
+                          submit=lambda coro: asyncio.run_coroutine_threadsafe(coro, loop))
+        self.sock.setblocking(True)
+        kw.setdefault("keepalive", self.keepalive)
+        # the CCS connection may have died with the path: finding that out
+        # (its keepalive), logging in again, a rendezvous and a punch
+        kw.setdefault("resume_timeout", 90.0)
+        return ResumableSocket(self.sock, self.role, self.key, reconnect=route,
+                               path=f"{self.path} ({self.strategy})", **kw)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -304,6 +329,7 @@ class Device:
             except ValueError as exc:
                 log.warning("%s: the CCS advertises a keepalive period of %d s (%s): "
                             "using the default", self.name, msg.keepalive, exc)
+        self._supervise_control(writer)
         self.ccs = addr
         self.ccs_ip = writer.get_extra_info("peername")[0]
         self.connections += 1
@@ -539,6 +565,19 @@ class Device:
             raise RelayError(code, reason)
         return self._kept_alive(sock)
 
+    def _supervise_control(self, writer: asyncio.StreamWriter) -> None:
+        """Keepalive on the CCS connection itself, whatever the streams get:
+        a gateway that rebooted under it (every flow forgotten) must turn
+        into a reconnect within seconds, not TCP's quarter of an hour of
+        retransmits, or nothing can resume through the CCS."""
+        sock = writer.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            liveness.apply(sock, self.keepalive or liveness.DEFAULT)
+        except liveness.KeepaliveError as exc:
+            log.warning("%s: no keepalive on the CCS connection: %s", self.name, exc)
+
     def _kept_alive(self, sock: socket.socket) -> socket.socket:
         """sock with this device's keepalive set (closed if the kernel refuses it)."""
         try:
@@ -673,7 +712,8 @@ class Device:
                 self._abandon(ready, exc)
                 raise
         return PeerConnection(sock, ready.peer, report.path, report.strategy, ready.role,
-                              ready.key, report, self.keepalive)
+                              ready.key, report, self.keepalive,
+                              loop=asyncio.get_running_loop(), device=self)
 
     def _abandon(self, ready, exc: BaseException) -> None:
         """Tell the CCS we gave this rendezvous up, so it tells the peer

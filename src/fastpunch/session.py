@@ -22,6 +22,7 @@ Protocol decisions live in fastpunch.proto.session; docs/session.md.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import select
 import socket
@@ -35,7 +36,7 @@ from fastpunch.liveness import Keepalive
 from fastpunch.proto import session as _s
 from fastpunch.proto.channel import Cipher, Role
 
-__all__ = ["ResumableSocket", "ResumeListener", "SessionLost", "Transport"]
+__all__ = ["ResumableSocket", "ResumeListener", "PeerRoute", "SessionLost", "Transport"]
 
 READ_CHUNK = 256 * 1024
 WRITE_CHUNK = 16 * 16384
@@ -78,6 +79,9 @@ class ResumeListener:
         self.backlog = backlog
         self._waiting: Dict[bytes, Tuple[socket.socket, bytes]] = {}
         self.refused = 0                       # streams closed for a bad or missing preamble
+
+    #: The peer brings transports here (ResumableSocket watches fileno()).
+    waits = True
 
     def fileno(self) -> int:
         return self.listener.fileno()
@@ -137,6 +141,105 @@ class ResumeListener:
         self.listener.close()
 
 
+def _waits(source) -> bool:
+    """A source the peer brings transports to (ResumeListener, PeerRoute's
+    accepting side), as opposed to a callable that dials."""
+    return getattr(source, "waits", False)
+
+
+def _unpack(got) -> Tuple[socket.socket, bytes, str]:
+    """(socket, bytes already read from it, route) from what a source gave."""
+    if isinstance(got, tuple):
+        return got[0], got[1], "transport opened"
+    if isinstance(got, socket.socket):
+        return got, b"", "transport opened"
+    sock = got.sock                            # a client.PeerConnection
+    sock.setblocking(True)
+    return sock, b"", f"{got.path} ({got.strategy})"
+
+
+class PeerRoute:
+    """New transports to one peer through a logged-in Device, for a
+    ResumableSocket: a fresh rendezvous through the CCS, so a fresh punch or
+    the relay, whatever works now. The Device runs on its event loop in
+    another thread; ``submit(coro)`` starts a coroutine there and returns a
+    concurrent.futures.Future (a LoopThread's submit, or
+    ``lambda c: asyncio.run_coroutine_threadsafe(c, loop)``).
+
+    ``dial=True`` (the side that connected): each call connects again.
+    ``dial=False`` (the side that accepted): an accept of that peer runs in
+    the background from the start, so the transport the peer brings is
+    ready, and watched, before this side has found its own dead. It takes
+    every connection from that peer: one resumable session per pair of
+    devices at a time."""
+
+    def __init__(self, device, peer: str, *, dial: bool, submit: Callable,
+                 strategies=None, timeout: float = 35.0) -> None:
+        self.device, self.peer, self.dial = device, peer, dial
+        self.waits = not dial               # the accepting side waits for the peer's transport
+        self.submit, self.strategies, self.timeout = submit, strategies, timeout
+        self._pending = None
+        self.last_error: Optional[BaseException] = None   # why the last accept failed
+        self._rfd, self._wfd = socket.socketpair()
+        self._rfd.setblocking(False)
+        if not dial:
+            self._start_accept()
+
+    # -- the dialling side ----------------------------------------------------------------
+    def __call__(self):
+        fut = self.submit(self.device.connect(self.peer, strategies=self.strategies,
+                                              timeout=self.timeout))
+        return fut.result(self.timeout + 10)
+
+    # -- the accepting side ---------------------------------------------------------------
+    def _start_accept(self) -> None:
+        fut = self.submit(self.device.accept(strategies=self.strategies, peer=self.peer))
+        self._pending = fut
+        fut.add_done_callback(lambda _f: self._wfd.send(b"!"))
+
+    def fileno(self) -> int:
+        return self._rfd.fileno()
+
+    def offered(self, session_id: bytes) -> bool:
+        """The peer's new transport is here (a failed accept, as when the
+        peer abandoned an attempt, is not: it is started again)."""
+        fut = self._pending
+        if fut is None or not fut.done():
+            return False
+        if fut.cancelled() or fut.exception() is not None:
+            self.last_error = None if fut.cancelled() else fut.exception()
+            self._drain_notice()
+            self._start_accept()
+            return False
+        return True
+
+    def _drain_notice(self) -> None:
+        try:
+            self._rfd.recv(16)
+        except BlockingIOError:
+            pass
+
+    def accept_for(self, session_id: bytes, timeout: Optional[float]):
+        if self._pending is None:
+            return None
+        try:
+            conn = self._pending.result(timeout)
+        except concurrent.futures.TimeoutError:
+            return None
+        except Exception as exc:             # the device closed, the CCS refused: no route
+            self.last_error = exc
+            conn = None
+        self._drain_notice()
+        self._start_accept()                  # the next loss's transport, in the background
+        return conn
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        self._rfd.close()
+        self._wfd.close()
+
+
 class ResumableSocket:
     """A session that outlives its sockets (blocking). ``reconnect``: a
     callable returning a new Transport (or None to give up), or a
@@ -149,9 +252,10 @@ class ResumableSocket:
                  keepalive: Optional[Keepalive] = liveness.DEFAULT,
                  window: int = _s.DEFAULT_WINDOW, resume_timeout: float = 30.0,
                  random: Callable[[int], bytes] = os.urandom, cipher: Optional[Cipher] = None,
-                 clock: Callable[[], float] = time.monotonic, handshake: bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, handshake: bool = True,
+                 path: str = "first transport") -> None:
         self.session = _s.Session(role, session_key, window=window, random=random,
-                                  cipher=cipher, clock=clock)
+                                  cipher=cipher, clock=clock, path=path)
         self.keepalive = keepalive
         self.reconnect = reconnect
         self.resume_timeout = resume_timeout
@@ -207,7 +311,7 @@ class ResumableSocket:
         an ACK due) and feed them to the session."""
         s = self.session
         watch = [self.sock]
-        if isinstance(self.reconnect, ResumeListener):
+        if _waits(self.reconnect):
             watch.append(self.reconnect)
         deadline = s.next_deadline(self._clock())
         timeout = None if deadline is None else max(0.0, deadline - self._clock())
@@ -249,24 +353,26 @@ class ResumableSocket:
                 raise SessionLost(f"no new transport within {self.resume_timeout} s "
                                   f"(last: {why})", self.history)
             try:
-                if isinstance(self.reconnect, ResumeListener):
+                if _waits(self.reconnect):
                     got = self.reconnect.accept_for(self.session.session_id, left)
                 else:
                     got = self.reconnect()
-            except OSError as exc:
+            except Exception as exc:          # the peer offline a moment, a punch refused...
                 why = f"reconnect: {exc}"
-                time.sleep(min(0.5, max(0.0, deadline - self._clock())))
+                time.sleep(min(1.0, max(0.0, deadline - self._clock())))
                 continue
             if got is None:
-                raise SessionLost(f"no new transport (last: {why})", self.history)
-            sock, head = got if isinstance(got, tuple) else (got, b"")
+                cause = getattr(self.reconnect, "last_error", None)
+                raise SessionLost(f"no new transport (last: {why}"
+                                  f"{f'; the route: {cause}' if cause else ''})", self.history)
+            sock, head, route = _unpack(got)
             try:
                 self.sock.close()
             except OSError:
                 pass
             self.sock = sock
             liveness.apply(sock, self.keepalive)
-            self.session.resume()
+            self.session.resume(route)
             self.resumes += 1
             try:
                 self._write_out()

@@ -585,6 +585,13 @@ class Lab:
         TCP state and the seconds left."""
         return conntrack_entries(self.ns(where))
 
+    def conntrack_flush(self, where: str) -> None:
+        """Forget every conntrack entry of a gateway, as its reboot does:
+        the flows it translated lose their mappings mid-stream."""
+        pyroute2 = _pyroute2()
+        with inside(self.ns(where)), pyroute2.Conntrack() as ct:
+            ct.flush()
+
     def describe(self) -> dict:
         return {
             "tag": self.tag, "ccs": self.ccs_addr, "relay": self.relay_addr,

@@ -237,7 +237,8 @@ class Session:
                  window: int = DEFAULT_WINDOW, ack_delay: float = DEFAULT_ACK_DELAY,
                  random: Callable[[int], bytes] = os.urandom,
                  cipher: Optional[Cipher] = None,
-                 clock: Optional[Callable[[], float]] = None) -> None:
+                 clock: Optional[Callable[[], float]] = None, path: str = "first transport"
+                 ) -> None:
         if not isinstance(window, int) or not MIN_WINDOW <= window <= MAX_WINDOW:
             raise SessionUsageError("bad-argument",
                                     f"window must be {MIN_WINDOW}..{MAX_WINDOW} bytes")
@@ -248,6 +249,7 @@ class Session:
         self._random = random
         self._cipher = cipher
         self._clock = clock                      # only to date the path history
+        self._first_path = path
         self._channel = Channel(role, session_key, random=random, cipher=cipher)
         self.role = self._channel.role
         self.session_id: Optional[bytes] = None
@@ -329,9 +331,10 @@ class Session:
         return exc
 
     # -- transports ---------------------------------------------------------------------
-    def resume(self) -> None:
+    def resume(self, detail: str = "transport opened") -> None:
         """Start a new transport (any route): the current one, if any, is
-        abandoned. The bytes to write first are in data_to_send()."""
+        abandoned. The bytes to write first are in data_to_send().
+        ``detail`` (the route, say) goes into the path history."""
         if self._error is not None:
             raise SessionUsageError("closed", "the session failed")
         if self._resume_key is None:
@@ -353,7 +356,7 @@ class Session:
             self._preamble_left = PREAMBLE_BYTES
         self._preamble = bytearray()
         self._goto(SessionState.HANDSHAKE)
-        self._note(self.epoch, "resume", "transport opened")
+        self._note(self.epoch, "resume", detail)
 
     def lose(self, code: str, message: str = "") -> None:
         """The caller found the current transport dead (a write failed, the
@@ -435,7 +438,7 @@ class Session:
             self.session_id = self._channel.exporter(_ID_LABEL, SESSION_ID_BYTES)
             self._resume_key = self._channel.exporter(_RESUME_KEY_LABEL, _ch.KEY_BYTES)
             self._events.append(Established(self.session_id))
-            self._note(0, "established", "first transport")
+            self._note(0, "established", self._first_path)
         self._emit_frame(FrameType.RESUME, _RESUME.pack(self._received, self.window))
         self._acked_told = self._received
         self._ack_since = None
