@@ -27,7 +27,7 @@ import os
 import select
 import socket
 import time
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from fastpunch import liveness
 from fastpunch.channel import _Plaintext
@@ -67,77 +67,148 @@ class _Lost(Exception):
 
 class ResumeListener:
     """Accepts resumed transports on a listening socket and routes each to
-    the session its preamble names. ``accept_for(session_id, timeout)``
-    returns (socket, preamble) for that session; streams for other sessions
-    wait (at most ``backlog`` of them, the oldest closed first), streams
-    without a preamble, or silent for ``preamble_timeout``, are closed."""
+    the session its preamble names; nothing in it blocks. New streams are
+    read without blocking until their preamble is in (``preamble_timeout``
+    seconds at most, else closed); one without a resume preamble is closed
+    (``refused`` counts them). Those that name a session wait for it, at
+    most ``per_session`` each (the oldest closed first) and ``backlog`` in
+    all. ``fileno()`` is an epoll descriptor, readable when any of that
+    has work, so a ResumableSocket waiting for data wakes for it too.
 
-    def __init__(self, listener: socket.socket, *, preamble_timeout: float = 5.0,
-                 backlog: int = 16) -> None:
-        self.listener = listener
-        self.preamble_timeout = preamble_timeout
-        self.backlog = backlog
-        self._waiting: Dict[bytes, Tuple[socket.socket, bytes]] = {}
-        self.refused = 0                       # streams closed for a bad or missing preamble
+    The preamble is cleartext: anyone can send one naming a session. So a
+    session takes a stream from here only once ``valid(head)`` (the
+    session's preamble_valid) says its own initiator sent it for a new
+    attempt; the others are closed."""
 
     #: The peer brings transports here (ResumableSocket watches fileno()).
     waits = True
 
-    def fileno(self) -> int:
-        return self.listener.fileno()
+    def __init__(self, listener: socket.socket, *, preamble_timeout: float = 5.0,
+                 backlog: int = 64, per_session: int = 4) -> None:
+        self.listener = listener               # left as it is (blocking or not)
+        self.preamble_timeout = preamble_timeout
+        self.backlog, self.per_session = backlog, per_session
+        self._epoll = select.epoll()
+        self._epoll.register(listener.fileno(), select.EPOLLIN)
+        self._reading: Dict[int, Tuple[socket.socket, bytearray, float]] = {}
+        self._waiting: Dict[bytes, List[Tuple[socket.socket, bytes]]] = {}
+        self.refused = 0
 
-    def _accept_one(self, timeout: Optional[float]) -> None:
-        ready, _, _ = select.select([self.listener], [], [], timeout)
-        if not ready:
-            return
-        conn, _ = self.listener.accept()
-        conn.settimeout(self.preamble_timeout)
-        head = b""
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def _drop(self, fd: int) -> None:
+        conn, _, _ = self._reading.pop(fd)
         try:
-            while len(head) < _s.PREAMBLE_BYTES:
-                part = conn.recv(_s.PREAMBLE_BYTES - len(head))
-                if not part:
-                    break
-                head += part
+            self._epoll.unregister(fd)
         except OSError:
             pass
-        conn.settimeout(None)
-        sid = _s.read_preamble(head)
-        if sid is None:
-            self.refused += 1
-            conn.close()
+        conn.close()
+
+    def _service(self, timeout: float) -> None:
+        """Accept and read what is ready (waiting at most timeout for any)."""
+        events = self._epoll.poll(max(0.0, timeout))
+        now = time.monotonic()
+        for fd, _ in events:
+            if fd == self.listener.fileno():
+                self._accept_all(now)
+            elif fd in self._reading:
+                self._read_preamble(fd)
+        for fd, (_, _, since) in list(self._reading.items()):
+            if now - since > self.preamble_timeout:
+                self.refused += 1
+                self._drop(fd)
+
+    def _accept_all(self, now: float) -> None:
+        while select.select([self.listener], [], [], 0)[0]:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:                    # out of descriptors, a reset in the queue
+                return
+            if len(self._reading) >= self.backlog:
+                oldest = min(self._reading, key=lambda fd: self._reading[fd][2])
+                self.refused += 1
+                self._drop(oldest)
+            conn.setblocking(False)
+            self._reading[conn.fileno()] = (conn, bytearray(), now)
+            self._epoll.register(conn.fileno(), select.EPOLLIN)
+
+    def _read_preamble(self, fd: int) -> None:
+        conn, head, _ = self._reading[fd]
+        try:
+            part = conn.recv(_s.PREAMBLE_BYTES - len(head))
+        except (BlockingIOError, InterruptedError):
             return
-        old = self._waiting.pop(sid, None)
-        if old is not None:
-            old[0].close()                     # the newer attempt replaces it
-        while len(self._waiting) >= self.backlog:
+        except OSError:
+            part = b""
+        head += part
+        magic = _s.PREAMBLE_MAGIC[:len(head)]
+        if not part or bytes(head[:len(magic)]) != magic:
+            self.refused += 1
+            self._drop(fd)
+            return
+        if len(head) < _s.PREAMBLE_BYTES:
+            return
+        self._epoll.unregister(fd)
+        del self._reading[fd]
+        sid = _s.read_preamble(head)
+        queue = self._waiting.setdefault(sid, [])
+        queue.append((conn, bytes(head)))
+        while len(queue) > self.per_session:
+            queue.pop(0)[0].close()
+        while sum(len(q) for q in self._waiting.values()) > self.backlog:
             stale = next(iter(self._waiting))
-            self._waiting.pop(stale)[0].close()
-        self._waiting[sid] = (conn, head)
+            for old, _ in self._waiting.pop(stale):
+                old.close()
 
-    def offered(self, session_id: bytes) -> bool:
-        """Take the streams already waiting to be accepted (without
-        blocking on new ones); True if one resumes session_id."""
-        while session_id not in self._waiting:
-            ready, _, _ = select.select([self.listener], [], [], 0)
-            if not ready:
-                return False
-            self._accept_one(0)
-        return True
+    def _take(self, session_id: bytes, valid: Optional[Callable[[bytes], bool]]):
+        """The newest waiting stream for session_id that ``valid`` accepts
+        (the others for it closed), or None."""
+        queue = self._waiting.pop(session_id, [])
+        found = None
+        while queue:
+            conn, head = queue.pop()
+            if found is None and (valid is None or valid(head)):
+                found = (conn, head)
+            else:
+                self.refused += 1
+                conn.close()
+        if found is not None:
+            found[0].setblocking(True)
+        return found
 
-    def accept_for(self, session_id: bytes, timeout: Optional[float]) -> Optional[Transport]:
+    def offered(self, session_id: bytes, valid: Optional[Callable[[bytes], bool]] = None):
+        """A stream for session_id that ``valid`` accepts, if one is here
+        now (kept for accept_for), else None. Never blocks."""
+        self._service(0)
+        got = self._take(session_id, valid)
+        if got is not None:
+            self._waiting[session_id] = [got]
+        return got
+
+    def accept_for(self, session_id: bytes, timeout: Optional[float],
+                   valid: Optional[Callable[[bytes], bool]] = None):
+        """(socket, preamble) for session_id within timeout, or None."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while session_id not in self._waiting:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+        while True:
+            got = self._take(session_id, valid)
+            if got is not None:
+                return got
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 return None
-            self._accept_one(left)
-        return self._waiting.pop(session_id)
+            self._service(min(left, 1.0))
 
     def close(self) -> None:
-        for conn, _ in self._waiting.values():
-            conn.close()
+        for fd in list(self._reading):
+            self._drop(fd)
+        for queue in self._waiting.values():
+            for conn, _ in queue:
+                conn.close()
         self._waiting.clear()
+        self._epoll.close()
         self.listener.close()
 
 
@@ -200,9 +271,11 @@ class PeerRoute:
     def fileno(self) -> int:
         return self._rfd.fileno()
 
-    def offered(self, session_id: bytes) -> bool:
+    def offered(self, session_id: bytes, valid=None) -> bool:
         """The peer's new transport is here (a failed accept, as when the
-        peer abandoned an attempt, is not: it is started again)."""
+        peer abandoned an attempt, is not: it is started again). It came
+        through the CCS from the authenticated peer device: ``valid`` is not
+        needed (the session still checks the preamble it reads)."""
         fut = self._pending
         if fut is None or not fut.done():
             return False
@@ -219,7 +292,7 @@ class PeerRoute:
         except BlockingIOError:
             pass
 
-    def accept_for(self, session_id: bytes, timeout: Optional[float]):
+    def accept_for(self, session_id: bytes, timeout: Optional[float], valid=None):
         if self._pending is None:
             return None
         try:
@@ -244,7 +317,13 @@ class ResumableSocket:
     """A session that outlives its sockets (blocking). ``reconnect``: a
     callable returning a new Transport (or None to give up), or a
     ResumeListener (the responder's side); None: the first transport's death
-    is final. ``resume_timeout``: seconds to get a new transport, per loss."""
+    is final. ``resume_timeout``: seconds to get a new transport and resume
+    over it, per loss (and for the first handshake).
+
+    One thread per ResumableSocket, as with a socket. Like TCP, two ends
+    that only send, never reading, stop: with a window full and the
+    peer's bytes unread, sendall() raises SessionUsageError("unread-limit")
+    past ``max_unread`` (8 windows) rather than buffer without bound."""
 
     def __init__(self, sock: socket.socket, role: Union[str, Role], session_key: bytes, *,
                  reconnect: Union[None, ResumeListener,
@@ -253,7 +332,7 @@ class ResumableSocket:
                  window: int = _s.DEFAULT_WINDOW, resume_timeout: float = 30.0,
                  random: Callable[[int], bytes] = os.urandom, cipher: Optional[Cipher] = None,
                  clock: Callable[[], float] = time.monotonic, handshake: bool = True,
-                 path: str = "first transport") -> None:
+                 path: str = "first transport", max_unread: Optional[int] = None) -> None:
         self.session = _s.Session(role, session_key, window=window, random=random,
                                   cipher=cipher, clock=clock, path=path)
         self.keepalive = keepalive
@@ -264,9 +343,10 @@ class ResumableSocket:
         self._peer_closed = False
         self._rbuf = bytearray(READ_CHUNK)
         self._rview = memoryview(self._rbuf)
-        self.sock = sock
         self.resumes = 0                       # transports after the first
-        liveness.apply(sock, keepalive)
+        #: bytes from the peer recv() may leave waiting while sendall() waits
+        self.max_unread = max_unread if max_unread is not None else 8 * window
+        self._adopt(sock)
         if handshake:
             self.handshake()
 
@@ -306,22 +386,30 @@ class ResumableSocket:
             if event is _s.NEED_DATA:
                 return
 
-    def _read_once(self) -> None:
-        """Wait for bytes from the transport (or a new transport offered, or
-        an ACK due) and feed them to the session."""
+    def _left(self, until: Optional[float]) -> Optional[float]:
+        return None if until is None else max(0.0, until - self._clock())
+
+    def _read_once(self, until: Optional[float] = None) -> None:
+        """Wait (until the clock reads ``until``, at most) for bytes from the
+        transport, a new transport offered, or an ACK falling due, and feed
+        the session what came."""
         s = self.session
         watch = [self.sock]
         if _waits(self.reconnect):
             watch.append(self.reconnect)
-        deadline = s.next_deadline(self._clock())
-        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        due = s.next_deadline(self._clock())
+        timeout = self._left(until)
+        if due is not None:
+            wait = max(0.0, due - self._clock())
+            timeout = wait if timeout is None else min(timeout, wait)
         try:
             ready, _, _ = select.select(watch, [], [], timeout)
         except (OSError, ValueError) as exc:
             raise _Lost("select-failed", str(exc)) from exc
         if self.reconnect in ready and s.session_id is not None and \
-                self.reconnect.offered(s.session_id):
-            # The peer brought a new transport: the old one is dead to it.
+                self.reconnect.offered(s.session_id, s.preamble_valid):
+            # The peer brought a new transport (its preamble proves it is
+            # this session's other end): the old one is dead to it.
             raise _Lost("superseded", "the peer resumed on a new transport")
         if self.sock in ready:
             try:
@@ -332,21 +420,28 @@ class ResumableSocket:
             s.receive_data(self._rview[:n] if n else b"")
         s.poll(self._clock())
 
-    def _step(self) -> None:
+    def _step(self, until: Optional[float] = None) -> None:
         """One read and its events; resumes across a lost transport."""
         try:
-            self._read_once()
+            self._read_once(until)
             self._pump()
         except _Lost as lost:
-            self._resume(lost)
+            self._resume(lost, until)
 
-    def _resume(self, lost: "_Lost") -> None:
+    def _adopt(self, sock: socket.socket) -> None:
+        sock.settimeout(None)            # a dialer's connect timeout is not a stall limit
+        liveness.apply(sock, self.keepalive)
+        self.sock = sock
+
+    def _resume(self, lost: "_Lost", until: Optional[float] = None) -> None:
         self.session.lose(lost.code, str(lost))
         why = str(lost)
         if self.reconnect is None or not self.session.resumable:
             raise SessionLost(f"the transport died ({why}) and the session cannot resume",
                               self.history)
         deadline = self._clock() + self.resume_timeout
+        if until is not None:
+            deadline = min(deadline, until)
         while True:
             left = deadline - self._clock()
             if left <= 0:
@@ -354,7 +449,8 @@ class ResumableSocket:
                                   f"(last: {why})", self.history)
             try:
                 if _waits(self.reconnect):
-                    got = self.reconnect.accept_for(self.session.session_id, left)
+                    got = self.reconnect.accept_for(self.session.session_id, left,
+                                                    self.session.preamble_valid)
                 else:
                     got = self.reconnect()
             except Exception as exc:          # the peer offline a moment, a punch refused...
@@ -362,6 +458,8 @@ class ResumableSocket:
                 time.sleep(min(1.0, max(0.0, deadline - self._clock())))
                 continue
             if got is None:
+                if _waits(self.reconnect):
+                    continue                  # nothing yet: the loop's deadline decides
                 cause = getattr(self.reconnect, "last_error", None)
                 raise SessionLost(f"no new transport (last: {why}"
                                   f"{f'; the route: {cause}' if cause else ''})", self.history)
@@ -370,8 +468,7 @@ class ResumableSocket:
                 self.sock.close()
             except OSError:
                 pass
-            self.sock = sock
-            liveness.apply(sock, self.keepalive)
+            self._adopt(sock)
             self.session.resume(route)
             self.resumes += 1
             try:
@@ -381,9 +478,9 @@ class ResumableSocket:
                 self._pump()
                 while self.session.state in (_s.SessionState.HANDSHAKE,
                                              _s.SessionState.SYNC):
-                    if self._clock() > deadline:
+                    if self._clock() >= deadline:
                         raise _Lost("resume-timeout", "the resume handshake did not finish")
-                    self._read_once()
+                    self._read_once(deadline)
                     self._pump()
                 return
             except _Lost as again:
@@ -392,19 +489,26 @@ class ResumableSocket:
 
     # -- the application's face ---------------------------------------------------------
     def handshake(self) -> None:
-        """The first transport's handshake; returns once the session exists."""
+        """The first transport's handshake (at most resume_timeout seconds);
+        returns once the session exists."""
+        deadline = self._clock() + self.resume_timeout
         try:
             self._write_out()
             while self.session.session_id is None or \
                     self.session.state is _s.SessionState.HANDSHAKE:
-                self._read_once()
+                if self._clock() >= deadline:
+                    raise _Lost("handshake-timeout", f"no handshake in {self.resume_timeout} s")
+                self._read_once(deadline)
                 self._pump()
         except _Lost as lost:
             raise SessionLost(f"the first transport failed: {lost}", self.history) from None
 
     def sendall(self, data) -> None:
         """Every byte is taken (waiting for the peer's acknowledgements when
-        the window is full) and will be delivered, whatever the transports."""
+        the window is full) and will be delivered, whatever the transports.
+        Raises SessionUsageError("unread-limit") if, while we wait, the peer
+        has sent more than max_unread bytes that recv() did not take: they
+        are kept, recv() them (one thread per socket, as with a socket)."""
         view = memoryview(data).cast("B")
         off, n = 0, len(view)
         s = self.session
@@ -417,6 +521,10 @@ class ResumableSocket:
                 self._resume(lost)
                 continue
             if not took:
+                if self._plain.size >= self.max_unread:
+                    raise _s.SessionUsageError(
+                        "unread-limit", f"{self._plain.size} bytes from the peer wait for "
+                        f"recv() while sendall() waits for its window ({off} of {n} taken)")
                 self._step()                    # wait for ACKs (or a new transport)
 
     def recv(self, bufsize: int) -> Union[bytes, bytearray]:
@@ -440,23 +548,43 @@ class ResumableSocket:
             self._resume(lost)
 
     def close(self, timeout: float = 10.0) -> None:
-        """End our stream and wait (up to timeout) until both streams ended
-        and the peer holds all of ours; then close the socket. Bytes the
-        peer still sends meanwhile are dropped."""
+        """End our stream and wait (timeout seconds at most, resumes
+        included) until both streams ended and the peer holds all of ours;
+        then close the socket. Bytes the peer still sends meanwhile are
+        dropped."""
         s = self.session
         end = self._clock() + timeout
         try:
-            self.close_write()
+            s.close()
+            try:
+                self._write_out()
+            except _Lost as lost:
+                self._resume(lost, end)
             while s.state is not _s.SessionState.FINISHED and self._clock() < end:
-                self._step()
+                self._step(end)
                 self._plain = _Plaintext()
-        except SessionLost:
+            if s.state is _s.SessionState.FINISHED:
+                self._linger(min(end, self._clock() + 1.0))
+        except (SessionLost, _s.SessionViolation):
             pass
         finally:
             try:
                 self.sock.close()
             except OSError:
                 pass
+
+    def _linger(self, until: float) -> None:
+        """Our FIN and our last ACK are written; give them a moment to leave
+        before close() (closing with the peer's close record unread would
+        reset the stream under them)."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while self._clock() < until:
+                ready, _, _ = select.select([self.sock], [], [], self._left(until))
+                if not ready or not self.sock.recv(65536):
+                    return
+        except OSError:
+            return
 
     def fileno(self) -> int:
         return self.sock.fileno()

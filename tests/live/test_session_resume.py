@@ -211,3 +211,132 @@ def test_a_silently_dead_path_is_found_and_256_mib_arrive_intact(veth):
     resumed = [e for e in ini.history if e.what == "resumed"]
     assert [e.detail for e in lost] == ["path-lost"]           # ETIMEDOUT, not a hang
     assert resumed[0].at - first["cut_at"] <= k.busy_detection() + 3.0
+
+
+# -- what the glue must not do: hang, stall, be hijacked, hoard --------------------------
+def small_pair(**responder_kw):
+    """An initiator and a responder (ResumeListener) on loopback, handshake done."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    addr = listener.getsockname()
+    box: dict = {}
+
+    def serve():
+        conn, _ = listener.accept()
+        box["r"] = ResumableSocket(conn, "responder", KEY, keepalive=None,
+                                   reconnect=ResumeListener(listener, **responder_kw))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    ini = ResumableSocket(socket.create_connection(addr, timeout=5), "initiator", KEY,
+                          reconnect=lambda: socket.create_connection(addr, timeout=5),
+                          keepalive=None, resume_timeout=2)
+    t.join(5)
+    return ini, box["r"], listener, addr
+
+
+def within(seconds: float, fn):
+    """fn's result (or exception) and how long it took; fails if it hangs."""
+    out: dict = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            out["result"] = fn()
+        except Exception as exc:
+            out["error"] = exc
+        out["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still blocked after {seconds} s"
+    return out
+
+
+def test_close_keeps_to_its_timeout_while_the_peer_keeps_its_stream_open():
+    ini, resp, listener, _ = small_pair()
+    try:
+        ini.sendall(b"x" * 10)
+        out = within(6, lambda: ini.close(timeout=1))
+        assert "error" not in out and out["took"] < 2.5, out
+    finally:
+        listener.close()
+
+
+def test_resume_timeout_holds_when_the_new_transport_never_answers():
+    silent = socket.create_server(("127.0.0.1", 0))
+    ini, resp, listener, _ = small_pair()
+    try:
+        ini.reconnect = lambda: socket.create_connection(silent.getsockname(), timeout=5)
+        ini.resume_timeout = 1
+        ini.sock.shutdown(socket.SHUT_RDWR)
+        out = within(6, lambda: ini.recv(10))
+        assert isinstance(out.get("error"), SessionLost), out
+        assert out["took"] < 2.5, out
+    finally:
+        listener.close(), silent.close()
+
+
+def test_a_silent_stranger_on_the_listener_does_not_stall_the_stream():
+    ini, resp, listener, addr = small_pair(preamble_timeout=5)
+    stranger = socket.create_connection(addr)           # connects, says nothing
+    try:
+        time.sleep(0.05)
+        ini.sendall(b"hello")
+        out = within(6, lambda: resp.recv(10))
+        assert out.get("result") == b"hello" and out["took"] < 1.0, out
+    finally:
+        stranger.close(), listener.close()
+
+
+@pytest.mark.parametrize("what", ["bare-id", "forged-tag", "replayed"])
+def test_a_preamble_from_someone_else_does_not_take_the_session_over(what):
+    ini, resp, listener, addr = small_pair()
+    try:
+        ini.sendall(b"a")
+        assert resp.recv(10) == b"a"
+        sid = resp.session_id
+        if what == "bare-id":
+            head = b"FPS1" + sid
+        elif what == "forged-tag":
+            head = b"FPS1" + sid + (7).to_bytes(8, "big") + bytes(16)
+        else:                               # a genuine preamble, already used
+            box: dict = {}
+            reader = threading.Thread(target=lambda: box.setdefault("got", resp.recv(10)))
+            reader.start()                          # the responder takes part in the resume
+            ini.sock.shutdown(socket.SHUT_RDWR)
+            ini.sendall(b"b")                       # resumes: attempt 1 is accepted
+            reader.join(5)
+            assert box.get("got") == b"b"
+            head = ini.session._make_preamble(1)    # noqa: SLF001 - what a recorder holds
+        intruder = socket.create_connection(addr)
+        intruder.sendall(head)
+        time.sleep(0.1)
+        before = resp.resumes
+        ini.sendall(b"c")
+        out = within(5, lambda: resp.recv(10))
+        assert out.get("result") == b"c", out
+        assert resp.resumes == before                # still on the initiator's transport
+        assert "superseded" not in [e.detail for e in resp.history]
+        intruder.close()
+    finally:
+        listener.close()
+
+
+def test_a_peer_that_only_sends_cannot_fill_our_memory():
+    ini, resp, listener, _ = small_pair()
+    ini.max_unread = 2 * ini.session.window
+    try:
+        flood = threading.Thread(target=lambda: within(30, lambda: resp.sendall(b"r" * (32 << 20))),
+                                 daemon=True)
+        flood.start()
+        out = within(20, lambda: ini.sendall(b"i" * (32 << 20)))  # and never recv()
+        err = out.get("error")
+        assert getattr(err, "code", None) == "unread-limit", out
+        assert ini._plain.size <= ini.max_unread + ini.session.window   # noqa: SLF001
+        got = 0                                      # nothing was lost: it is all there
+        while got < 32 << 20:
+            got += len(ini.recv(1 << 20))
+        assert got == 32 << 20
+    finally:
+        listener.close()

@@ -228,13 +228,15 @@ def test_replayed_resume_is_refused_and_the_session_survives():
     p.a.s.send(b"first" * 100)
     p.settle()
     recorded = _record_resume_transport(p)
-    # Someone replays that resume to the responder on a fresh transport.
+    # Someone replays that resume to the responder on a fresh transport:
+    # its preamble's attempt was accepted already.
     p.b.s.resume()
     p.b.s.data_to_send()
+    assert not p.b.s.preamble_valid(recorded[:S.PREAMBLE_BYTES])
     p.b.s.receive_data(recorded)
     p.b.drain()
     lost = [e for e in p.b.events if isinstance(e, S.TransportLost)][-1]
-    assert lost.code == "confirm-failed"
+    assert lost.code == "bad-preamble"
     assert p.b.s.resumable
     # The real initiator resumes: nothing lost, nothing doubled.
     p.a.s.resume()
@@ -245,16 +247,42 @@ def test_replayed_resume_is_refused_and_the_session_survives():
     assert bytes(p.b.got) == b"first" * 100 + b"second"
 
 
+def test_replayed_responder_half_is_refused_by_the_initiator():
+    p = established()
+    p.cut()
+    p.flush()
+    p.deliver("ab")
+    p.b.drain()
+    p.flush()
+    recorded = bytes(p.wire["ba"])            # the responder's hello and confirm
+    p.a.s.resume()                            # a fresh attempt, fresh nonce
+    p.a.s.data_to_send()
+    p.a.s.receive_data(recorded)
+    p.a.drain()
+    assert p.a.events[-1].code == "confirm-failed" and p.a.s.resumable
+
+
 @pytest.mark.parametrize("key", [KEY, os.urandom(32)], ids=["pair-key", "random-key"])
 def test_forged_resume_without_the_resume_key_is_refused(key):
     """A party with the CCS's pair key (or none) and the cleartext session id
-    still cannot resume: the resume key comes from the first channel."""
+    still cannot resume: the preamble's tag and the resume channel's key
+    come from the first channel."""
     p = established()
     p.b.s.receive_data(b"")
     p.b.drain()
     p.b.s.resume()
+    forged = S.PREAMBLE_MAGIC + p.b.s.session_id + (99).to_bytes(8, "big") + bytes(16)
+    assert not p.b.s.preamble_valid(forged)
+    p.b.s.receive_data(forged)
+    p.b.drain()
+    assert p.b.events[-1].code == "bad-preamble"
+    # Even with a genuine preamble (one the real initiator had not used
+    # yet, intercepted), the channel under the resume key does not confirm.
+    p.b.s.resume()
+    genuine = p.a.s._make_preamble(p.a.s._attempts + 1)   # noqa: SLF001
+    assert p.b.s.preamble_valid(genuine)
     forger = ch.Channel("initiator", key)
-    p.b.s.receive_data(S.PREAMBLE_MAGIC + p.b.s.session_id + forger.start())
+    p.b.s.receive_data(genuine + forger.start())
     p.b.drain()
     forger.receive_data(p.b.s.data_to_send())
     with pytest.raises(ch.ConfirmFailed):     # nor does the victim's confirm verify for it
@@ -269,12 +297,13 @@ def test_forged_resume_without_the_resume_key_is_refused(key):
 def test_preamble_naming_another_session_is_refused():
     p = established()
     p.b.s.resume()
-    p.b.s.receive_data(S.PREAMBLE_MAGIC + b"\0" * S.SESSION_ID_BYTES)
+    p.b.s.receive_data(S.PREAMBLE_MAGIC + b"\0" * (S.PREAMBLE_BYTES - 4))
     p.b.drain()
     assert p.b.events[-1].code == "bad-preamble"
-    assert S.read_preamble(S.PREAMBLE_MAGIC + b"\1" * 16 + b"more") == b"\1" * 16
-    assert S.read_preamble(b"GET / HTTP/1.1\r\n\r\n..") is None
+    assert S.read_preamble(S.PREAMBLE_MAGIC + b"\1" * 40 + b"more") == b"\1" * 16
+    assert S.read_preamble(b"GET / HTTP/1.1\r\n\r\n" + b"." * 40) is None
     assert S.read_preamble(b"FPS1") is None
+    assert not p.a.s.preamble_valid(p.a.s._make_preamble(5))   # noqa: SLF001 - not a responder
 
 
 def test_window_bounds_memory_and_applies_back_pressure():

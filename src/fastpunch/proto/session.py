@@ -45,9 +45,18 @@ Every later transport runs a fresh channel handshake under the resume key,
 so a resume needs no CCS key and proves both ends hold this session's secret.
 Both hello nonces are fresh each time: a recorded resume replayed to either
 end fails its confirm, as does a forged one (``confirm-failed``). The
-initiator prefixes a resumed transport with ``PREAMBLE_MAGIC || session id``
-(cleartext, 20 bytes) so a listener can tell which session a new stream
-resumes (:func:`read_preamble`).
+initiator prefixes a resumed transport with a preamble (cleartext, 44 bytes)::
+
+    preamble = "FPS1" || session id[16] || attempt:u64 || tag[16]
+    tag      = HMAC-SHA256(exporter("fastpunch-session-v1 preamble key", 32),
+                           session id || attempt)[:16]
+
+so a listener can tell which session a new stream resumes
+(:func:`read_preamble`) and the session can tell, before it gives up a
+working transport for the new one, that the session's other end sent it
+(:meth:`Session.preamble_valid`): ``attempt`` counts the initiator's
+resumes and must exceed the last one accepted, so a recorded preamble
+replayed is refused as surely as a forged one.
 
 Failures. Whatever breaks a transport (EOF, a cut inside a record, a record
 that fails its MAC, a bad preamble, a failed confirm) is a
@@ -63,6 +72,8 @@ tables below; see docs/session.md.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import os
 import struct
 from collections import deque
@@ -93,13 +104,16 @@ DEFAULT_ACK_DELAY = 0.2                     # seconds a received byte waits for 
 SESSION_ID_BYTES = 16
 HISTORY = 64                                # path-history entries kept, newest
 PREAMBLE_MAGIC = b"FPS1"
-PREAMBLE_BYTES = len(PREAMBLE_MAGIC) + SESSION_ID_BYTES
+_ATTEMPT = struct.Struct("!Q")
+PREAMBLE_TAG_BYTES = 16
+PREAMBLE_BYTES = len(PREAMBLE_MAGIC) + SESSION_ID_BYTES + _ATTEMPT.size + PREAMBLE_TAG_BYTES
 #: A DATA frame smaller than this is copied next to its header into one
 #: record; a larger one is sealed where it lies, its header a record apart.
 _COPY_BELOW = 8192
 
 _ID_LABEL = b"fastpunch-session-v1 id"
 _RESUME_KEY_LABEL = b"fastpunch-session-v1 resume key"
+_PREAMBLE_KEY_LABEL = b"fastpunch-session-v1 preamble key"
 
 
 class FrameType(enum.IntEnum):
@@ -214,7 +228,7 @@ def read_preamble(data: bytes) -> Optional[bytes]:
     first bytes of a new stream, at least PREAMBLE_BYTES) is not a resume."""
     if len(data) < PREAMBLE_BYTES or bytes(data[:len(PREAMBLE_MAGIC)]) != PREAMBLE_MAGIC:
         return None
-    return bytes(data[len(PREAMBLE_MAGIC):PREAMBLE_BYTES])
+    return bytes(data[len(PREAMBLE_MAGIC):len(PREAMBLE_MAGIC) + SESSION_ID_BYTES])
 
 
 def _keepable(data, n: int) -> Union[bytes, memoryview]:
@@ -261,6 +275,9 @@ class Session:
         self._events: Deque[object] = deque()
         self._preamble_left = 0                  # bytes of the peer's preamble still due
         self._preamble = bytearray()
+        self._preamble_key: Optional[bytes] = None
+        self._attempts = 0                       # initiator: preambles we sent
+        self._peer_attempt = 0                   # responder: the newest accepted
         # -- our stream: offsets count bytes, FIN being the byte after the data
         self._kept: Deque[Union[bytes, memoryview]] = deque()   # unacknowledged, oldest first
         self._kept_base = 0                      # stream offset of _kept[0][0]
@@ -349,7 +366,8 @@ class Session:
         hello = self._channel.start()
         assert self.session_id is not None
         if self.role is Role.INITIATOR:
-            self._out = [PREAMBLE_MAGIC + self.session_id, hello]
+            self._attempts += 1
+            self._out = [self._make_preamble(self._attempts), hello]
             self._preamble_left = 0
         else:
             self._out = [hello]
@@ -357,6 +375,24 @@ class Session:
         self._preamble = bytearray()
         self._goto(SessionState.HANDSHAKE)
         self._note(self.epoch, "resume", detail)
+
+    def _make_preamble(self, attempt: int) -> bytes:
+        assert self.session_id is not None and self._preamble_key is not None
+        body = self.session_id + _ATTEMPT.pack(attempt)
+        tag = hmac.new(self._preamble_key, body, hashlib.sha256).digest()[:PREAMBLE_TAG_BYTES]
+        return PREAMBLE_MAGIC + body + tag
+
+    def preamble_valid(self, head: bytes) -> bool:
+        """``head`` (a new stream's first PREAMBLE_BYTES) was sent by this
+        session's initiator for an attempt newer than any accepted: safe to
+        give up the current transport for. Changes nothing."""
+        if self._preamble_key is None or self.role is not Role.RESPONDER or \
+                len(head) < PREAMBLE_BYTES or read_preamble(head) != self.session_id:
+            return False
+        head = bytes(head[:PREAMBLE_BYTES])
+        (attempt,) = _ATTEMPT.unpack_from(head, len(PREAMBLE_MAGIC) + SESSION_ID_BYTES)
+        return attempt > self._peer_attempt and \
+            hmac.compare_digest(self._make_preamble(attempt), head)
 
     def lose(self, code: str, message: str = "") -> None:
         """The caller found the current transport dead (a write failed, the
@@ -388,9 +424,13 @@ class Session:
             self._preamble += take
             self._preamble_left -= len(take)
             data = data[len(take):]
-            if self._preamble_left == 0 and read_preamble(self._preamble) != self.session_id:
-                self._lose("bad-preamble", "the new transport names another session")
-                return
+            if self._preamble_left == 0:
+                if not self.preamble_valid(self._preamble):
+                    self._lose("bad-preamble", "the new transport's preamble is not this "
+                               "session's, or not a new attempt")
+                    return
+                (self._peer_attempt,) = _ATTEMPT.unpack_from(
+                    self._preamble, len(PREAMBLE_MAGIC) + SESSION_ID_BYTES)
             if not data:
                 return
         try:
@@ -437,6 +477,7 @@ class Session:
         if self.epoch == 0:
             self.session_id = self._channel.exporter(_ID_LABEL, SESSION_ID_BYTES)
             self._resume_key = self._channel.exporter(_RESUME_KEY_LABEL, _ch.KEY_BYTES)
+            self._preamble_key = self._channel.exporter(_PREAMBLE_KEY_LABEL, 32)
             self._events.append(Established(self.session_id))
             self._note(0, "established", self._first_path)
         self._emit_frame(FrameType.RESUME, _RESUME.pack(self._received, self.window))
