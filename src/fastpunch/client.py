@@ -106,27 +106,30 @@ class PeerConnection:
         return await secure_streams(reader, writer, self.role, self.key,
                                     keepalive=self.keepalive)
 
-    def resumable(self, **kw):
+    def resumable(self, *, strategies=None, **kw):
         """A resumable session over this connection (blocking socket API,
         fastpunch.session.ResumableSocket): when its transport dies it gets a
         new one through the CCS (a fresh punch, or the relay) and goes on,
         every byte once and in order. Both sides must call it. The Device
         must stay logged in, its event loop running in another thread, for
-        as long as the session lives. ``kw``: ResumableSocket's options."""
+        as long as the session lives. ``strategies``: what the new
+        rendezvous may use (both sides alike, as for connect());
+        ``kw``: ResumableSocket's options."""
         from fastpunch.session import PeerRoute, ResumableSocket
 
         if self.device is None or self.loop is None:
             raise CCSError("no-device", "this connection has no device to resume through")
         loop = self.loop
         route = PeerRoute(self.device, self.peer, dial=self.role == "initiator",
-                          submit=lambda coro: asyncio.run_coroutine_threadsafe(coro, loop))
+                          submit=lambda coro: asyncio.run_coroutine_threadsafe(coro, loop),
+                          strategies=strategies)
         self.sock.setblocking(True)
         kw.setdefault("keepalive", self.keepalive)
         # the CCS connection may have died with the path: finding that out
         # (its keepalive), logging in again, a rendezvous and a punch
         kw.setdefault("resume_timeout", 90.0)
         return ResumableSocket(self.sock, self.role, self.key, reconnect=route,
-                               path=f"{self.path} ({self.strategy})", **kw)
+                               path=f"{self.path} ({self.strategy})", own_reconnect=True, **kw)
 
     def fileno(self) -> int:
         return self.sock.fileno()

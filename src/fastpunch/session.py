@@ -266,7 +266,13 @@ class PeerRoute:
     def _start_accept(self) -> None:
         fut = self.submit(self.device.accept(strategies=self.strategies, peer=self.peer))
         self._pending = fut
-        fut.add_done_callback(lambda _f: self._wfd.send(b"!"))
+        fut.add_done_callback(self._notify)
+
+    def _notify(self, _fut) -> None:
+        try:
+            self._wfd.send(b"!")
+        except OSError:                       # closed meanwhile
+            pass
 
     def fileno(self) -> int:
         return self._rfd.fileno()
@@ -309,6 +315,7 @@ class PeerRoute:
     def close(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
+            self._pending = None
         self._rfd.close()
         self._wfd.close()
 
@@ -332,11 +339,13 @@ class ResumableSocket:
                  window: int = _s.DEFAULT_WINDOW, resume_timeout: float = 30.0,
                  random: Callable[[int], bytes] = os.urandom, cipher: Optional[Cipher] = None,
                  clock: Callable[[], float] = time.monotonic, handshake: bool = True,
-                 path: str = "first transport", max_unread: Optional[int] = None) -> None:
+                 path: str = "first transport", max_unread: Optional[int] = None,
+                 own_reconnect: bool = False) -> None:
         self.session = _s.Session(role, session_key, window=window, random=random,
                                   cipher=cipher, clock=clock, path=path)
         self.keepalive = keepalive
         self.reconnect = reconnect
+        self._own_reconnect = own_reconnect    # close() closes it (a PeerRoute made for us)
         self.resume_timeout = resume_timeout
         self._clock = clock
         self._plain = _Plaintext()
@@ -572,6 +581,8 @@ class ResumableSocket:
                 self.sock.close()
             except OSError:
                 pass
+            if self._own_reconnect and hasattr(self.reconnect, "close"):
+                self.reconnect.close()
 
     def _linger(self, until: float) -> None:
         """Our FIN and our last ACK are written; give them a moment to leave
