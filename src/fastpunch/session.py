@@ -467,8 +467,9 @@ class ResumableSocket:
                 time.sleep(min(1.0, max(0.0, deadline - self._clock())))
                 continue
             if got is None:
-                if _waits(self.reconnect):
-                    continue                  # nothing yet: the loop's deadline decides
+                if _waits(self.reconnect):    # nothing yet (or a failed accept, started
+                    time.sleep(min(0.2, max(0.0, deadline - self._clock())))   # again)
+                    continue                  # the loop's deadline decides
                 cause = getattr(self.reconnect, "last_error", None)
                 raise SessionLost(f"no new transport (last: {why}"
                                   f"{f'; the route: {cause}' if cause else ''})", self.history)

@@ -417,8 +417,8 @@ class Session:
     # -- receiving ----------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
         """Bytes from the current transport; ``b""`` is its EOF."""
-        if self.state in (SessionState.SUSPENDED, SessionState.ERROR):
-            return                               # a dead transport's leftovers
+        if self.state in (SessionState.SUSPENDED, SessionState.ERROR, SessionState.FINISHED):
+            return          # a dead transport's leftovers; after the end, only its close
         if self._preamble_left and data:
             take = data[:self._preamble_left]
             self._preamble += take
