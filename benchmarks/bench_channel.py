@@ -140,17 +140,16 @@ def channel_round(payload: bytes, sink: mmap.mmap, cipher: Cipher) -> tuple[floa
         end.sendall(payload)
         end.close_write()
 
-    def receive(end):
-        n = 0
-        while True:
-            chunk = end.recv(CHUNK)
-            if not chunk:
-                break
-            sink[n:n + len(chunk)] = chunk
-            n += len(chunk)
-        assert n == TOTAL, n
+    return forked_round(setup, send, lambda end: drain_into(sink, end.recv))
 
-    return forked_round(setup, send, receive)
+
+def drain_into(sink, recv) -> None:
+    """recv(CHUNK) until b"" into sink; all TOTAL bytes must come."""
+    n = 0
+    while chunk := recv(CHUNK):
+        sink[n:n + len(chunk)] = chunk
+        n += len(chunk)
+    assert n == TOTAL, n
 
 
 def run_rounds(benchmark, fn, *args):

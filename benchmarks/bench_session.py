@@ -22,7 +22,8 @@ import threading
 import time
 
 from benchmarks.bench_channel import (
-    KEY, ROUNDS, TOTAL, channel_round, forked_round, make_sink, payload, plain_round,  # noqa: F401
+    KEY, ROUNDS, TOTAL, channel_round, drain_into, forked_round, make_sink, payload,  # noqa: F401
+    plain_round, run_rounds,
 )
 from fastpunch.proto.channel import default_cipher
 from fastpunch.session import ResumableSocket, ResumeListener
@@ -58,17 +59,7 @@ def session_round(payload: bytes, sink) -> tuple[float, float]:
         end.rs.sendall(payload)
         end.rs.close_write()
 
-    def receive(end):
-        n = 0
-        while True:
-            chunk = end.rs.recv(1 << 20)
-            if not chunk:
-                break
-            sink[n:n + len(chunk)] = chunk
-            n += len(chunk)
-        assert n == TOTAL, n
-
-    return forked_round(setup, send, receive)
+    return forked_round(setup, send, lambda end: drain_into(sink, end.rs.recv))
 
 
 def test_session_loopback_64mib(benchmark, payload):
@@ -77,10 +68,8 @@ def test_session_loopback_64mib(benchmark, payload):
     chan = TOTAL / min(channel_round(payload, make_sink(), default_cipher())
                        for _ in range(ROUNDS))[0] / 1e6
     sink = make_sink()
-    times = []
-    benchmark.pedantic(lambda: times.append(session_round(payload, sink)), rounds=ROUNDS,
-                       iterations=1, warmup_rounds=0)
-    mbps = TOTAL / min(times)[0] / 1e6
+    wall, _ = run_rounds(benchmark, session_round, payload, sink)
+    mbps = TOTAL / wall / 1e6
     benchmark.extra_info.update(
         correct=hashlib.sha256(sink).digest() == hashlib.sha256(payload).digest(),
         bytes=TOTAL, mb_per_s=round(mbps, 1), plain_tcp_mb_per_s=round(plain, 1),
