@@ -16,8 +16,11 @@ compute it under), the unseal of its key (sealed stores) and the fetch of its
 row: deciles 24-36 % apart, the rank statistic 0.72-0.95 on this machine's
 2 cores (with the dummy HMAC but not the key store's real row and unseal,
 9-24 %, 0.72-0.88). After it the deciles are 0.1-1.3 % apart, the rank
-statistic 0.47-0.52 (what is left: SQLite's cursor for an unknown name's
-random row, see keystore._LOOKUP). The bounds sit between.
+statistic 0.47-0.52 run alone, but 0.37-0.39 in some full-suite runs: an
+unknown name's random row came from a second UNION branch only a miss ran
+(~0.3 us more). With the row chosen by arithmetic in one seek (see
+keystore._LOOKUP), 0.51-0.58 alone and 0.51-0.53 after the whole unit suite.
+The bounds sit between.
 """
 
 from __future__ import annotations
