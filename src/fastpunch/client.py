@@ -89,11 +89,31 @@ class PeerConnection:
     #: the event loop of the Device that made it (for resumable())
     loop: Optional[asyncio.AbstractEventLoop] = None
     device: Optional["Device"] = None
+    #: relay-first (connect(relay_first=True)): the punch still going on
+    #: behind this relayed connection, an asyncio.Task on ``loop`` that
+    #: gives the direct PeerConnection. Only resumable() moves to it; the
+    #: other uses (secure(), the socket itself) give it up.
+    upgrade: Optional[asyncio.Future] = None
+
+    def _drop_upgrade(self) -> None:
+        """Give the pending direct path up (cancelled, or closed if made)."""
+        task, self.upgrade = self.upgrade, None
+        if task is None or self.loop is None:
+            return
+
+        def drop() -> None:
+            task.cancel()
+            task.add_done_callback(lambda t: None if t.cancelled() or t.exception() is not None
+                                   else t.result().close())
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(drop)
 
     def secure(self):
         """The secure channel over this connection (blocking socket API)."""
         from fastpunch.channel import SecureSocket
 
+        self._drop_upgrade()
         self.sock.setblocking(True)
         return SecureSocket(self.sock, self.role, self.key, keepalive=self.keepalive)
 
@@ -101,6 +121,7 @@ class PeerConnection:
         """The secure channel as asyncio (reader, writer)."""
         from fastpunch.channel import secure_streams
 
+        self._drop_upgrade()
         self.sock.setblocking(False)
         reader, writer = await asyncio.open_connection(sock=self.sock)
         return await secure_streams(reader, writer, self.role, self.key,
@@ -114,12 +135,19 @@ class PeerConnection:
         must stay logged in, its event loop running in another thread, for
         as long as the session lives. ``strategies``: what the new
         rendezvous may use (both sides alike, as for connect());
-        ``kw``: ResumableSocket's options."""
-        from fastpunch.session import PeerRoute, ResumableSocket
+        ``kw``: ResumableSocket's options. A relay-first connection moves
+        to the direct path when the punch behind it brings one (the path
+        history says when), and the relay is let go."""
+        from fastpunch.session import PeerRoute, ResumableSocket, Upgrade
 
         if self.device is None or self.loop is None:
             raise CCSError("no-device", "this connection has no device to resume through")
         loop = self.loop
+        task, self.upgrade = self.upgrade, None
+        if task is not None:
+            async def direct():
+                return await task
+            kw.setdefault("upgrade", Upgrade(asyncio.run_coroutine_threadsafe(direct(), loop)))
         route = PeerRoute(self.device, self.peer, dial=self.role == "initiator",
                           submit=lambda coro: asyncio.run_coroutine_threadsafe(coro, loop),
                           strategies=strategies)
@@ -139,6 +167,7 @@ class PeerConnection:
         lifetime (spoof's host rewrite)."""
         from fastpunch.punch.base import release
 
+        self._drop_upgrade()
         self.sock.close()
         release(self.sock)
 
@@ -163,6 +192,18 @@ class Offer:
         return await self._device._exchange(
             self._device._answers, self.request,
             wire.RendezvousAnswer(request=self.request, **info.fields()), timeout)
+
+
+class _Gone(asyncio.Event):
+    """Set when the CCS says the peer left a rendezvous; ``code`` says how:
+    "peer-abandoned" (it gave its punch up: a relay-first peer is still on
+    the relay) or "peer-gone" (it left the CCS)."""
+
+    code: Optional[str] = None
+
+    def left(self, code: str) -> None:
+        self.code = code
+        self.set()
 
 
 def _address(ccs: Union[str, tuple]) -> tuple:
@@ -208,7 +249,7 @@ class Device:
         self._standing: Optional[tuple] = None        # (info, gathered) the CCS holds
         self._tasks: set = set()                      # background: announcing, abandoning
         self._sessions: dict = {}                     # rendezvous session -> asyncio.Event
-        self._left_early: dict = {}                   # sessions whose peer left before we began
+        self._left_early: dict = {}                   # session -> code: the peer left before we began
         self.probe_port: Optional[int] = None
         self.probe_port2: Optional[int] = None
         self.public_addr: Optional[tuple] = None      # what the CCS sees (reflexive)
@@ -404,11 +445,11 @@ class Device:
                              msg.session, msg.reason)
                     gone = self._sessions.get(msg.session)
                     if gone is not None:
-                        gone.set()
+                        gone.left(msg.code)
                     else:
                         # it may come right behind its Ready, in the same read,
                         # before the punch of that Ready has begun
-                        self._left_early[msg.session] = None
+                        self._left_early[msg.session] = msg.code
                         while len(self._left_early) > 64:
                             self._left_early.pop(next(iter(self._left_early)))
                 elif isinstance(msg, wire.Error):
@@ -528,14 +569,17 @@ class Device:
         return result
 
     # -- the API -----------------------------------------------------------------------
-    async def rendezvous(self, peer: str, info: NextInfo,
-                         timeout: float = 35.0) -> wire.RendezvousReady:
+    async def rendezvous(self, peer: str, info: NextInfo, timeout: float = 35.0, *,
+                         relay_first: bool = False) -> wire.RendezvousReady:
         """Ask the CCS to arrange a connection with ``peer`` (which may connect
-        later); returns its info, the session key, the plan and the start time."""
+        later); returns its info, the session key, the plan and the start time.
+        ``relay_first``: ask for a relay-first rendezvous (its Ready says
+        whether it is one: both sides' protocol must have it)."""
         request = next(self._ids) & 0xFFFFFFFF
         return await self._exchange(
             self._requests, request,
-            wire.RendezvousRequest(request=request, peer=peer, **info.fields()), timeout)
+            wire.RendezvousRequest(request=request, peer=peer, **info.fields(),
+                                   relay_first=True if relay_first else None), timeout)
 
     async def incoming(self) -> AsyncIterator[Offer]:
         while True:
@@ -647,14 +691,20 @@ class Device:
 
     # -- direct connections (fastpunch.punch) -----------------------------------------
     async def connect(self, peer: str, *, strategies=None, timeout: float = 35.0,
-                      relay_after: Optional[float] = None) -> PeerConnection:
+                      relay_after: Optional[float] = None,
+                      relay_first: bool = False) -> PeerConnection:
         """A connected socket to ``peer``: direct when the networks allow it,
         through the CCS relay otherwise. ``strategies`` restricts the plan
-        (both sides must restrict it alike)."""
+        (both sides must restrict it alike). ``relay_first``: return as soon
+        as the relay is joined (one CCS round trip and the relay's join), the
+        punch going on behind it; the connection's resumable() session moves
+        to the direct path when it is made (the peer's accept() follows the
+        CCS's word, nothing to set there). Used with secure() or the bare
+        socket, the connection stays on the relay."""
         began = time.time()
         info, gathered = await self.next_info(punch=True)
         try:
-            ready = await self.rendezvous(peer, info, timeout)
+            ready = await self.rendezvous(peer, info, timeout, relay_first=relay_first)
         except BaseException:
             await self.gatherer.release(gathered)
             raise
@@ -690,12 +740,13 @@ class Device:
                      relay_after) -> PeerConnection:
         from fastpunch.punch.rendezvous import punch_ready
 
-        gone = asyncio.Event()
+        gone = _Gone()
         if ready.session is not None:
             self._sessions[ready.session] = gone
             if ready.session in self._left_early:
-                self._left_early.pop(ready.session)
-                gone.set()
+                gone.left(self._left_early.pop(ready.session))
+        if ready.relay_first:
+            return await self._relay_first(ready, info, gathered, began, strategies, gone)
         try:
             sock, report = await punch_ready(
                 ready, info, gathered, our_public=self.public_addr[0], ccs_ip=self.ccs_ip,
@@ -717,6 +768,74 @@ class Device:
         return PeerConnection(sock, ready.peer, report.path, report.strategy, ready.role,
                               ready.key, report, self.keepalive,
                               loop=asyncio.get_running_loop(), device=self)
+
+    async def _relay_first(self, ready, info: NextInfo, gathered, began: float, strategies,
+                           gone: asyncio.Event) -> PeerConnection:
+        """The relay at once, the direct plan behind it (its result is the
+        connection's ``upgrade``). Both sides come here (the CCS said so to
+        both), so both take the relay if both join it, and the direct path
+        only as an upgrade: never one side on each. If the relay fails, the
+        direct punch is the connection."""
+        from fastpunch.punch.base import Report
+        from fastpunch.punch.rendezvous import punch_ready
+
+        loop = asyncio.get_running_loop()
+        direct = [s for s in (strategies or ready.plan) if s != "relay"]
+
+        async def punch() -> PeerConnection:
+            try:
+                if not direct:
+                    raise CCSError("no-direct", "no direct strategy in the plan")
+                sock, report = await punch_ready(
+                    ready, info, gathered, our_public=self.public_addr[0], ccs_ip=self.ccs_ip,
+                    relay=None, strategies=direct, cancel=gone, began=began,
+                    tracer=self.tracer)
+                self._kept_alive(sock)
+            except BaseException as exc:
+                self._abandon(ready, exc)
+                raise
+            finally:
+                self._sessions.pop(ready.session, None)
+                gathered.release()
+                self._spawn(self.gatherer.release(gathered))
+            return PeerConnection(sock, ready.peer, report.path, report.strategy, ready.role,
+                                  ready.key, report, self.keepalive, loop=loop, device=self)
+
+        punching = loop.create_task(punch())
+        joining = loop.create_task(self.relay(ready))
+        left = loop.create_task(gone.wait())
+        try:
+            await asyncio.wait({joining, left}, return_when=asyncio.FIRST_COMPLETED)
+            if not joining.done() and gone.code == "peer-abandoned":
+                # the peer gave its punch up (so ours stops too), not the
+                # relay: it joins (relay()'s own timeout bounds the wait)
+                await asyncio.wait({joining})
+        except asyncio.CancelledError:
+            for task in (punching, joining):
+                task.cancel()
+            await asyncio.gather(punching, joining, return_exceptions=True)
+            raise
+        finally:
+            left.cancel()
+        if not joining.done():      # the peer left: nobody comes to the relay (nor the punch)
+            joining.cancel()
+            await asyncio.gather(joining, return_exceptions=True)
+            return await punching   # raises its peer-gone
+        failure = joining.exception()
+        if failure is not None:     # the relay refused or failed: the direct path is all
+            log.info("%s: relay-first: the relay failed (%s); waiting for the direct path",
+                     self.name, failure)
+            conn = await punching
+            conn.report.history.insert(0, (0.0, f"relay-first: the relay failed: {failure}"))
+            return conn
+        sock = joining.result()
+        report = Report(ready.peer, path="relay", strategy="relay", seconds=time.time() - began)
+        report.history.append((report.seconds, "relay-first: relay joined, punching behind it"))
+        self._tasks.add(punching)            # closing the device cancels it
+        punching.add_done_callback(self._tasks.discard)
+        punching.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+        return PeerConnection(sock, ready.peer, "relay", "relay", ready.role, ready.key, report,
+                              self.keepalive, loop=loop, device=self, upgrade=punching)
 
     def _abandon(self, ready, exc: BaseException) -> None:
         """Tell the CCS we gave this rendezvous up, so it tells the peer

@@ -36,10 +36,13 @@ from fastpunch.liveness import Keepalive
 from fastpunch.proto import session as _s
 from fastpunch.proto.channel import Cipher, Role
 
-__all__ = ["ResumableSocket", "ResumeListener", "PeerRoute", "SessionLost", "Transport"]
+__all__ = ["ResumableSocket", "ResumeListener", "PeerRoute", "SessionLost", "Transport", "Upgrade"]
 
 READ_CHUNK = 256 * 1024
 WRITE_CHUNK = 16 * 16384
+#: seconds a session whose transport died waits for a better path being
+#: made before it asks its reconnect route for one
+UPGRADE_GRACE = 3.0
 
 #: What a reconnect source gives: a connected socket, or one whose first
 #: bytes (the resume preamble) were already read, with those bytes.
@@ -58,11 +61,13 @@ class SessionLost(FastpunchError, ConnectionError):
 
 
 class _Lost(Exception):
-    """The current transport failed (internal: triggers a resume)."""
+    """The current transport failed, or (``transport``) a better one is
+    here to move to (internal: triggers a resume)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, transport=None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+        self.transport = transport
 
 
 class ResumeListener:
@@ -320,6 +325,82 @@ class PeerRoute:
         self._wfd.close()
 
 
+def _discard(got) -> None:
+    """Close a transport nobody will use (a socket, (socket, head), or a
+    client.PeerConnection)."""
+    if got is None:
+        return
+    if isinstance(got, tuple):
+        got = got[0]
+    try:
+        got.close()
+    except OSError:
+        pass
+
+
+class Upgrade:
+    """A better transport that may come later, for a ResumableSocket to move
+    to: relay-first's direct path, which the punch behind the relay brings.
+    ``future`` (a concurrent.futures.Future) gives a Transport or a
+    client.PeerConnection, or fails (the session then stays where it is).
+    ``fileno()`` is readable once it is done, so a socket waiting for data
+    wakes for it. Whatever it brings and nobody takes is closed."""
+
+    def __init__(self, future: "concurrent.futures.Future") -> None:
+        self.future = future
+        self.error: Optional[str] = None       # why it brought nothing
+        self._taken = False
+        self._rfd, self._wfd = socket.socketpair()
+        self._rfd.setblocking(False)
+        future.add_done_callback(self._notify)
+
+    def _notify(self, _fut) -> None:
+        try:
+            self._wfd.send(b"!")
+        except OSError:                       # closed meanwhile
+            pass
+
+    def fileno(self) -> int:
+        return self._rfd.fileno()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait (timeout seconds at most) until it is done; whether it is."""
+        try:
+            self.future.result(max(0.0, timeout))
+        except Exception:                     # a timeout, a failed punch, a cancel
+            pass
+        return self.future.done()
+
+    def take(self):
+        """What it brought (once), or None: not yet, or it failed (``error``)."""
+        fut = self.future
+        if self._taken or not fut.done():
+            return None
+        self._taken = True
+        if fut.cancelled():
+            self.error = "cancelled"
+            return None
+        exc = fut.exception()
+        if exc is not None:
+            self.error = f"{getattr(exc, 'reason', None) or type(exc).__name__}: {exc}"
+            return None
+        return fut.result()
+
+    def close(self) -> None:
+        """Give it up: cancelled if pending, closed if it arrives anyway."""
+        if not self._taken:
+            self._taken = True
+            self.future.cancel()
+            self.future.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() is not None
+                else _discard(f.result()))
+        self._rfd.close()
+        self._wfd.close()
+
+
 class ResumableSocket:
     """A session that outlives its sockets (blocking). ``reconnect``: a
     callable returning a new Transport (or None to give up), or a
@@ -340,13 +421,18 @@ class ResumableSocket:
                  random: Callable[[int], bytes] = os.urandom, cipher: Optional[Cipher] = None,
                  clock: Callable[[], float] = time.monotonic, handshake: bool = True,
                  path: str = "first transport", max_unread: Optional[int] = None,
-                 own_reconnect: bool = False) -> None:
+                 own_reconnect: bool = False, upgrade: Optional[Upgrade] = None,
+                 move_timeout: float = 10.0) -> None:
         self.session = _s.Session(role, session_key, window=window, random=random,
                                   cipher=cipher, clock=clock, path=path)
         self.keepalive = keepalive
         self.reconnect = reconnect
         self._own_reconnect = own_reconnect    # close() closes it (a PeerRoute made for us)
         self.resume_timeout = resume_timeout
+        #: a better transport to move to when it comes (relay-first's direct
+        #: path); move_timeout: seconds its resume handshake may take
+        self._upgrade = upgrade
+        self.move_timeout = move_timeout
         self._clock = clock
         self._plain = _Plaintext()
         self._peer_closed = False
@@ -406,6 +492,9 @@ class ResumableSocket:
         watch = [self.sock]
         if _waits(self.reconnect):
             watch.append(self.reconnect)
+        up = self._upgrade
+        if up is not None and s.state is _s.SessionState.OPEN:
+            watch.append(up)
         due = s.next_deadline(self._clock())
         timeout = self._left(until)
         if due is not None:
@@ -420,6 +509,12 @@ class ResumableSocket:
             # The peer brought a new transport (its preamble proves it is
             # this session's other end): the old one is dead to it.
             raise _Lost("superseded", "the peer resumed on a new transport")
+        if up is not None and up in ready:
+            # the better path is here (or will not come): move now, before
+            # reading the old one (what it carries is resent on the new)
+            better = self._take_upgrade()
+            if better is not None:
+                raise _Lost("moved", "a better path is ready", transport=better)
         if self.sock in ready:
             try:
                 n = self.sock.recv_into(self._rbuf)
@@ -442,15 +537,49 @@ class ResumableSocket:
         liveness.apply(sock, self.keepalive)
         self.sock = sock
 
+    def _take_upgrade(self, until: Optional[float] = None):
+        """The upgrade's transport if it is done (waiting until the clock
+        reads ``until`` for it, if given), else None; a failed one is noted
+        in the history and dropped, a pending one kept for later."""
+        up = self._upgrade
+        if up is None:
+            return None
+        if until is not None and not up.done():
+            up.wait(until - self._clock())
+        if not up.done():
+            return None
+        self._upgrade = None
+        better = up.take()
+        up.close()
+        if better is None:
+            self.session.note("upgrade-failed", up.error or "")
+        return better
+
     def _resume(self, lost: "_Lost", until: Optional[float] = None) -> None:
         self.session.lose(lost.code, str(lost))
         why = str(lost)
-        if self.reconnect is None or not self.session.resumable:
+        if not self.session.resumable:
             raise SessionLost(f"the transport died ({why}) and the session cannot resume",
                               self.history)
         deadline = self._clock() + self.resume_timeout
         if until is not None:
             deadline = min(deadline, until)
+        better = lost.transport
+        if better is None and self._upgrade is not None:
+            # the old path died while the better one is being made (the
+            # peer moved first and closed it): it is the likeliest way on
+            better = self._take_upgrade(min(deadline, self._clock() + UPGRADE_GRACE))
+        if better is not None:
+            try:
+                self._resume_over(better, min(deadline, self._clock() + self.move_timeout))
+                return
+            except _Lost as again:            # the peer never came on it
+                self.session.lose(again.code, str(again))
+                self.session.note("upgrade-failed", str(again))
+                why = str(again)
+        if self.reconnect is None:
+            raise SessionLost(f"the transport died ({why}) and the session cannot resume",
+                              self.history)
         while True:
             left = deadline - self._clock()
             if left <= 0:
@@ -473,29 +602,33 @@ class ResumableSocket:
                 cause = getattr(self.reconnect, "last_error", None)
                 raise SessionLost(f"no new transport (last: {why}"
                                   f"{f'; the route: {cause}' if cause else ''})", self.history)
-            sock, head, route = _unpack(got)
             try:
-                self.sock.close()
-            except OSError:
-                pass
-            self._adopt(sock)
-            self.session.resume(route)
-            self.resumes += 1
-            try:
-                self._write_out()
-                if head:
-                    self.session.receive_data(head)
-                self._pump()
-                while self.session.state in (_s.SessionState.HANDSHAKE,
-                                             _s.SessionState.SYNC):
-                    if self._clock() >= deadline:
-                        raise _Lost("resume-timeout", "the resume handshake did not finish")
-                    self._read_once(deadline)
-                    self._pump()
+                self._resume_over(got, deadline)
                 return
             except _Lost as again:
                 self.session.lose(again.code, str(again))
                 why = str(again)
+
+    def _resume_over(self, got, deadline: float) -> None:
+        """Resume the suspended session over the transport ``got``, its
+        handshake done by ``deadline``; _Lost if it fails."""
+        sock, head, route = _unpack(got)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self._adopt(sock)
+        self.session.resume(route)
+        self.resumes += 1
+        self._write_out()
+        if head:
+            self.session.receive_data(head)
+        self._pump()
+        while self.session.state in (_s.SessionState.HANDSHAKE, _s.SessionState.SYNC):
+            if self._clock() >= deadline:
+                raise _Lost("resume-timeout", "the resume handshake did not finish")
+            self._read_once(deadline)
+            self._pump()
 
     # -- the application's face ---------------------------------------------------------
     def handshake(self) -> None:
@@ -523,6 +656,11 @@ class ResumableSocket:
         off, n = 0, len(view)
         s = self.session
         while off < n:
+            up = self._upgrade
+            if up is not None and up.done() and s.state is _s.SessionState.OPEN:
+                better = self._take_upgrade()    # a sender that never waits moves too
+                if better is not None:
+                    self._resume(_Lost("moved", "a better path is ready", transport=better))
             took = s.send(view[off:off + WRITE_CHUNK])
             off += took
             try:
@@ -584,6 +722,9 @@ class ResumableSocket:
                 pass
             if self._own_reconnect and hasattr(self.reconnect, "close"):
                 self.reconnect.close()
+            if self._upgrade is not None:
+                self._upgrade.close()
+                self._upgrade = None
 
     def _linger(self, until: float) -> None:
         """Our FIN and our last ACK are written; give them a moment to leave

@@ -85,10 +85,11 @@ async def answer_one(dev, info):
         return offer.peer, await offer.answer(info)
 
 
-async def rendezvous(a, b, peer: str, a_info, b_info) -> tuple:
-    """a asks for peer, b answers: returns (a's Ready, b's Ready, who b saw asking)."""
+async def rendezvous(a, b, peer: str, a_info, b_info, **kw) -> tuple:
+    """a asks for peer (``kw``: rendezvous()'s options), b answers: returns
+    (a's Ready, b's Ready, who b saw asking)."""
     answering = asyncio.create_task(answer_one(b, b_info))
-    ra = await a.rendezvous(peer, a_info)
+    ra = await a.rendezvous(peer, a_info, **kw)
     asker, rb = await answering
     return ra, rb, asker
 

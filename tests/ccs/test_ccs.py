@@ -95,6 +95,29 @@ def test_rendezvous_peer_already_connected(deployment):
     arun(main())
 
 
+@pytest.mark.parametrize("b_protocol,asked,want", [(wire.VERSION, True, True),
+                                                   (wire.VERSION, False, None),
+                                                   (3, True, None)],
+                         ids=["both-v4", "not-asked", "peer-v3"])
+def test_relay_first_is_said_to_both_sides_when_both_speak_it(deployment, b_protocol, asked,
+                                                              want):
+    # a peer whose protocol has no relay-first would punch its plan out and
+    # join the relay last: the CCS tells the asker "no", and it punches too
+    deployment.enroll_pair()
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as a, \
+                    deployment.device(addr, "viewer", protocol=b_protocol) as b:
+                ra, rb, _ = await rendezvous(a, b, "viewer", A_INFO, B_INFO, relay_first=asked)
+                assert b.protocol == b_protocol
+        assert ra.relay_first is want
+        assert rb.relay_first is want
+
+    arun(main())
+
+
 def test_rendezvous_waits_for_a_peer_that_connects_later(deployment):
     deployment.enroll_pair()
 

@@ -72,6 +72,7 @@ class Pending:
     started: float
     session: Optional["DeviceSession"] = None   # A's connection that asked (not a later one)
     timer: Optional[asyncio.TimerHandle] = None
+    relay_first: bool = False                   # A asked for it (version 4)
 
 
 @dataclass
@@ -529,7 +530,8 @@ class CCSServer:
                                 f"{session.name} has {session.in_flight} rendezvous under way "
                                 f"(at most {self.budgets.rendezvous_in_flight})")
         pending = Pending(next(self._ids), session.name, msg.request, wire.next_info_of(msg),
-                          msg.peer, time.monotonic(), session)
+                          msg.peer, time.monotonic(), session,
+                          relay_first=bool(msg.relay_first))
         self.pending[pending.id] = pending
         session.in_flight += 1
         pending.timer = asyncio.get_running_loop().call_later(
@@ -743,8 +745,12 @@ class CCSServer:
             self._assist_spoof(((a.peer[0], pending.a_info.port), (msg["addr"], b_info.port)),
                                start_at / 1000 - self.clock())
         token_a, token_b = self.relay.issue(pending.a, pending.b)
+        # relay-first only when B's protocol has it too (an older B would
+        # punch its plan out and join the relay last, A waiting there)
+        relay_first = pending.relay_first and msg.get("version", 1) >= 4
         common = dict(key=key, plan=steps, start_at=start_at, relay_addr=self.public_addr,
-                      relay_port=self.relay_port, session=session_id)
+                      relay_port=self.relay_port, session=session_id,
+                      relay_first=True if relay_first else None)
         self._track(session_id, pending.a, pending.b, msg["node"])
         a.write(wire.RendezvousReady(request=pending.a_request, peer=pending.b, addr=msg["addr"],
                                      role="initiator", relay_token=token_a, **common,

@@ -203,7 +203,8 @@ class Finished:
 @dataclass(frozen=True)
 class PathEvent:
     """One entry of a session's path history: ``what`` is "established",
-    "lost", "resume", "resumed" or "finished"; ``at`` the clock's reading
+    "lost", "resume", "resumed", "finished", or a note of the caller's
+    (note(): "upgrade-failed"...); ``at`` the clock's reading
     (None without a clock)."""
     at: Optional[float]
     epoch: int
@@ -312,6 +313,11 @@ class Session:
     def _note(self, epoch: int, what: str, detail: str) -> None:
         self.history.append(PathEvent(self._clock() if self._clock else None, epoch, what,
                                       detail))
+
+    def note(self, what: str, detail: str = "") -> None:
+        """Something the caller saw about the paths (a better path that did
+        not come), into the history; the state is unchanged."""
+        self._note(self.epoch, what, detail)
 
     @property
     def writable(self) -> int:

@@ -11,7 +11,10 @@ oversized, unknown, duplicated or missing. No I/O here.
 Versions. Version 2 adds candidates and NAT evidence to the
 next-connection info, a session id to RendezvousReady, a second probe port
 to AuthOk, and the messages Abandon and PeerLeft. Version 3 adds the
-keepalive period a CCS advertises in AuthOk. A field or message
+keepalive period a CCS advertises in AuthOk. Version 4 adds relay-first:
+A asks for it in RendezvousRequest, and the CCS says in both Readys
+whether the rendezvous is relay-first (both sides join the relay at once,
+the punch goes on behind it). A field or message
 carries the version it appeared in (``since``); a frame of version N may not
 hold a field of a later version (``unknown-field``, as a version-N decoder
 would say), and ``encode(msg, N)`` leaves later fields out, so a CCS speaks
@@ -33,8 +36,8 @@ from fastpunch.proto import candidates as _candidates
 __all__ = ["VERSION", "MAX_FRAME", "WireError", "Message", "encode", "decode_frame", "MESSAGES",
            "fit"]
 
-VERSION = 3
-VERSIONS = (1, 2, 3)        # a CCS accepts each; a device speaks the newest the CCS takes
+VERSION = 4
+VERSIONS = (1, 2, 3, 4)        # a CCS accepts each; a device speaks the newest the CCS takes
 MAX_FRAME = 8192          # bytes of payload; every field is capped far below this
 HEADER = struct.Struct("!BBH")
 FIELD = struct.Struct("!BH")
@@ -140,7 +143,8 @@ NEXT_INFO = {
 }
 
 
-@_msg(4, {"request": (1, "u32", 4, True), "peer": (2, "str", NAME, True), **NEXT_INFO})
+@_msg(4, {"request": (1, "u32", 4, True), "peer": (2, "str", NAME, True), **NEXT_INFO,
+          "relay_first": (24, "bool", 1, False, 4)})
 class RendezvousRequest(Message):
     """A asks for B, with A's next-connection info."""
     request: int
@@ -157,6 +161,7 @@ class RendezvousRequest(Message):
     candidates: Optional[tuple] = None
     mapping: Optional[str] = None
     filtering: Optional[str] = None
+    relay_first: Optional[bool] = None     # version 4: join the relay at once, punch behind it
 
 
 STANDING = 0       # RendezvousAnswer.request of info announced ahead of any offer
@@ -238,6 +243,7 @@ PEER_INFO = {
     "relay_token": (8, "bytes", RELAY_TOKEN, True), "relay_addr": (9, "ipv4", 4, True),
     "relay_port": (18, "u16", 2, True),
     "session": (23, "u64", 8, False, 2),
+    "relay_first": (24, "bool", 1, False, 4),
     **NEXT_INFO,
 }
 
@@ -271,6 +277,7 @@ class RendezvousReady(Message):
     mapping: Optional[str] = None
     filtering: Optional[str] = None
     session: Optional[int] = None
+    relay_first: Optional[bool] = None     # version 4: this rendezvous is relay-first
 
 
 @_msg(69, {"request": (1, "u32", 4, True), "code": (2, "str", 32, True),
