@@ -509,12 +509,6 @@ class ResumableSocket:
             # The peer brought a new transport (its preamble proves it is
             # this session's other end): the old one is dead to it.
             raise _Lost("superseded", "the peer resumed on a new transport")
-        if up is not None and up in ready:
-            # the better path is here (or will not come): move now, before
-            # reading the old one (what it carries is resent on the new)
-            better = self._take_upgrade()
-            if better is not None:
-                raise _Lost("moved", "a better path is ready", transport=better)
         if self.sock in ready:
             try:
                 n = self.sock.recv_into(self._rbuf)
@@ -522,6 +516,13 @@ class ResumableSocket:
                 lost = liveness.path_lost(exc, self.keepalive)
                 raise _Lost("path-lost" if lost else "read-failed", str(exc)) from exc
             s.receive_data(self._rview[:n] if n else b"")
+        if up is not None and up in ready:
+            # the better path is here (or will not come): move, after taking
+            # what the old one brought (its Data events wait in the session,
+            # counted, for the pump after the move; the rest is resent)
+            better = self._take_upgrade()
+            if better is not None:
+                raise _Lost("moved", "a better path is ready", transport=better)
         s.poll(self._clock())
 
     def _step(self, until: Optional[float] = None) -> None:
@@ -613,22 +614,28 @@ class ResumableSocket:
         """Resume the suspended session over the transport ``got``, its
         handshake done by ``deadline``; _Lost if it fails."""
         sock, head, route = _unpack(got)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        # the old transport is closed once the new one is up (or failed): a
+        # move leaves what it carried a moment to arrive (closed at once with
+        # bytes unread, it would reset them away)
+        old = self.sock
         self._adopt(sock)
-        self.session.resume(route)
-        self.resumes += 1
-        self._write_out()
-        if head:
-            self.session.receive_data(head)
-        self._pump()
-        while self.session.state in (_s.SessionState.HANDSHAKE, _s.SessionState.SYNC):
-            if self._clock() >= deadline:
-                raise _Lost("resume-timeout", "the resume handshake did not finish")
-            self._read_once(deadline)
+        try:
+            self.session.resume(route)
+            self.resumes += 1
+            self._write_out()
+            if head:
+                self.session.receive_data(head)
             self._pump()
+            while self.session.state in (_s.SessionState.HANDSHAKE, _s.SessionState.SYNC):
+                if self._clock() >= deadline:
+                    raise _Lost("resume-timeout", "the resume handshake did not finish")
+                self._read_once(deadline)
+                self._pump()
+        finally:
+            try:
+                old.close()
+            except OSError:
+                pass
 
     # -- the application's face ---------------------------------------------------------
     def handshake(self) -> None:
@@ -656,11 +663,6 @@ class ResumableSocket:
         off, n = 0, len(view)
         s = self.session
         while off < n:
-            up = self._upgrade
-            if up is not None and up.done() and s.state is _s.SessionState.OPEN:
-                better = self._take_upgrade()    # a sender that never waits moves too
-                if better is not None:
-                    self._resume(_Lost("moved", "a better path is ready", transport=better))
             took = s.send(view[off:off + WRITE_CHUNK])
             off += took
             try:
@@ -668,6 +670,11 @@ class ResumableSocket:
             except _Lost as lost:
                 self._resume(lost)
                 continue
+            up = self._upgrade
+            if up is not None and up.done() and s.state is _s.SessionState.OPEN:
+                better = self._take_upgrade()    # a sender that never waits moves too
+                if better is not None:          # (after its bytes left on the old path)
+                    self._resume(_Lost("moved", "a better path is ready", transport=better))
             if not took:
                 if self._plain.size >= self.max_unread:
                     raise _s.SessionUsageError(

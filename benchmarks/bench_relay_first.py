@@ -1,0 +1,140 @@
+"""Time to first byte, relay-first against direct-only (issue 15), side by
+side in one lab: camera behind a nat, viewer behind a nat, 20 ms one-way on
+each site's access link (the CCS and its relay in the core between them).
+
+A trial: the viewer accepts; the camera connects (relay-first or not), both
+open a resumable session on what they got, and the camera sends 32 bytes.
+Time to first byte: from the camera's connect() call to the viewer holding
+those bytes. For relay-first, also the time until both sessions moved to
+the direct path, and the bytes the relay carried.
+
+FASTPUNCH_RELAY_FIRST_TRIALS (default 5) trials of each, interleaved.
+Needs root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+
+import pytest
+
+from benchmarks.bench_punch import DELAY_MS, lab_devices, tcp_rtt
+from tests.conftest import require_root
+
+pytestmark = pytest.mark.lab
+
+TRIALS = int(os.environ.get("FASTPUNCH_RELAY_FIRST_TRIALS", "5"))
+
+
+def _moved(rs) -> bool:
+    return any(e.what == "resumed" for e in rs.history)
+
+
+def trial(cam, viewer, relay_first: bool, relay) -> dict:
+    (la, a), (lb, b) = cam, viewer
+    data = os.urandom(32)
+    out: dict = {}
+
+    def accept_side():
+        rb = None
+        try:
+            cb = accepting.result(30)
+            rb = out["rb"] = cb.resumable()
+            got = b""
+            while len(got) < len(data):
+                part = rb.recv(len(data) - len(got))
+                if not part:
+                    break
+                got += part
+            out.update(first=time.perf_counter(), intact=got == data, path=cb.path)
+            while rb.recv(65536):          # a viewer goes on reading (and so moves)
+                pass
+        except Exception as exc:
+            out["error"] = repr(exc)[:300]
+        finally:
+            if rb is not None:
+                rb.close(10)
+
+    relayed0 = relay.bytes_total
+    accepting = lb.submit(b.accept())
+    t = threading.Thread(target=accept_side)
+    t0 = time.perf_counter()
+    t.start()
+    ra = None
+    try:
+        ca = la.run(a.connect("viewer", relay_first=relay_first), 30)
+        connected = time.perf_counter()
+        ra = ca.resumable()
+        ra.sendall(data)
+        result = {"connect_s": connected - t0}
+        if relay_first:
+            # a trickle of bytes (the next frames) until both sides moved
+            end = time.monotonic() + 15
+            while time.monotonic() < end and not (
+                    _moved(ra) and "rb" in out and _moved(out["rb"])):
+                ra.sendall(b".")
+                time.sleep(0.01)
+            moved = _moved(ra) and "rb" in out and _moved(out["rb"])
+            result["moved_s"] = time.perf_counter() - t0 if moved else None
+        ra.close(10)
+        t.join(30)
+        if "error" in out or "first" not in out:
+            return {"ok": False, "error": out.get("error", "no first byte")}
+        result.update(first_byte_s=out["first"] - t0,
+                      relayed_bytes=relay.bytes_total - relayed0,
+                      ok=out["intact"] and ca.path == out["path"] ==
+                      ("relay" if relay_first else "direct")
+                      and (not relay_first or result["moved_s"] is not None))
+        return result
+    except Exception as exc:
+        if ra is not None:
+            with contextlib.suppress(Exception):
+                ra.close(1)
+        return {"ok": False, "error": repr(exc)[:300]}
+    finally:
+        t.join(30)
+
+
+def test_time_to_first_byte_relay_first_vs_direct_only(benchmark):
+    require_root("connecting through a NAT lab")
+    from tests.punch.harness import CCS_PORT
+
+    results: dict = {"relay_first": [], "direct_only": []}
+    rtts = {}
+
+    def run():
+        with lab_devices(delay_ms=DELAY_MS) as (lab, ccs, cam, viewer):
+            rtts["ccs"] = tcp_rtt(lab, "a", (lab.ccs_addr, CCS_PORT))
+            relay = ccs.server.relay
+            for _ in range(TRIALS):
+                results["relay_first"].append(trial(cam, viewer, True, relay))
+                results["direct_only"].append(trial(cam, viewer, False, relay))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    ok = {k: [r for r in rs if r["ok"]] for k, rs in results.items()}
+
+    def med(kind, key):
+        values = [r[key] for r in ok[kind] if r.get(key) is not None]
+        return round(statistics.median(values), 4) if values else None
+
+    info = benchmark.extra_info
+    ttfb_rf, ttfb_d = med("relay_first", "first_byte_s"), med("direct_only", "first_byte_s")
+    info.update({
+        "trials": TRIALS, "delay_ms_one_way_per_site": DELAY_MS,
+        "ccs_rtt_ms_measured": round(rtts.get("ccs", 0) * 1000, 1),
+        **{f"{k}_ok": f"{len(ok[k])}/{TRIALS}" for k in results},
+        **{f"{k}_connect_median_s": med(k, "connect_s") for k in results},
+        **{f"{k}_first_byte_median_s": med(k, "first_byte_s") for k in results},
+        "relay_first_moved_to_direct_median_s": med("relay_first", "moved_s"),
+        "relay_first_relayed_bytes_median": med("relay_first", "relayed_bytes"),
+        "direct_only_relayed_bytes_max": max((r["relayed_bytes"] for r in ok["direct_only"]),
+                                             default=None),
+        "first_byte_ratio_relay_first_to_direct": (round(ttfb_rf / ttfb_d, 3)
+                                                   if ttfb_rf and ttfb_d else None),
+        "failures": [r["error"] for rs in results.values() for r in rs if "error" in r][:5],
+    })
+    info["correct"] = all(len(ok[k]) == TRIALS for k in results)
