@@ -43,6 +43,12 @@ WRITE_CHUNK = 16 * 16384
 #: seconds a session whose transport died waits for a better path being
 #: made before it asks its reconnect route for one
 UPGRADE_GRACE = 3.0
+#: seconds the initiator, its better path ready, waits for the session's
+#: first bytes on the old one before it moves anyway (so a move does not
+#: hold the first bytes back)
+FIRST_BYTE_GRACE = 1.0
+#: seconds the responder keeps a better path the initiator does not move to
+PEER_MOVE_TIMEOUT = 30.0
 
 #: What a reconnect source gives: a connected socket, or one whose first
 #: bytes (the resume preamble) were already read, with those bytes.
@@ -433,6 +439,12 @@ class ResumableSocket:
         #: path); move_timeout: seconds its resume handshake may take
         self._upgrade = upgrade
         self.move_timeout = move_timeout
+        #: (transport, since): the upgrade's transport, not moved to yet. The
+        #: initiator leads (see _consider_move); the responder follows its
+        #: MOVED frame, having taken everything sent before it
+        self._better: Optional[tuple] = None
+        self._seen_data = False                # the app has had bytes from the peer
+        self._peer_moved = False               # its MOVED came on the current transport
         self._clock = clock
         self._plain = _Plaintext()
         self._peer_closed = False
@@ -473,8 +485,11 @@ class ResumableSocket:
             # acknowledged on resume), so a failing write must not drop it.
             if type(event) is _s.Data:
                 self._plain.push(event.data)
+                self._seen_data = True
             elif type(event) is _s.Closed:
                 self._peer_closed = True
+            elif type(event) is _s.PeerMoved:
+                self._peer_moved = True        # acted on by the next read
             elif type(event) is _s.TransportLost:
                 raise _Lost(event.code, event.message)
             self._write_out()
@@ -486,16 +501,26 @@ class ResumableSocket:
 
     def _read_once(self, until: Optional[float] = None) -> None:
         """Wait (until the clock reads ``until``, at most) for bytes from the
-        transport, a new transport offered, or an ACK falling due, and feed
-        the session what came."""
+        transport, a new transport offered, a better path, or an ACK falling
+        due, and feed the session what came."""
         s = self.session
+        is_open = s.state is _s.SessionState.OPEN
+        if self._peer_moved and is_open:
+            # its MOVED came after everything it sent here, which the app
+            # has had: follow it (to our better path, or one the route brings)
+            self._peer_moved = False
+            raise _Lost("peer-moved", "the peer moved to a better path")
         watch = [self.sock]
         if _waits(self.reconnect):
             watch.append(self.reconnect)
-        up = self._upgrade
-        if up is not None and s.state is _s.SessionState.OPEN:
+        up = self._upgrade if is_open else None
+        if up is not None:
             watch.append(up)
         due = s.next_deadline(self._clock())
+        if is_open and self._better is not None:
+            lapse = self._better[1] + (PEER_MOVE_TIMEOUT if s.role is Role.RESPONDER
+                                       else FIRST_BYTE_GRACE)
+            due = lapse if due is None else min(due, lapse)
         timeout = self._left(until)
         if due is not None:
             wait = max(0.0, due - self._clock())
@@ -517,13 +542,49 @@ class ResumableSocket:
                 raise _Lost("path-lost" if lost else "read-failed", str(exc)) from exc
             s.receive_data(self._rview[:n] if n else b"")
         if up is not None and up in ready:
-            # the better path is here (or will not come): move, after taking
-            # what the old one brought (its Data events wait in the session,
-            # counted, for the pump after the move; the rest is resent)
-            better = self._take_upgrade()
-            if better is not None:
-                raise _Lost("moved", "a better path is ready", transport=better)
+            self._collect_upgrade()
+        if is_open and self._better is not None:
+            self._consider_move()
         s.poll(self._clock())
+
+    def _collect_upgrade(self) -> None:
+        """The upgrade, done: its transport into _better (a failed one is
+        noted in the history)."""
+        better = self._take_upgrade()
+        if better is not None:
+            self._better = (better, self._clock())
+
+    def _consider_move(self, lead: bool = False) -> None:
+        """Move to the better path if it is time (raises _Lost "moved").
+        The initiator leads: once the app has had the session's first bytes
+        (a move right before them would hold them back for its handshake),
+        or FIRST_BYTE_GRACE after the path came, or (``lead``, from
+        sendall) once its own bytes left. It ends the old transport with a
+        MOVED frame, so the responder takes everything sent there and then
+        follows (PeerMoved), nothing sent twice that way. A responder whose
+        peer never moves drops the path after PEER_MOVE_TIMEOUT."""
+        better, since = self._better
+        if self.session.role is Role.RESPONDER:
+            if self._clock() - since >= PEER_MOVE_TIMEOUT:
+                self._better = None
+                _discard(better)
+                self.session.note("upgrade-failed", "the peer did not move to the better "
+                                  f"path in {PEER_MOVE_TIMEOUT:g} s")
+            return
+        if not (lead or self._seen_data) and self._clock() - since < FIRST_BYTE_GRACE:
+            return
+        # what the old transport brought, through the session now (bytes fed
+        # but not yet parsed would die with its channel, and be resent)
+        self._pump()
+        if self.session.state is not _s.SessionState.OPEN:
+            return
+        self.session.moving()
+        try:
+            self._write_out()
+        except _Lost:                          # the old path is dying anyway: the peer
+            pass                               # learns it from its end
+        self._better = None
+        raise _Lost("moved", "a better path is ready", transport=better)
 
     def _step(self, until: Optional[float] = None) -> None:
         """One read and its events; resumes across a lost transport."""
@@ -536,6 +597,10 @@ class ResumableSocket:
     def _adopt(self, sock: socket.socket) -> None:
         sock.settimeout(None)            # a dialer's connect timeout is not a stall limit
         liveness.apply(sock, self.keepalive)
+        # the session writes whole batches of records (data_to_send): Nagle
+        # would only hold a small one (an ACK, a handshake's last record) a
+        # round trip behind the one before
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
 
     def _take_upgrade(self, until: Optional[float] = None):
@@ -566,6 +631,8 @@ class ResumableSocket:
         if until is not None:
             deadline = min(deadline, until)
         better = lost.transport
+        if better is None and self._better is not None:
+            better, self._better = self._better[0], None
         if better is None and self._upgrade is not None:
             # the old path died while the better one is being made (the
             # peer moved first and closed it): it is the likeliest way on
@@ -618,6 +685,7 @@ class ResumableSocket:
         # move leaves what it carried a moment to arrive (closed at once with
         # bytes unread, it would reset them away)
         old = self.sock
+        self._peer_moved = False
         self._adopt(sock)
         try:
             self.session.resume(route)
@@ -670,17 +738,33 @@ class ResumableSocket:
             except _Lost as lost:
                 self._resume(lost)
                 continue
-            up = self._upgrade
-            if up is not None and up.done() and s.state is _s.SessionState.OPEN:
-                better = self._take_upgrade()    # a sender that never waits moves too
-                if better is not None:          # (after its bytes left on the old path)
-                    self._resume(_Lost("moved", "a better path is ready", transport=better))
+            if s.state is _s.SessionState.OPEN and (self._better is not None or (
+                    self._upgrade is not None and self._upgrade.done())):
+                self._move_while_sending()      # a sender that never waits moves too
             if not took:
                 if self._plain.size >= self.max_unread:
                     raise _s.SessionUsageError(
                         "unread-limit", f"{self._plain.size} bytes from the peer wait for "
                         f"recv() while sendall() waits for its window ({off} of {n} taken)")
                 self._step()                    # wait for ACKs (or a new transport)
+
+    def _move_while_sending(self) -> None:
+        """sendall()'s look at a move, after its bytes left on the old path:
+        the initiator leads at once; the responder takes what waits on the
+        old path (the initiator's MOVED among it) without blocking, and
+        follows."""
+        if self._better is None and self._upgrade is not None and self._upgrade.done():
+            self._collect_upgrade()
+        try:
+            if self.session.role is Role.RESPONDER:
+                if select.select([self.sock], [], [], 0)[0]:
+                    self._read_once(self._clock())
+                    self._pump()
+                    self._read_once(self._clock())     # raises "peer-moved" if it came
+            elif self._better is not None:
+                self._consider_move(lead=True)
+        except _Lost as lost:
+            self._resume(lost)
 
     def recv(self, bufsize: int) -> Union[bytes, bytearray]:
         """Up to bufsize bytes (bytes or bytearray); b"" once the peer closed
@@ -732,6 +816,9 @@ class ResumableSocket:
             if self._upgrade is not None:
                 self._upgrade.close()
                 self._upgrade = None
+            if self._better is not None:
+                _discard(self._better[0])
+                self._better = None
 
     def _linger(self, until: float) -> None:
         """Our FIN and our last ACK are written; give them a moment to leave

@@ -363,6 +363,10 @@ class Relay:
         pair.running = True
         for sock in pair.socks:
             sock.setblocking(True)
+            # forward what was read at once: the sender coalesced it already,
+            # and Nagle would hold a second small piece a whole round trip of
+            # the outgoing leg (~40 ms in the lab) behind the first
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 liveness.apply(sock, self.keepalive)
             except liveness.KeepaliveError as exc:     # the relay works without it

@@ -24,6 +24,8 @@ Frames (inside the channel's plaintext; integers big-endian)::
     DATA   = 1..MAX_FRAME application bytes
     ACK    = received:u64              cumulative
     FIN    = empty                     our stream ends; counts as one byte
+    MOVED  = empty                     nothing more from us on this transport:
+                                       we resume on a better one (moving())
 
 Offsets are implicit: on one transport the channel delivers frames in order,
 exactly once (a dropped, replayed or reordered record fails its MAC). A
@@ -121,9 +123,11 @@ class FrameType(enum.IntEnum):
     DATA = 2
     ACK = 3
     FIN = 4
+    MOVED = 5
 
 
-_FIXED_BODY = {FrameType.RESUME: _RESUME.size, FrameType.ACK: _U64.size, FrameType.FIN: 0}
+_FIXED_BODY = {FrameType.RESUME: _RESUME.size, FrameType.ACK: _U64.size, FrameType.FIN: 0,
+               FrameType.MOVED: 0}
 
 
 class SessionState(enum.Enum):
@@ -191,6 +195,12 @@ class Data:
 
 
 @dataclass(frozen=True)
+class PeerMoved:
+    """The peer sent its last frame on this transport (MOVED): it resumes the
+    session on a better one. Everything it sent here before is in."""
+
+
+@dataclass(frozen=True)
 class Closed:
     """The peer's stream ended (its FIN): nothing more will arrive."""
 
@@ -221,7 +231,8 @@ class TransportLost:
 
 
 NEED_DATA = _ch.NEED_DATA
-SessionEvent = Union[Established, Resumed, Data, Closed, Finished, TransportLost, object]
+SessionEvent = Union[Established, Resumed, Data, Closed, Finished, TransportLost, PeerMoved,
+                     object]
 
 
 def read_preamble(data: bytes) -> Optional[bytes]:
@@ -294,6 +305,8 @@ class Session:
         self._acked_told = 0                     # what our last ACK or RESUME said
         self._ack_since: Optional[float] = None
         self._peer_synced = False                # the peer's RESUME seen on this transport
+        self._peer_moved = False                 # the peer's MOVED seen on this transport
+        self._moved_out = False                  # our MOVED sent on this transport
         # -- the frame parser
         self._hdr = bytearray()                  # a frame header (or fixed body) in pieces
         self._ftype = 0
@@ -415,6 +428,7 @@ class Session:
         self._hdr = bytearray()
         self._data_left = self._body_left = 0
         self._peer_synced = False
+        self._peer_moved = self._moved_out = False
         self._ack_since = None
         self._note(self.epoch, "lost", code)
         if emit:
@@ -549,6 +563,9 @@ class Session:
                                    f"{kind.name} frame before the peer's RESUME")
         if self._peer_synced and kind is FrameType.RESUME:
             raise SessionViolation("unexpected-frame", "a second RESUME on one transport")
+        if self._peer_moved:
+            raise SessionViolation("unexpected-frame", f"{kind.name} frame after the peer's "
+                                   "MOVED on this transport")
         if kind is FrameType.DATA:
             if not 1 <= length <= MAX_FRAME:
                 raise SessionViolation("bad-frame", f"DATA frame of {length} bytes "
@@ -570,6 +587,9 @@ class Session:
         elif kind is FrameType.ACK:
             (received,) = _U64.unpack(body)
             self._on_ack(received)
+        elif kind is FrameType.MOVED:
+            self._peer_moved = True
+            self._events.append(PeerMoved())
         else:                                    # FIN
             if self._peer_fin:
                 raise SessionViolation("unexpected-frame", "a second FIN")
@@ -648,6 +668,8 @@ class Session:
 
     # -- sending ------------------------------------------------------------------------
     def _emit_frame(self, kind: FrameType, body: bytes) -> None:
+        if self._moved_out:                      # after our MOVED, nothing on this transport
+            return
         self._out.append(self._channel.send_data(FRAME.pack(kind, len(body)) + body))
 
     def send(self, data: bytes) -> int:
@@ -669,6 +691,16 @@ class Session:
         self._flush()
         return n
 
+    def moving(self) -> None:
+        """We leave this transport for a better one (resume() on it comes
+        next): a MOVED frame after everything owed here, so the peer knows
+        it has all we sent on this one and follows (PeerMoved)."""
+        if self.state is not SessionState.OPEN:
+            raise SessionUsageError("not-open", f"cannot move a {self.state.value} session")
+        self._flush()
+        self._emit_frame(FrameType.MOVED, b"")
+        self._moved_out = True
+
     def close(self) -> None:
         """End our stream (a FIN after the data); the peer gets it on this or
         a later transport. Finished comes once both ends closed."""
@@ -680,7 +712,7 @@ class Session:
     def _flush(self) -> None:
         """Emit DATA frames for [_sent, _written) and our FIN, if a transport
         is open for them."""
-        if self.state is not SessionState.OPEN:
+        if self.state is not SessionState.OPEN or self._moved_out:
             return
         if self._sent < self._written:
             # Find the kept piece holding _sent (normally the newest).
