@@ -741,7 +741,7 @@ class ResumableSocket:
             if s.state is _s.SessionState.OPEN and (self._better is not None or (
                     self._upgrade is not None and self._upgrade.done())):
                 self._move_while_sending()      # a sender that never waits moves too
-            if not took:
+            if not took and not s.writable:     # (a move just now may have freed it)
                 if self._plain.size >= self.max_unread:
                     raise _s.SessionUsageError(
                         "unread-limit", f"{self._plain.size} bytes from the peer wait for "

@@ -15,7 +15,11 @@ relayed otherwise, wraps it in the secure channel, and moves bytes:
 
 so ffmpeg, gst or any player can sit on either end. Progress (bytes, rate,
 path) goes to stderr on a terminal; a one-line JSON summary always ends it
-(``--json``: only that line).
+(``--json``: only that line). With ``--session`` on both sides the stream is
+a resumable session (it survives the path's death), and ``--relay-first``
+on the connecting side starts it on the relay and moves it to the direct
+path when the punch completes; the summary then carries ``path_now`` and
+``path_history``, and ``--verbose`` prints the history.
 """
 
 from __future__ import annotations
@@ -61,6 +65,14 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help="keepalive period of the stream, 0 = none (default: the CCS's, "
                         "else 10; docs/liveness.md)")
     p.add_argument("--json", action="store_true", help="print only the JSON summary")
+    p.add_argument("--session", action="store_true",
+                   help="a resumable session (both sides alike): when the path dies it "
+                        "resumes over a fresh punch or the relay, every byte once; the "
+                        "device stays logged in meanwhile (docs/session.md)")
+    p.add_argument("--relay-first", action="store_true",
+                   help="(the connecting side; implies --session, the peer needs --session) "
+                        "start on the CCS relay at once and move to the direct path when "
+                        "the punch behind it completes")
 
 
 def _keepalive(text: str):
@@ -96,6 +108,8 @@ def add_subparsers(sub) -> None:
     who.add_argument("--to", metavar="PEER")
     who.add_argument("--from", dest="from_", metavar="PEER", help="wait for PEER to connect")
     p.add_argument("file", nargs="?", default="-")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="the connection's report and the session's path history on stderr")
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("recv", help="receive from a peer into a file or stdout")
@@ -105,6 +119,8 @@ def add_subparsers(sub) -> None:
     who.add_argument("--to", metavar="PEER")
     p.add_argument("file", nargs="?", default="-")
     p.add_argument("--limit", type=int, metavar="BYTES", help="stop after this many bytes")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="the connection's report and the session's path history on stderr")
     p.set_defaults(func=cmd_recv)
 
     p = sub.add_parser("exec", help="run CMD with the connection as its stdin/stdout")
@@ -113,21 +129,54 @@ def add_subparsers(sub) -> None:
     who.add_argument("--to", metavar="PEER")
     who.add_argument("--from", dest="from_", metavar="PEER")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="the connection's report and the session's path history on stderr")
     p.set_defaults(func=cmd_exec)
 
 
+class _DeviceThread:
+    """A device logged in on an event loop of its own thread, for as long as
+    a resumable session needs it (a reconnect goes through it)."""
+
+    def __init__(self) -> None:
+        from fastpunch._loop import new_event_loop
+
+        self.loop = new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                       name="fastpunch-device")
+        self.thread.start()
+
+    def run(self, coro, timeout: Optional[float] = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
 def open_connection(args):
-    """Log in, connect or accept; returns (PeerConnection, secure socket)."""
+    """Log in, connect or accept; returns (PeerConnection, the stream over
+    it, what to call when done with it). The stream is the secure channel,
+    or with --session / --relay-first a resumable session, the device then
+    kept logged in until the returned closer runs."""
     from fastpunch.ccs.cli import read_credentials
-    from fastpunch._loop import new_event_loop
     from fastpunch.client import Device
 
     name, key = read_credentials(args.key_file)
     if name is not None and name != args.name:
         raise FastpunchError(f"{args.key_file} holds the credentials of {name!r}, not {args.name!r}")
-    loop = new_event_loop()
+    relay_first = bool(getattr(args, "relay_first", False))
+    if relay_first and not getattr(args, "to", None):
+        raise FastpunchError("--relay-first is for the connecting side (--to); the accepting "
+                             "side follows the CCS's word with --session")
+    session = relay_first or bool(getattr(args, "session", False))
+    runner = _DeviceThread()
+    dev = None
 
     async def run():
+        nonlocal dev
         accepting = not getattr(args, "to", None)
         # an accepting side announces its next-connection info ahead: the
         # peer's rendezvous then takes one CCS round trip, not two
@@ -135,27 +184,63 @@ def open_connection(args):
                      nat=args.nat, standing=accepting and getattr(args, "from_", None) is None,
                      keepalive=args.keepalive)
         await dev.login()
-        try:
-            if not args.quick:
-                # a process that logged in just now: without natcheck's
-                # evidence its plan could not spray, predict or map a port
-                await dev.ready(30)
-            if getattr(args, "to", None):
-                conn = await dev.connect(args.to, strategies=args.strategy, timeout=args.timeout)
-            else:
-                import asyncio
+        if not args.quick:
+            # a process that logged in just now: without natcheck's
+            # evidence its plan could not spray, predict or map a port
+            await dev.ready(30)
+        if getattr(args, "to", None):
+            return await dev.connect(args.to, strategies=args.strategy, timeout=args.timeout,
+                                     relay_first=relay_first)
+        return await asyncio.wait_for(
+            dev.accept(strategies=args.strategy, peer=args.from_), args.timeout)
 
-                conn = await asyncio.wait_for(
-                    dev.accept(strategies=args.strategy, peer=args.from_), args.timeout)
-        finally:
-            await dev.close()
-        return conn
+    def done() -> None:
+        if dev is not None:
+            try:
+                runner.run(dev.close(), 30)
+            except Exception:                 # closing is best effort: the process ends
+                pass
+        runner.stop()
 
     try:
-        conn = loop.run_until_complete(run())
-    finally:
-        loop.close()
-    return conn, conn.secure()
+        conn = runner.run(run())
+        stream = conn.resumable() if session else conn.secure()
+    except BaseException:
+        done()
+        raise
+    if not session:                           # nothing goes through the device any more
+        done()
+        return conn, stream, lambda: None
+    return conn, stream, done
+
+
+def path_now(conn, stream) -> str:
+    """Where the stream runs now: a session's last transport, else the
+    connection's path."""
+    for event in reversed(getattr(stream, "history", ())):
+        if event.what in ("resume", "established"):
+            return event.detail.split(" ", 1)[0]
+    return conn.path
+
+
+def history_lines(stream) -> list:
+    """A session's path history, for --verbose: a line per event, in
+    seconds from the first."""
+    events = list(getattr(stream, "history", ()))
+    if not events:
+        return []
+    t0 = events[0].at or 0.0
+    return [f"  {((e.at or t0) - t0):8.3f} s  {e.what:14s} {e.detail}".rstrip() for e in events]
+
+
+def history_of(stream) -> Optional[list]:
+    """A session's path history for the JSON summary, None without one."""
+    events = getattr(stream, "history", None)
+    if events is None:
+        return None
+    t0 = events[0].at if events and events[0].at is not None else 0.0
+    return [{"at": round((e.at or t0) - t0, 3), "what": e.what, "detail": e.detail}
+            for e in events]
 
 
 class Progress:
@@ -174,10 +259,13 @@ class Progress:
                              f"{self.conn.path} ({self.conn.strategy})")
             sys.stderr.flush()
 
-    def summary(self, **extra) -> dict:
+    def summary(self, stream=None, **extra) -> dict:
         seconds = time.monotonic() - self.start
         if self.tty:
             sys.stderr.write("\n")
+        history = history_of(stream)
+        if history is not None:
+            extra = {"path_now": path_now(self.conn, stream), "path_history": history, **extra}
         return {"peer": self.conn.peer, "path": self.conn.path, "strategy": self.conn.strategy,
                 "connect_seconds": round(self.conn.report.seconds, 4),
                 "keepalive_seconds": _keepalive_seconds(self.conn), "bytes": self.bytes,
@@ -190,10 +278,15 @@ def _keepalive_seconds(conn) -> Optional[int]:
     return conn.keepalive.period if conn.keepalive is not None else None
 
 
-def _say(args, conn, summary: dict) -> None:
+def _say(args, conn, summary: dict, stream=None) -> None:
     if not args.json and getattr(args, "verbose", False):
         for line in conn.report.lines():
             print(line, file=sys.stderr)
+        lines = history_lines(stream)
+        if lines:
+            print("session path history:", file=sys.stderr)
+            for line in lines:
+                print(line, file=sys.stderr)
     print(json.dumps(summary), file=sys.stderr if not args.json else sys.stdout, flush=True)
 
 
@@ -226,17 +319,21 @@ def cmd_natcheck(args) -> int:
 
 
 def cmd_connect(args) -> int:
-    conn, secure = open_connection(args)
-    summary = {"peer": conn.peer, "path": conn.path, "strategy": conn.strategy,
-               "connect_seconds": round(conn.report.seconds, 4), "cipher": secure.cipher.name,
-               "keepalive_seconds": _keepalive_seconds(conn),
-               "report": conn.report.as_dict() if args.verbose else None}
-    if args.verbose and not args.json:
-        for line in conn.report.lines():
-            print(line)
-        print(conn.keepalive.describe() if conn.keepalive else "keepalive: off")
-    print(json.dumps(summary))
-    secure.close()
+    conn, secure, done = open_connection(args)
+    try:
+        summary = {"peer": conn.peer, "path": conn.path, "strategy": conn.strategy,
+                   "connect_seconds": round(conn.report.seconds, 4),
+                   "cipher": secure.cipher.name if hasattr(secure, "cipher") else None,
+                   "keepalive_seconds": _keepalive_seconds(conn),
+                   "report": conn.report.as_dict() if args.verbose else None}
+        if args.verbose and not args.json:
+            for line in conn.report.lines():
+                print(line)
+            print(conn.keepalive.describe() if conn.keepalive else "keepalive: off")
+        print(json.dumps(summary))
+        secure.close()
+    finally:
+        done()
     return 0
 
 
@@ -263,14 +360,17 @@ def _pump_in(secure, dst, progress: Progress, limit: Optional[int] = None) -> No
 def cmd_send(args) -> int:
     src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
     try:
-        conn, secure = open_connection(args)
-        progress = Progress(conn, args.json)
-        _pump_out(src, secure, progress)
-        # wait for the peer to finish reading and close: nothing is lost in flight
-        while secure.recv(CHUNK):
-            pass
-        secure.close()
-        _say(args, conn, progress.summary(sent=progress.bytes))
+        conn, secure, done = open_connection(args)
+        try:
+            progress = Progress(conn, args.json)
+            _pump_out(src, secure, progress)
+            # wait for the peer to finish reading and close: nothing is lost in flight
+            while secure.recv(CHUNK):
+                pass
+            secure.close()
+            _say(args, conn, progress.summary(secure, sent=progress.bytes), secure)
+        finally:
+            done()
     finally:
         if src is not sys.stdin.buffer:
             src.close()
@@ -280,11 +380,14 @@ def cmd_send(args) -> int:
 def cmd_recv(args) -> int:
     dst = sys.stdout.buffer if args.file == "-" else open(args.file, "wb")
     try:
-        conn, secure = open_connection(args)
-        progress = Progress(conn, args.json or args.file == "-")
-        _pump_in(secure, dst, progress, args.limit)
-        secure.close()
-        _say(args, conn, progress.summary(received=progress.bytes))
+        conn, secure, done = open_connection(args)
+        try:
+            progress = Progress(conn, args.json or args.file == "-")
+            _pump_in(secure, dst, progress, args.limit)
+            secure.close()
+            _say(args, conn, progress.summary(secure, received=progress.bytes), secure)
+        finally:
+            done()
     finally:
         if dst is not sys.stdout.buffer:
             dst.close()
@@ -295,7 +398,16 @@ def cmd_exec(args) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise FastpunchError("exec needs a command: fastpunch exec --to PEER -- CMD [ARGS]")
-    conn, secure = open_connection(args)
+    conn, secure, done = open_connection(args)
+    try:
+        return _exec(args, cmd, conn, secure)
+    finally:
+        done()
+
+
+def _exec(args, cmd, conn, secure) -> int:
+    from fastpunch.session import SessionLost
+
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     progress_out = Progress(conn, True)
     progress_in = Progress(conn, True)
@@ -304,7 +416,7 @@ def cmd_exec(args) -> int:
     def feed():
         try:
             _pump_in(secure, proc.stdin, progress_in)
-        except PathLost as exc:
+        except (PathLost, SessionLost) as exc:
             lost.append(exc)
         except (BrokenPipeError, OSError):
             pass
@@ -318,15 +430,15 @@ def cmd_exec(args) -> int:
     reader.start()
     try:
         _pump_out(proc.stdout, secure, progress_out)
-    except PathLost as exc:
+    except (PathLost, SessionLost) as exc:
         lost.append(exc)
     except (BrokenPipeError, ConnectionError):
         pass
     rc = proc.wait()
     reader.join(30)
     secure.close()
-    _say(args, conn, {**progress_out.summary(sent=progress_out.bytes),
-                      "received": progress_in.bytes, "exit_code": rc})
+    _say(args, conn, {**progress_out.summary(secure, sent=progress_out.bytes),
+                      "received": progress_in.bytes, "exit_code": rc}, secure)
     if lost:
         raise lost[0]
     return rc

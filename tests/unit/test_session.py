@@ -417,6 +417,9 @@ def frame(kind: int, body: bytes, length: int | None = None) -> bytes:
     (frame(S.FrameType.RESUME, b"\0" * 12), "unexpected-frame"),
     (frame(S.FrameType.FIN, b"") + frame(S.FrameType.DATA, b"x"), "data-after-fin"),
     (frame(S.FrameType.FIN, b"") + frame(S.FrameType.FIN, b""), "unexpected-frame"),
+    (frame(S.FrameType.MOVED, b"\0"), "bad-frame"),
+    (frame(S.FrameType.MOVED, b"") + frame(S.FrameType.DATA, b"x"), "unexpected-frame"),
+    (frame(S.FrameType.MOVED, b"") + frame(S.FrameType.MOVED, b""), "unexpected-frame"),
 ])
 def test_authenticated_nonsense_ends_the_session(frames, code):
     victim = _raw_peer(frames)
@@ -520,3 +523,40 @@ def test_lose_suspends_keeps_everything_and_dates_the_history():
                                                        ("lost", "write-failed")]
     assert all(isinstance(e.at, float) for e in a.history)
     assert all(e.at is None for e in b.history)
+
+
+# -- moving to a better transport (relay-first) ---------------------------------------
+def test_a_move_delivers_what_the_old_transport_carried_then_resumes_with_nothing_resent():
+    p = established()
+    p.a.s.send(b"on the relay")
+    p.a.s.moving()                       # our last frame here: MOVED after the data
+    p.flush()
+    with pytest.raises(S.SessionUsageError):
+        p.a.s.moving()                   # once per transport ...
+    assert p.a.s.send(b" and after") == 10
+    assert p.a.s.data_to_send() == b""   # ... and nothing more goes on it
+    p.deliver("ab")
+    new = p.b.drain()
+    assert bytes(p.b.got) == b"on the relay"
+    assert any(isinstance(e, S.PeerMoved) for e in new)
+    # both resume on the better transport: the responder has had everything
+    # sent before MOVED, so only what came after goes again
+    p.wire = {"ab": bytearray(), "ba": bytearray()}
+    p.a.s.lose("moved")
+    p.b.s.lose("peer-moved")
+    p.a.s.resume("direct (symmetric)")
+    p.b.s.resume("direct (symmetric)")
+    p.settle()
+    assert bytes(p.b.got) == b"on the relay and after"
+    resumed = [e for e in p.a.events if isinstance(e, S.Resumed)]
+    assert resumed and resumed[-1].resent == 10
+    whats = [(e.what, e.detail) for e in p.a.s.history]
+    assert ("lost", "moved") in whats and ("resume", "direct (symmetric)") in whats
+
+
+def test_a_note_goes_into_the_history_and_changes_nothing():
+    p = established()
+    p.a.s.note("upgrade-failed", "no direct strategy")
+    assert p.a.s.state is S.SessionState.OPEN
+    assert (p.a.s.history[-1].what, p.a.s.history[-1].detail) == \
+        ("upgrade-failed", "no direct strategy")

@@ -1,5 +1,6 @@
 """`fastpunch send` and `fastpunch recv` between two NATed sites: a file
-crosses a direct, encrypted connection intact, and bad usage gets a clear
+crosses a direct, encrypted connection intact, a relay-first session moves
+to direct and says so in its path history, and bad usage gets a clear
 error."""
 
 from __future__ import annotations
@@ -44,3 +45,39 @@ def test_send_and_recv_a_file(tmp_path):
     digest = hashlib.sha256((tmp_path / "out.bin").read_bytes()).digest()
     assert digest == hashlib.sha256(payload).digest()
     assert bad.returncode != 0 and "exec needs a command" in bad.stderr
+
+
+def test_a_relay_first_session_sends_a_file_and_reports_its_path_history(tmp_path):
+    require_root("the stream tool tests")
+    payload = os.urandom(32 << 20)
+    (tmp_path / "in.bin").write_bytes(payload)
+    with Lab(a="nat", b="nat") as lab:
+        story = labdemo.Story(lab, str(tmp_path), EXAMPLES)
+        story.start_ccs()
+        fp = [sys.executable, "-m", "fastpunch"]
+        recv = lab.spawn("a", fp + ["recv", "--from", "viewer", "--name", "camera", "--key-file",
+                                    str(tmp_path / "camera.json"), "--json", "--session",
+                                    *story.common, str(tmp_path / "out.bin")],
+                         stdout=-1, stderr=-1, text=True)
+        send = lab.run("b", fp + ["send", "--to", "camera", "--name", "viewer", "--key-file",
+                                  str(tmp_path / "viewer.json"), "--relay-first", "--verbose",
+                                  *story.common, str(tmp_path / "in.bin")], timeout=90)
+        out, err = recv.communicate(timeout=60)
+        wrong = lab.run("a", fp + ["recv", "--from", "viewer", "--name", "camera", "--key-file",
+                                   str(tmp_path / "camera.json"), "--relay-first", "--quick",
+                                   *story.common, str(tmp_path / "x.bin")], timeout=30)
+    assert send.returncode == 0, send.stderr
+    assert recv.returncode == 0, err
+    got = json.loads(out)
+    sent = json.loads(send.stderr.strip().splitlines()[-1])     # without --json: on stderr
+    assert sent["sent"] == got["received"] == len(payload)
+    digest = hashlib.sha256((tmp_path / "out.bin").read_bytes()).digest()
+    assert digest == hashlib.sha256(payload).digest()
+    # started on the relay, now direct, and the history says how
+    assert sent["path"] == got["path"] == "relay"
+    assert sent["path_now"] == got["path_now"] == "direct", (sent, got)
+    whats = [e["what"] for e in sent["path_history"]]
+    assert whats[:3] == ["established", "lost", "resume"], sent["path_history"]
+    assert "session path history:" in send.stderr
+    assert any("resume" in line and "direct" in line for line in send.stderr.splitlines())
+    assert wrong.returncode != 0 and "--relay-first is for the connecting side" in wrong.stderr

@@ -697,6 +697,8 @@ class Session:
         it has all we sent on this one and follows (PeerMoved)."""
         if self.state is not SessionState.OPEN:
             raise SessionUsageError("not-open", f"cannot move a {self.state.value} session")
+        if self._moved_out:
+            raise SessionUsageError("moved", "already moving off this transport: resume()")
         self._flush()
         self._emit_frame(FrameType.MOVED, b"")
         self._moved_out = True
