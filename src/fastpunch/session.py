@@ -468,13 +468,33 @@ class ResumableSocket:
 
     # -- transport I/O ------------------------------------------------------------------
     def _write_out(self) -> None:
+        """Write what the session owes the transport. While the socket takes
+        no more, what the peer sends is read in (fed to the session, parsed
+        at the next pump): two ends writing at once, neither reading, would
+        otherwise both block in the kernel for good."""
         out = self.session.data_to_send()
-        if out:
-            try:
-                self.sock.sendall(out)
-            except OSError as exc:
-                lost = liveness.path_lost(exc, self.keepalive)
-                raise _Lost("path-lost" if lost else "write-failed", str(exc)) from exc
+        if not out:
+            return
+        view, off, sock = memoryview(out), 0, self.sock
+        ended = False                             # the peer's EOF is in: only write now
+        try:
+            while off < len(view):
+                try:
+                    off += sock.send(view[off:], socket.MSG_DONTWAIT)
+                    continue
+                except (BlockingIOError, InterruptedError):
+                    pass
+                readable, writable, _ = select.select([] if ended else [sock], [sock], [])
+                if readable and not writable:
+                    try:
+                        n = sock.recv_into(self._rbuf, 0, socket.MSG_DONTWAIT)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    self.session.receive_data(self._rview[:n] if n else b"")
+                    ended = not n
+        except OSError as exc:
+            lost = liveness.path_lost(exc, self.keepalive)
+            raise _Lost("path-lost" if lost else "write-failed", str(exc)) from exc
 
     def _pump(self) -> None:
         """Process the session's events; _Lost when the transport died."""
