@@ -2,7 +2,8 @@
 side in one lab: camera and viewer each behind a gateway, 20 ms one-way on
 each site's access link (the CCS and its relay in the core between them).
 
-A trial: the viewer accepts; the camera connects (relay-first or not), both
+A trial: the viewer accepts; the camera connects (relay-first, direct-only,
+or "auto": the CCS's choice), both
 open a resumable session on what they got, and the camera sends 32 bytes.
 Time to first byte: from the camera's connect() call to the viewer holding
 those bytes. For relay-first, also the time until both sessions moved to
@@ -10,7 +11,7 @@ the direct path, and the bytes the relay carried. Two pairs: nat:nat, whose
 punch is fast, and napt-sequential:napt-random, whose plan sprays for
 seconds and mostly ends on the relay anyway.
 
-FASTPUNCH_RELAY_FIRST_TRIALS (default 5) trials of each, interleaved.
+FASTPUNCH_RELAY_FIRST_TRIALS (default 5) trials of each mode, interleaved.
 Needs root.
 """
 
@@ -36,7 +37,8 @@ def _moved(rs) -> bool:
     return any(e.what == "resumed" for e in rs.history)
 
 
-def trial(cam, viewer, relay_first: bool, relay, must_move: bool) -> dict:
+def trial(cam, viewer, relay_first, relay, must_move: bool) -> dict:
+    """One trial; relay_first: True, False or "auto" (connect()'s)."""
     (la, a), (lb, b) = cam, viewer
     data = os.urandom(32)
     out: dict = {}
@@ -70,6 +72,7 @@ def trial(cam, viewer, relay_first: bool, relay, must_move: bool) -> dict:
     try:
         ca = la.run(a.connect("viewer", relay_first=relay_first), 30)
         connected = time.perf_counter()
+        relay_first = ca.path == "relay" and ca.upgrade is not None   # what the CCS chose
         ra = ca.resumable()
         ra.sendall(data)
         result = {"connect_s": connected - t0}
@@ -87,11 +90,10 @@ def trial(cam, viewer, relay_first: bool, relay, must_move: bool) -> dict:
         t.join(30)
         if "error" in out or "first" not in out:
             return {"ok": False, "error": out.get("error", "no first byte")}
-        result.update(first_byte_s=out["first"] - t0,
+        result.update(first_byte_s=out["first"] - t0, relay_first=relay_first,
                       relayed_bytes=relay.bytes_total - relayed0,
                       ok=out["intact"] and ca.path == out["path"] and
-                      (ca.path == "relay" if relay_first else
-                       (ca.path == "direct" or not must_move))
+                      (ca.path == "direct" or not must_move or relay_first)
                       and (not relay_first or not must_move or result["moved_s"] is not None))
         result["direct"] = ca.path == "direct" or bool(result.get("moved_s"))
         return result
@@ -115,7 +117,8 @@ def test_time_to_first_byte_relay_first_vs_direct_only(benchmark, a, b, must_mov
     require_root("connecting through a NAT lab")
     from tests.punch.harness import CCS_PORT
 
-    results: dict = {"relay_first": [], "direct_only": []}
+    results: dict = {"relay_first": [], "direct_only": [], "auto": []}
+    modes = {"relay_first": True, "direct_only": False, "auto": "auto"}
     rtts = {}
 
     def run():
@@ -123,8 +126,8 @@ def test_time_to_first_byte_relay_first_vs_direct_only(benchmark, a, b, must_mov
             rtts["ccs"] = tcp_rtt(lab, "a", (lab.ccs_addr, CCS_PORT))
             relay = ccs.server.relay
             for _ in range(TRIALS):
-                results["relay_first"].append(trial(cam, viewer, True, relay, must_move))
-                results["direct_only"].append(trial(cam, viewer, False, relay, must_move))
+                for kind, mode in modes.items():              # interleaved, same lab
+                    results[kind].append(trial(cam, viewer, mode, relay, must_move))
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     ok = {k: [r for r in rs if r["ok"]] for k, rs in results.items()}
@@ -143,6 +146,7 @@ def test_time_to_first_byte_relay_first_vs_direct_only(benchmark, a, b, must_mov
         **{f"{k}_first_byte_median_s": med(k, "first_byte_s") for k in results},
         "relay_first_moved_to_direct_median_s": med("relay_first", "moved_s"),
         **{f"{k}_ended_direct": sum(1 for r in ok[k] if r["direct"]) for k in results},
+        "auto_chose_relay_first": sum(1 for r in ok["auto"] if r["relay_first"]),
         "relay_first_relayed_bytes_median": med("relay_first", "relayed_bytes"),
         "direct_only_relayed_bytes_max": max((r["relayed_bytes"] for r in ok["direct_only"]),
                                              default=None),

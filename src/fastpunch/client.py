@@ -40,6 +40,7 @@ from fastpunch.liveness import Keepalive
 from fastpunch.proto import wire
 from fastpunch.proto.backoff import Backoff
 from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, Role
+from fastpunch.proto.kinds import RelayFirst
 from fastpunch.proto.wire import STANDING, NextInfo
 
 log = logging.getLogger("fastpunch.client")
@@ -192,6 +193,16 @@ class Offer:
         return await self._device._exchange(
             self._device._answers, self.request,
             wire.RendezvousAnswer(request=self.request, **info.fields()), timeout)
+
+
+def _relay_first_mode(value: Union[bool, str]) -> RelayFirst:
+    if value is True or value is False:
+        return RelayFirst.YES if value else RelayFirst.NO
+    try:
+        return RelayFirst(value)
+    except ValueError:
+        raise ValueError(f"relay_first must be True, False or one of "
+                         f"{', '.join(k.value for k in RelayFirst)}: {value!r}") from None
 
 
 class _Gone(asyncio.Event):
@@ -570,16 +581,19 @@ class Device:
 
     # -- the API -----------------------------------------------------------------------
     async def rendezvous(self, peer: str, info: NextInfo, timeout: float = 35.0, *,
-                         relay_first: bool = False) -> wire.RendezvousReady:
+                         relay_first: Union[bool, str] = False) -> wire.RendezvousReady:
         """Ask the CCS to arrange a connection with ``peer`` (which may connect
         later); returns its info, the session key, the plan and the start time.
-        ``relay_first``: ask for a relay-first rendezvous (its Ready says
+        ``relay_first``: True (or "yes") asks for a relay-first rendezvous,
+        "auto" for one where the CCS expects a slow punch (its Ready says
         whether it is one: both sides' protocol must have it)."""
+        mode = _relay_first_mode(relay_first)
         request = next(self._ids) & 0xFFFFFFFF
         return await self._exchange(
             self._requests, request,
             wire.RendezvousRequest(request=request, peer=peer, **info.fields(),
-                                   relay_first=True if relay_first else None), timeout)
+                                   relay_first=None if mode is RelayFirst.NO else mode.value),
+            timeout)
 
     async def incoming(self) -> AsyncIterator[Offer]:
         while True:
@@ -692,15 +706,18 @@ class Device:
     # -- direct connections (fastpunch.punch) -----------------------------------------
     async def connect(self, peer: str, *, strategies=None, timeout: float = 35.0,
                       relay_after: Optional[float] = None,
-                      relay_first: bool = False) -> PeerConnection:
+                      relay_first: Union[bool, str] = False) -> PeerConnection:
         """A connected socket to ``peer``: direct when the networks allow it,
         through the CCS relay otherwise. ``strategies`` restricts the plan
         (both sides must restrict it alike). ``relay_first``: return as soon
         as the relay is joined (one CCS round trip and the relay's join), the
         punch going on behind it; the connection's resumable() session moves
         to the direct path when it is made (the peer's accept() follows the
-        CCS's word, nothing to set there). Used with secure() or the bare
-        socket, the connection stays on the relay."""
+        CCS's word, nothing to set there). ``relay_first="auto"``: only where
+        the CCS expects the punch to be slow or to fail (proto.plan.
+        relay_first_helps), the choice for a viewer opening a camera with a
+        session. Used with secure() or the bare socket, the connection stays
+        on the relay: relay-first is for resumable() sessions."""
         began = time.time()
         info, gathered = await self.next_info(punch=True)
         try:

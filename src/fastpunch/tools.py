@@ -69,10 +69,11 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help="a resumable session (both sides alike): when the path dies it "
                         "resumes over a fresh punch or the relay, every byte once; the "
                         "device stays logged in meanwhile (docs/session.md)")
-    p.add_argument("--relay-first", action="store_true",
+    p.add_argument("--relay-first", nargs="?", const="yes", choices=("yes", "auto", "no"),
                    help="(the connecting side; implies --session, the peer needs --session) "
                         "start on the CCS relay at once and move to the direct path when "
-                        "the punch behind it completes")
+                        "the punch behind it completes; auto: only where the CCS expects a "
+                        "slow punch (the default with --session), no: punch first")
 
 
 def _keepalive(text: str):
@@ -167,11 +168,13 @@ def open_connection(args):
     name, key = read_credentials(args.key_file)
     if name is not None and name != args.name:
         raise FastpunchError(f"{args.key_file} holds the credentials of {name!r}, not {args.name!r}")
-    relay_first = bool(getattr(args, "relay_first", False))
-    if relay_first and not getattr(args, "to", None):
+    asked = getattr(args, "relay_first", None)
+    if asked is not None and not getattr(args, "to", None):
         raise FastpunchError("--relay-first is for the connecting side (--to); the accepting "
                              "side follows the CCS's word with --session")
-    session = relay_first or bool(getattr(args, "session", False))
+    session = asked not in (None, "no") or bool(getattr(args, "session", False))
+    # a session can move off the relay: where the punch looks slow, start there
+    relay_first = asked if asked is not None else ("auto" if session else "no")
     runner = _DeviceThread()
     dev = None
 

@@ -95,12 +95,19 @@ def test_rendezvous_peer_already_connected(deployment):
     arun(main())
 
 
-@pytest.mark.parametrize("b_protocol,asked,want", [(wire.VERSION, True, True),
-                                                   (wire.VERSION, False, None),
-                                                   (3, True, None)],
-                         ids=["both-v4", "not-asked", "peer-v3"])
+GUESSING = (NextInfo(port=40001, isn=1, nat="napt-sequential", mapping="sequential"),
+            NextInfo(port=40002, isn=2, nat="napt-random", mapping="random"))
+
+
+@pytest.mark.parametrize("b_protocol,asked,infos,want", [
+    (wire.VERSION, True, (A_INFO, B_INFO), True),
+    (wire.VERSION, False, (A_INFO, B_INFO), None),
+    (3, True, (A_INFO, B_INFO), None),
+    (wire.VERSION, "auto", (A_INFO, B_INFO), None),      # no evidence of a slow punch
+    (wire.VERSION, "auto", GUESSING, True),              # guessing on both sides
+], ids=["both-v4", "not-asked", "peer-v3", "auto-punch", "auto-relay"])
 def test_relay_first_is_said_to_both_sides_when_both_speak_it(deployment, b_protocol, asked,
-                                                              want):
+                                                              infos, want):
     # a peer whose protocol has no relay-first would punch its plan out and
     # join the relay last: the CCS tells the asker "no", and it punches too
     deployment.enroll_pair()
@@ -110,12 +117,32 @@ def test_relay_first_is_said_to_both_sides_when_both_speak_it(deployment, b_prot
         async with running(server) as addr:
             async with deployment.device(addr, "cam") as a, \
                     deployment.device(addr, "viewer", protocol=b_protocol) as b:
-                ra, rb, _ = await rendezvous(a, b, "viewer", A_INFO, B_INFO, relay_first=asked)
+                ra, rb, _ = await rendezvous(a, b, "viewer", *infos, relay_first=asked)
                 assert b.protocol == b_protocol
         assert ra.relay_first is want
         assert rb.relay_first is want
 
     arun(main())
+
+
+def test_a_relay_first_mode_the_ccs_does_not_know_is_refused(deployment):
+    deployment.enroll_pair()
+
+    async def main():
+        server = deployment.server()
+        async with running(server) as addr:
+            async with deployment.device(addr, "cam") as a:
+                request = 7
+                fut = asyncio.get_running_loop().create_future()
+                a._requests[request] = fut
+                a._send(wire.RendezvousRequest(request=request, peer="viewer",
+                                               **A_INFO.fields(), relay_first="maybe"))
+                return await asyncio.wait_for(fut, 5)
+                # (the device's own API refuses such a value before sending it)
+
+    answer = arun(main())
+    assert isinstance(answer, wire.RendezvousRefused), answer
+    assert answer.code == "bad-info" and "relay_first" in answer.reason
 
 
 def test_rendezvous_waits_for_a_peer_that_connects_later(deployment):

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.lab
 DEVICES = {"cam": ("a", ("viewer",)), "viewer": ("b", ())}
 
 
-def relay_first_pair(devs, a: str, b: str, **kw):
+def relay_first_pair(devs, a: str, b: str, relay_first=True, **kw):
     (la, da), (lb, db) = devs[a], devs[b]
     accepting = lb.submit(db.accept(peer=a))
-    ca = la.run(da.connect(b, relay_first=True, **kw), 60)
+    ca = la.run(da.connect(b, relay_first=relay_first, **kw), 60)
     return ca, accepting.result(60)
 
 
@@ -140,3 +140,12 @@ def test_relay_first_with_the_relay_only_allowed_stays_on_the_relay(tmp_path):
         assert got.get("digest") == hashlib.sha256(data).digest(), got
         assert not moved(cam)
         assert any(e.what == "upgrade-failed" for e in cam.history), cam.history
+
+
+def test_relay_first_auto_punches_first_where_the_punch_is_fast(tmp_path):
+    # two nats: nothing to guess, so "auto" is a plain punch, no relay join
+    with deployed(tmp_path, DEVICES, a="nat", b="nat") as (lab, ccs, devs):
+        ca, cb = relay_first_pair(devs, "cam", "viewer", relay_first="auto")
+        assert (ca.path, cb.path) == ("direct", "direct")
+        assert ca.upgrade is None and ccs.server.relay.relays_total == 0
+        ca.close(), cb.close()

@@ -8,7 +8,7 @@ import pytest
 from fastpunch.proto.backoff import Backoff
 from fastpunch.proto.candidates import Candidate
 from fastpunch.proto.kinds import CandidateKind
-from fastpunch.proto.plan import legacy_plan, plan
+from fastpunch.proto.plan import legacy_plan, plan, relay_first_helps
 from fastpunch.proto.wire import NextInfo
 from fastpunch.punch.planner import stages_of
 
@@ -31,6 +31,25 @@ def side(mapping, crafted=True, candidates=None, nat="unknown"):
 ])
 def test_plan_from_evidence_always_ends_on_the_relay(a, b, expected):
     assert plan(side(a), side(b)) == expected == plan(side(b), side(a))
+
+
+@pytest.mark.parametrize("a,b,helps", [
+    ("sequential", "random", True),        # guessing on both sides: seconds, mostly relay
+    ("random", "random", True),            # relay only: start there
+    ("sequential", "sequential", False),   # both predictable: a round trip or so
+    ("preserve", "random", False),         # one spray toward a known port: fast
+    ("independent", "random", False),
+    ("none", "none", False),
+    ("unknown", "random", False),          # no evidence: punch first
+])
+def test_relay_first_auto_starts_on_the_relay_where_the_punch_rests_on_guessing(a, b, helps):
+    assert relay_first_helps(side(a), side(b)) is helps
+    assert relay_first_helps(side(b), side(a)) is helps
+
+
+def test_relay_first_auto_punches_first_with_a_port_mapping_or_a_shared_lan():
+    assert not relay_first_helps(side("sequential", candidates=MAPPED), side("random"))
+    assert not relay_first_helps(side("sequential"), side("random"), lan=True)
 
 
 def test_a_port_mapping_makes_two_random_napts_worth_a_race_and_a_spray_needless():
@@ -121,3 +140,12 @@ def test_a_stage_that_never_settles_is_stopped_after_its_slot_and_the_relay_conn
     assert how == "relay"
     assert (report.attempts[0].reason, report.attempts[0].ok) == ("timeout", False)
     assert "after its slot" in report.attempts[0].detail
+
+
+def test_the_device_refuses_a_relay_first_mode_it_does_not_know():
+    from fastpunch.client import _relay_first_mode
+
+    assert _relay_first_mode(True).value == "yes" and _relay_first_mode(False).value == "no"
+    assert _relay_first_mode("auto").value == "auto"
+    with pytest.raises(ValueError, match="relay_first"):
+        _relay_first_mode("maybe")

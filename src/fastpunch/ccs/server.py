@@ -47,7 +47,9 @@ from fastpunch.ccs.relay import Relay, listen
 from fastpunch.ccs.session import DeviceSession
 from fastpunch.proto import wire
 from fastpunch.proto import candidates as cands
+from fastpunch.proto.kinds import RelayFirst
 from fastpunch.proto.plan import plan as make_plan
+from fastpunch.proto.plan import relay_first_helps
 from fastpunch.proto.wire import STANDING
 
 log = logging.getLogger("fastpunch.ccs")
@@ -72,7 +74,7 @@ class Pending:
     started: float
     session: Optional["DeviceSession"] = None   # A's connection that asked (not a later one)
     timer: Optional[asyncio.TimerHandle] = None
-    relay_first: bool = False                   # A asked for it (version 4)
+    relay_first: RelayFirst = RelayFirst.NO     # what A asked (version 4)
 
 
 @dataclass
@@ -525,13 +527,19 @@ class CCSServer:
         if not 0 < msg.port < 65536:
             return self._refuse(session, msg.request, "bad-info",
                                 f"port {msg.port} is not a port a peer can aim at")
+        try:
+            relay_first = RelayFirst(msg.relay_first or "no")
+        except ValueError:
+            return self._refuse(session, msg.request, "bad-info",
+                                f"relay_first {msg.relay_first!r} is not one of "
+                                f"{', '.join(k.value for k in RelayFirst)}")
         if session.in_flight >= self.budgets.rendezvous_in_flight:
             return self._refuse(session, msg.request, "too-many-rendezvous",
                                 f"{session.name} has {session.in_flight} rendezvous under way "
                                 f"(at most {self.budgets.rendezvous_in_flight})")
         pending = Pending(next(self._ids), session.name, msg.request, wire.next_info_of(msg),
                           msg.peer, time.monotonic(), session,
-                          relay_first=bool(msg.relay_first))
+                          relay_first=relay_first)
         self.pending[pending.id] = pending
         session.in_flight += 1
         pending.timer = asyncio.get_running_loop().call_later(
@@ -747,7 +755,10 @@ class CCSServer:
         token_a, token_b = self.relay.issue(pending.a, pending.b)
         # relay-first only when B's protocol has it too (an older B would
         # punch its plan out and join the relay last, A waiting there)
-        relay_first = pending.relay_first and msg.get("version", 1) >= 4
+        asked = pending.relay_first
+        relay_first = msg.get("version", 1) >= 4 and (
+            asked is RelayFirst.YES or
+            (asked is RelayFirst.AUTO and relay_first_helps(a_info, b_info, lan=lan)))
         common = dict(key=key, plan=steps, start_at=start_at, relay_addr=self.public_addr,
                       relay_port=self.relay_port, session=session_id,
                       relay_first=True if relay_first else None)

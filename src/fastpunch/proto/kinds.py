@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from typing import Type, TypeVar
 
-__all__ = ["Role", "Mapping", "Filtering", "CandidateKind", "NatClass", "parse"]
+__all__ = ["Role", "Mapping", "Filtering", "CandidateKind", "NatClass", "RelayFirst", "parse"]
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -69,6 +69,13 @@ class CandidateKind(str, enum.Enum):
 _TYPE_PREFERENCE = {CandidateKind.HOST: 126, CandidateKind.MAPPED: 118,
                     CandidateKind.PRFLX: 110, CandidateKind.SRFLX: 100,
                     CandidateKind.PREDICTED: 60}
+
+
+class RelayFirst(str, enum.Enum):
+    """What a connecting device asks of a rendezvous (protocol version 4)."""
+    NO = "no"                      # punch, the relay only as the fallback
+    YES = "yes"                    # both sides on the relay at once, the punch behind it
+    AUTO = "auto"                  # YES where the punch is likely slow or to fail (plan.py)
 
 
 class NatClass(str, enum.Enum):

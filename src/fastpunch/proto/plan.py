@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from fastpunch.proto.kinds import CandidateKind, Mapping, parse
 
-__all__ = ["plan", "legacy_plan", "mapping_of", "CRAFTED", "PRESERVING"]
+__all__ = ["plan", "legacy_plan", "mapping_of", "relay_first_helps", "CRAFTED", "PRESERVING"]
 
 CRAFTED = {"spoof", "symmetric", "nat", "predict", "spray"}   # need raw sockets + TCP_REPAIR
 PRESERVING = {"open", "firewall", "firewall-liberal", "nat", "nat-rst", "strict", "cgn", "upnp",
@@ -72,6 +72,21 @@ def plan(a, b, *, legacy: bool = False, lan: bool = False) -> tuple:
         # spoof works only where symmetric does too (docs/punch.md): after it
         steps.append("spoof")
     return tuple(steps) + ("relay",)
+
+
+def relay_first_helps(a, b, *, lan: bool = False) -> bool:
+    """RelayFirst.AUTO's rule: start on the relay where the punch rests on
+    guessing on both sides: both gateways give each destination its own
+    port (endpoint-dependent mapping, RFC 4787: sequential or random), at
+    least one of them unpredictably, and neither side has a port mapping
+    nor a LAN in common with the other. There the plan sprays for seconds
+    and mostly ends on the relay (docs/compatibility.md); elsewhere the
+    punch takes about a round trip and relay-first only adds its join."""
+    if lan or _mapped(a) or _mapped(b):
+        return False
+    ma, mb = mapping_of(a), mapping_of(b)
+    dependent = (Mapping.SEQUENTIAL, Mapping.RANDOM)
+    return ma in dependent and mb in dependent and Mapping.RANDOM in (ma, mb)
 
 
 def legacy_plan(a_nat: str, b_nat: str, crafted: bool = True) -> tuple:

@@ -12,7 +12,7 @@ Versions. Version 2 adds candidates and NAT evidence to the
 next-connection info, a session id to RendezvousReady, a second probe port
 to AuthOk, and the messages Abandon and PeerLeft. Version 3 adds the
 keepalive period a CCS advertises in AuthOk. Version 4 adds relay-first:
-A asks for it in RendezvousRequest, and the CCS says in both Readys
+A asks for it ("yes" or "auto") in RendezvousRequest, and the CCS says in both Readys
 whether the rendezvous is relay-first (both sides join the relay at once,
 the punch goes on behind it). A field or message
 carries the version it appeared in (``since``); a frame of version N may not
@@ -144,7 +144,7 @@ NEXT_INFO = {
 
 
 @_msg(4, {"request": (1, "u32", 4, True), "peer": (2, "str", NAME, True), **NEXT_INFO,
-          "relay_first": (24, "bool", 1, False, 4)})
+          "relay_first": (24, "str", 8, False, 4)})
 class RendezvousRequest(Message):
     """A asks for B, with A's next-connection info."""
     request: int
@@ -161,7 +161,7 @@ class RendezvousRequest(Message):
     candidates: Optional[tuple] = None
     mapping: Optional[str] = None
     filtering: Optional[str] = None
-    relay_first: Optional[bool] = None     # version 4: join the relay at once, punch behind it
+    relay_first: Optional[str] = None      # version 4: kinds.RelayFirst ("yes", "auto")
 
 
 STANDING = 0       # RendezvousAnswer.request of info announced ahead of any offer
