@@ -620,7 +620,8 @@ class ResumableSocket:
         # the session writes whole batches of records (data_to_send): Nagle
         # would only hold a small one (an ACK, a handshake's last record) a
         # round trip behind the one before
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):   # (a test's socketpair: no Nagle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
 
     def _take_upgrade(self, until: Optional[float] = None):
