@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from .test_session_resume import pattern, receive_all
+from .test_session_resume import pattern, receive_all, resumable_pair
 from .test_topologies import deployed
 
 pytestmark = pytest.mark.lab
@@ -25,15 +25,6 @@ def relay_first_pair(devs, a: str, b: str, relay_first=True, **kw):
     accepting = lb.submit(db.accept(peer=a))
     ca = la.run(da.connect(b, relay_first=relay_first, **kw), 60)
     return ca, accepting.result(60)
-
-
-def resumable_pair(ca, cb):
-    out: dict = {}
-    t = threading.Thread(target=lambda: out.setdefault("b", cb.resumable()))
-    t.start()
-    ra = ca.resumable()
-    t.join(30)
-    return ra, out["b"]
 
 
 def moved(rs) -> bool:
