@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tools(sub)
 
+    from fastpunch.agent.cli import add_subparsers as add_agent
+
+    add_agent(sub)
+
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_cmd_version)
     _show_defaults(parser)

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from typing import Optional
 
@@ -322,18 +321,11 @@ def cmd_serve(args) -> int:
             event("cert-reloaded", dir=directory, **cert)
 
     def notify(state: str) -> None:
-        """sd_notify(3) for systemd's Type=notify: READY=1 once listening."""
-        path = os.environ.get("NOTIFY_SOCKET")
-        if not path:
-            return
-        if path.startswith("@"):
-            path = "\0" + path[1:]                # an abstract socket
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                s.connect(path)
-                s.sendall(state.encode())
-        except OSError as exc:
-            event("notify-failed", socket=path, reason=str(exc))
+        from fastpunch._sdnotify import notify as sd_notify
+
+        failed = sd_notify(state)
+        if failed:
+            event("notify-failed", socket=os.environ.get("NOTIFY_SOCKET"), reason=failed)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -139,6 +139,7 @@ class Setting:
     metavar: str = "VALUE"
     shown: Optional[str] = None     # the default as --help says it, when not the value itself
     optional: bool = False          # may be unset (None); an empty flag or variable unsets it
+    prefix: str = ENV_PREFIX        # of its environment variable (another command's table)
 
     @property
     def flag(self) -> str:
@@ -146,7 +147,7 @@ class Setting:
 
     @property
     def env(self) -> str:
-        return ENV_PREFIX + self.key.upper()
+        return self.prefix + self.key.upper()
 
     @property
     def default_text(self) -> str:
@@ -297,9 +298,10 @@ def _toml():
                           "tomli package on this Python: pip install tomli", "config") from None
 
 
-def read_file(path: str) -> dict:
+def read_file(path: str, by_key: Optional[Mapping[str, Setting]] = None) -> dict:
     """The TOML file's settings, each checked: unknown keys and wrong
-    types are errors."""
+    types are errors. ``by_key``: the table (default: ccs serve's)."""
+    by_key = BY_KEY if by_key is None else by_key
     toml = _toml()
     where = f"config file {path}"
     try:
@@ -317,12 +319,12 @@ def read_file(path: str) -> dict:
         raise ConfigError(f"{where}: not valid TOML: {exc}", "config", where) from None
     out = {}
     for key, value in data.items():
-        setting = BY_KEY.get(key)
+        setting = by_key.get(key)
         if setting is None:
-            near = difflib.get_close_matches(key.replace("-", "_"), list(BY_KEY), n=1)
+            near = difflib.get_close_matches(key.replace("-", "_"), list(by_key), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ConfigError(f"{where}: unknown setting {key!r}{hint}; known: "
-                              f"{', '.join(BY_KEY)}", key, where)
+                              f"{', '.join(by_key)}", key, where)
         out[key] = _checked(setting, value, where, from_text=False)
     return out
 
@@ -356,12 +358,29 @@ def _toml_repr(value: Any) -> str:
 def load(flags: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> ServeConfig:
     """Flag > environment > file > default. ``flags`` maps a setting's key
     (and "config") to the flag's text or None when not given."""
+    values, sources, path = load_table(SETTINGS, CONFIG_ENV, flags, environ)
+    if values["node"] is None:
+        values["node"] = _hostname()
+    if BUDGETS:
+        from fastpunch.ccs.budget import Budgets
+
+        try:
+            Budgets(**{s.key: values[s.key] for s in BUDGETS})
+        except (TypeError, ValueError) as exc:      # its own checks, past ours
+            raise ConfigError(f"the server's budgets refuse these settings: {exc}") from None
+    return ServeConfig(values, sources, path)
+
+
+def load_table(settings, config_env: str, flags: Mapping[str, Optional[str]],
+               environ: Mapping[str, str]) -> tuple:
+    """One table's values, sources and config file: flag > environment >
+    file > default, every value checked."""
     path = flags.get("config")
     if path is None:
-        path = environ.get(CONFIG_ENV) or None
-    from_file = read_file(path) if path is not None else {}
+        path = environ.get(config_env) or None
+    from_file = read_file(path, {s.key: s for s in settings}) if path is not None else {}
     values, sources = {}, {}
-    for s in SETTINGS:
+    for s in settings:
         text = flags.get(s.key)
         if text is not None:
             where = f"flag {s.flag}"
@@ -374,16 +393,7 @@ def load(flags: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Serv
             values[s.key], sources[s.key] = from_file[s.key], f"config file {path}"
         else:
             values[s.key], sources[s.key] = s.default, "default"
-    if values["node"] is None:
-        values["node"] = _hostname()
-    if BUDGETS:
-        from fastpunch.ccs.budget import Budgets
-
-        try:
-            Budgets(**{s.key: values[s.key] for s in BUDGETS})
-        except (TypeError, ValueError) as exc:      # its own checks, past ours
-            raise ConfigError(f"the server's budgets refuse these settings: {exc}") from None
-    return ServeConfig(values, sources, path)
+    return values, sources, path
 
 
 def unknown_environment(environ: Mapping[str, str]) -> list:
