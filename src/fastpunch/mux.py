@@ -28,6 +28,7 @@ from fastpunch.proto.mux import MuxUsageError, MuxViolation
 __all__ = ["MuxSession", "MuxStream", "StreamResetError", "MuxViolation", "MuxUsageError"]
 
 READ_CHUNK = 256 * 1024
+RTT_EVERY = 30.0                 # seconds between round-trip timings
 
 
 class StreamResetError(FastpunchError, ConnectionResetError):
@@ -112,7 +113,7 @@ class MuxStream:
             out, self._chunks[0] = first[:n], first[n:]
         self._size -= len(out)
         self.bytes_in += len(out)
-        self._s._mux.consumed(self.id, len(out))
+        self._s._mux.consumed(self.id, len(out), self._s._loop.time())
         self._s._flush()
         return out
 
@@ -125,6 +126,17 @@ class MuxStream:
             parts.append(chunk)
             got += len(chunk)
         return b"".join(parts)
+
+    @property
+    def was_accepted(self) -> bool:
+        """The peer took the stream (always, for a stream the peer opened)."""
+        f = self._answered
+        return f.done() and not f.cancelled() and f.exception() is None
+
+    @property
+    def error(self) -> Optional[StreamResetError]:
+        """Why the stream was reset (the peer's reason, or local), if it was."""
+        return self._reset
 
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
@@ -185,15 +197,36 @@ class MuxSession:
     the streams the peer opens; it ends when the session does."""
 
     def __init__(self, reader, writer, role, *, max_streams: int = _m.DEFAULT_MAX_STREAMS,
-                 name: str = "") -> None:
-        self._mux = _m.Mux(role, max_streams=max_streams)
+                 max_window: int = _m.DEFAULT_MAX_WINDOW, name: str = "") -> None:
+        self._mux = _m.Mux(role, max_streams=max_streams, max_window=max_window)
+        self._loop = asyncio.get_running_loop()
+        self._pings: Dict[int, float] = {}            # opaque -> when sent
         self._reader, self._writer = reader, writer
         self._streams: Dict[int, MuxStream] = {}
         self._incoming: asyncio.Queue = asyncio.Queue()
         self.name = name
         self.error: Optional[BaseException] = None    # why it ended, if not cleanly
         self.closed = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = self._loop.create_task(self._run())
+        self._pinger = self._loop.create_task(self._ping_loop())
+
+    @property
+    def rtt(self) -> Optional[float]:
+        """The session's round trip, timed by PING (window tuning uses it)."""
+        return self._mux.rtt
+
+    async def _ping_loop(self) -> None:
+        """Time a PING now and every RTT_EVERY seconds (the path may change)."""
+        n = 0
+        while not self.closed.is_set():
+            n += 1
+            self._pings = {n: self._loop.time()}
+            try:
+                self._mux.ping(n)
+            except MuxUsageError:
+                return
+            self._flush()
+            await asyncio.sleep(RTT_EVERY)
 
     @property
     def streams(self) -> int:
@@ -245,6 +278,7 @@ class MuxSession:
             self._incoming.put_nowait(None)
             if not self._writer.is_closing():
                 self._writer.close()
+            self._pinger.cancel()
             self.closed.set()
 
     def _dispatch(self) -> None:
@@ -260,7 +294,12 @@ class MuxSession:
                 self._streams[ev.stream] = stream
                 self._incoming.put_nowait(stream)
                 continue
-            if isinstance(ev, (_m.Pong, _m.GoneAway)):
+            if isinstance(ev, _m.Pong):
+                sent = self._pings.pop(ev.opaque, None)
+                if sent is not None:
+                    self._mux.rtt = max(self._loop.time() - sent, 1e-6)
+                continue
+            if isinstance(ev, _m.GoneAway):
                 continue                         # (the mux refuses opens after a GOAWAY)
             stream = self._streams.get(ev.stream)
             if stream is None:

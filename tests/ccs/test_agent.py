@@ -8,11 +8,14 @@ status socket tells what runs; stopping leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import configparser
 import hashlib
 import json
 import os
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -343,3 +346,65 @@ def test_a_second_agent_does_not_take_a_live_status_socket(tmp_path):
     with pytest.raises(Exception) as err:
         read_status(str(tmp_path / "nothing.sock"))
     assert "is the agent running" in str(err.value)
+
+
+# -- installing it as a service -------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_agent_unit_verifies_and_is_hardened(tmp_path):
+    from .test_ops import verify_unit, with_real_binary
+
+    text = (ROOT / "packaging" / "systemd" / "fastpunch-agent.service").read_text()
+    assert verify_unit(with_real_binary(text), tmp_path, "fastpunch-agent.service") == []
+    broken = with_real_binary(text).replace("Type=notify", "Type=notfy")
+    assert verify_unit(broken, tmp_path, "fastpunch-agent.service")
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read_string(text)
+    service = unit["Service"]
+    for key, want in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"),
+                      ("Type", "notify"), ("RuntimeDirectory", "fastpunch"),
+                      ("AmbientCapabilities", "CAP_NET_RAW CAP_NET_ADMIN"),
+                      ("CapabilityBoundingSet", "CAP_NET_RAW CAP_NET_ADMIN")):
+        assert service[key] == want, key
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["ExecStart"].endswith("agent run --config /etc/fastpunch/agent.toml")
+    # the status socket the unit's RuntimeDirectory holds is the agent's default one
+    assert agent_config.DEFAULT_STATUS_SOCKET == "/run/fastpunch/agent.sock"
+
+
+def test_the_openwrt_init_script_is_valid_shell_and_uses_procd():
+    path = ROOT / "packaging" / "openwrt" / "fastpunch-agent.init"
+    assert os.access(path, os.X_OK)
+    r = subprocess.run(["sh", "-n", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    text = path.read_text()
+    assert text.startswith("#!/bin/sh /etc/rc.common") and "USE_PROCD=1" in text
+    assert "agent run --config" in text and "procd_set_param respawn" in text
+    assert "procd_send_signal fastpunch-agent '*' HUP" in text
+
+
+def test_the_example_agent_config_loads(tmp_path):
+    example = ROOT / "packaging" / "agent.toml.example"
+    cfg = agent_config.load({"config": str(example)}, {})
+    assert cfg["name"] == "camera-1" and len(cfg["ccs"]) == 2
+    assert cfg.services["camera-rtsp"].port == 554
+    assert cfg.services["web"].peers == ("installer-laptop",)
+    assert cfg.offered_to("installer-laptop") == ["camera-rtsp", "web"]
+    assert cfg.offered_to("nvr-1") == ["camera-rtsp"]
+    # every commented optional setting is a real one, at the top level
+    uncommented = "\n".join(line[2:] if line.startswith("# ") and " = " in line else line
+                            for line in example.read_text().splitlines())
+    (tmp_path / "all.toml").write_text(uncommented)
+    full = agent_config.load({"config": str(tmp_path / "all.toml")}, {})
+    assert full["peers"] == ("nvr-1", "viewer-app") and full["max_streams"] == 64
+
+
+def test_the_agent_docs_list_every_setting():
+    rows = {line.split("|")[1].strip(): line for line in
+            (ROOT / "docs" / "agent.md").read_text().splitlines() if line.startswith("| `")}
+    for s in agent_config.SETTINGS:
+        row = rows.get(f"`{s.key}`")
+        assert row is not None, s.key
+        assert f"`{s.env}`" in row and s.default_text in row, row

@@ -699,19 +699,19 @@ def test_sd_notify_ready_once_listening_and_stopping(deploy, tmp_path):
 
 # -- the systemd unit and the example configuration ---------------------------------------
 
-def verify_unit(text: str, tmp_path: Path) -> list:
+def verify_unit(text: str, tmp_path: Path, name: str = "fastpunch-ccs.service") -> list:
     """systemd-analyze verify's complaints about the unit (it exits 0 on a
     misspelt or misvalued key, so its output is read too)."""
     exe = shutil.which("systemd-analyze")
     if exe is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
-    unit = tmp_path / "units" / "fastpunch-ccs.service"
+    unit = tmp_path / "units" / name
     unit.parent.mkdir(exist_ok=True)
     unit.write_text(text)
     r = subprocess.run([exe, "verify", "--man=no", str(unit)], capture_output=True, text=True,
                        timeout=60)
     problems = [line for line in (r.stdout + r.stderr).splitlines()
-                if "fastpunch-ccs.service" in line]
+                if name in line]
     if r.returncode != 0 and not problems:
         problems = [f"exit {r.returncode}: {r.stderr.strip()}"]
     return problems

@@ -330,3 +330,60 @@ def test_random_interleavings_deliver_every_stream_exactly(seed, cuts):
                 mx.consumed(ev.stream, len(ev.data))
     for key in want:
         assert bytes(got[key]) == want[key], key
+
+
+def test_a_reader_that_keeps_up_gets_a_larger_window_a_stalled_one_does_not():
+    """Window tuning: half a window consumed within 4 RTTs of the last
+    credit doubles it (up to max_window); a reader that does not read never
+    grows its window, so what it can make us buffer stays bounded."""
+    a, b = pair(max_window=1 << 20)
+    b.rtt = 0.040
+    fast, slow = a.open("fast"), a.open("slow")
+    pump(a, b)
+    events(b)
+    now = 100.0
+    for _ in range(40):
+        a.send(fast, b"f" * a.send_window(fast))
+        a.send(slow, b"s" * a.send_window(slow))
+        pump(a, b)
+        for ev in events(b):
+            if isinstance(ev, StreamData) and ev.stream == fast:
+                b.consumed(fast, len(ev.data), now)
+        pump(a, b)
+        events(a)
+        now += 0.010                                   # well within 4 RTTs each time
+    assert b.window(fast) == 1 << 20                   # grew, to max_window and no further
+    assert b.window(slow) == INITIAL_WINDOW
+    assert a.send_window(slow) == 0
+
+
+def test_without_an_rtt_or_a_clock_windows_stay_as_they_are():
+    a, b = pair()
+    sid = a.open("x")
+    for now in (None, 1.0):
+        for _ in range(8):
+            a.send(sid, b"z" * a.send_window(sid))
+            pump(a, b)
+            for ev in events(b):
+                if isinstance(ev, StreamData):
+                    b.consumed(sid, len(ev.data), now)
+            pump(a, b)
+            events(a)
+        assert b.window(sid) == INITIAL_WINDOW
+    b.rtt = 0.001
+    a.send(sid, b"z" * a.send_window(sid))
+    pump(a, b)
+    t = 5.0
+    for ev in events(b):
+        if isinstance(ev, StreamData):
+            t += 1.0                                   # a slow reader: 1 s per chunk
+            b.consumed(sid, len(ev.data), t)
+    assert b.window(sid) == INITIAL_WINDOW
+
+
+def test_bad_mux_arguments():
+    for kw in ({"max_streams": 0}, {"max_window": 1024}, {"max_window": 1 << 33}):
+        with pytest.raises(MuxUsageError):
+            Mux("initiator", **kw)
+    with pytest.raises(MuxUsageError):
+        Mux("observer")

@@ -27,7 +27,9 @@ from typing import Any, Mapping, Optional, Tuple
 from fastpunch.ccs.config import (
     ConfigError, Setting, _Bad, _integer, _text, load_table, parse_hostport,
 )
-from fastpunch.proto.mux import DEFAULT_MAX_STREAMS, valid_label
+from fastpunch.proto.mux import (
+    DEFAULT_MAX_STREAMS, DEFAULT_MAX_WINDOW, INITIAL_WINDOW, valid_label,
+)
 
 __all__ = ["AgentConfig", "Service", "SETTINGS", "ConfigError", "load", "parse_services",
            "add_arguments", "ENV_PREFIX", "CONFIG_ENV", "DEFAULT_STATUS_SOCKET"]
@@ -187,6 +189,10 @@ SETTINGS = (
        optional=True),
     _s("max_streams", _integer(1, 4096, "an integer 1-4096"), DEFAULT_MAX_STREAMS,
        "streams one peer may hold open at once", "N"),
+    _s("stream_window", _integer(INITIAL_WINDOW, 1 << 30, f"bytes, {INITIAL_WINDOW}-{1 << 30}"),
+       DEFAULT_MAX_WINDOW, "the most one stream may have in flight towards us (its window "
+       "grows to this while the reader keeps up; what a stalled reader can make us hold)",
+       "BYTES"),
     _s("max_peers", _integer(1, 4096, "an integer 1-4096"), 16,
        "peers served at once (those beyond wait for a slot)", "N"),
     _s("connect_timeout", _seconds, 10, "seconds to reach a local service", "SECONDS"),
@@ -196,7 +202,8 @@ SETTINGS = (
 BY_KEY = {s.key: s for s in SETTINGS}
 REQUIRED = ("ccs", "name", "key_file", "ca")
 #: what SIGHUP may change without a restart
-RELOADABLE = frozenset({"services", "peers", "max_streams", "connect_timeout"})
+RELOADABLE = frozenset({"services", "peers", "max_streams", "stream_window",
+                        "connect_timeout"})
 
 
 @dataclass(frozen=True)

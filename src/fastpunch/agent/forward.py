@@ -21,6 +21,7 @@ from fastpunch.agent.pipe import splice
 from fastpunch.agent.service import LIST_LABEL, event
 from fastpunch.errors import FastpunchError
 from fastpunch.mux import MuxSession, StreamResetError
+from fastpunch.proto.mux import DEFAULT_MAX_WINDOW
 
 __all__ = ["Forwarder", "ForwardError"]
 
@@ -48,10 +49,12 @@ class Forwarder:
     ``service``: what to reach there."""
 
     def __init__(self, device, peer: str, service: str, *, strategies=None,
-                 connect_timeout: float = 60.0, emit: Callable = event) -> None:
+                 connect_timeout: float = 60.0, max_window: int = DEFAULT_MAX_WINDOW,
+                 emit: Callable = event) -> None:
         self.device, self.peer, self.service = device, peer, service
         self.strategies = strategies
         self.connect_timeout = connect_timeout
+        self.max_window = max_window
         self.emit = emit
         self._session: Optional[MuxSession] = None
         self._conn = None
@@ -79,24 +82,33 @@ class Forwarder:
                 conn.close()
                 raise
             self._conn = conn
-            self._session = MuxSession(reader, writer, conn.role, name=self.peer)
+            self._session = MuxSession(reader, writer, conn.role, max_window=self.max_window,
+                                       name=self.peer)
             self.sessions += 1
             self.emit("session", peer=self.peer, path=conn.path, strategy=conn.strategy,
                       number=self.sessions)
             return self._session
+
+    def refusal(self, exc: StreamResetError) -> ForwardError:
+        """The peer's reset of a stream, said as a ForwardError."""
+        return self._refusal(exc)
 
     def _refusal(self, exc: StreamResetError) -> ForwardError:
         text = _REFUSALS.get(exc.reason, "refused the stream ({reason})")
         return ForwardError(f"{self.peer} " + text.format(service=self.service,
                                                           reason=exc.reason), exc.reason)
 
-    async def open(self, label: Optional[str] = None):
-        """A stream to the service (or ``label``), accepted by the peer."""
+    async def open(self, label: Optional[str] = None, *, wait: bool = True):
+        """A stream to the service (or ``label``), accepted by the peer
+        (``wait=False``: at once, the peer's answer still to come: bytes
+        written meanwhile travel behind the OPEN, a refusal ends the stream
+        as a reset whose reason ``refusal()`` explains)."""
         for attempt in (1, 2):
             session = await self.session()
             try:
                 stream = await session.open(label or self.service)
-                await stream.accepted()
+                if wait:
+                    await stream.accepted()
                 return stream
             except StreamResetError as exc:
                 if exc.local and attempt == 1:    # the session died under us: once more
@@ -128,13 +140,19 @@ class Forwarder:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            stream = await self.open()
+            # not waiting for the peer's ACCEPT: the client's first request
+            # travels behind the OPEN (one round trip to the first byte)
+            stream = await self.open(wait=False)
         except (OSError, asyncio.TimeoutError, FastpunchError) as exc:
             self.emit("client-refused", client=number, reason=str(exc) or type(exc).__name__)
             writer.transport.abort()             # the client sees its connection reset
             return
         self.emit("client-open", client=number, stream=stream.id)
         how = await splice(stream, reader, writer)
+        err = stream.error
+        if err is not None and not err.local and not stream.was_accepted:
+            self.emit("client-refused", client=number, reason=str(self._refusal(err)))
+            return
         self.emit("client-closed", client=number, how=how, bytes_in=stream.bytes_in,
                   bytes_out=stream.bytes_out)
 

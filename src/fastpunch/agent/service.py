@@ -103,7 +103,8 @@ class Agent:
         if cfg["status_socket"]:
             self._status = await _serve_status(cfg["status_socket"], self.status)
         try:
-            await self.device.login()
+            if not self.device.connected:        # (a Device given logged in already)
+                await self.device.login()
         except BaseException:
             self._close_status()
             raise
@@ -201,7 +202,8 @@ class Agent:
                 conn.close()
                 return
             session = MuxSession(reader, writer, conn.role,
-                                 max_streams=self.config["max_streams"], name=conn.peer)
+                                 max_streams=self.config["max_streams"],
+                                 max_window=self.config["stream_window"], name=conn.peer)
             peer = _Peer(conn.peer, conn.path, conn.strategy, time.time(), session)
             self.peers[id(session)] = peer
             self.emit("peer-connected", peer=conn.peer, path=conn.path, strategy=conn.strategy)

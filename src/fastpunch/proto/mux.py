@@ -40,7 +40,16 @@ behind its OPEN (a viewer's first request costs no extra round trip); a
 receiver grants more with WINDOW frames, as the application consumes what
 it holds (every half window), so what a side buffers for a stream it is
 not reading is bounded by that stream's window, and in all by
-``max_streams`` times the window.
+``max_streams`` times ``max_window``.
+
+Window tuning (after go-yamux): a fixed window caps a stream at window/RTT
+(256 KiB over a 40 ms path: 6.5 MB/s). The receiver doubles a stream's
+window, up to ``max_window``, when the application consumed half of it in
+less than four round trips (the sender, not the reader, was the limit), by
+granting the extra bytes in the same WINDOW frame. The round trip is what
+the caller measured and set as ``rtt`` (the asyncio face times a PING);
+without it, or without ``now`` in ``consumed``, windows stay as they are.
+A stalled reader consumes nothing, so its window never grows.
 
 Limits and failures. A peer that opens more than ``max_streams`` streams at
 once gets those beyond refused (RESET "too-many-streams": the mux goes on).
@@ -72,7 +81,7 @@ __all__ = [
     "StreamOpened", "StreamAccepted", "StreamData", "StreamEnded", "StreamReset",
     "WindowOpened", "Pong", "GoneAway", "MuxEvent",
     "HEADER", "HEADER_BYTES", "MAX_DATA", "MAX_LABEL", "MAX_REASON", "INITIAL_WINDOW",
-    "MAX_WINDOW", "DEFAULT_MAX_STREAMS", "valid_label",
+    "MAX_WINDOW", "DEFAULT_MAX_STREAMS", "DEFAULT_MAX_WINDOW", "valid_label",
 ]
 
 HEADER = struct.Struct("!BII")
@@ -86,6 +95,7 @@ INITIAL_WINDOW = 256 * 1024                 # every stream's window, each way, a
 MAX_WINDOW = (1 << 32) - 1
 MAX_STREAM_ID = (1 << 32) - 1
 DEFAULT_MAX_STREAMS = 64                    # streams the peer may hold open at once
+DEFAULT_MAX_WINDOW = 4 * 1024 * 1024        # a stream's window grows to this, at most
 _LABEL = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_LABEL)    # printable ASCII, no spaces
 _REASON = re.compile(rb"[\x20-\x7e]{0,%d}" % MAX_REASON)
 
@@ -218,13 +228,15 @@ class Phase(enum.Enum):
 
 class _Stream:
     __slots__ = ("id", "phase", "ours", "send_window", "recv_window", "unacked", "sent_fin",
-                 "got_fin")
+                 "got_fin", "target", "credited_at")
 
     def __init__(self, sid: int, phase: Phase, ours: bool) -> None:
         self.id, self.phase, self.ours = sid, phase, ours
         self.send_window = INITIAL_WINDOW    # what the peer still takes
         self.recv_window = INITIAL_WINDOW    # what we still take
         self.unacked = 0                     # consumed, not yet granted back
+        self.target = INITIAL_WINDOW         # the window we grant (tuned up to max_window)
+        self.credited_at: Optional[float] = None
         self.sent_fin = False
         self.got_fin = False
 
@@ -244,7 +256,8 @@ class Mux:
     decides the parity of the ids we open). ``max_streams``: streams the
     peer may hold open at once (those beyond are refused)."""
 
-    def __init__(self, role: Union[str, Role], *, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
+    def __init__(self, role: Union[str, Role], *, max_streams: int = DEFAULT_MAX_STREAMS,
+                 max_window: int = DEFAULT_MAX_WINDOW) -> None:
         if not isinstance(role, Role):
             try:
                 role = Role[str(role).upper()]
@@ -253,8 +266,14 @@ class Mux:
                                                     f"not {role!r}") from None
         if not isinstance(max_streams, int) or not 1 <= max_streams <= 1 << 20:
             raise MuxUsageError("bad-argument", f"max_streams is 1..{1 << 20}, not {max_streams!r}")
+        if not isinstance(max_window, int) or not INITIAL_WINDOW <= max_window <= MAX_WINDOW:
+            raise MuxUsageError("bad-argument", f"max_window is {INITIAL_WINDOW}..{MAX_WINDOW}, "
+                                                f"not {max_window!r}")
         self.role = role
         self.max_streams = max_streams
+        self.max_window = max_window
+        #: the path's round trip in seconds, as the caller measured it (window tuning)
+        self.rtt: Optional[float] = None
         self._next_id = 1 if role is Role.INITIATOR else 2
         self._peer_parity = 0 if role is Role.INITIATOR else 1
         self._peer_last = 0                  # the last id the peer opened
@@ -351,17 +370,30 @@ class Mux:
         s.send_window -= n
         return n
 
-    def consumed(self, stream: int, n: int) -> None:
+    def consumed(self, stream: int, n: int, now: Optional[float] = None) -> None:
         """The application took ``n`` bytes of ``stream``'s data: give the
-        peer credit (a WINDOW frame every half window)."""
+        peer credit (a WINDOW frame every half window), and more window
+        when the reader keeps up with the path (``now``: see the module's
+        window tuning)."""
         s = self._streams.get(stream)
         if s is None or n <= 0 or self._error is not None or self._lost:
             return                           # (a stream that ended: nothing owed)
         s.unacked += n
-        if s.unacked >= INITIAL_WINDOW // 2 and not s.got_fin:
-            s.recv_window += s.unacked
-            self._frame(FrameType.WINDOW, stream, _U32.pack(s.unacked))
+        if s.unacked >= s.target // 2 and not s.got_fin:
+            credit = s.unacked
+            if now is not None and self.rtt is not None and s.credited_at is not None \
+                    and now - s.credited_at < 4 * self.rtt and s.target < self.max_window:
+                grow = min(s.target, self.max_window - s.target)
+                s.target += grow
+                credit += grow
+            s.credited_at = now
+            s.recv_window += credit
+            self._frame(FrameType.WINDOW, stream, _U32.pack(credit))
             s.unacked = 0
+
+    def window(self, stream: int) -> int:
+        """The window we grant ``stream`` now (INITIAL_WINDOW, or tuned up)."""
+        return self._stream(stream).target
 
     def close(self, stream: int) -> None:
         """End our side of ``stream`` (FIN); the peer's may go on."""
