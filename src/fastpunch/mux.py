@@ -29,6 +29,7 @@ __all__ = ["MuxSession", "MuxStream", "StreamResetError", "MuxViolation", "MuxUs
 
 READ_CHUNK = 256 * 1024
 RTT_EVERY = 30.0                 # seconds between round-trip timings
+CLOSE_TIMEOUT = 5.0              # seconds close() lets buffered bytes drain before aborting
 
 
 class StreamResetError(FastpunchError, ConnectionResetError):
@@ -83,11 +84,19 @@ class MuxStream:
 
     # -- answering the peer's open -------------------------------------------------------
     def accept(self) -> None:
+        """Take the peer's stream; StreamResetError if it ended meanwhile
+        (the peer gave up, or the session died)."""
+        if self._reset is not None:
+            raise self._reset
         self._s._mux.accept(self.id)
         self._s._flush()
 
     def refuse(self, reason: str = "refused") -> None:
+        """Say no to the peer's stream (nothing to do if it ended meanwhile)."""
+        if self._reset is not None:
+            return
         self._s._mux.refuse(self.id, reason)
+        self._reset = StreamResetError(self.id, reason, local=True)
         self._s._forget(self.id)
         self._s._flush()
 
@@ -265,6 +274,9 @@ class MuxSession:
                 self._mux.receive_data(data)
                 self._dispatch()
                 self._flush()
+                # what we owe a peer that does not read (PONGs, WINDOWs)
+                # waits in the transport: stop reading until it drains
+                await self._writer.drain()
         except MuxViolation as exc:
             self.error = exc
             self._dispatch()
@@ -355,7 +367,10 @@ class MuxSession:
             self._task.cancel()
         await self.closed.wait()
         try:
-            await self._writer.wait_closed()
+            # what is still buffered goes out, unless the peer does not read
+            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._writer.transport.abort()
         except (ConnectionError, OSError):
             pass
 

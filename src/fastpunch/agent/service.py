@@ -29,7 +29,7 @@ from typing import Callable, Dict, Optional
 from fastpunch.agent.config import AgentConfig, RELOADABLE
 from fastpunch.agent.pipe import splice
 from fastpunch.errors import FastpunchError
-from fastpunch.mux import MuxSession, MuxStream
+from fastpunch.mux import MuxSession, MuxStream, MuxUsageError, StreamResetError
 
 __all__ = ["Agent", "log", "event"]
 
@@ -225,8 +225,8 @@ class Agent:
         cfg = self.config
         label = stream.label
         if label == LIST_LABEL:
-            stream.accept()
             try:
+                stream.accept()
                 await stream.write(json.dumps({"services": cfg.offered_to(peer.name)}).encode())
                 stream.write_eof()
             except (OSError, FastpunchError):
@@ -255,7 +255,11 @@ class Agent:
         sock = w.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        stream.accept()
+        try:
+            stream.accept()
+        except (StreamResetError, MuxUsageError):    # the peer gave up meanwhile
+            w.close()
+            return
         peer.streams += 1
         peer.live[stream.id] = stream
         self.emit("stream-open", peer=peer.name, service=label, stream=stream.id)
