@@ -69,11 +69,12 @@ def start_agent(lab, story, tmp_path, config: str):
     return proc
 
 
-def start_forward(lab, story, tmp_path, service: str, port: int, tag: str = "fwd"):
+def start_forward(lab, story, tmp_path, service: str, port: int, tag: str = "fwd",
+                  name: str = "viewer"):
     log = open(tmp_path / f"{tag}.log", "w")
     proc = lab.spawn("b", FP + ["forward", "--to", "camera", "--service", service,
-                                "--listen", f"127.0.0.1:{port}", "--name", "viewer",
-                                "--key-file", str(tmp_path / "viewer.json"), *story.common],
+                                "--listen", f"127.0.0.1:{port}", "--name", name,
+                                "--key-file", str(tmp_path / f"{name}.json"), *story.common],
                      stderr=log)
     wait_log(tmp_path / f"{tag}.log", "listening", timeout=90)
     return proc
@@ -195,7 +196,9 @@ def test_sighup_swaps_services_without_dropping_the_session_sigterm_cleans_up(tm
         d.mkdir()
         (d / "who").write_bytes(text)
     with Lab(a="nat", b="nat") as lab:
-        story = labdemo.Story(lab, str(tmp_path), EXAMPLES)
+        # one login per device name (a second one replaces the first): the
+        # second viewer process has its own
+        story = labdemo.Story(lab, str(tmp_path), EXAMPLES, viewers=("viewer", "viewer2"))
         story.start_ccs()
         for d, port in ((www1, 8081), (www2, 8082)):
             lab.spawn("a", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
@@ -211,10 +214,10 @@ def test_sighup_swaps_services_without_dropping_the_session_sigterm_cleans_up(tm
         reloaded = wait_log(tmp_path / "agent.log", "config-reloaded", after=mark)
         # the session stays; "one" is gone for new streams, "two" is there
         gone = lab.run("b", ["curl", "-sS", "http://127.0.0.1:18081/who"])
-        listed = lab.run("b", FP + ["forward", "--to", "camera", "--list", "--name", "viewer",
-                                    "--key-file", str(tmp_path / "viewer.json"), "--quick",
+        listed = lab.run("b", FP + ["forward", "--to", "camera", "--list", "--name", "viewer2",
+                                    "--key-file", str(tmp_path / "viewer2.json"), "--quick",
                                     *story.common], timeout=90)
-        fwd2 = start_forward(lab, story, tmp_path, "two", 18082, tag="fwd2")
+        fwd2 = start_forward(lab, story, tmp_path, "two", 18082, tag="fwd2", name="viewer2")
         second = lab.run("b", ["curl", "-sS", "-f", "http://127.0.0.1:18082/who"])
         after = agent_status(lab, tmp_path)
         mark = log_lines(tmp_path / "agent.log")
@@ -235,8 +238,9 @@ def test_sighup_swaps_services_without_dropping_the_session_sigterm_cleans_up(tm
     assert second.returncode == 0 and second.stdout == "two\n", second.stderr
     viewer_before = [p for p in before["peers"] if p["peer"] == "viewer"]
     assert len(viewer_before) == 1
-    assert any(p["since"] == viewer_before[0]["since"] for p in after["peers"]), \
-        "the reload dropped the first forward's session"
+    assert [p["since"] for p in after["peers"] if p["peer"] == "viewer"] == \
+        [viewer_before[0]["since"]], "the reload dropped the first forward's session"
+    assert any(p["peer"] == "viewer2" for p in after["peers"])
     assert "notaport" in refused["reason"] and still.stdout == "two\n"
     assert agent_rc == 0 and stopped["reason"] == "signal"
     assert "fastpunch" not in left, left
