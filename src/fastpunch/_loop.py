@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
-__all__ = ["new_event_loop", "cancel"]
+__all__ = ["new_event_loop", "run", "cancel"]
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -17,6 +17,16 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def run(coro):
+    """Run ``coro`` to its end on a new loop (as above), then close the loop:
+    the body of a long-running command."""
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
 
 
 async def cancel(*tasks: Optional[asyncio.Task]) -> None:

@@ -50,7 +50,6 @@ class MuxStream:
         self._s = session
         self.id, self.label, self.ours = sid, label, ours
         self._chunks: Deque[bytes] = deque()
-        self._size = 0
         self._eof = False
         self._reset: Optional[StreamResetError] = None
         self._readable = asyncio.Event()
@@ -64,7 +63,6 @@ class MuxStream:
     def _on(self, ev) -> None:
         if isinstance(ev, _m.StreamData):
             self._chunks.append(ev.data)
-            self._size += len(ev.data)
             self._readable.set()
         elif isinstance(ev, _m.StreamEnded):
             self._eof = True
@@ -120,7 +118,6 @@ class MuxStream:
             out = first
         else:
             out, self._chunks[0] = first[:n], first[n:]
-        self._size -= len(out)
         self.bytes_in += len(out)
         self._s._mux.consumed(self.id, len(out), self._s._loop.time())
         self._s._flush()

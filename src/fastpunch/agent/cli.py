@@ -59,7 +59,7 @@ def _logging() -> None:
 
 
 def cmd_agent_run(args) -> int:
-    from fastpunch._loop import new_event_loop
+    from fastpunch._loop import run as run_loop
     from fastpunch._sdnotify import notify
     from fastpunch.agent import config
     from fastpunch.agent.service import Agent, event
@@ -101,11 +101,7 @@ def cmd_agent_run(args) -> int:
             raise FastpunchError(f"the agent gave up: {agent.failed}")
         return 0
 
-    loop = new_event_loop()
-    try:
-        return loop.run_until_complete(run())
-    finally:
-        loop.close()
+    return run_loop(run())
 
 
 def cmd_agent_status(args) -> int:
@@ -116,7 +112,7 @@ def cmd_agent_status(args) -> int:
 
 
 def cmd_forward(args) -> int:
-    from fastpunch._loop import new_event_loop
+    from fastpunch._loop import run as run_loop
     from fastpunch.agent.forward import Forwarder
     from fastpunch.agent.service import event
     from fastpunch.ccs.cli import read_credentials
@@ -167,11 +163,7 @@ def cmd_forward(args) -> int:
                 await fw.close()
             await dev.close()
 
-    loop = new_event_loop()
-    try:
-        return loop.run_until_complete(run())
-    finally:
-        loop.close()
+    return run_loop(run())
 
 
 __all__ = ["add_subparsers", "cmd_agent_run", "cmd_agent_status", "cmd_forward"]

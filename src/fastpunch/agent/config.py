@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
 
 from fastpunch.ccs.config import (
-    ConfigError, Setting, _Bad, _integer, _text, load_table, parse_hostport,
+    ConfigError, Setting, _Bad, _integer, _text, add_table_arguments, load_table, parse_hostport,
 )
 from fastpunch.proto.mux import (
     DEFAULT_MAX_STREAMS, DEFAULT_MAX_WINDOW, INITIAL_WINDOW, valid_label,
@@ -263,13 +263,7 @@ def load(flags: Mapping[str, Optional[str]], environ: Mapping[str, str] = os.env
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", metavar="FILE",
-                        help=f"TOML file of these settings, keys as the flags without the "
-                             f"leading dashes, '_' for '-' [env {CONFIG_ENV}] (default: none)")
-    for s in SETTINGS:
-        text = f"{s.help} [env {s.env}] (default: {s.default_text})"
-        parser.add_argument(s.flag, dest=s.key, metavar=s.metavar, default=None,
-                            help=text.replace("%", "%%"))
+    add_table_arguments(parser, SETTINGS, CONFIG_ENV)
 
 
 def flags_of(args) -> dict:

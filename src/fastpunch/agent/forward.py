@@ -91,9 +91,6 @@ class Forwarder:
 
     def refusal(self, exc: StreamResetError) -> ForwardError:
         """The peer's reset of a stream, said as a ForwardError."""
-        return self._refusal(exc)
-
-    def _refusal(self, exc: StreamResetError) -> ForwardError:
         text = _REFUSALS.get(exc.reason, "refused the stream ({reason})")
         return ForwardError(f"{self.peer} " + text.format(service=self.service,
                                                           reason=exc.reason), exc.reason)
@@ -113,7 +110,7 @@ class Forwarder:
             except StreamResetError as exc:
                 if exc.local and attempt == 1:    # the session died under us: once more
                     continue
-                raise self._refusal(exc) from None
+                raise self.refusal(exc) from None
             except FastpunchError:
                 if attempt == 1 and session.closed.is_set():
                     continue
@@ -151,7 +148,7 @@ class Forwarder:
         how = await splice(stream, reader, writer)
         err = stream.error
         if err is not None and not err.local and not stream.was_accepted:
-            self.emit("client-refused", client=number, reason=str(self._refusal(err)))
+            self.emit("client-refused", client=number, reason=str(self.refusal(err)))
             return
         self.emit("client-closed", client=number, how=how, bytes_in=stream.bytes_in,
                   bytes_out=stream.bytes_out)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
 from fastpunch.agent.config import AgentConfig, RELOADABLE
+from fastpunch._loop import cancel
 from fastpunch.agent.pipe import splice
 from fastpunch.errors import FastpunchError
 from fastpunch.mux import MuxSession, MuxStream, MuxUsageError, StreamResetError
@@ -120,9 +121,7 @@ class Agent:
             await self.done.wait()
             return
         self._stopping = True
-        for t in self._acceptors:
-            t.cancel()
-        await asyncio.gather(*self._acceptors, return_exceptions=True)
+        await cancel(*self._acceptors)
         for p in list(self.peers.values()):
             p.session.go_away(reason)
         await asyncio.gather(*(p.session.close() for p in list(self.peers.values())),

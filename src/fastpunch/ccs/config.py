@@ -240,12 +240,20 @@ BY_KEY = {s.key: s for s in SETTINGS}
 
 def add_arguments(parser) -> None:
     """One flag per setting; each help says its variable and ends with its default."""
+    add_table_arguments(parser, SETTINGS, CONFIG_ENV,
+                        {"node": f"this host's name, {_hostname()}"})
+
+
+def add_table_arguments(parser, settings, config_env: str,
+                        shown: Optional[Mapping[str, str]] = None) -> None:
+    """--config and a flag per setting of one table (``shown``: defaults
+    said otherwise than their text), each help with its variable and its
+    default; every flag's value is None unless given (load_table's rule)."""
     parser.add_argument("--config", metavar="FILE",
                         help=f"TOML file of these settings, keys as the flags without the "
-                             f"leading dashes, '_' for '-' [env {CONFIG_ENV}] (default: none)")
-    for s in SETTINGS:
-        shown = s.default_text if s.key != "node" else f"this host's name, {_hostname()}"
-        text = f"{s.help} [env {s.env}] (default: {shown})"
+                             f"leading dashes, '_' for '-' [env {config_env}] (default: none)")
+    for s in settings:
+        text = f"{s.help} [env {s.env}] (default: {(shown or {}).get(s.key, s.default_text)})"
         parser.add_argument(s.flag, dest=s.key, metavar=s.metavar, default=None,
                             help=text.replace("%", "%%"))
 
