@@ -144,3 +144,42 @@ def test_without_keepalive_the_same_cut_hangs(veth):
         sa.recv(1024)
     assert not isinstance(err.value, PathLost) and err.value.errno is None
     sa.sock.close(), sb.sock.close()
+
+
+def uncut(veth) -> None:
+    subprocess.run(["ip", "netns", "exec", veth.ns_b, "nft", "delete", "table", "inet", "cut"],
+                   check=True)
+
+
+@pytest.mark.parametrize("keepalive,survives", [
+    (Keepalive(2), True),               # the default timeout: 4.5 s, probes at 2, 3, 4 s
+    (Keepalive(2, timeout=3), False),   # a timeout under period + interval: the first loss ends it
+])
+def test_an_idle_stream_outlives_two_lost_probes_with_the_default_timeout(veth, keepalive,
+                                                                          survives):
+    # a lossy Wi-Fi or mobile path drops a probe now and then: the default
+    # timeout must not end an idle stream on the first one. Here both
+    # sides' probes at 2 and 3 s are lost (every packet dropped from 1.3 to
+    # 3.6 s after the last segment heard); the probe at 4 s gets through.
+    k = keepalive
+    a, b = connected(veth, 9005 if survives else 9006)
+    sa, sb = secure_pair(a, b)
+    for s in (sa, sb):
+        liveness.apply(s.sock, k)
+        s.keepalive = k
+    t0 = time.monotonic()
+    time.sleep(1.3)
+    cut(veth)
+    time.sleep(3.6 - (time.monotonic() - t0))
+    uncut(veth)
+    time.sleep(6.0 - (time.monotonic() - t0))    # past the bound a lost first probe gives
+    alive = []
+    for src, dst in ((sa, sb), (sb, sa)):
+        try:
+            src.sendall(b"after the loss")
+            dst.sock.settimeout(3)
+            alive.append(dst.recv(64) == b"after the loss")
+        except (PathLost, OSError):
+            alive.append(False)
+    assert alive == [survives] * 2, (k.describe(), alive)
+    sa.sock.close(), sb.sock.close()

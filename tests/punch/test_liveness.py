@@ -66,6 +66,20 @@ def carries(src, dst, size: int, timeout: float) -> bool:
     return h.digest() == hashlib.sha256(payload).digest()
 
 
+def evidence(lab) -> str:
+    """What a failure needs to be understood: each gateway's TCP conntrack
+    entries and each device's sockets and keepalive/abort counters."""
+    out = []
+    for where in ("gw-a", "gw-b"):
+        out.append(f"{where} conntrack:\n" + lab.run(where, ["conntrack", "-L", "-p", "tcp"]).stdout)
+    for where in ("a", "b"):
+        out.append(f"{where} sockets:\n" + lab.run(where, ["ss", "-tinoe"]).stdout)
+        out.append(f"{where} counters: " + lab.run(where, ["nstat", "-az", "TcpExtTCPKeepAlive",
+                   "TcpExtTCPAbortOnTimeout", "TcpExtTCPACKSkippedSeq", "TcpExtPAWSEstab",
+                   "TcpExtTCPAbortOnData", "TcpEstabResets"]).stdout)
+    return "\n".join(out)
+
+
 def test_idle_streams_outlive_gateways_that_forget_flows_after_25_s(tmp_path):
     with deployed(tmp_path, DEVICES, a="nat", b="nat",
                   conntrack_timeouts={"established": 25}) as (lab, ccs, devs):
@@ -86,8 +100,10 @@ def test_idle_streams_outlive_gateways_that_forget_flows_after_25_s(tmp_path):
         time.sleep(60)                  # past two gateway timeouts, nothing sent
         for name in ("direct", "relayed"):
             sa, sb = pairs[name]
-            assert carries(sa, sb, 1 << 20, 15), f"{name}: cam -> viewer after 60 s idle"
-            assert carries(sb, sa, 1 << 20, 15), f"{name}: viewer -> cam after 60 s idle"
+            assert carries(sa, sb, 1 << 20, 15), \
+                f"{name}: cam -> viewer after 60 s idle\n{evidence(lab)}"
+            assert carries(sb, sa, 1 << 20, 15), \
+                f"{name}: viewer -> cam after 60 s idle\n{evidence(lab)}"
         sa, sb = pairs["bare"]
         assert not carries(sa, sb, 4096, 5), "without keepalive the forgotten flow still works?"
         for conn in direct + relayed + bare:
@@ -118,7 +134,7 @@ def _first_error(sock_of, timeout: float):
 
 
 def test_a_dead_path_is_reported_in_bound_direct_and_relayed(tmp_path):
-    k = Keepalive(4)                   # probes at 4 s, then every 1 s; dead after 3 s
+    k = Keepalive(4)                   # probes at 4, 5, 6 s; dead at the check at 7 s
     with deployed(tmp_path, DEVICES, a="nat", b="nat") as (lab, ccs, devs):
         for _, dev in devs.values():
             dev.keepalive = k

@@ -30,10 +30,10 @@ def test_a_bad_timeout_is_refused(timeout):
 
 
 @pytest.mark.parametrize("period,interval,dead,idle", [
-    (10, 2, 5.0, 12.0),        # the default: dead at the first re-probe
-    (1, 1, 3.0, 3.0),          # probes at 1 and 2 s, the check at 3 s finds 3 s passed
-    (60, 15, 30.0, 75.0),
-    (3600, 900, 30.0, 4500.0),
+    (10, 2, 15.0, 16.0),       # the default: probes at 10, 12, 14 s; the check at 16 s ends it
+    (1, 1, 3.5, 4.0),          # probes at 1, 2 and 3 s, the check at 4 s finds 3.5 s passed
+    (60, 15, 97.5, 105.0),
+    (3600, 900, 5850.0, 6300.0),
 ])
 def test_derived_values_follow_the_kernels_keepalive_timer(period, interval, dead, idle):
     k = Keepalive(period)
@@ -42,6 +42,16 @@ def test_derived_values_follow_the_kernels_keepalive_timer(period, interval, dea
     # within two periods while idle, as docs/liveness.md promises, from 3 s up
     if period >= 3:
         assert k.idle_detection() <= 2 * period
+
+
+@pytest.mark.parametrize("period", [1, 2, 4, 10, 25, 60, 3600])
+def test_the_default_timeout_survives_two_lost_probes_in_a_row(period):
+    # the check that ends the stream is the one after the third probe: the
+    # first two may be lost (docs/liveness.md)
+    k = Keepalive(period)
+    assert k.probes == liveness.LOST_PROBES + 1 == 3
+    assert k.period + 2 * k.interval < k.user_timeout <= k.period + 3 * k.interval
+    assert k.idle_detection() == k.period + 3 * k.interval
 
 
 def test_a_long_timeout_waits_for_the_probe_after_it():
