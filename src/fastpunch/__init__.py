@@ -16,6 +16,7 @@ from fastpunch.errors import (
     PacketBuildError as PacketBuildError,
     RemoteProtocolError as RemoteProtocolError,
 )
+from fastpunch.credentials import read_credentials as read_credentials
 from fastpunch.liveness import Keepalive as Keepalive, PathLost as PathLost
 
 __version__ = "0.1.0"
@@ -60,5 +61,6 @@ __all__ = [
     "RemoteProtocolError",
     "Keepalive",
     "PathLost",
+    "read_credentials",
     "__version__",
 ]

@@ -24,7 +24,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     else:
         from fastpunch import labdemo
 
-        report = labdemo.run(a=args.a, b=args.b, seconds=args.seconds, examples=args.examples)
+        report = labdemo.run(a=args.a, b=args.b, seconds=args.seconds)
     if args.json:
         print(json.dumps(report))
     return 0
@@ -66,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a", default="nat", help="the camera's gateway profile (default nat)")
     p.add_argument("--b", default="nat", help="the viewer's gateway profile (default nat)")
     p.add_argument("--seconds", type=int, default=10, help="seconds of video to receive")
-    p.add_argument("--examples", default="", help="where examples/camera.py is")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("sweep", help="remove tables and namespaces left by crashed processes")
@@ -80,9 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ccs(sub)
 
-    from fastpunch.tools import add_subparsers as add_tools
+    from fastpunch.tools import add_login_args, add_subparsers as add_tools
 
     add_tools(sub)
+
+    from fastpunch.camera import add_subparser as add_camera
+
+    add_camera(sub, add_login_args)
 
     from fastpunch.agent.cli import add_subparsers as add_agent
 

@@ -4,7 +4,7 @@ a direct TCP connection, the camera streams live video through the secure
 channel, the viewer records ten seconds of it, ffprobe decodes every frame,
 and the CCS's own metrics show how many video bytes it carried (zero on a
 direct path). Everything runs as separate processes, as a deployment would:
-``fastpunch ccs serve``, ``examples/camera.py``, ``fastpunch exec``.
+``fastpunch ccs serve``, ``fastpunch camera``, ``fastpunch exec``.
 """
 
 from __future__ import annotations
@@ -31,15 +31,6 @@ def _tool(name: str) -> str:
     if path is None:
         raise FastpunchError(f"the lab demo needs {name}: apt-get install ffmpeg")
     return path
-
-
-def find_camera(examples: str = "") -> str:
-    for d in ([examples] if examples else []) + ["examples", os.path.join(os.getcwd(), "examples")]:
-        path = os.path.join(d, "camera.py")
-        if os.path.isfile(path):
-            return os.path.abspath(path)
-    raise FastpunchError("examples/camera.py not found: run from the repository root or give "
-                         "--examples DIR")
 
 
 def _wait_line(proc: subprocess.Popen, want: str, timeout: float) -> dict:
@@ -77,11 +68,10 @@ class Story:
     the camera agent in site a, viewers anywhere. Used by the demo and the
     end-to-end tests; ``work`` holds keys, logs and recordings."""
 
-    def __init__(self, lab, work: str, examples: str = "", viewers=("viewer",)) -> None:
+    def __init__(self, lab, work: str, viewers=("viewer",)) -> None:
         self.lab, self.work = lab, work
         self.py = [sys.executable, "-m", "fastpunch"]
         self.dir = os.path.join(work, "ccs")
-        self.camera_py = find_camera(examples)
         cmds = [["ccs", "init", "--dir", self.dir, "--ip", CCS],
                 ["ccs", "add-device", "camera", "--dir", self.dir,
                  "--key-file", os.path.join(work, "camera.json")]]
@@ -106,7 +96,7 @@ class Story:
             time.sleep(0.05)
 
     def start_camera(self, max_viewers: int = 1, site: str = "a") -> tuple:
-        camera = self.lab.spawn(site, [sys.executable, self.camera_py, "--name", "camera",
+        camera = self.lab.spawn(site, self.py + ["camera", "--name", "camera",
                                        "--key-file", os.path.join(self.work, "camera.json"),
                                        "--max-viewers", str(max_viewers), *self.common],
                                 stderr=subprocess.PIPE, text=True)
@@ -135,7 +125,7 @@ def probe(path: str) -> dict:
 
 
 def run(echo: Callable[[str], None] = print, *, a: str = "nat", b: str = "nat",
-        seconds: int = 10, examples: str = "") -> dict:
+        seconds: int = 10) -> dict:
     from fastpunch.lab import Lab
 
     _caps.require("the lab demo (namespaces, raw sockets, nftables, TCP_REPAIR)",
@@ -149,7 +139,7 @@ def run(echo: Callable[[str], None] = print, *, a: str = "nat", b: str = "nat",
             echo(f"lab: camera behind {a} ({lab.sites['a'].host_addr} -> "
                  f"{lab.sites['a'].public_addr}), viewer behind {b} "
                  f"({lab.sites['b'].host_addr} -> {lab.sites['b'].public_addr}), CCS {CCS}")
-            story = Story(lab, work, examples)
+            story = Story(lab, work)
             story.start_ccs()
             echo(f"ccs: listening on {CCS}:7443 (relay 7444, probes 7444 and 7445, metrics 9464)")
             camera, cam_ready = story.start_camera()

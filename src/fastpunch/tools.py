@@ -162,12 +162,10 @@ def open_connection(args):
     it, what to call when done with it). The stream is the secure channel,
     or with --session / --relay-first a resumable session, the device then
     kept logged in until the returned closer runs."""
-    from fastpunch.ccs.cli import read_credentials
     from fastpunch.client import Device
+    from fastpunch.credentials import read_credentials
 
-    name, key = read_credentials(args.key_file)
-    if name is not None and name != args.name:
-        raise FastpunchError(f"{args.key_file} holds the credentials of {name!r}, not {args.name!r}")
+    _, key = read_credentials(args.key_file, args.name)
     asked = getattr(args, "relay_first", None)
     if asked is not None and not getattr(args, "to", None):
         raise FastpunchError("--relay-first is for the connecting side (--to); the accepting "
@@ -294,11 +292,11 @@ def _say(args, conn, summary: dict, stream=None) -> None:
 
 
 def cmd_natcheck(args) -> int:
-    from fastpunch.ccs.cli import read_credentials
     from fastpunch._loop import new_event_loop
     from fastpunch.client import Device
+    from fastpunch.credentials import read_credentials
 
-    _, key = read_credentials(args.key_file)
+    _, key = read_credentials(args.key_file, args.name)
 
     async def run():
         # nat "unknown": no natcheck in the background, this one is the measurement

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -412,3 +413,24 @@ def test_the_agent_docs_list_every_setting():
         row = rows.get(f"`{s.key}`")
         assert row is not None, s.key
         assert f"`{s.env}`" in row and s.default_text in row, row
+
+
+def test_a_misspelt_agent_variable_is_reported_not_silently_ignored(tmp_path):
+    env = {"FASTPUNCH_AGENT_SERVICS": "web=127.0.0.1:80", "FASTPUNCH_AGENT_PEERS": "viewer",
+           "FASTPUNCH_AGENT_CONFIG": "", "FASTPUNCH_CCS_PORT": "1", "PATH": "/usr/bin"}
+    assert agent_config.unknown_environment(env) == ["FASTPUNCH_AGENT_SERVICS"]
+    # and the agent says so when it starts (its login to a closed loopback
+    # port then fails: the run ends with the reason, after the warning)
+    key = tmp_path / "cam.json"
+    key.write_text(json.dumps({"name": "cam", "key": "00" * 32}))
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    r = subprocess.run([sys.executable, "-m", "fastpunch", "agent", "run", "--ccs",
+                        "127.0.0.1:1", "--name", "cam", "--key-file", str(key), "--ca", str(ca),
+                        "--status-socket", ""],
+                       env={**os.environ, "FASTPUNCH_AGENT_SERVICS": "web=127.0.0.1:80"},
+                       capture_output=True, text=True, timeout=60)
+    events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    unknown = [e for e in events if e.get("event") == "config-unknown-variable"]
+    assert unknown and unknown[0]["variable"] == "FASTPUNCH_AGENT_SERVICS", r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr

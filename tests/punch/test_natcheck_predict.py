@@ -45,15 +45,13 @@ def test_port_prediction_goes_direct_through_a_sequential_napt(lab_pair, a, b):
 
 def test_natcheck_command(tmp_path):
     import json
-    import os
     import sys
 
     from fastpunch import labdemo
     from fastpunch.lab import Lab
 
-    examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
     with Lab(a="nat", b="napt-sequential") as lab:
-        story = labdemo.Story(lab, str(tmp_path), examples)
+        story = labdemo.Story(lab, str(tmp_path))
         story.start_ccs()
         out = lab.run("b", [sys.executable, "-m", "fastpunch", "natcheck", "--name", "viewer",
                             "--key-file", str(tmp_path / "viewer.json"), *story.common])

@@ -9,7 +9,6 @@ the other side sat out left NAT state that made the later simopen fail.)"""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 
@@ -20,7 +19,6 @@ from fastpunch.lab import Lab
 from tests.conftest import require_root
 
 pytestmark = pytest.mark.lab
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 
 
 @pytest.mark.parametrize("a,b,strategy", [
@@ -32,7 +30,7 @@ def test_without_privileges_the_planner_falls_back_to_simopen(tmp_path, a, b, st
     if shutil.which("ffmpeg") is None:
         pytest.skip("ffmpeg is not installed (the camera agent needs it)")
     with Lab(a=a, b=b) as lab:
-        story = labdemo.Story(lab, str(tmp_path), EXAMPLES)
+        story = labdemo.Story(lab, str(tmp_path))
         story.start_ccs()
         camera, _ = story.start_camera()
         viewer = lab.run("b", ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--",

@@ -26,7 +26,7 @@ def test_top_level_exports():
         "AuthenticationError", "CCSError", "Device", "NextInfo", "RelayError",
         "RendezvousRefusedError", "FastpunchError", "InsufficientPrivilegeError", "KernelFeatureMissing",
         "LocalProtocolError", "MalformedPacket", "NetfilterError", "PacketBuildError",
-        "RemoteProtocolError", "Keepalive", "PathLost", "__version__"])
+        "RemoteProtocolError", "Keepalive", "PathLost", "read_credentials", "__version__"])
 
 
 def test_hierarchy_lets_callers_catch_builtins():

@@ -27,7 +27,6 @@ from tests.conftest import require_root
 
 pytestmark = pytest.mark.lab
 HERE = os.path.dirname(__file__)
-EXAMPLES = os.path.join(HERE, "..", "..", "examples")
 FP = [sys.executable, "-m", "fastpunch"]
 
 
@@ -103,7 +102,7 @@ def test_curl_through_forward_and_twenty_downloads_with_one_stalled(tmp_path):
     (www / "big.bin").write_bytes(big)
     (www / "small.bin").write_bytes(big[:8 << 20])
     with Lab(a="nat", b="nat") as lab:
-        story = labdemo.Story(lab, str(tmp_path), EXAMPLES)
+        story = labdemo.Story(lab, str(tmp_path))
         story.start_ccs()
         lab.spawn("a", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
                         "--directory", str(www), "8080"], stdout=subprocess.DEVNULL,
@@ -169,7 +168,7 @@ def test_rtsp_from_a_real_server_through_forward_every_frame_decoded(tmp_path):
     require_root("the agent lab tests")
     system_python = shutil.which("python3", path="/usr/bin")
     with Lab(a="nat", b="napt-random") as lab:
-        story = labdemo.Story(lab, str(tmp_path), EXAMPLES)
+        story = labdemo.Story(lab, str(tmp_path))
         story.start_ccs()
         rtsp = lab.spawn("a", [system_python, os.path.join(HERE, "rtsp_server.py"), "127.0.0.1",
                                "8554"], stdout=subprocess.PIPE, text=True)
@@ -198,7 +197,7 @@ def test_sighup_swaps_services_without_dropping_the_session_sigterm_cleans_up(tm
     with Lab(a="nat", b="nat") as lab:
         # one login per device name (a second one replaces the first): the
         # second viewer process has its own
-        story = labdemo.Story(lab, str(tmp_path), EXAMPLES, viewers=("viewer", "viewer2"))
+        story = labdemo.Story(lab, str(tmp_path), viewers=("viewer", "viewer2"))
         story.start_ccs()
         for d, port in ((www1, 8081), (www2, 8082)):
             lab.spawn("a", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1",

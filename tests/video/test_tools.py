@@ -17,7 +17,6 @@ from fastpunch.lab import Lab
 from tests.conftest import require_root
 
 pytestmark = pytest.mark.lab
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 
 
 def test_send_and_recv_a_file(tmp_path):
@@ -25,7 +24,7 @@ def test_send_and_recv_a_file(tmp_path):
     payload = os.urandom(8 << 20)
     (tmp_path / "in.bin").write_bytes(payload)
     with Lab(a="nat", b="napt-random") as lab:
-        story = labdemo.Story(lab, str(tmp_path), EXAMPLES)
+        story = labdemo.Story(lab, str(tmp_path))
         story.start_ccs()
         fp = [sys.executable, "-m", "fastpunch"]
         recv = lab.spawn("a", fp + ["recv", "--from", "viewer", "--name", "camera", "--key-file",
@@ -52,7 +51,7 @@ def test_a_relay_first_session_sends_a_file_and_reports_its_path_history(tmp_pat
     payload = os.urandom(32 << 20)
     (tmp_path / "in.bin").write_bytes(payload)
     with Lab(a="nat", b="nat") as lab:
-        story = labdemo.Story(lab, str(tmp_path), EXAMPLES)
+        story = labdemo.Story(lab, str(tmp_path))
         story.start_ccs()
         fp = [sys.executable, "-m", "fastpunch"]
         recv = lab.spawn("a", fp + ["recv", "--from", "viewer", "--name", "camera", "--key-file",

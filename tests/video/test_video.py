@@ -5,7 +5,6 @@ every frame and the CCS carries no video byte."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -15,7 +14,6 @@ from fastpunch.lab import Lab
 from tests.conftest import require_root
 
 pytestmark = pytest.mark.lab
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 
 
 def need_tools():
@@ -28,7 +26,7 @@ def need_tools():
 def test_the_lab_demo_end_to_end():
     need_tools()
     lines = []
-    report = labdemo.run(lines.append, seconds=4, examples=EXAMPLES)
+    report = labdemo.run(lines.append, seconds=4)
     assert report["path"] == "direct" and report["strategy"] == "symmetric"
     assert report["frames"] == report["frames_expected"] == 100
     assert report["decode_errors"] == [] and report["codec"] == "h264"
@@ -39,7 +37,7 @@ def test_the_lab_demo_end_to_end():
 def test_several_viewers_each_on_its_own_direct_connection(tmp_path):
     need_tools()
     with Lab(a="nat", b="nat", c="nat-rst") as lab:
-        story = labdemo.Story(lab, str(tmp_path), EXAMPLES, viewers=("phone", "laptop"))
+        story = labdemo.Story(lab, str(tmp_path), viewers=("phone", "laptop"))
         story.start_ccs()
         camera, _ = story.start_camera(max_viewers=2)
         procs = {}
@@ -63,7 +61,7 @@ def test_several_viewers_each_on_its_own_direct_connection(tmp_path):
 def test_two_random_napts_get_the_video_through_the_relay(tmp_path):
     need_tools()
     with Lab(a="napt-random", b="napt-random") as lab:
-        story = labdemo.Story(lab, str(tmp_path), EXAMPLES)
+        story = labdemo.Story(lab, str(tmp_path))
         story.start_ccs()
         camera, _ = story.start_camera()
         out = str(tmp_path / "relayed.ts")

@@ -68,6 +68,9 @@ def cmd_agent_run(args) -> int:
     cfg = config.load(flags, os.environ)          # a ConfigError names the setting
     _logging()
     event("config", file=cfg.file, settings=cfg.shown())
+    for name in config.unknown_environment(os.environ):
+        event("config-unknown-variable", variable=name,
+              reason="names no setting of the agent; ignored")
 
     async def run() -> int:
         agent = Agent(cfg)
@@ -115,7 +118,7 @@ def cmd_forward(args) -> int:
     from fastpunch._loop import run as run_loop
     from fastpunch.agent.forward import Forwarder
     from fastpunch.agent.service import event
-    from fastpunch.ccs.cli import read_credentials
+    from fastpunch.credentials import read_credentials
     from fastpunch.ccs.config import ConfigError, parse_hostport
     from fastpunch.client import Device
 
@@ -123,10 +126,7 @@ def cmd_forward(args) -> int:
         host, port = parse_hostport(args.listen)
     except ValueError:
         raise ConfigError(f"--listen {args.listen}: expected HOST:PORT") from None
-    name, key = read_credentials(args.key_file)
-    if name is not None and name != args.name:
-        raise FastpunchError(f"{args.key_file} holds the credentials of {name!r}, not "
-                             f"{args.name!r}")
+    _, key = read_credentials(args.key_file, args.name)
     _logging()
 
     async def run() -> int:

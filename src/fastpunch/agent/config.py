@@ -26,13 +26,15 @@ from typing import Any, Mapping, Optional, Tuple
 
 from fastpunch.ccs.config import (
     ConfigError, Setting, _Bad, _integer, _text, add_table_arguments, load_table, parse_hostport,
+    unknown_environment as _unknown_environment,
 )
 from fastpunch.proto.mux import (
     DEFAULT_MAX_STREAMS, DEFAULT_MAX_WINDOW, INITIAL_WINDOW, valid_label,
 )
 
 __all__ = ["AgentConfig", "Service", "SETTINGS", "ConfigError", "load", "parse_services",
-           "add_arguments", "ENV_PREFIX", "CONFIG_ENV", "DEFAULT_STATUS_SOCKET"]
+           "add_arguments", "unknown_environment", "ENV_PREFIX", "CONFIG_ENV",
+           "DEFAULT_STATUS_SOCKET"]
 
 ENV_PREFIX = "FASTPUNCH_AGENT_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -260,6 +262,12 @@ def load(flags: Mapping[str, Optional[str]], environ: Mapping[str, str] = os.env
     if values["status_socket"] == "":
         values["status_socket"] = None
     return AgentConfig(values, sources, path)
+
+
+def unknown_environment(environ: Mapping[str, str] = os.environ) -> list:
+    """FASTPUNCH_AGENT_* variables that name no setting (a typo would
+    otherwise leave its setting at the default without a word)."""
+    return _unknown_environment(environ, SETTINGS, CONFIG_ENV, ENV_PREFIX)
 
 
 def add_arguments(parser) -> None:

@@ -91,13 +91,10 @@ class Agent:
         """Log in (errors raise), start accepting, serve the status socket."""
         cfg = self.config
         if self.device is None:
-            from fastpunch.ccs.cli import read_credentials
             from fastpunch.client import Device
+            from fastpunch.credentials import read_credentials
 
-            holder, key = read_credentials(cfg["key_file"])
-            if holder is not None and holder != cfg["name"]:
-                raise FastpunchError(f"{cfg['key_file']} holds the credentials of {holder!r}, "
-                                     f"not {cfg['name']!r}")
+            _, key = read_credentials(cfg["key_file"], cfg["name"])
             self.device = Device(list(cfg["ccs"]), cfg["name"], key, ca_file=cfg["ca"],
                                  server_hostname=cfg["server_name"], nat=cfg["nat"],
                                  standing=True, keepalive=cfg["keepalive"])

@@ -11,6 +11,7 @@ import signal
 import sys
 from typing import Optional
 
+from fastpunch.credentials import read_credentials
 from fastpunch.errors import FastpunchError
 
 DEFAULT_DIR = "/var/lib/fastpunch/ccs"
@@ -122,9 +123,7 @@ def key_from(path: Optional[str], name: str) -> Optional[bytes]:
     """The key of ``name`` in a credentials file (``--key-from``), or None."""
     if path is None:
         return None
-    holder, key = read_credentials(path)
-    if holder is not None and holder != name:
-        raise FastpunchError(f"{path} holds the credentials of {holder!r}, not {name!r}")
+    _, key = read_credentials(path, name)
     if len(key) != 32:
         raise FastpunchError(f"{path}: a device key is 32 bytes, not {len(key)}")
     return key
@@ -381,20 +380,6 @@ def cmd_renew_cert(args) -> int:
     return 0
 
 
-def read_credentials(path: str) -> tuple:
-    with open(path) as f:
-        text = f.read().strip()
-    try:
-        creds = json.loads(text)
-        return creds.get("name"), bytes.fromhex(creds["key"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        pass
-    try:
-        return None, bytes.fromhex(text)
-    except ValueError:
-        raise FastpunchError(f"{path}: not a credentials file from `ccs add-device`") from None
-
-
 def _ready_json(ready) -> dict:
     from fastpunch.proto.wire import fields_of
 
@@ -409,9 +394,7 @@ def cmd_device_run(args) -> int:
     from fastpunch._loop import new_event_loop
     from fastpunch.client import Device
 
-    name, key = read_credentials(args.key_file)
-    if name is not None and name != args.name:
-        raise FastpunchError(f"{args.key_file} holds the credentials of {name!r}, not {args.name!r}")
+    _, key = read_credentials(args.key_file, args.name)
 
     def say(kind: str, **fields) -> None:
         print(json.dumps({"event": kind, **fields}), flush=True)

@@ -404,7 +404,9 @@ def load_table(settings, config_env: str, flags: Mapping[str, Optional[str]],
     return values, sources, path
 
 
-def unknown_environment(environ: Mapping[str, str]) -> list:
-    """FASTPUNCH_CCS_* variables that name no setting (typos, most likely)."""
-    known = {s.env for s in SETTINGS} | {CONFIG_ENV}
-    return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
+def unknown_environment(environ: Mapping[str, str], settings=None, config_env: str = CONFIG_ENV,
+                        prefix: str = ENV_PREFIX) -> list:
+    """``prefix``* variables (FASTPUNCH_CCS_* unless another table's are
+    asked for) that name no setting of ``settings``: typos, most likely."""
+    known = {s.env for s in (SETTINGS if settings is None else settings)} | {config_env}
+    return sorted(k for k in environ if k.startswith(prefix) and k not in known)
