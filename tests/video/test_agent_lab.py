@@ -244,3 +244,32 @@ def test_sighup_swaps_services_without_dropping_the_session_sigterm_cleans_up(tm
     assert agent_rc == 0 and stopped["reason"] == "signal"
     assert "fastpunch" not in left, left
     assert not os.path.exists(tmp_path / "agent.sock")
+
+
+def gateway_mappings(lab, host: str) -> list:
+    """The port mappings the upnp gateway (miniupnpd: PCP, NAT-PMP and UPnP
+    alike) holds for ``host``: its DNAT rules."""
+    out = lab.run("gw-a", ["nft", "list", "ruleset"]).stdout
+    return [line.strip() for line in out.splitlines() if f"dnat ip to {host}:" in line]
+
+
+def test_sigterm_deletes_the_port_mappings_the_agent_asked_its_gateway_for(tmp_path):
+    # behind a gateway that grants mappings, the agent's standing info holds
+    # a mapped candidate; a stop must not leave that hole in the firewall
+    # until its lifetime runs out
+    require_root("the agent lab tests")
+    with Lab(a="upnp", b="nat") as lab:
+        story = labdemo.Story(lab, str(tmp_path))
+        story.start_ccs()
+        host = lab.sites["a"].host_addr
+        agent = start_agent(lab, story, tmp_path, '[services]\nweb = "127.0.0.1:8081"\n')
+        deadline, held = time.monotonic() + 30, []
+        while time.monotonic() < deadline and not held:
+            held = gateway_mappings(lab, host)
+            time.sleep(0.2)
+        rc = stop(agent)
+        left = gateway_mappings(lab, host)
+        stopped = wait_log(tmp_path / "agent.log", "stopped", timeout=5)
+    assert held, "the agent never asked the upnp gateway for a mapping"
+    assert rc == 0 and stopped["reason"] == "signal"
+    assert left == [], left
