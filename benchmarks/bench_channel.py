@@ -193,12 +193,21 @@ def test_channel_loopback_64mib(benchmark, payload):
         cpu_cycles_per_byte=round(cpu * mhz * 1e6 / TOTAL, 3) if mhz else None)
 
 
+@pytest.mark.parametrize("backend", ["cryptography", "libcrypto"])
 @pytest.mark.parametrize("cipher", [Cipher.AES_256_GCM, Cipher.CHACHA20_POLY1305],
                          ids=["aes-256-gcm", "chacha20-poly1305"])
-def test_cipher_cycles_per_byte(benchmark, payload, cipher):
+def test_cipher_cycles_per_byte(benchmark, payload, cipher, backend, monkeypatch):
     """Seal then open 64 MiB through two machines in memory (no sockets):
-    the cipher plus the record layer's Python overhead."""
+    the cipher plus the record layer's Python overhead; on cryptography's
+    AEADs and on libcrypto through ctypes (a device install's,
+    fastpunch._aead), side by side."""
+    from fastpunch import _aead
+    from fastpunch.proto import channel as channel_module
+
     benchmark.group = "channel-cipher-64MiB"
+    _, aes, chacha, _invalid = _aead.select(backend)
+    monkeypatch.setitem(channel_module._AEAD, Cipher.AES_256_GCM, aes)
+    monkeypatch.setitem(channel_module._AEAD, Cipher.CHACHA20_POLY1305, chacha)
     a = Channel("initiator", KEY, cipher=cipher)
     b = Channel("responder", KEY, cipher=cipher)
     b.receive_data(a.start())
@@ -239,6 +248,7 @@ def test_cipher_cycles_per_byte(benchmark, payload, cipher):
     mhz = cpu_mhz()
     benchmark.extra_info.update(
         correct=all(digests) and a.cipher is b.cipher is cipher, cipher=cipher.name,
+        backend=backend,
         chosen_for_this_cpu=cipher is default_cipher(), bytes=TOTAL,
         seal_mb_per_cpu_s=round(TOTAL / seal / 1e6, 1),
         open_mb_per_cpu_s=round(TOTAL / open_ / 1e6, 1),

@@ -22,7 +22,7 @@ and ``nonce = iv XOR counter`` (counter: records sent in that direction, the
 confirm being 0). The counter is never sent: a replayed, reordered or dropped
 record is decrypted under the wrong nonce and fails as ``bad-record-mac``.
 
-Key schedule (HKDF-SHA256 from ``cryptography``)::
+Key schedule (HKDF-SHA256, RFC 5869, fastpunch._aead)::
 
     transcript = SHA-256("fastpunch-channel-v1" || initiator hello record || responder hello record)
     okm = HKDF(ikm=session key, salt=initiator nonce || responder nonce,
@@ -61,10 +61,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Optional, Union
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+from fastpunch import _aead
 
 from fastpunch.errors import LocalProtocolError, RemoteProtocolError
 
@@ -144,7 +141,10 @@ RECV_TRANSITIONS: dict[RecvState, dict[RecordType, RecvState]] = {
 
 _KNOWN_TYPES = frozenset(int(t) for t in RecordType)
 _FULL_DATA_HEADER = HEADER.pack(RecordType.DATA, MAX_BODY)
-_AEAD = {Cipher.AES_256_GCM: AESGCM, Cipher.CHACHA20_POLY1305: ChaCha20Poly1305}
+# the AEADs: cryptography's where installed, else the process's own libcrypto
+# (fastpunch._aead; a device install without cryptography)
+AEAD_BACKEND, _AES, _CHACHA, InvalidTag = _aead.select()
+_AEAD = {Cipher.AES_256_GCM: _AES, Cipher.CHACHA20_POLY1305: _CHACHA}
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -385,8 +385,7 @@ class Channel:
             i_nonce, r_nonce = nonce, self._my_nonce
             self.cipher = Cipher(cipher)
         transcript = hashlib.sha256(_LABEL + first + second).digest()
-        okm = HKDF(algorithm=hashes.SHA256(), length=152, salt=i_nonce + r_nonce,
-                   info=_KEYS_INFO + transcript).derive(self._session_key)
+        okm = _aead.hkdf(self._session_key, i_nonce + r_nonce, _KEYS_INFO + transcript, 152)
         i2r_key, i2r_iv, r2i_key, r2i_iv = okm[0:32], okm[32:44], okm[44:76], okm[76:88]
         i_confirm, r_confirm = okm[88:120], okm[120:152]
         aead = _AEAD[self.cipher]
@@ -398,9 +397,8 @@ class Channel:
             recv = (i2r_key, i2r_iv, i_confirm, "initiator")
         self._send_aead, self._send_iv = aead(send[0]), int.from_bytes(send[1], "big")
         self._recv_aead, self._recv_iv = aead(recv[0]), int.from_bytes(recv[1], "big")
-        self._exporter_secret = HKDF(algorithm=hashes.SHA256(), length=32,
-                                     salt=i_nonce + r_nonce,
-                                     info=_EXPORTER_INFO + transcript).derive(self._session_key)
+        self._exporter_secret = _aead.hkdf(self._session_key, i_nonce + r_nonce,
+                                           _EXPORTER_INFO + transcript, 32)
         self._encrypt_into = getattr(self._send_aead, "encrypt_into", None)
         self._decrypt_into = getattr(self._recv_aead, "decrypt_into", None)
         my_confirm = hmac.new(send[2], _CONFIRM_LABEL[send[3]] + transcript,
@@ -420,8 +418,7 @@ class Channel:
             raise ChannelUsageError("not-started", "no exporter before both hellos are in")
         if not isinstance(label, (bytes, bytearray)) or not 1 <= length <= 255 * 32:
             raise ChannelUsageError("bad-argument", "exporter(label: bytes, 1 <= length <= 8160)")
-        return HKDFExpand(algorithm=hashes.SHA256(), length=length,
-                          info=bytes(label)).derive(self._exporter_secret)
+        return _aead.hkdf_expand(self._exporter_secret, bytes(label), length)
 
     # -- nonces ---------------------------------------------------------------------
     def _next_send_nonce(self) -> bytes:

@@ -1,0 +1,77 @@
+"""The libcrypto backend of fastpunch._aead in a process of its own
+(FASTPUNCH_AEAD is read at import): it and a cryptography end share one
+channel, and the channel's whole unit suite passes on it. (Spawns
+sys.executable: not under qemu-user, scripts/cross-check.)"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from fastpunch import _aead
+
+pytest.importorskip("cryptography")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+def test_the_channel_suite_passes_on_libcrypto():
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/unit/test_channel.py", "tests/unit/test_session.py"],
+                       cwd=ROOT, env={**os.environ, _aead.ENV: "libcrypto"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+CHILD = r"""
+import hashlib, os, socket, sys
+from fastpunch.channel import SecureSocket
+from fastpunch.proto import channel
+assert channel.AEAD_BACKEND == "libcrypto", channel.AEAD_BACKEND
+s = SecureSocket(socket.socket(fileno=int(sys.argv[1])), "responder", bytes(range(32)),
+                 cipher=channel.Cipher[sys.argv[2]])
+got, h = 0, hashlib.sha256()
+while got < 3 << 20:
+    data = s.recv(1 << 20)
+    h.update(data)
+    got += len(data)
+s.sendall(h.digest() + b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest()
+                               for i in range(8192)))
+s.close()
+"""
+
+
+@pytest.mark.parametrize("cipher", ["AES_256_GCM", "CHACHA20_POLY1305"])
+def test_a_libcrypto_end_and_a_cryptography_end_share_a_channel(cipher):
+    from fastpunch.channel import SecureSocket
+    from fastpunch.proto import channel
+
+    assert channel.AEAD_BACKEND == "cryptography"
+    a, b = socket.socketpair()
+    env = {**os.environ, _aead.ENV: "libcrypto"}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(b.fileno()), cipher],
+                             pass_fds=(b.fileno(),), env=env)
+    b.close()
+    try:
+        s = SecureSocket(a, "initiator", bytes(range(32)), cipher=channel.Cipher[cipher])
+        assert s.cipher is channel.Cipher[cipher]
+        payload = os.urandom(3 << 20)
+        s.sendall(payload)
+        want = hashlib.sha256(payload).digest() + b"".join(
+            hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(8192))
+        got = b""
+        a.settimeout(30)
+        while len(got) < len(want):
+            data = s.recv(1 << 20)
+            assert data, "the libcrypto end closed early"
+            got += data
+        assert got == want
+        assert child.wait(30) == 0
+    finally:
+        child.kill()
+        a.close()
