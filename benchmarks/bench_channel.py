@@ -205,9 +205,10 @@ def test_cipher_cycles_per_byte(benchmark, payload, cipher, backend, monkeypatch
     from fastpunch.proto import channel as channel_module
 
     benchmark.group = "channel-cipher-64MiB"
-    _, aes, chacha, _invalid = _aead.select(backend)
-    monkeypatch.setitem(channel_module._AEAD, Cipher.AES_256_GCM, aes)
-    monkeypatch.setitem(channel_module._AEAD, Cipher.CHACHA20_POLY1305, chacha)
+    name, aes, chacha, invalid = _aead.select(backend)
+    monkeypatch.setattr(channel_module, "_BACKEND", (name, {Cipher.AES_256_GCM: aes,
+                                                            Cipher.CHACHA20_POLY1305: chacha},
+                                                     invalid))
     a = Channel("initiator", KEY, cipher=cipher)
     b = Channel("responder", KEY, cipher=cipher)
     b.receive_data(a.start())

@@ -15,8 +15,9 @@ re-initialisation with its nonce, one update for the associated data, one
 for the payload, the final call and the tag. HKDF is RFC 5869 on
 ``hmac``/``hashlib`` (also OpenSSL underneath).
 
-``open_`` raises :class:`InvalidTag` when the tag does not verify; the
-output buffer is then discarded, so no unauthenticated byte leaves."""
+``decrypt`` and ``decrypt_into`` raise :class:`InvalidTag` when the tag
+does not verify; the output is then discarded or zeroed, so no
+unauthenticated byte leaves."""
 
 from __future__ import annotations
 
@@ -45,17 +46,31 @@ class InvalidTag(Exception):
     or sealed under another key or nonce."""
 
 
-def libcrypto_path() -> Optional[str]:
-    """The libcrypto the ``ssl`` module uses, as mapped in this process."""
-    import ssl  # noqa: F401  (maps libssl and libcrypto)
+MAX_LEN = 2 ** 31 - 1 - TAG       # what EVP's int lengths hold
 
+
+def libcrypto_path() -> Optional[str]:
+    """Where the EVP functions come from: Python's ``_ssl`` extension itself
+    (a lookup through it finds the libcrypto it links, the very copy the TLS
+    link uses, or OpenSSL linked into it), else the first libcrypto mapped
+    in this process, else the system's."""
+    try:
+        import _ssl
+    except ImportError:
+        raise KernelFeatureMissing("libcrypto", "this Python has no ssl module (the TLS "
+                                                "link to the CCS needs it too)") from None
+    path = getattr(_ssl, "__file__", None)
+    if path:
+        return path
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
-                path = line.rsplit(None, 1)[-1]
-                base = os.path.basename(path)
-                if base.startswith("libcrypto.so") or base.startswith("libcrypto-"):
-                    return path
+                fields = line.rstrip("\n").split(None, 5)
+                if len(fields) < 6:
+                    continue
+                base = os.path.basename(fields[5])
+                if base.startswith(("libcrypto.so", "libcrypto-")):
+                    return fields[5]
     except OSError:
         pass
     import ctypes.util
@@ -93,9 +108,7 @@ def _load():
                 ("EVP_EncryptUpdate", I, (P, P, IP, C, I)),
                 ("EVP_DecryptUpdate", I, (P, P, IP, C, I)),
                 ("EVP_EncryptFinal_ex", I, (P, P, IP)),
-                ("EVP_DecryptFinal_ex", I, (P, P, IP)),
-                ("EVP_aes_256_gcm", P, ()),
-                ("EVP_chacha20_poly1305", P, ())):
+                ("EVP_DecryptFinal_ex", I, (P, P, IP))):
             try:
                 fn = getattr(lib, name)
             except AttributeError:
@@ -108,16 +121,24 @@ def _load():
 
 class _Aead:
     """One key, two contexts (seal and open), reused record after record.
-    Not for concurrent use from several threads (the channel's sender and
-    receiver each hold their own)."""
+    Not for concurrent use of one direction from several threads: the
+    channel seals under a lock, and its sending and receiving keys are
+    separate objects."""
 
     _cipher_name = ""
 
     def __init__(self, key: bytes) -> None:
+        key = bytes(key)
         if len(key) != KEY:
             raise ValueError(f"{type(self).__name__} takes a {KEY}-byte key, not {len(key)}")
         lib = self._lib = _load()
-        cipher = getattr(lib, self._cipher_name)()
+        try:            # each cipher on its own: a libcrypto built without one keeps the other
+            get = getattr(lib, self._cipher_name)
+        except AttributeError:
+            raise KernelFeatureMissing("libcrypto", f"it has no {self._cipher_name} (the "
+                                                    "peer may offer the other cipher)") from None
+        get.restype, get.argtypes = ctypes.c_void_p, ()
+        cipher = get()
         self._enc = self._ctx(lib.EVP_EncryptInit_ex, cipher, key)
         self._dec = self._ctx(lib.EVP_DecryptInit_ex, cipher, key)
         # per direction: a sender and a receiver thread may share one key
@@ -147,8 +168,7 @@ class _Aead:
 
     def encrypt(self, nonce: bytes, data: bytes, aad: Optional[bytes]) -> bytes:
         """ciphertext || 16-byte tag."""
-        if len(nonce) != NONCE:
-            raise ValueError(f"nonce must be {NONCE} bytes")
+        nonce = _checked(nonce, data, aad)
         lib, ctx, outl, tag = self._lib, self._enc, ctypes.byref(self._enc_len), self._enc_tag
         data = bytes(data)           # (the same object for bytes; a copy of a view)
         aad = bytes(aad) if aad else None
@@ -167,8 +187,7 @@ class _Aead:
 
     def decrypt(self, nonce: bytes, data: bytes, aad: Optional[bytes]) -> bytes:
         """The plaintext of ciphertext || tag, or InvalidTag."""
-        if len(nonce) != NONCE:
-            raise ValueError(f"nonce must be {NONCE} bytes")
+        nonce = _checked(nonce, data, aad)
         data = bytes(data)
         aad = bytes(aad) if aad else None
         n = len(data) - TAG
@@ -194,8 +213,9 @@ class _Aead:
     def encrypt_into(self, nonce: bytes, data, aad: Optional[bytes], buf) -> int:
         """Seal ``data`` into the writable ``buf`` (len(data) + 16 bytes)."""
         n = len(data)
-        if len(buf) != n + TAG or len(nonce) != NONCE:
-            raise ValueError("encrypt_into: buf must be len(data) + 16 bytes, nonce 12")
+        nonce = _checked(nonce, data, aad)
+        if len(buf) != n + TAG:
+            raise ValueError("encrypt_into: buf must be len(data) + 16 bytes")
         lib, ctx, outl = self._lib, self._enc, ctypes.byref(self._enc_len)
         out = (ctypes.c_char * (n + TAG)).from_buffer(buf)
         ok = lib.EVP_EncryptInit_ex(ctx, None, None, None, nonce) == 1
@@ -216,8 +236,9 @@ class _Aead:
         n = len(data) - TAG
         if n < 0:
             raise InvalidTag()
-        if len(buf) != n or len(nonce) != NONCE:
-            raise ValueError("decrypt_into: buf must be len(data) - 16 bytes, nonce 12")
+        nonce = _checked(nonce, data, aad)
+        if len(buf) != n:
+            raise ValueError("decrypt_into: buf must be len(data) - 16 bytes")
         lib, ctx, outl = self._lib, self._dec, ctypes.byref(self._dec_len)
         src = _pointer(data)
         out = (ctypes.c_char * n).from_buffer(buf) if n else None
@@ -227,6 +248,8 @@ class _Aead:
         if ok and n:
             ok = lib.EVP_DecryptUpdate(ctx, out, outl, src, n) == 1
         if not ok:
+            if n:
+                ctypes.memset(out, 0, n)
             raise RuntimeError(f"libcrypto failed to open a record ({self._cipher_name})")
         tag = bytes(memoryview(data)[n:])
         if lib.EVP_CIPHER_CTX_ctrl(ctx, _CTRL_AEAD_SET_TAG, TAG, tag) != 1 \
@@ -235,6 +258,17 @@ class _Aead:
                 ctypes.memset(out, 0, n)
             raise InvalidTag()
         return n
+
+
+def _checked(nonce, data, aad) -> bytes:
+    """The nonce as bytes; ValueError or OverflowError for what EVP's int
+    lengths or the 12-byte nonce do not take."""
+    nonce = bytes(nonce)
+    if len(nonce) != NONCE:
+        raise ValueError(f"nonce must be {NONCE} bytes")
+    if len(data) > MAX_LEN or (aad is not None and len(aad) > MAX_LEN):
+        raise OverflowError("data and associated data must be under 2 GiB")
+    return nonce
 
 
 def _pointer(data):
@@ -282,9 +316,9 @@ def select(name: Optional[str] = None):
     """(backend name, AES-256-GCM class, ChaCha20-Poly1305 class, the
     InvalidTag exceptions to catch). ``name`` (else $FASTPUNCH_AEAD, else
     the first that imports): "cryptography" where it is installed (its
-    per-record cost is lower: 3 against 10-14 us for a 16 KiB record, both
-    far above any WAN link), "libcrypto" otherwise (a device install
-    without it)."""
+    per-record cost is lower: about 3 against 10-15 us for a 16 KiB record, both
+    far above any WAN link; docs/benchmarks.md), "libcrypto" otherwise (a
+    device install without it)."""
     name = name or os.environ.get(ENV) or None
     if name is not None and name not in BACKENDS:
         raise ValueError(f"{ENV} must be one of {', '.join(BACKENDS)}, not {name!r}")

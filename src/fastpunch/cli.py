@@ -14,6 +14,9 @@ from fastpunch.errors import FastpunchError, InsufficientPrivilegeError
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_PRIVILEGE = 77  # sysexits EX_NOPERM
+# what a command may need beyond a device install, and the extra that brings it
+EXTRA_OF = {"cryptography": "ccs", "prometheus_client": "ccs", "pyroute2": "lab",
+            "redis": "redis"}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -132,6 +135,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         print(f"fastpunch: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None or args.debug:
+            raise
+        print(f"fastpunch: {args.command} needs {exc.name.split('.')[0]}, which a device "
+              f"install leaves out: pip install 'fastpunch[{extra}]'", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

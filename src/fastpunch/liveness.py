@@ -71,9 +71,9 @@ class Keepalive:
     under the shortest idle timeout of the gateways on the way; 10 s is the
     CCS's default). ``timeout``: seconds without an acknowledgement after
     which the path is declared dead (the kernel's TCP_USER_TIMEOUT); None
-    for ``period + (LOST_PROBES + 0.5) * interval``, which
+    for ``period + (LOST_PROBES + 1) * interval``, which
     :attr:`user_timeout` gives: the third unanswered probe in a row ends the
-    stream, never the first (15 s for the default period).
+    stream, never the first (16 s for the default period).
     ``interval`` (derived): seconds between probes once one went out."""
 
     period: int = 10
@@ -101,7 +101,10 @@ class Keepalive:
         """The timeout in force (TCP_USER_TIMEOUT), in seconds."""
         if self.timeout is not None:
             return float(self.timeout)
-        return self.period + (LOST_PROBES + 0.5) * self.interval
+        # the check after probe LOST_PROBES + 1 is the first at or past it,
+        # the one before it falls short however late the kernel's timers
+        # run (each at most an eighth of its delay, under one interval in all)
+        return float(self.period + (LOST_PROBES + 1) * self.interval)
 
     def _fatal_check(self) -> int:
         """k of the keepalive timer's check at ``period + k * interval`` (k

@@ -434,3 +434,12 @@ def test_a_misspelt_agent_variable_is_reported_not_silently_ignored(tmp_path):
     unknown = [e for e in events if e.get("event") == "config-unknown-variable"]
     assert unknown and unknown[0]["variable"] == "FASTPUNCH_AGENT_SERVICS", r.stderr
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_misspelt_required_variable_is_named_in_the_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fastpunch", "agent", "run", "--ccs",
+                        "127.0.0.1:1", "--name", "cam", "--ca", "ca.pem", "--status-socket", ""],
+                       env={**os.environ, "FASTPUNCH_AGENT_KEY_FIEL": "cam.json"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "key_file is required" in r.stderr and "FASTPUNCH_AGENT_KEY_FIEL" in r.stderr, r.stderr

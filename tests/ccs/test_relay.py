@@ -363,7 +363,7 @@ def test_the_relay_gives_both_legs_the_nodes_keepalive(deployment):
             await b.close()
             return legs
 
-    assert arun(main()) == [(1, 25, 40_000)] * 2     # 25 + 2.5 probe intervals of 6 s
+    assert arun(main()) == [(1, 25, 43_000)] * 2     # 25 + 3 probe intervals of 6 s
 
 
 def test_an_out_of_range_advertised_keepalive_is_ignored_with_a_warning(deployment, caplog):

@@ -134,7 +134,22 @@ def test_a_missing_libcrypto_is_named_not_a_crash(monkeypatch):
 
 
 def test_the_library_is_the_one_ssl_already_mapped():
+    # the EVP functions resolve through Python's own _ssl: the libcrypto
+    # the TLS link uses, already mapped, never a second copy
+    import ctypes
+    import _ssl
+
     path = _aead.libcrypto_path()
-    assert path and "libcrypto" in os.path.basename(path)
-    with open("/proc/self/maps") as maps:
-        assert path in maps.read()
+    assert path == getattr(_ssl, "__file__", path)
+    before = open("/proc/self/maps").read()
+    assert path in before
+    fn = ctypes.cast(_aead._load().EVP_aes_256_gcm, ctypes.c_void_p).value
+    owner = [line.split(None, 5)[5] for line in open("/proc/self/maps")
+             if len(line.split(None, 5)) == 6
+             and int(line.split("-")[0], 16) <= fn < int(line.split()[0].split("-")[1], 16)]
+    assert owner and ("libcrypto" in owner[0] or owner[0] == path), owner
+    mapped = {line.split(None, 5)[5].strip() for line in open("/proc/self/maps")
+              if len(line.split(None, 5)) == 6}
+    assert {p for p in mapped if "libcrypto" in p} == \
+        {line.split(None, 5)[5].strip() for line in before.splitlines()
+         if len(line.split(None, 5)) == 6 and "libcrypto" in line}, "a second libcrypto"

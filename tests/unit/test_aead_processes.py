@@ -1,7 +1,8 @@
-"""The libcrypto backend of fastpunch._aead in a process of its own
-(FASTPUNCH_AEAD is read at import): it and a cryptography end share one
-channel, and the channel's whole unit suite passes on it. (Spawns
-sys.executable: not under qemu-user, scripts/cross-check.)"""
+"""A device install's processes (no cryptography): the libcrypto backend
+of fastpunch._aead in a process of its own (FASTPUNCH_AEAD is read once,
+at the first handshake), which shares one channel with a cryptography end
+and passes the channel's whole unit suite; a command that needs an extra
+names it. (Spawns sys.executable: not under qemu-user, scripts/cross-check.)"""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ CHILD = r"""
 import hashlib, os, socket, sys
 from fastpunch.channel import SecureSocket
 from fastpunch.proto import channel
-assert channel.AEAD_BACKEND == "libcrypto", channel.AEAD_BACKEND
+assert channel.aead_backend()[0] == "libcrypto", channel.aead_backend()
 s = SecureSocket(socket.socket(fileno=int(sys.argv[1])), "responder", bytes(range(32)),
                  cipher=channel.Cipher[sys.argv[2]])
 got, h = 0, hashlib.sha256()
@@ -51,7 +52,8 @@ def test_a_libcrypto_end_and_a_cryptography_end_share_a_channel(cipher):
     from fastpunch.channel import SecureSocket
     from fastpunch.proto import channel
 
-    assert channel.AEAD_BACKEND == "cryptography"
+    if channel.aead_backend()[0] != "cryptography":
+        pytest.skip("this process runs on libcrypto too (FASTPUNCH_AEAD)")
     a, b = socket.socketpair()
     env = {**os.environ, _aead.ENV: "libcrypto"}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(b.fileno()), cipher],
@@ -75,3 +77,17 @@ def test_a_libcrypto_end_and_a_cryptography_end_share_a_channel(cipher):
     finally:
         child.kill()
         a.close()
+
+
+def test_a_command_that_needs_an_extra_names_it_on_a_device_install(tmp_path):
+    # a device install has no cryptography: `ccs init` (a CA) says which
+    # extra brings it, no traceback; device commands never need it
+    code = ("import sys\nsys.modules['cryptography'] = None\n"
+            "from fastpunch.cli import main\nsys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "ccs", "init", "--dir", str(tmp_path / "c"),
+                        "--ip", "192.0.2.1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "pip install 'fastpunch[ccs]'" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-c", code, "camera", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--source" in r.stdout, r.stderr

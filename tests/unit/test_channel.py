@@ -763,3 +763,33 @@ def test_without_encrypt_into_and_decrypt_into():
     b2._decrypt_into = None
     r1, r2 = bytes(a2.send_data(b"one")), bytes(a2.send_data(b"two"))
     assert code_of(b2, r1 + flip(r2, 40), eof=False) == "bad-record-mac"
+
+
+def test_two_threads_sealing_at_once_never_share_a_nonce():
+    # a resumable session's reader seals ACKs while its writer seals data:
+    # every record counter (the nonce) is taken once, whatever the threads do
+    import threading
+    import time as _time
+
+    a, _ = confirmed_pair()
+    used, seal = [], a._encrypt_into or a._send_aead.encrypt
+    lock = threading.Lock()
+
+    def recording(nonce, *rest):
+        with lock:
+            used.append(nonce)
+        _time.sleep(0)                      # invite a switch mid-record
+        return seal(nonce, *rest)
+
+    if a._encrypt_into is not None:
+        a._encrypt_into = recording
+    else:
+        a._send_aead = type("Rec", (), {"encrypt": staticmethod(recording)})()
+    data = os.urandom(3 * MAX_PLAINTEXT + 5)
+    threads = [threading.Thread(target=lambda: [a.send_data(data) for _ in range(50)])
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(used) == 3 * 50 * 4 and len(set(used)) == len(used)

@@ -77,3 +77,4 @@ def test_the_camera_command_is_installed_with_its_defaults_in_help(capsys):
     out = capsys.readouterr().out
     assert "--source" in out and "testsrc" in out and "--max-viewers" in out
     assert "(default: auto)" in out
+

@@ -65,10 +65,18 @@ def cmd_agent_run(args) -> int:
     from fastpunch.agent.service import Agent, event
 
     flags = config.flags_of(args)
-    cfg = config.load(flags, os.environ)          # a ConfigError names the setting
+    unknown = config.unknown_environment(os.environ)
+    try:
+        cfg = config.load(flags, os.environ)      # a ConfigError names the setting
+    except config.ConfigError as exc:
+        if not unknown:
+            raise
+        # a misspelt variable is most likely why a required setting is missing
+        raise config.ConfigError(f"{exc} (set but naming no setting: {', '.join(unknown)})",
+                                 exc.setting, exc.source) from None
     _logging()
     event("config", file=cfg.file, settings=cfg.shown())
-    for name in config.unknown_environment(os.environ):
+    for name in unknown:
         event("config-unknown-variable", variable=name,
               reason="names no setting of the agent; ignored")
 

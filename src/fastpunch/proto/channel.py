@@ -57,6 +57,7 @@ import hmac
 import os
 import platform
 import struct
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Optional, Union
@@ -142,9 +143,21 @@ RECV_TRANSITIONS: dict[RecvState, dict[RecordType, RecvState]] = {
 _KNOWN_TYPES = frozenset(int(t) for t in RecordType)
 _FULL_DATA_HEADER = HEADER.pack(RecordType.DATA, MAX_BODY)
 # the AEADs: cryptography's where installed, else the process's own libcrypto
-# (fastpunch._aead; a device install without cryptography)
-AEAD_BACKEND, _AES, _CHACHA, InvalidTag = _aead.select()
-_AEAD = {Cipher.AES_256_GCM: _AES, Cipher.CHACHA20_POLY1305: _CHACHA}
+# (fastpunch._aead; a device install without cryptography). Chosen at the
+# first handshake, not at import: a missing libcrypto is then the
+# handshake's KernelFeatureMissing, never a failure of every command that
+# merely imports the package.
+_BACKEND: Optional[tuple] = None
+_KNOWN_CIPHERS = frozenset(int(c) for c in Cipher)
+
+
+def aead_backend() -> tuple:
+    """(name, {Cipher: AEAD class}, the InvalidTag exceptions to catch)."""
+    global _BACKEND
+    if _BACKEND is None:
+        name, aes, chacha, invalid = _aead.select()
+        _BACKEND = (name, {Cipher.AES_256_GCM: aes, Cipher.CHACHA20_POLY1305: chacha}, invalid)
+    return _BACKEND
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -309,8 +322,14 @@ class Channel:
         self._send_aead = self._recv_aead = None
         self._send_iv = self._recv_iv = 0
         self._send_seq = self._recv_seq = 0
+        # Sealing is atomic: a record counter (the nonce) is taken and used
+        # under this lock, so two threads that seal at once (a caller's
+        # misuse, but a session's reader sends ACKs) never share a nonce,
+        # nor, on the libcrypto backend, one EVP context
+        self._seal_lock = threading.RLock()
         self._peer_confirm: Optional[bytes] = None
         self._encrypt_into = self._decrypt_into = None
+        self._invalid_tag: tuple = ()
         self._exporter_secret: Optional[bytes] = None
 
     # -- state ----------------------------------------------------------------------
@@ -368,7 +387,7 @@ class Channel:
         version, cipher, role, nonce = HELLO.unpack(body)
         if version != VERSION:
             raise BadHello(f"peer speaks channel version {version}, we speak {VERSION}")
-        if cipher not in _AEAD.keys():
+        if cipher not in _KNOWN_CIPHERS:
             raise BadHello(f"unknown cipher {cipher}")
         if role not in (1, 2):
             raise BadHello(f"unknown role {role}")
@@ -388,7 +407,8 @@ class Channel:
         okm = _aead.hkdf(self._session_key, i_nonce + r_nonce, _KEYS_INFO + transcript, 152)
         i2r_key, i2r_iv, r2i_key, r2i_iv = okm[0:32], okm[32:44], okm[44:76], okm[76:88]
         i_confirm, r_confirm = okm[88:120], okm[120:152]
-        aead = _AEAD[self.cipher]
+        _name, aeads, self._invalid_tag = aead_backend()
+        aead = aeads[self.cipher]
         if self.role is Role.INITIATOR:
             send = (i2r_key, i2r_iv, i_confirm, "initiator")
             recv = (r2i_key, r2i_iv, r_confirm, "responder")
@@ -437,7 +457,8 @@ class Channel:
 
     def _seal(self, rtype: RecordType, plaintext) -> bytes:
         header = HEADER.pack(rtype, len(plaintext) + TAG_BYTES)
-        return header + self._send_aead.encrypt(self._next_send_nonce(), plaintext, header)
+        with self._seal_lock:
+            return header + self._send_aead.encrypt(self._next_send_nonce(), plaintext, header)
 
     # -- receiving ------------------------------------------------------------------
     def receive_data(self, data) -> None:
@@ -508,7 +529,7 @@ class Channel:
             with memoryview(buf) as view, view[pos + HEADER_BYTES:end] as body:
                 try:
                     plaintext = self._recv_aead.decrypt(nonce, body, buf[pos:pos + HEADER_BYTES])
-                except InvalidTag:
+                except self._invalid_tag:
                     pass
         self._pos = end
         if rtype == RecordType.DATA:
@@ -566,7 +587,7 @@ class Channel:
                 try:
                     decrypt_into((iv ^ seq).to_bytes(12, "big"), src[body:body + length],
                                  aad, dst[w:w + size])
-                except InvalidTag:
+                except self._invalid_tag:
                     failed = True
                     break
                 seq += 1
@@ -605,10 +626,13 @@ class Channel:
         n = len(data)
         if n == 0:
             return bytearray()
+        with self._seal_lock:
+            return self._seal_data(memoryview(data).cast("B"), n)
+
+    def _seal_data(self, src: memoryview, n: int) -> bytearray:
         records = -(-n // MAX_PLAINTEXT)
         if self._send_seq + records > MAX_RECORDS:
             raise ChannelUsageError("record-limit", "2**64 records sent under this key: reconnect")
-        src = memoryview(data).cast("B")
         if self._encrypt_into is None:      # cryptography < 45
             parts = []
             for off in range(0, n, MAX_PLAINTEXT):
