@@ -59,8 +59,10 @@ def libcrypto_path() -> Optional[str]:
     except ImportError:
         raise KernelFeatureMissing("libcrypto", "this Python has no ssl module (the TLS "
                                                 "link to the CCS needs it too)") from None
+    import importlib.machinery
+
     path = getattr(_ssl, "__file__", None)
-    if path:
+    if path and path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
         return path
     try:
         with open("/proc/self/maps") as maps:
@@ -263,6 +265,8 @@ class _Aead:
 def _checked(nonce, data, aad) -> bytes:
     """The nonce as bytes; ValueError or OverflowError for what EVP's int
     lengths or the 12-byte nonce do not take."""
+    if not isinstance(nonce, (bytes, bytearray, memoryview)):
+        raise TypeError("nonce must be bytes")      # (bytes(12) would be twelve zeros)
     nonce = bytes(nonce)
     if len(nonce) != NONCE:
         raise ValueError(f"nonce must be {NONCE} bytes")

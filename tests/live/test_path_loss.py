@@ -152,7 +152,7 @@ def uncut(veth) -> None:
 
 
 @pytest.mark.parametrize("keepalive,survives", [
-    (Keepalive(2), True),               # the default timeout: 4.5 s, probes at 2, 3, 4 s
+    (Keepalive(2), True),               # the default timeout: 5 s, probes at 2, 3, 4 s
     (Keepalive(2, timeout=3), False),   # a timeout under period + interval: the first loss ends it
 ])
 def test_an_idle_stream_outlives_two_lost_probes_with_the_default_timeout(veth, keepalive,

@@ -102,6 +102,8 @@ def test_bad_arguments_are_refused():
         a = cls(bytes(32))
         with pytest.raises(ValueError, match="nonce"):
             a.encrypt(bytes(8), b"x", None)
+        with pytest.raises(TypeError, match="nonce"):
+            a.encrypt(12, b"x", None)                 # not twelve zero bytes
         with pytest.raises(_aead.InvalidTag):
             a.decrypt(bytes(12), b"short", None)      # shorter than a tag
         with pytest.raises(_aead.InvalidTag):

@@ -322,14 +322,15 @@ class Channel:
         self._send_aead = self._recv_aead = None
         self._send_iv = self._recv_iv = 0
         self._send_seq = self._recv_seq = 0
-        # Sealing is atomic: a record counter (the nonce) is taken and used
-        # under this lock, so two threads that seal at once (a caller's
-        # misuse, but a session's reader sends ACKs) never share a nonce,
-        # nor, on the libcrypto backend, one EVP context
+        # Sealing is atomic: a record counter (the nonce) is taken and used,
+        # and the send state read and changed, under this lock. Two threads
+        # that seal at once (a caller's misuse; the records may still reach
+        # the wire out of order, which the peer refuses) never share a
+        # nonce, nor, on the libcrypto backend, one EVP context
         self._seal_lock = threading.RLock()
         self._peer_confirm: Optional[bytes] = None
         self._encrypt_into = self._decrypt_into = None
-        self._invalid_tag: tuple = ()
+        self._invalid_tag: tuple = (_aead.InvalidTag,)   # (the backend's, from the hello on)
         self._exporter_secret: Optional[bytes] = None
 
     # -- state ----------------------------------------------------------------------
@@ -617,17 +618,21 @@ class Channel:
     def send_data(self, data) -> bytearray:
         """Encrypt application bytes into records of at most 16 KiB each.
         Returns one buffer holding all of them (write it whole)."""
+        with self._seal_lock:
+            return self._send_data(data)
+
+    def _send_data(self, data) -> bytearray:
         if self.send_state is not SendState.OPEN:
             if self.send_state is SendState.CLOSED:
                 raise ChannelUsageError("closed", "the channel is closed")
             raise ChannelUsageError("not-confirmed", "no data before both confirms")
         if self.recv_state is RecvState.ERROR:
             raise ChannelUsageError("closed", "the channel failed")
-        n = len(data)
+        src = memoryview(data).cast("B")
+        n = src.nbytes
         if n == 0:
             return bytearray()
-        with self._seal_lock:
-            return self._seal_data(memoryview(data).cast("B"), n)
+        return self._seal_data(src, n)
 
     def _seal_data(self, src: memoryview, n: int) -> bytearray:
         records = -(-n // MAX_PLAINTEXT)
@@ -664,6 +669,10 @@ class Channel:
     def close(self) -> bytes:
         """Our close record (b"" if no keys exist yet, or already closed).
         We may still receive until the peer's own close."""
+        with self._seal_lock:
+            return self._close()
+
+    def _close(self) -> bytes:
         if self.send_state in (SendState.CLOSED, SendState.IDLE, SendState.HELLO) \
                 or self.recv_state is RecvState.ERROR:
             self.send_state = SendState.CLOSED
