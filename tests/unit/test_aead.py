@@ -99,6 +99,8 @@ def test_bad_arguments_are_refused():
     for cls, _ in PAIRS:
         with pytest.raises(ValueError, match="32-byte key"):
             cls(bytes(16))
+        with pytest.raises(TypeError, match="key"):
+            cls(32)                                   # not 32 zero bytes
         a = cls(bytes(32))
         with pytest.raises(ValueError, match="nonce"):
             a.encrypt(bytes(8), b"x", None)
