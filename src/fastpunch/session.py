@@ -27,7 +27,7 @@ import os
 import select
 import socket
 import time
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from fastpunch import liveness
 from fastpunch.channel import _Plaintext
@@ -519,10 +519,14 @@ class ResumableSocket:
     def _left(self, until: Optional[float]) -> Optional[float]:
         return None if until is None else max(0.0, until - self._clock())
 
-    def _read_once(self, until: Optional[float] = None) -> None:
+    def _read_once(self, until: Optional[float] = None, extra_r: Sequence[int] = (),
+                   extra_w: Sequence[int] = (), read: bool = True) -> Tuple[list, list]:
         """Wait (until the clock reads ``until``, at most) for bytes from the
         transport, a new transport offered, a better path, or an ACK falling
-        due, and feed the session what came."""
+        due, and feed the session what came. ``extra_r``/``extra_w``: the
+        caller's descriptors to watch as well (bridge()); returns those of
+        them that are ready. ``read=False`` leaves the transport unread (its
+        peer meets TCP's back-pressure) while the rest is watched."""
         s = self.session
         is_open = s.state is _s.SessionState.OPEN
         if self._peer_moved and is_open:
@@ -530,7 +534,8 @@ class ResumableSocket:
             # has had: follow it (to our better path, or one the route brings)
             self._peer_moved = False
             raise _Lost("peer-moved", "the peer moved to a better path")
-        watch = [self.sock]
+        watch: list = [self.sock] if read else []
+        watch.extend(extra_r)
         if _waits(self.reconnect):
             watch.append(self.reconnect)
         up = self._upgrade if is_open else None
@@ -546,9 +551,10 @@ class ResumableSocket:
             wait = max(0.0, due - self._clock())
             timeout = wait if timeout is None else min(timeout, wait)
         try:
-            ready, _, _ = select.select(watch, [], [], timeout)
+            ready, ready_w, _ = select.select(watch, extra_w, [], timeout)
         except (OSError, ValueError) as exc:
             raise _Lost("select-failed", str(exc)) from exc
+        mine = [fd for fd in extra_r if fd in ready], ready_w
         if self.reconnect in ready and s.session_id is not None and \
                 self.reconnect.offered(s.session_id, s.preamble_valid):
             # The peer brought a new transport (its preamble proves it is
@@ -566,6 +572,7 @@ class ResumableSocket:
         if is_open and self._better is not None:
             self._consider_move()
         s.poll(self._clock())
+        return mine
 
     def _collect_upgrade(self) -> None:
         """The upgrade, done: its transport into _better (a failed one is
@@ -606,13 +613,17 @@ class ResumableSocket:
         self._better = None
         raise _Lost("moved", "a better path is ready", transport=better)
 
-    def _step(self, until: Optional[float] = None) -> None:
-        """One read and its events; resumes across a lost transport."""
+    def _step(self, until: Optional[float] = None, extra_r: Sequence[int] = (),
+              extra_w: Sequence[int] = (), read: bool = True) -> Tuple[list, list]:
+        """One read and its events; resumes across a lost transport. Returns
+        the ready ones of ``extra_r``/``extra_w`` (see _read_once)."""
         try:
-            self._read_once(until)
+            mine = self._read_once(until, extra_r, extra_w, read)
             self._pump()
+            return mine
         except _Lost as lost:
             self._resume(lost, until)
+            return [], []
 
     def _adopt(self, sock: socket.socket) -> None:
         sock.settimeout(None)            # a dialer's connect timeout is not a stall limit
@@ -752,22 +763,29 @@ class ResumableSocket:
         off, n = 0, len(view)
         s = self.session
         while off < n:
-            took = s.send(view[off:off + WRITE_CHUNK])
+            took = self._offer(view[off:off + WRITE_CHUNK])
             off += took
-            try:
-                self._write_out()
-            except _Lost as lost:
-                self._resume(lost)
-                continue
-            if s.state is _s.SessionState.OPEN and (self._better is not None or (
-                    self._upgrade is not None and self._upgrade.done())):
-                self._move_while_sending()      # a sender that never waits moves too
             if not took and not s.writable:     # (a move just now may have freed it)
                 if self._plain.size >= self.max_unread:
                     raise _s.SessionUsageError(
                         "unread-limit", f"{self._plain.size} bytes from the peer wait for "
                         f"recv() while sendall() waits for its window ({off} of {n} taken)")
                 self._step()                    # wait for ACKs (or a new transport)
+
+    def _offer(self, view) -> int:
+        """What the window takes of ``view`` now (maybe nothing), written out
+        (resuming if the transport died meanwhile); a move is looked at."""
+        s = self.session
+        took = s.send(view)
+        try:
+            self._write_out()
+        except _Lost as lost:
+            self._resume(lost)
+            return took
+        if s.state is _s.SessionState.OPEN and (self._better is not None or (
+                self._upgrade is not None and self._upgrade.done())):
+            self._move_while_sending()          # a sender that never waits moves too
+        return took
 
     def _move_while_sending(self) -> None:
         """sendall()'s look at a move, after its bytes left on the old path:
@@ -797,6 +815,81 @@ class ResumableSocket:
             return b""
         data = plain.take_some(bufsize)
         return bytes(data) if isinstance(data, memoryview) else data
+
+    def bridge(self, src, dst, *, sent: Optional[Callable[[int], None]] = None,
+               received: Optional[Callable[[int], None]] = None) -> None:
+        """Carry ``src``'s bytes to the peer and the peer's to ``dst`` (pipes or
+        sockets: objects with fileno(), made non-blocking here) in this one
+        thread, until both streams ended: src's EOF ends ours (close_write),
+        and once the peer's stream ended and all of it is written, ``dst`` is
+        closed (its reader sees EOF). A ``dst`` whose reader is gone (EPIPE)
+        is closed and the peer's further bytes dropped, as a pipe would.
+        ``sent``/``received``: called with each count of bytes taken from
+        src / written to dst. Neither side blocks the other: while dst takes
+        nothing, the peer's bytes are held (up to max_unread, then the
+        transport is left unread) and src is still carried; while the window
+        is full, src is left unread. Resumes happen inside, as in recv()."""
+        s = self.session
+        src_fd, dst_fd = src.fileno(), dst.fileno()
+        os.set_blocking(src_fd, False)
+        os.set_blocking(dst_fd, False)
+        out, off = b"", 0                   # read from src, not yet in the window
+        src_open = True
+        ended = False                       # our stream's end is sent
+        pending = memoryview(b"")           # the peer's bytes not yet written to dst
+        dst_open = True
+        while True:
+            if dst_open:
+                while True:
+                    if not pending:
+                        if not self._plain.size:
+                            break
+                        pending = memoryview(self._plain.take_some(WRITE_CHUNK)).cast("B")
+                    try:
+                        n = os.write(dst_fd, pending)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:             # EPIPE: nobody reads dst any more
+                        dst_open, pending = False, memoryview(b"")
+                        break
+                    pending = pending[n:]
+                    if received is not None:
+                        received(n)
+                if dst_open and not pending and not self._plain.size and self._peer_closed:
+                    dst_open = False
+                if not dst_open:
+                    try:
+                        dst.close()
+                    except OSError:             # (a pipe's close flushes nothing here)
+                        pass
+            if not dst_open and self._plain.size:
+                self._plain = _Plaintext()      # dropped: nobody can read them
+            if off < len(out):
+                took = self._offer(memoryview(out)[off:])
+                off += took
+                if took and sent is not None:
+                    sent(took)
+            elif not src_open and not ended:
+                self.close_write()
+                ended = True
+            if ended and not dst_open:
+                return
+            want_src = src_open and off >= len(out)
+            held = len(pending) + self._plain.size
+            ready_r, _ = self._step(None, [src_fd] if want_src else [],
+                                    [dst_fd] if dst_open and pending else [],
+                                    read=not (dst_open and held >= self.max_unread))
+            if src_fd in ready_r:
+                try:
+                    data = os.read(src_fd, WRITE_CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:                 # src broke: treat it as its end
+                    data = b""
+                if data:
+                    out, off = data, 0
+                else:
+                    src_open = False
 
     def close_write(self) -> None:
         """End our stream (the peer's recv returns b"" after the last byte);

@@ -413,6 +413,21 @@ def _exec(args, cmd, conn, secure) -> int:
     progress_out = Progress(conn, True)
     progress_in = Progress(conn, True)
     lost: list = []                 # a dead path is an error, not the child's quiet end
+    if hasattr(secure, "bridge"):
+        # a resumable session writes as it reads (ACKs, resumes): it runs in
+        # this one thread, the child's pipes beside its transport
+        try:
+            secure.bridge(proc.stdout, proc.stdin, sent=progress_out.add,
+                          received=progress_in.add)
+        except (PathLost, SessionLost) as exc:
+            lost.append(exc)
+        finally:
+            for pipe in (proc.stdin, proc.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        return _exec_done(args, conn, secure, proc, progress_out, progress_in, lost)
 
     def feed():
         try:
@@ -435,8 +450,13 @@ def _exec(args, cmd, conn, secure) -> int:
         lost.append(exc)
     except (BrokenPipeError, ConnectionError):
         pass
-    rc = proc.wait()
+    proc.wait()
     reader.join(30)
+    return _exec_done(args, conn, secure, proc, progress_out, progress_in, lost)
+
+
+def _exec_done(args, conn, secure, proc, progress_out, progress_in, lost) -> int:
+    rc = proc.wait()
     secure.close()
     _say(args, conn, {**progress_out.summary(secure, sent=progress_out.bytes),
                       "received": progress_in.bytes, "exit_code": rc}, secure)
