@@ -15,8 +15,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_PRIVILEGE = 77  # sysexits EX_NOPERM
 # what a command may need beyond a device install, and the extra that brings it
-EXTRA_OF = {"cryptography": "ccs", "prometheus_client": "ccs", "pyroute2": "lab",
-            "redis": "redis"}
+# (pyroute2 is not here: fastpunch._netns names the lab extra itself)
+EXTRA_OF = {"cryptography": "ccs", "prometheus_client": "ccs", "redis": "redis"}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -82,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ccs(sub)
 
-    from fastpunch.tools import add_login_args, add_subparsers as add_tools
+    from fastpunch.tools import add_subparsers as add_tools
 
     add_tools(sub)
 
     from fastpunch.camera import add_subparser as add_camera
 
-    add_camera(sub, add_login_args)
+    add_camera(sub)
 
     from fastpunch.agent.cli import add_subparsers as add_agent
 

@@ -91,3 +91,30 @@ def test_a_command_that_needs_an_extra_names_it_on_a_device_install(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, "camera", "--help"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--source" in r.stdout, r.stderr
+
+
+MAPS_CHILD = r"""
+import _ssl, ctypes, sys
+from fastpunch import _aead
+
+def libcryptos():
+    return {line.split(None, 5)[5].strip() for line in open("/proc/self/maps")
+            if len(line.split(None, 5)) == 6 and "libcrypto" in line}
+
+before = libcryptos()                 # what ssl mapped; fastpunch has loaded nothing yet
+assert _aead._lib is None          # nothing loaded it yet
+lib = _aead._load()
+assert ctypes.cast(lib.EVP_aes_256_gcm, ctypes.c_void_p).value
+after = libcryptos()
+print(sorted(before), sorted(after))
+sys.exit(0 if after == before and before else 1)
+"""
+
+
+def test_loading_the_backend_maps_no_second_libcrypto():
+    """In a fresh process (the first load is what is checked): the libcrypto
+    mappings after fastpunch._aead loads its EVP functions are those Python's
+    ssl had mapped before."""
+    r = subprocess.run([sys.executable, "-c", MAPS_CHILD], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -88,11 +88,8 @@ class Site:
 
 
 def _pyroute2():
-    try:
-        import pyroute2
-    except ImportError as exc:
-        raise KernelFeatureMissing("pyroute2", "pip install 'fastpunch[lab]' (pyroute2)") from exc
-    return pyroute2
+    """pyroute2, or KernelFeatureMissing naming the extra that brings it."""
+    return _netns._pyroute2()[0]
 
 
 def _write_sysctl(path: str, value: str) -> None:
