@@ -829,7 +829,6 @@ class ResumableSocket:
         nothing, the peer's bytes are held (up to max_unread, then the
         transport is left unread) and src is still carried; while the window
         is full, src is left unread. Resumes happen inside, as in recv()."""
-        s = self.session
         src_fd, dst_fd = src.fileno(), dst.fileno()
         os.set_blocking(src_fd, False)
         os.set_blocking(dst_fd, False)

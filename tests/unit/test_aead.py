@@ -145,8 +145,7 @@ def test_the_library_is_the_one_ssl_already_mapped():
 
     path = _aead.libcrypto_path()
     assert path == getattr(_ssl, "__file__", path)
-    before = open("/proc/self/maps").read()
-    assert path in before
+    assert path in open("/proc/self/maps").read()
     fn = ctypes.cast(_aead._load().EVP_aes_256_gcm, ctypes.c_void_p).value
     owner = [line.split(None, 5)[5] for line in open("/proc/self/maps")
              if len(line.split(None, 5)) == 6
