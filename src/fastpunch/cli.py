@@ -4,7 +4,9 @@ code; a traceback only with --debug."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -55,9 +57,35 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastpunch", description=__doc__,
-                                     formatter_class=DefaultsHelpFormatter)
+#: (commands, the module that registers them, its function): each module
+#: is imported only when one of its commands is asked for (or for --help, an
+#: unknown command, no command), so `fastpunch device run` on a gateway
+#: does not carry the server's key store, the lab or the camera in memory
+COMMANDS = (
+    (("lab",), "fastpunch.lab.cli", "add_subparser"),
+    (("ccs",), "fastpunch.ccs.cli", "add_ccs_subparser"),
+    (("device",), "fastpunch.ccs.cli", "add_device_subparser"),
+    (("natcheck", "connect", "send", "recv", "exec"), "fastpunch.tools", "add_subparsers"),
+    (("camera",), "fastpunch.camera", "add_subparser"),
+    (("agent", "forward"), "fastpunch.agent.cli", "add_subparsers"),
+)
+
+
+def _command_in(argv: Optional[Sequence[str]]) -> Optional[str]:
+    """The command word of ``argv`` (the top level's options take no value),
+    None if there is none."""
+    for word in argv or ():
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``'s command (every command's without argv, or
+    when it names none it knows)."""
+    parser = _Parser(prog="fastpunch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastpunch {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,25 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="remove tables and namespaces left by crashed processes")
     p.set_defaults(func=_cmd_sweep)
 
-    from fastpunch.lab.cli import add_subparser as add_lab
-
-    add_lab(sub)
-
-    from fastpunch.ccs.cli import add_subparsers as add_ccs
-
-    add_ccs(sub)
-
-    from fastpunch.tools import add_subparsers as add_tools
-
-    add_tools(sub)
-
-    from fastpunch.camera import add_subparser as add_camera
-
-    add_camera(sub)
-
-    from fastpunch.agent.cli import add_subparsers as add_agent
-
-    add_agent(sub)
+    asked = _command_in(argv)
+    wanted = [entry for entry in COMMANDS if asked in entry[0]] or COMMANDS
+    for _names, module, function in wanted:
+        getattr(importlib.import_module(module), function)(sub)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_cmd_version)
@@ -104,12 +117,36 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default, unless it already names
     one (or there is none to show)."""
 
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: Optional[int] = None) -> None:
+        if width is None:
+            # what argparse asks shutil for, without importing shutil (and
+            # with it bz2 and lzma: 0.8 MB of a gateway's idle agent): argparse
+            # makes a formatter for every add_argument, not only for --help
+            try:
+                width = int(os.environ.get("COLUMNS", "")) - 2
+            except ValueError:
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns - 2
+                except (AttributeError, ValueError, OSError):
+                    width = 78
+        super().__init__(prog, indent_increment, max_help_position, width)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if "default" in text or action.default in (None, False, "", argparse.SUPPRESS) \
                 or not action.option_strings:
             return text
         return text + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser of the command, subcommands' too (add_subparsers makes
+    them of the parent's class), formats with DefaultsHelpFormatter from
+    the start."""
+
+    def __init__(self, *args, formatter_class=DefaultsHelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +159,8 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -354,7 +354,7 @@ class Device:
             from last
 
     async def _login(self, addr: tuple, version: int) -> asyncio.StreamReader:
-        from fastpunch.ccs.pki import client_context
+        from fastpunch.credentials import client_context
 
         host, port = addr
         reader, writer = await asyncio.wait_for(asyncio.open_connection(

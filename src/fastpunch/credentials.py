@@ -53,3 +53,16 @@ def read_credentials(path: str, name: Optional[str] = None) -> tuple[Optional[st
     if name is not None and holder is not None and holder != name:
         raise FastpunchError(f"{path} holds the credentials of {holder!r}, not {name!r}")
     return holder, key
+
+
+def client_context(ca_file: str):
+    """A device's TLS context for the CCS: TLS 1.3 only, trusting nothing
+    but the deployment's own CA (pinning). Here, not in fastpunch.ccs.pki,
+    so a device's process does not load the CA tooling (datetime, the
+    certificate checks) to dial."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(cafile=ca_file)
+    return ctx

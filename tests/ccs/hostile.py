@@ -26,8 +26,8 @@ import threading
 import time
 from typing import Optional
 
-from fastpunch.ccs import pki
 from fastpunch.ccs.relay import FILTERING
+from fastpunch.credentials import client_context
 from fastpunch.proto import wire
 from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, Role
 
@@ -196,7 +196,7 @@ async def login(port: int, ca: str, name: str, key: bytes, answer: bool = True,
                 source: str = "127.0.0.1", timeout: float = 10) -> Client:
     loop = asyncio.get_running_loop()
     _, client = await asyncio.wait_for(loop.create_connection(
-        lambda: Client(name, key, answer), "127.0.0.1", port, ssl=pki.client_context(ca),
+        lambda: Client(name, key, answer), "127.0.0.1", port, ssl=client_context(ca),
         server_hostname="localhost", local_addr=(source, 0)), timeout)
     await asyncio.wait_for(client.ready, timeout)
     return client
@@ -251,7 +251,7 @@ class Sync:
     def __init__(self, port: int, ca: str, source: str = ATTACKER) -> None:
         raw = socket.create_connection(("127.0.0.1", port), timeout=10,
                                        source_address=(source, 0))
-        self.sock = pki.client_context(ca).wrap_socket(raw, server_hostname="localhost")
+        self.sock = client_context(ca).wrap_socket(raw, server_hostname="localhost")
         self.m = Connection(Role.CLIENT)
 
     def login(self, name: str, key: bytes) -> None:
@@ -363,7 +363,7 @@ def silent(args, tls: bool) -> dict:
             raw = socket.create_connection(("127.0.0.1", args.port), timeout=5,
                                            source_address=(ATTACKER, 0))
             if tls:
-                raw = pki.client_context(args.ca).wrap_socket(raw, server_hostname="localhost")
+                raw = client_context(args.ca).wrap_socket(raw, server_hostname="localhost")
             raw.setblocking(False)
             socks.append(raw)
         except (OSError, ssl.SSLError):

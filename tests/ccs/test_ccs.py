@@ -11,6 +11,7 @@ import pytest
 
 from fastpunch.ccs import metrics, pki
 from fastpunch.client import AuthenticationError, CCSError, NextInfo, RendezvousRefusedError
+from fastpunch.credentials import client_context
 from fastpunch.proto import wire
 from fastpunch.proto.connection import Connection, Role, State
 
@@ -207,7 +208,7 @@ def test_the_acl_refuses_with_a_reason(deployment, peer, code, caplog):
 
 
 async def raw_client(addr, ca):
-    ctx = pki.client_context(ca)
+    ctx = client_context(ca)
     reader, writer = await asyncio.open_connection(*addr, ssl=ctx, server_hostname="localhost")
     return reader, writer
 
@@ -588,7 +589,7 @@ def test_a_device_falls_back_to_the_old_ccs_version_per_login_not_for_good(deplo
     async def main():
         server = deployment.server()
         async with running(server) as real:
-            client_ctx = ccs_pki.client_context(deployment.ca)
+            client_ctx = client_context(deployment.ca)
             links = []
 
             async def front(reader, writer):

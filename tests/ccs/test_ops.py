@@ -24,6 +24,7 @@ import pytest
 
 from fastpunch.ccs import config, metrics, pki
 from fastpunch.client import Device
+from fastpunch.credentials import client_context
 
 from .conftest import arun, free_port
 
@@ -150,7 +151,7 @@ def served_cert(port: int, ca: Path):
     """The certificate a TLS handshake with the node presents (pinned to ``ca``)."""
     from cryptography import x509
 
-    ctx = pki.client_context(str(ca))
+    ctx = client_context(str(ca))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
             return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
@@ -325,7 +326,7 @@ def test_budgets_reach_the_server(deploy, tmp_path, nodes):
                                       "--messages-per-second", "1"))
 
     async def flood():
-        ctx = pki.client_context(str(deploy / "ca.pem"))
+        ctx = client_context(str(deploy / "ca.pem"))
         reader, writer = await asyncio.open_connection("127.0.0.1", node.ready["port"],
                                                        ssl=ctx, server_hostname="localhost")
         m = Connection(Role.CLIENT)

@@ -110,6 +110,41 @@ def test_the_command_tells_its_version_and_every_default():
                                            if path == ["natcheck"]).format_help()
 
 
+def test_a_command_loads_only_its_own_module_and_parses_as_with_every_command():
+    """`fastpunch device run` on a gateway builds only the device command's
+    parser: the server's key store (sqlite3), the lab, the camera and the
+    agent stay out of its memory. Each command parses as the full parser
+    would, and --help still lists every command."""
+    import subprocess
+    import sys
+
+    from fastpunch.cli import COMMANDS, build_parser
+
+    child = ("import sys\nfrom fastpunch.cli import build_parser\n"
+             "p = build_parser(['device', 'run'])\n"
+             "a = p.parse_args(['device', 'run', '--ccs', 'h:1', '--name', 'n', '--key-file', "
+             "'k', '--ca', 'c'])\nassert a.nat == 'auto'\n"
+             "print(' '.join(sorted(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    for heavy in ("sqlite3", "fastpunch.ccs.keystore", "fastpunch.ccs.admin", "fastpunch.lab",
+                  "fastpunch.camera", "fastpunch.agent", "statistics", "xml.sax.saxutils",
+                  "shutil", "fastpunch.ccs.pki"):
+        assert heavy not in loaded, heavy
+    everything = build_parser()
+    words = [w for names, _, _ in COMMANDS for w in names] + ["demo", "sweep", "version"]
+    subs = next(a for a in everything._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(subs.choices) == sorted(words)
+    for word in words:
+        alone = build_parser([word, "--help"])
+        mine = next(a for a in alone._actions if isinstance(a, argparse._SubParsersAction))
+        assert mine.choices[word].format_help() == subs.choices[word].format_help(), word
+    for odd in ([], ["--debug"], ["no-such-command"], ["--", "device"]):
+        assert sorted(next(a for a in build_parser(odd)._actions
+                           if isinstance(a, argparse._SubParsersAction)).choices) == sorted(words)
+
+
 def test_the_demo_says_what_its_rate_is_and_how_it_connected():
     from fastpunch.labdemo import summary_lines
 

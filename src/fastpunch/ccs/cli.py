@@ -18,6 +18,12 @@ DEFAULT_DIR = "/var/lib/fastpunch/ccs"
 
 
 def add_subparsers(sub) -> None:
+    """``fastpunch ccs ...`` and ``fastpunch device run``."""
+    add_ccs_subparser(sub)
+    add_device_subparser(sub)
+
+
+def add_ccs_subparser(sub) -> None:
     ccs = sub.add_parser("ccs", help="the central communications station")
     cmds = ccs.add_subparsers(dest="ccs_command", required=True)
 
@@ -84,6 +90,10 @@ def add_subparsers(sub) -> None:
                    help="validity in days, at most the CA's own (default: 730)")
     p.set_defaults(func=cmd_renew_cert)
 
+
+def add_device_subparser(sub) -> None:
+    """``fastpunch device run`` (none of the server's modules: a device's
+    process never loads the key store or sqlite3)."""
     dev = sub.add_parser("device", help="a device agent")
     dcmds = dev.add_subparsers(dest="device_command", required=True)
     p = dcmds.add_parser("run", help="stay connected to the CCS; answer and make rendezvous")

@@ -342,11 +342,3 @@ def reload_server_context(ctx, directory: str) -> dict:
             "names": names, "ips": ips}
 
 
-def client_context(ca_file: str):
-    """TLS 1.3 only, trusting nothing but the deployment's own CA (pinning)."""
-    import ssl
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_verify_locations(cafile=ca_file)
-    return ctx

@@ -22,15 +22,16 @@ import os
 import re
 import socket
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 from urllib.parse import urljoin
-from xml.sax.saxutils import escape
 
 from ._common import Mapping, PortMapError, _check_lifetime, _check_port, _digits, _ipv4
 from ._exchange import RETRY_SCHEDULE, _Datagrams, _next
 from .gateway import _local_addr_toward
+
+if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
 from .http import (MAX_HEAD, MAX_XML, HttpResponse, _http_url, _split_head, _status,
                    http_request, parse_http_response)
 
@@ -103,6 +104,14 @@ def _local(tag: str) -> str:
 _ENCODING = re.compile(r"""<\?xml[^>]*?\bencoding\s*=\s*["']([^"']+)["']""")
 
 
+def _escape(text: str) -> str:
+    """Text for an XML element or a double-quoted attribute (xml.sax.saxutils'
+    escape would do, but importing it loads urllib.request and http.client:
+    4 MB on a device that only asks its gateway for a port)."""
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;"))
+
+
 def _parse_xml(data: bytes, what: str) -> ET.Element:
     data = bytes(data)
     if len(data) > MAX_XML:
@@ -123,6 +132,10 @@ def _parse_xml(data: bytes, what: str) -> ET.Element:
     if "<!doctype" in text.lower() or "<!entity" in text.lower():
         # no DTDs at all: no entity expansion bombs, no external entities
         raise PortMapError("upnp-bad-xml", f"{what}: XML with a DTD or entity declaration")
+    # imported here, when a gateway has answered: a device whose network has
+    # no UPnP gateway never loads the XML parser (issue 18's idle memory)
+    import xml.etree.ElementTree as ET
+
     try:
         return ET.fromstring(data)
     except (ET.ParseError, ValueError) as exc:
@@ -165,11 +178,11 @@ def parse_root_description(data: bytes, location: str) -> IgdService:
 def soap_envelope(service_type: str, action: str, args: Sequence[Tuple[str, str]] = ()) -> bytes:
     """A SOAP 1.1 request body for ``action`` of ``service_type``, its
     arguments in the given (the specification's) order."""
-    inner = "".join(f"<{name}>{escape(str(value))}</{name}>" for name, value in args)
+    inner = "".join(f"<{name}>{_escape(str(value))}</{name}>" for name, value in args)
     return ('<?xml version="1.0"?>\r\n'
             '<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
             's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
-            f'<u:{action} xmlns:u="{escape(service_type)}">{inner}</u:{action}>'
+            f'<u:{action} xmlns:u="{_escape(service_type)}">{inner}</u:{action}>'
             "</s:Body></s:Envelope>\r\n").encode("utf-8")
 
 

@@ -240,3 +240,19 @@ def test_soap_other_failures():
     raises("upnp-malformed", pm.parse_soap_response, soap_reply("Other", ""), "AddPortMapping")
     raises("upnp-bad-xml", pm.parse_soap_response, b"<s:Envelope", "AddPortMapping")
     raises("upnp-oversized", pm.parse_soap_response, b" " * (pm.MAX_XML + 1), "AddPortMapping")
+
+
+def test_soap_arguments_are_escaped_for_text_and_attribute():
+    """Markup characters in a value or the service type reach the gateway as
+    text, never as structure (a description "a<b>&\"c" stays one value)."""
+    import xml.etree.ElementTree as ET
+
+    from fastpunch.portmap.upnp import soap_envelope
+
+    body = soap_envelope('urn:x"y&<z>', "AddPortMapping",
+                         [("NewPortMappingDescription", 'a<b>&"c</x>'), ("NewLeaseDuration", 5)])
+    root = ET.fromstring(body)
+    action = root[0][0]
+    assert action.tag == '{urn:x"y&<z>}AddPortMapping'
+    assert [(child.tag, child.text) for child in action] == [
+        ("NewPortMappingDescription", 'a<b>&"c</x>'), ("NewLeaseDuration", "5")]
