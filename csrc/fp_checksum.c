@@ -104,6 +104,14 @@ uint64_t fp_csum_pseudo(uint32_t saddr, uint32_t daddr, uint8_t proto, uint16_t 
     return (uint64_t)to_wire32(saddr) + to_wire32(daddr) + to_wire16(proto) + to_wire16(len);
 }
 
+uint64_t fp_csum_pseudo6(const uint8_t saddr[16], const uint8_t daddr[16], uint8_t proto,
+                         uint32_t len)
+{
+    uint64_t sum = fp_csum_add(0, saddr, 16);
+    sum = fp_csum_add(sum, daddr, 16);
+    return sum + to_wire32(len) + to_wire32(proto);
+}
+
 fp_sum16 fp_csum_replace2(fp_sum16 check, uint16_t old_wire, uint16_t new_wire)
 {
     uint64_t sum = (uint16_t)~check;

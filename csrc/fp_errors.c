@@ -8,7 +8,7 @@ struct fp_reason_entry {
 
 static const struct fp_reason_entry reasons[FP_E_LAST - FP_E_BASE] = {
     [FP_E_TRUNCATED - FP_E_BASE] = {"truncated", "buffer is shorter than the header requires"},
-    [FP_E_IP_VERSION - FP_E_BASE] = {"ip-version", "IP version is not 4"},
+    [FP_E_IP_VERSION - FP_E_BASE] = {"ip-version", "IP version is not 4 (nor 6 where IPv6 is read)"},
     [FP_E_IP_IHL - FP_E_BASE] = {"ip-ihl", "IHL is below 5 or extends past the buffer"},
     [FP_E_IP_TOTLEN - FP_E_BASE] = {"ip-total-length",
                                     "total length is below the header length or past the buffer"},
@@ -27,6 +27,12 @@ static const struct fp_reason_entry reasons[FP_E_LAST - FP_E_BASE] = {
     [FP_E_NOSPACE - FP_E_BASE] = {"no-space", "output buffer is too small"},
     [FP_E_TOOBIG - FP_E_BASE] = {"too-big", "datagram would exceed 65535 bytes"},
     [FP_E_INVAL - FP_E_BASE] = {"invalid-argument", "argument out of range"},
+    [FP_E_IP6_PAYLEN - FP_E_BASE] = {"ip6-payload-length",
+                                     "IPv6 payload length is past the buffer, or zero behind a "
+                                     "hop-by-hop header (a jumbogram)"},
+    [FP_E_IP6_EXTHDR - FP_E_BASE] = {"ip6-extension-header",
+                                     "an IPv6 extension header is refused: ESP, more than 8, "
+                                     "or one running past the payload"},
 };
 
 const char *fp_reason_name(int code)

@@ -1,9 +1,12 @@
-/* fp_rawio.c - raw IPv4 socket I/O with batching and per-flow BPF filters. */
+/* fp_rawio.c - raw IPv4 and IPv6 socket I/O with batching and per-flow BPF filters. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+#include <arpa/inet.h>
 #include <errno.h>
 #include <linux/filter.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -252,4 +255,193 @@ long fp_raw_recv_batch(int fd, uint8_t *buf, size_t stride, uint32_t *lens, size
             lens[i] = msgs[i].msg_len > stride ? (uint32_t)stride : msgs[i].msg_len;
         return r;
     }
+}
+
+/* ---------------------------------------------------------------- IPv6 */
+
+int fp_raw6_open_send(int sndbuf, uint32_t mark)
+{
+    int fd = socket(AF_INET6, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_RAW);
+    if (fd < 0)
+        return -errno;
+    if (sndbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    if (mark && setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof mark) < 0) {
+        int e = errno;
+        close(fd);
+        return e == EPERM ? FP_RAW_MARK_DENIED : -e;
+    }
+    return fd;
+}
+
+static int all_zero(const uint8_t *a, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (a[i])
+            return 0;
+    return 1;
+}
+
+int fp_bpf6_match_filter(struct sock_filter *prog, int cap, const struct fp_match6 *m,
+                         int count)
+{
+    /* The packet an AF_PACKET SOCK_DGRAM socket sees starts at the IPv6
+     * header:
+     *
+     *     ld  pkttype;  jeq OUTGOING -> reject (the stub at 4)
+     *     ldb [6];      jeq TCP -> clauses, else -> the stub
+     *     stub: ret 0
+     *     clause k:  each given word / port: ld; jne value -> clause k + 1
+     *                ret accept
+     *     reject:    ret 0
+     *
+     * The stub right after the header tests keeps their jumps short
+     * however many clauses follow (jumps are forward and 8 bits wide); a
+     * clause is at most 21 instructions. */
+    if (count < 1 || count > FP_MAX_MATCHES || !m)
+        return -EINVAL;
+    struct sock_filter p[FP_BPF6_MAX];
+    int n = 0;
+    int to_next[10 * FP_MAX_MATCHES], next_of[10 * FP_MAX_MATCHES], nnext = 0;
+    int clause_start[FP_MAX_MATCHES + 1];
+#define EMIT(c, k) (p[n++] = (struct sock_filter)BPF_STMT((c), (k)))
+#define JUMP(c, k, t, f) (p[n++] = (struct sock_filter)BPF_JUMP((c), (k), (t), (f)))
+    EMIT(BPF_LD | BPF_W | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_PKTTYPE));
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, PACKET_OUTGOING, 2, 0);      /* -> the stub */
+    EMIT(BPF_LD | BPF_B | BPF_ABS, 6);                           /* next header */
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, IPPROTO_TCP, 1, 0);          /* -> clause 0 */
+    EMIT(BPF_RET | BPF_K, 0);                                    /* the stub */
+    for (int c = 0; c < count; c++) {
+        clause_start[c] = n;
+        const struct fp_match6 *k = &m[c];
+        for (int half = 0; half < 2; half++) {
+            const uint8_t *a = half ? k->daddr : k->saddr;
+            if (all_zero(a, 16))
+                continue;
+            for (int w = 0; w < 4; w++) {
+                EMIT(BPF_LD | BPF_W | BPF_ABS, (uint32_t)((half ? 24 : 8) + 4 * w));
+                next_of[nnext] = c + 1, to_next[nnext++] = n;
+                JUMP(BPF_JMP | BPF_JEQ | BPF_K, rd32(a + 4 * w), 0, 0);
+            }
+        }
+        if (k->sport) {
+            EMIT(BPF_LD | BPF_H | BPF_ABS, 40);
+            next_of[nnext] = c + 1, to_next[nnext++] = n;
+            JUMP(BPF_JMP | BPF_JEQ | BPF_K, k->sport, 0, 0);
+        }
+        if (k->dport) {
+            EMIT(BPF_LD | BPF_H | BPF_ABS, 42);
+            next_of[nnext] = c + 1, to_next[nnext++] = n;
+            JUMP(BPF_JMP | BPF_JEQ | BPF_K, k->dport, 0, 0);
+        }
+        EMIT(BPF_RET | BPF_K, 0x40000);                          /* accept the datagram */
+    }
+    clause_start[count] = n;                                     /* the final reject */
+    EMIT(BPF_RET | BPF_K, 0);
+#undef EMIT
+#undef JUMP
+    for (int i = 0; i < nnext; i++)
+        p[to_next[i]].jf = (uint8_t)(clause_start[next_of[i]] - to_next[i] - 1);
+    if (n > cap)
+        return -EINVAL;
+    memcpy(prog, p, sizeof(struct sock_filter) * (size_t)n);
+    return n;
+}
+
+int fp_raw6_open_recv_any(const struct fp_match6 *m, int count, int rcvbuf)
+{
+    struct sock_filter prog[FP_BPF6_MAX];
+    int n = fp_bpf6_match_filter(prog, FP_BPF6_MAX, m, count);
+    if (n < 0)
+        return n;
+    struct sock_fprog fprog = {.len = (unsigned short)n, .filter = prog};
+    int fd = socket(AF_PACKET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, htons(ETH_P_IPV6));
+    if (fd < 0)
+        return -errno;
+    /* as for IPv4: a drop-everything filter, the queue drained, the real one */
+    struct sock_filter none[] = {BPF_STMT(BPF_RET | BPF_K, 0)};
+    struct sock_fprog drop_all = {.len = 1, .filter = none};
+    int e = 0;
+    if (rcvbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf) < 0)
+        e = errno;
+    if (!e && setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &drop_all, sizeof drop_all) < 0)
+        e = errno;
+    if (!e) {
+        uint8_t scratch[64];
+        for (int i = 0; i < FP_DRAIN_MAX; i++)
+            if (recv(fd, scratch, sizeof scratch, MSG_DONTWAIT | MSG_TRUNC) < 0)
+                break;
+    }
+    if (!e && setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &fprog, sizeof fprog) < 0)
+        e = errno;
+    if (e) {
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+static void dest6_of(const uint8_t *pkt, uint32_t len, struct sockaddr_in6 *sa)
+{
+    memset(sa, 0, sizeof *sa);
+    sa->sin6_family = AF_INET6;
+    if (len >= 40)
+        memcpy(&sa->sin6_addr, pkt + 24, 16);
+}
+
+long fp_raw6_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
+                        size_t count)
+{
+    struct mmsghdr msgs[BATCH_CHUNK];
+    struct iovec iovs[BATCH_CHUNK];
+    struct sockaddr_in6 addrs[BATCH_CHUNK];
+    size_t done = 0;
+
+    while (done < count) {
+        size_t n = count - done < BATCH_CHUNK ? count - done : BATCH_CHUNK;
+        for (size_t i = 0; i < n; i++) {
+            const uint8_t *pkt = buf + (done + i) * stride;
+            uint32_t len = lens[done + i];
+            dest6_of(pkt, len, &addrs[i]);
+            iovs[i].iov_base = (void *)pkt;
+            iovs[i].iov_len = len;
+            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
+            msgs[i].msg_hdr.msg_name = &addrs[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof addrs[i];
+            msgs[i].msg_hdr.msg_iov = &iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int r = sendmmsg(fd, msgs, (unsigned)n, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return done ? (long)done : -errno;
+        }
+        done += (size_t)r;
+        if ((size_t)r < n)
+            break;
+    }
+    return (long)done;
+}
+
+long fp_raw6_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
+                       size_t count)
+{
+    size_t done = 0;
+    while (done < count) {
+        const uint8_t *pkt = buf + done * stride;
+        struct sockaddr_in6 sa;
+        dest6_of(pkt, lens[done], &sa);
+        ssize_t r = sendto(fd, pkt, lens[done], 0, (struct sockaddr *)&sa, sizeof sa);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return done ? (long)done : -errno;
+        }
+        done++;
+    }
+    return (long)done;
 }

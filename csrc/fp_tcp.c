@@ -308,3 +308,148 @@ long fp_segment_build_batch(uint8_t *out, size_t stride, size_t count,
     }
     return (long)count;
 }
+
+/* ---------------------------------------------------------------- IPv6 */
+
+/* The TCP part of a segment (its header at t, tlen bytes with data): the
+ * fields, options decoded, payload located. Shared by both families. */
+static int parse_tcp_part(const uint8_t *t, size_t tlen, struct fp_tcp *h,
+                          const uint8_t **payload, uint32_t *payload_len)
+{
+    if (tlen < FP_TCP_MIN_HLEN)
+        return -FP_E_TRUNCATED;
+    size_t doff = (size_t)(t[12] >> 4) * 4;
+    if (doff < FP_TCP_MIN_HLEN || doff > tlen)
+        return -FP_E_TCP_DOFF;
+    h->sport = rd16(t);
+    h->dport = rd16(t + 2);
+    h->seq = rd32(t + 4);
+    h->ack = rd32(t + 8);
+    h->doff = (uint8_t)doff;
+    h->flags = (uint16_t)(rd16(t + 12) & FP_TCP_FLAGMASK);
+    h->window = rd16(t + 14);
+    h->check = rd16(t + 16);
+    h->urg = rd16(t + 18);
+    *payload = t + doff;
+    *payload_len = (uint32_t)(tlen - doff);
+    return fp_tcp_opts_decode(t + FP_TCP_MIN_HLEN, doff - FP_TCP_MIN_HLEN, &h->opts);
+}
+
+int fp_segment6_parse(const uint8_t *buf, size_t len, int verify, struct fp_segment6 *out)
+{
+    int rc = fp_ipv6_parse(buf, len, &out->ip);
+    if (rc < 0)
+        return rc;
+    if (out->ip.proto != FP_IPPROTO_TCP)
+        return -FP_E_IP_PROTO;
+    const uint8_t *t = buf + FP_IPV6_HLEN + out->ip.ext_len;
+    size_t tlen = (size_t)out->ip.payload_len - out->ip.ext_len;
+    if (tlen >= FP_TCP_MIN_HLEN && (verify & FP_VERIFY_TCP)) {
+        size_t doff = (size_t)(t[12] >> 4) * 4;
+        if (doff >= FP_TCP_MIN_HLEN && doff <= tlen) {   /* (else: the reason below) */
+            uint64_t s = fp_csum_pseudo6(out->ip.saddr, out->ip.daddr, FP_IPPROTO_TCP,
+                                         (uint32_t)tlen);
+            if (fp_csum_fold(fp_csum_add(s, t, tlen)) != 0)
+                return -FP_E_TCP_CHECKSUM;
+        }
+    }
+    return parse_tcp_part(t, tlen, &out->tcp, &out->payload, &out->payload_len);
+}
+
+long fp_segment6_parse_batch(const uint8_t *buf, size_t stride, const uint32_t *lens,
+                             size_t count, int verify, struct fp_segment6 *out,
+                             int32_t *status)
+{
+    long ok = 0;
+    size_t span;
+    if (fp_size_mul(count, stride, &span) < 0) {     /* a layout no buffer can hold */
+        for (size_t i = 0; i < count; i++)
+            status[i] = -FP_E_TOOBIG;
+        return -FP_E_TOOBIG;
+    }
+    for (size_t i = 0; i < count; i++) {
+        size_t len = lens[i] < stride ? lens[i] : stride;
+        status[i] = fp_segment6_parse(buf + i * stride, len, verify, &out[i]);
+        ok += status[i] == 0;
+    }
+    return ok;
+}
+
+static void finish_checksum6(uint8_t *p, size_t tcp_hlen, size_t tlen)
+{
+    uint8_t *t = p + FP_IPV6_HLEN;
+    t[16] = t[17] = 0;
+    uint64_t s = fp_csum_pseudo6(p + 8, p + 24, FP_IPPROTO_TCP, (uint32_t)tlen);
+    s = fp_csum_add(s, t, tcp_hlen);                      /* tcp_hlen is a multiple of 4 */
+    s = fp_csum_add(s, t + tcp_hlen, tlen - tcp_hlen);
+    fp_sum16 tc = fp_csum_fold(s);
+    memcpy(t + 16, &tc, 2);
+}
+
+int fp_segment6_build(uint8_t *buf, size_t cap, const struct fp_ipv6 *ip,
+                      const struct fp_tcp *tcp, const uint8_t *payload, size_t payload_len)
+{
+    uint8_t opts[FP_TCP_MAX_OPTLEN];
+    int optlen = fp_tcp_opts_encode(&tcp->opts, opts, sizeof opts);
+    if (optlen < 0)
+        return optlen;
+    if (payload_len > 0xffff)                /* (before the sum below could wrap) */
+        return -FP_E_TOOBIG;
+    size_t tlen = FP_TCP_MIN_HLEN + (size_t)optlen + payload_len;
+    int ihl = fp_ipv6_build(buf, cap, ip, FP_IPPROTO_TCP, tlen);
+    if (ihl < 0)
+        return ihl;
+    if ((size_t)ihl + tlen > cap)
+        return -FP_E_NOSPACE;
+    int doff = write_tcp_header(buf + ihl, tcp, opts, optlen);
+    if (payload_len)
+        memcpy(buf + ihl + doff, payload, payload_len);
+    finish_checksum6(buf, (size_t)doff, tlen);
+    return (int)((size_t)ihl + tlen);
+}
+
+long fp_segment6_build_batch(uint8_t *out, size_t stride, size_t count,
+                             const struct fp_ipv6 *ip, const struct fp_tcp *tcp,
+                             const uint8_t *payloads, size_t payload_len,
+                             const struct fp_batch_vary6 *vary, uint32_t *lens)
+{
+    static const struct fp_batch_vary6 none;
+    if (!vary)
+        vary = &none;
+    if (!payloads)
+        payload_len = 0;
+    uint8_t tmpl[FP_IPV6_HLEN + FP_TCP_MIN_HLEN + FP_TCP_MAX_OPTLEN];
+    int hdr = fp_segment6_build(tmpl, sizeof tmpl, ip, tcp, NULL, 0);
+    if (hdr < 0)
+        return hdr;
+    size_t doff = (size_t)hdr - FP_IPV6_HLEN;
+    if (payload_len > 0xffff - doff)         /* the IPv6 payload length field */
+        return -FP_E_TOOBIG;
+    size_t dlen = (size_t)hdr + payload_len;
+    if (stride < dlen)
+        return -FP_E_NOSPACE;
+    size_t span;
+    if (fp_size_span(count, stride, dlen, &span) < 0)
+        return -FP_E_TOOBIG;
+    wr16(tmpl + 4, (uint16_t)(doff + payload_len));
+
+    for (size_t i = 0; i < count; i++) {
+        uint8_t *p = out + i * stride;
+        uint8_t *t = p + FP_IPV6_HLEN;
+        memcpy(p, tmpl, (size_t)hdr);
+        if (vary->hop_limits)
+            p[7] = vary->hop_limits[i];
+        if (vary->daddrs)
+            memcpy(p + 24, vary->daddrs + 16 * i, 16);
+        if (vary->sports)
+            wr16(t, vary->sports[i]);
+        if (vary->dports)
+            wr16(t + 2, vary->dports[i]);
+        wr32(t + 4, vary->seqs ? vary->seqs[i] : tcp->seq + (uint32_t)(i * payload_len));
+        if (payload_len)
+            memcpy(t + doff, payloads + i * payload_len, payload_len);
+        finish_checksum6(p, doff, doff + payload_len);
+        lens[i] = (uint32_t)dlen;
+    }
+    return (long)count;
+}

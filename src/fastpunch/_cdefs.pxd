@@ -14,6 +14,8 @@ cdef extern from "fastpunch/fp_checksum.h" nogil:
     fp_sum16 fp_csum_fold(uint64_t sum)
     fp_sum16 fp_csum(const void *buf, size_t len)
     uint64_t fp_csum_pseudo(uint32_t saddr, uint32_t daddr, uint8_t proto, uint16_t len)
+    uint64_t fp_csum_pseudo6(const uint8_t *saddr, const uint8_t *daddr, uint8_t proto,
+                             uint32_t len)
     fp_sum16 fp_csum_replace2(fp_sum16 check, uint16_t old_wire, uint16_t new_wire)
     fp_sum16 fp_csum_replace4(fp_sum16 check, uint32_t old_wire, uint32_t new_wire)
     void fp_csum_many(const uint8_t *base, size_t stride, size_t len, size_t count,
@@ -34,6 +36,19 @@ cdef extern from "fastpunch/fp_ip.h" nogil:
         uint32_t daddr
         const uint8_t *options
         uint8_t options_len
+
+cdef extern from "fastpunch/fp_ip6.h" nogil:
+    int FP_IPV6_HLEN
+    struct fp_ipv6:
+        uint8_t tclass
+        uint32_t flow
+        uint16_t payload_len
+        uint8_t next
+        uint8_t hop_limit
+        uint8_t proto
+        uint16_t ext_len
+        uint8_t saddr[16]
+        uint8_t daddr[16]
 
 cdef extern from "fastpunch/fp_tcp.h" nogil:
     uint8_t FP_OPT_MSS, FP_OPT_WSCALE, FP_OPT_SACK_PERM, FP_OPT_TIMESTAMP, FP_OPT_SACK
@@ -86,6 +101,27 @@ cdef extern from "fastpunch/fp_tcp.h" nogil:
                                 const fp_ipv4 *ip, const fp_tcp *tcp,
                                 const uint8_t *payloads, size_t payload_len,
                                 const fp_batch_vary *vary, uint32_t *lens)
+
+    struct fp_segment6:
+        fp_ipv6 ip
+        fp_tcp tcp
+        const uint8_t *payload
+        uint32_t payload_len
+    struct fp_batch_vary6:
+        const uint8_t *daddrs
+        const uint16_t *sports
+        const uint16_t *dports
+        const uint32_t *seqs
+        const uint8_t *hop_limits
+    int fp_segment6_parse(const uint8_t *buf, size_t len, int verify, fp_segment6 *out)
+    long fp_segment6_parse_batch(const uint8_t *buf, size_t stride, const uint32_t *lens,
+                                 size_t count, int verify, fp_segment6 *out, int32_t *status)
+    int fp_segment6_build(uint8_t *buf, size_t cap, const fp_ipv6 *ip, const fp_tcp *tcp,
+                          const uint8_t *payload, size_t payload_len)
+    long fp_segment6_build_batch(uint8_t *out, size_t stride, size_t count,
+                                 const fp_ipv6 *ip, const fp_tcp *tcp,
+                                 const uint8_t *payloads, size_t payload_len,
+                                 const fp_batch_vary6 *vary, uint32_t *lens)
 
 cdef extern from "fastpunch/fp_seq.h" nogil:
     int fp_before(uint32_t a, uint32_t b)
@@ -140,3 +176,13 @@ cdef extern from "fastpunch/fp_rawio.h" nogil:
     long fp_raw_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
                           size_t count)
     long fp_raw_recv_batch(int fd, uint8_t *buf, size_t stride, uint32_t *lens, size_t count)
+    struct fp_match6:
+        uint8_t saddr[16]
+        uint8_t daddr[16]
+        uint16_t sport, dport
+    int fp_raw6_open_send(int sndbuf, uint32_t mark)
+    int fp_raw6_open_recv_any(const fp_match6 *m, int count, int rcvbuf)
+    long fp_raw6_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
+                            size_t count)
+    long fp_raw6_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
+                           size_t count)

@@ -1,12 +1,14 @@
 """Type stubs for the native module fastpunch._engine (see _engine.pyx)."""
 
 import enum
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 from typing_extensions import Buffer, disjoint_base
 
 _Address = Union[str, int, IPv4Address]
+# build(), tcp_checksum(), SegmentBatch.fill() and RawReceiver take IPv6 too
+_Address46 = Union[str, int, bytes, IPv4Address, IPv6Address]
 
 ENGINE_MARK: int
 
@@ -48,7 +50,7 @@ def flags_str(flags: int) -> str: ...
 def ip_to_int(a: _Address) -> int: ...
 def int_to_ip(a: int) -> str: ...
 def checksum(data: Buffer) -> int: ...
-def tcp_checksum(src: _Address, dst: _Address, segment: Buffer) -> int: ...
+def tcp_checksum(src: _Address46, dst: _Address46, segment: Buffer) -> int: ...
 def checksum_update(check: int, old: int, new: int, width: int = 16) -> int: ...
 def checksum_many(data: Buffer, stride: int, length: int, out: Buffer) -> None: ...
 def seq_before(a: int, b: int) -> bool: ...
@@ -85,18 +87,25 @@ class TCPOptions:
 
 @disjoint_base
 class Segment:
+    version: int
+    family: int
     src: str
     dst: str
     src_int: int
     dst_int: int
     tos: int
+    traffic_class: int
+    flow_label: Optional[int]
+    next_header: Optional[int]
+    ext_header_length: int
     total_length: int
     ip_header_length: int
-    ip_id: int
-    df: bool
-    ip_flags: int
+    ip_id: Optional[int]
+    df: Optional[bool]
+    ip_flags: Optional[int]
     ttl: int
-    ip_checksum: int
+    hop_limit: int
+    ip_checksum: Optional[int]
     ip_options: bytes
     sport: int
     dport: int
@@ -115,8 +124,8 @@ class Segment:
 
 def parse(data: Buffer, *, verify: bool = True) -> Segment: ...
 def build(
-    src: _Address,
-    dst: _Address,
+    src: _Address46,
+    dst: _Address46,
     sport: int,
     dport: int,
     seq: int = 0,
@@ -131,6 +140,7 @@ def build(
     df: bool = True,
     urgent: int = 0,
     ip_options: Optional[Buffer] = None,
+    flow_label: int = 0,
 ) -> bytes: ...
 
 @disjoint_base
@@ -141,8 +151,8 @@ class SegmentBatch:
     def fill(
         self,
         count: int,
-        src: _Address,
-        dst: _Address,
+        src: _Address46,
+        dst: _Address46,
         sport: int,
         dport: int,
         seq: int = 0,
@@ -206,7 +216,8 @@ class FlowTracker:
 def rst_for(seg: Segment) -> Reply: ...
 
 class RawSender:
-    def __init__(self, sndbuf: int = 0, mark: int = 0) -> None: ...
+    version: int
+    def __init__(self, sndbuf: int = 0, mark: int = 0, family: int = 4) -> None: ...
     def fileno(self) -> int: ...
     def send(self, datagram: bytes) -> int: ...
     def send_batch(self, batch: SegmentBatch, start: int = 0, count: int = -1) -> int: ...
@@ -219,15 +230,17 @@ class RawSender:
 class RawReceiver:
     def __init__(
         self,
-        src: Optional[_Address] = None,
-        dst: Optional[_Address] = None,
+        src: Optional[_Address46] = None,
+        dst: Optional[_Address46] = None,
         sport: int = 0,
         dport: int = 0,
         rcvbuf: int = 0,
         capacity: int = 64,
         stride: int = 2048,
-        matches: Optional[Sequence[Tuple[Optional[_Address], Optional[_Address], int, int]]] = None,
+        matches: Optional[Sequence[Tuple[Optional[_Address46], Optional[_Address46], int, int]]] = None,
+        family: Optional[int] = None,
     ) -> None: ...
+    version: int
     def fileno(self) -> int: ...
     def recv_many(self) -> list[bytes]: ...
     def recv_into(self, batch: ParsedBatch) -> int: ...

@@ -25,6 +25,9 @@ cdef extern from "arpa/inet.h" nogil:
     uint32_t htonl(uint32_t)
 cdef extern from "sys/socket.h" nogil:
     int AF_INET
+    int AF_INET6
+cdef extern from "arpa/inet.h" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, int size)
 cdef extern from "unistd.h" nogil:
     int close(int fd)
 
@@ -134,6 +137,49 @@ cdef int _addr(object a, uint32_t *out) except -1:
     raise TypeError(f"IPv4 address must be str, int or IPv4Address, not {type(a).__name__}")
 
 
+cdef bint _is_v6(object a):
+    """An IPv6 address as build()/tcp_checksum() take one: text with a
+    colon, an IPv6Address, or 16 bytes as on the wire."""
+    if isinstance(a, str):
+        return ":" in <str>a
+    if isinstance(a, (bytes, bytearray)):
+        return len(a) == 16
+    return getattr(a, "version", 0) == 6 and hasattr(a, "packed")
+
+
+cdef int _addr6(object a, uint8_t *out) except -1:
+    if isinstance(a, str):
+        b = (<str>a).encode("ascii", "replace")
+        if inet_pton(AF_INET6, b, out) == 1:
+            return 0
+        raise ValueError(f"not an IPv6 address: {a!r}")
+    cdef bytes raw
+    if isinstance(a, (bytes, bytearray)) and len(a) == 16:
+        raw = bytes(a)
+        memcpy(out, <const char *>raw, 16)
+        return 0
+    if getattr(a, "version", 0) == 6 and hasattr(a, "packed"):      # ipaddress.IPv6Address
+        packed = a.packed
+        memcpy(out, <const char *>packed, 16)
+        return 0
+    raise TypeError(f"IPv6 address must be str, 16 bytes or IPv6Address, "
+                    f"not {type(a).__name__}")
+
+
+cdef str _ntop6(const uint8_t *a):
+    cdef char text[48]
+    inet_ntop(AF_INET6, a, text, sizeof(text))
+    return text.decode("ascii")
+
+
+cdef int _family(object src, object dst) except -1:
+    """6 when both addresses are IPv6, 4 when neither is; a mix is an error."""
+    cdef bint s6 = _is_v6(src), d6 = _is_v6(dst)
+    if s6 != d6:
+        raise ValueError(f"source and destination are of different families: {src!r}, {dst!r}")
+    return 6 if s6 else 4
+
+
 cdef str _ntoa(uint32_t a):
     return f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}"
 
@@ -186,12 +232,25 @@ def checksum(const uint8_t[::1] data not None):
 
 
 def tcp_checksum(src, dst, const uint8_t[::1] segment not None):
-    """Checksum of a TCP segment (header + data) under the IPv4 pseudo-header.
+    """Checksum of a TCP segment (header + data) under the IPv4 pseudo-header,
+    or the IPv6 one (RFC 8200 §8.1) when the addresses are IPv6.
 
     With the checksum field zeroed this is the value to store; over a segment
     carrying a correct checksum it is 0.
     """
     cdef uint32_t s, d
+    cdef uint8_t s6[16]
+    cdef uint8_t d6[16]
+    cdef uint64_t acc6
+    if _family(src, dst) == 6:
+        _addr6(src, s6)
+        _addr6(dst, d6)
+        if segment.shape[0] > 0xffff:
+            raise ValueError("a TCP segment is at most 65535 bytes (no jumbograms)")
+        acc6 = fp_csum_pseudo6(s6, d6, 6, <uint32_t>segment.shape[0])
+        acc6 = fp_csum_add(acc6, &segment[0] if segment.shape[0] else NULL,
+                           <size_t>segment.shape[0])
+        return _wire_to_int(fp_csum_fold(acc6))
     _addr(src, &s)
     _addr(dst, &d)
     if segment.shape[0] > 0xffff:
@@ -377,61 +436,109 @@ cdef class TCPOptions:
 # ---------------------------------------------------------------- parse
 
 cdef class Segment:
-    """A parsed IPv4/TCP datagram. Fields are read lazily from the C struct."""
-    cdef fp_segment s
+    """A parsed IPv4/TCP or IPv6/TCP datagram (``version`` says which).
+    Fields are read lazily from the C struct. On IPv6, ``tos`` is the
+    traffic class and ``ttl`` the hop limit; the fields IPv6 does not have
+    (``ip_id``, ``ip_checksum``, ``ip_flags``, ``df``) are None."""
+    cdef fp_segment s          # the TCP part and payload, for either family
+    cdef fp_ipv6 ip6           # the IPv6 header when version == 6
+    cdef uint8_t _version
     cdef bytes _data
 
     @property
+    def version(self):
+        """4 or 6."""
+        return self._version
+
+    @property
+    def family(self):
+        """socket.AF_INET or socket.AF_INET6."""
+        return AF_INET6 if self._version == 6 else AF_INET
+
+    @property
     def src(self):
-        return _ntoa(self.s.ip.saddr)
+        return _ntop6(self.ip6.saddr) if self._version == 6 else _ntoa(self.s.ip.saddr)
 
     @property
     def dst(self):
-        return _ntoa(self.s.ip.daddr)
+        return _ntop6(self.ip6.daddr) if self._version == 6 else _ntoa(self.s.ip.daddr)
 
     @property
     def src_int(self):
+        if self._version == 6:
+            return int.from_bytes(PyBytes_FromStringAndSize(<char *>self.ip6.saddr, 16), "big")
         return self.s.ip.saddr
 
     @property
     def dst_int(self):
+        if self._version == 6:
+            return int.from_bytes(PyBytes_FromStringAndSize(<char *>self.ip6.daddr, 16), "big")
         return self.s.ip.daddr
 
     @property
     def tos(self):
-        return self.s.ip.tos
+        return self.ip6.tclass if self._version == 6 else self.s.ip.tos
+
+    @property
+    def traffic_class(self):
+        return self.tos
+
+    @property
+    def flow_label(self):
+        """IPv6's 20-bit flow label (None on IPv4)."""
+        return self.ip6.flow if self._version == 6 else None
+
+    @property
+    def next_header(self):
+        """IPv6's fixed header's next header field (None on IPv4): 6, or the
+        first extension header walked past."""
+        return self.ip6.next if self._version == 6 else None
+
+    @property
+    def ext_header_length(self):
+        """Bytes of IPv6 extension headers before TCP (0 on IPv4)."""
+        return self.ip6.ext_len if self._version == 6 else 0
 
     @property
     def total_length(self):
-        return self.s.ip.total_len
+        return 40 + self.ip6.payload_len if self._version == 6 else self.s.ip.total_len
 
     @property
     def ip_header_length(self):
-        return self.s.ip.hlen
+        """Bytes before the TCP header: IPv4's IHL * 4, or IPv6's 40 plus its
+        extension headers."""
+        return 40 + self.ip6.ext_len if self._version == 6 else self.s.ip.hlen
 
     @property
     def ip_id(self):
-        return self.s.ip.id
+        return None if self._version == 6 else self.s.ip.id
 
     @property
     def df(self):
-        return bool(self.s.ip.frag & FP_IP_DF)
+        return None if self._version == 6 else bool(self.s.ip.frag & FP_IP_DF)
 
     @property
     def ip_flags(self):
-        """The three IP flag bits as an int (RF=4, DF=2, MF=1)."""
-        return self.s.ip.frag >> 13
+        """The three IP flag bits as an int (RF=4, DF=2, MF=1); None on IPv6."""
+        return None if self._version == 6 else self.s.ip.frag >> 13
 
     @property
     def ttl(self):
-        return self.s.ip.ttl
+        return self.ip6.hop_limit if self._version == 6 else self.s.ip.ttl
+
+    @property
+    def hop_limit(self):
+        return self.ttl
 
     @property
     def ip_checksum(self):
-        return self.s.ip.check
+        return None if self._version == 6 else self.s.ip.check
 
     @property
     def ip_options(self):
+        """IPv4's header options, or IPv6's extension headers, as bytes."""
+        if self._version == 6:
+            return self._data[40:40 + self.ip6.ext_len]
         return self._data[20:self.s.ip.hlen]
 
     @property
@@ -480,7 +587,11 @@ cdef class Segment:
 
     @property
     def payload(self):
-        cdef Py_ssize_t start = self.s.ip.hlen + self.s.tcp.doff
+        cdef Py_ssize_t start
+        if self._version == 6:
+            start = 40 + self.ip6.ext_len + self.s.tcp.doff
+            return self._data[start:40 + self.ip6.payload_len]
+        start = self.s.ip.hlen + self.s.tcp.doff
         return self._data[start:self.s.ip.total_len]
 
     @property
@@ -493,6 +604,10 @@ cdef class Segment:
         return self.s.payload_len + (self.s.tcp.flags & 2) // 2 + (self.s.tcp.flags & 1)
 
     def __repr__(self):
+        if self._version == 6:
+            return (f"<Segment [{self.src}]:{self.sport} > [{self.dst}]:{self.dport} "
+                    f"[{self.flags_str}] seq={self.seq} ack={self.ack} win={self.window} "
+                    f"len={self.s.payload_len}>")
         return (f"<Segment {self.src}:{self.sport} > {self.dst}:{self.dport} "
                 f"[{self.flags_str}] seq={self.seq} ack={self.ack} win={self.window} "
                 f"len={self.s.payload_len}>")
@@ -500,20 +615,38 @@ cdef class Segment:
 
 cdef Segment _parse(bytes data, int verify):
     cdef Segment seg = Segment.__new__(Segment)
-    cdef int rc = fp_segment_parse(<const uint8_t *>PyBytes_AS_STRING(data),
-                                   <size_t>PyBytes_GET_SIZE(data), verify, &seg.s)
-    if rc < 0:
-        raise _error(rc, "parse")
+    cdef const uint8_t *buf = <const uint8_t *>PyBytes_AS_STRING(data)
+    cdef size_t n = <size_t>PyBytes_GET_SIZE(data)
+    cdef int rc
+    cdef fp_segment6 s6
+    if n and buf[0] >> 4 == 6:
+        rc = fp_segment6_parse(buf, n, verify, &s6)
+        if rc < 0:
+            raise _error(rc, "parse")
+        memset(&seg.s.ip, 0, sizeof(fp_ipv4))
+        seg.s.tcp = s6.tcp
+        seg.s.payload = s6.payload
+        seg.s.payload_len = s6.payload_len
+        seg.ip6 = s6.ip
+        seg._version = 6
+    else:
+        rc = fp_segment_parse(buf, n, verify, &seg.s)
+        if rc < 0:
+            raise _error(rc, "parse")
+        seg._version = 4
     seg._data = data
     return seg
 
 
 def parse(data, *, bint verify=True):
-    """Parse one IPv4 datagram carrying TCP.
+    """Parse one IPv4 or IPv6 datagram carrying TCP (the version nibble
+    decides).
 
     Raises MalformedPacket (a ValueError) with a ``reason`` for anything that
-    is not a well-formed, complete, unfragmented IPv4/TCP datagram; checksums
-    are verified unless ``verify`` is false. Never crashes on any input.
+    is not a well-formed, complete, unfragmented IPv4/TCP or IPv6/TCP
+    datagram (IPv6 extension headers are walked past or refused, never
+    mistaken for TCP); checksums are verified unless ``verify`` is false.
+    Never crashes on any input.
     """
     if type(data) is not bytes:
         data = bytes(data)
@@ -525,7 +658,7 @@ def parse(data, *, bint verify=True):
 # (name, array typecode) of the columns ParsedBatch fills in C.
 _COLUMNS = (("status", "i"), ("src", "I"), ("dst", "I"), ("sport", "H"), ("dport", "H"),
             ("seq", "I"), ("ack", "I"), ("flags", "H"), ("window", "H"),
-            ("payload_length", "I"), ("mss", "H"), ("ts_val", "I"))
+            ("payload_length", "I"), ("mss", "H"), ("ts_val", "I"), ("version", "B"))
 
 
 cdef class ParsedBatch:
@@ -536,7 +669,10 @@ cdef class ParsedBatch:
     Columns are memoryviews (zero copy) over C arrays: ``status`` is 0 for a
     good datagram or the negative reason code (see ``reason_name``);
     ``mss``/``ts_val`` are 0 when the option is absent. ``batch[i]`` gives a
-    full ``Segment`` (or raises MalformedPacket for a bad one).
+    full ``Segment`` (or raises MalformedPacket for a bad one). IPv4 and IPv6
+    datagrams may be mixed: ``version`` says which each is (0 for a bad
+    one), and ``src``/``dst`` (IPv4 host-order ints) are 0 for IPv6 ones,
+    whose addresses ``batch[i]`` gives.
     """
     cdef readonly Py_ssize_t capacity
     cdef readonly Py_ssize_t stride
@@ -559,6 +695,7 @@ cdef class ParsedBatch:
     cdef uint32_t *_plen
     cdef uint16_t *_mss
     cdef uint32_t *_tsval
+    cdef uint8_t *_version
 
     def __cinit__(self, Py_ssize_t capacity=1024, Py_ssize_t stride=2048, bint verify=True):
         if capacity <= 0 or stride < 60 or stride > 65535:
@@ -586,6 +723,7 @@ cdef class ParsedBatch:
         self._plen = <uint32_t *>_addr_of(self._arrays["payload_length"])
         self._mss = <uint16_t *>_addr_of(self._arrays["mss"])
         self._tsval = <uint32_t *>_addr_of(self._arrays["ts_val"])
+        self._version = <uint8_t *>_addr_of(self._arrays["version"])
 
     def __dealloc__(self):
         PyMem_Free(self._buf)
@@ -595,13 +733,28 @@ cdef class ParsedBatch:
     cdef Py_ssize_t _parse(self, Py_ssize_t count) noexcept nogil:
         cdef Py_ssize_t i
         cdef fp_segment *s
-        cdef long good = fp_segment_parse_batch(self._buf, <size_t>self.stride, self._lens,
-                                                <size_t>count, self.verify, self._segs,
-                                                self._status)
+        cdef fp_segment6 s6
+        cdef const uint8_t *d
+        cdef size_t n
+        cdef long good = 0
         for i in range(count):
             s = &self._segs[i]
+            d = self._buf + i * self.stride
+            n = min(<size_t>self._lens[i], <size_t>self.stride)
+            if n and d[0] >> 4 == 6:
+                self._status[i] = fp_segment6_parse(d, n, self.verify, &s6)
+                memset(&s.ip, 0, sizeof(fp_ipv4))
+                s.tcp = s6.tcp
+                s.payload = s6.payload
+                s.payload_len = s6.payload_len
+                self._version[i] = 6
+            else:
+                self._status[i] = fp_segment_parse(d, n, self.verify, s)
+                self._version[i] = 4
+            good += self._status[i] == 0
             if self._status[i] != 0:
                 memset(s, 0, sizeof(fp_segment))
+                self._version[i] = 0
             self._src[i] = s.ip.saddr
             self._dst[i] = s.ip.daddr
             self._sport[i] = s.tcp.sport
@@ -691,18 +844,60 @@ cdef int _fill_headers(fp_ipv4 *ip, fp_tcp *tcp, src, dst, uint16_t sport, uint1
     return 0
 
 
+cdef int _fill_headers6(fp_ipv6 *ip, fp_tcp *tcp, src, dst, uint16_t sport, uint16_t dport,
+                        uint32_t seq, uint32_t ack, uint16_t flags, uint16_t window,
+                        TCPOptions options, uint8_t hop_limit, uint16_t ip_id, uint8_t tclass,
+                        uint32_t flow_label, uint16_t urgent) except -1:
+    if ip_id:
+        raise ValueError("IPv6 has no identification field: ip_id is for IPv4")
+    if flow_label > 0xfffff:
+        raise ValueError(f"an IPv6 flow label has 20 bits: {flow_label}")
+    memset(ip, 0, sizeof(fp_ipv6))
+    memset(tcp, 0, sizeof(fp_tcp))
+    _addr6(src, ip.saddr)
+    _addr6(dst, ip.daddr)
+    ip.hop_limit = hop_limit
+    ip.tclass = tclass
+    ip.flow = flow_label
+    tcp.sport = sport
+    tcp.dport = dport
+    tcp.seq = seq
+    tcp.ack = ack
+    tcp.flags = flags & 0xfff
+    tcp.window = window
+    tcp.urg = urgent
+    if options is not None:
+        tcp.opts = options.o
+    return 0
+
+
 def build(src, dst, uint16_t sport, uint16_t dport, uint32_t seq=0, uint32_t ack=0,
           uint16_t flags=Flags.SYN, uint16_t window=65535, TCPOptions options=None,
           const uint8_t[::1] payload=None, uint8_t ttl=64, uint16_t ip_id=0, uint8_t tos=0,
-          bint df=True, uint16_t urgent=0, const uint8_t[::1] ip_options=None):
-    """Build one IPv4/TCP datagram with both checksums; returns bytes."""
+          bint df=True, uint16_t urgent=0, const uint8_t[::1] ip_options=None,
+          uint32_t flow_label=0):
+    """Build one IPv4/TCP datagram with both checksums, or, when src and dst
+    are IPv6 addresses, one IPv6/TCP datagram (no extension headers; ``ttl``
+    is its hop limit, ``tos`` its traffic class, ``flow_label`` its flow
+    label; IPv6 has no ``ip_id`` nor header options, and never fragments in
+    flight, so ``df`` has no field to set); returns bytes."""
     cdef fp_ipv4 ip
+    cdef fp_ipv6 ip6
     cdef fp_tcp tcp
-    _fill_headers(&ip, &tcp, src, dst, sport, dport, seq, ack, flags, window, options,
-                  ttl, ip_id, tos, df, urgent)
     cdef Py_ssize_t plen = payload.shape[0] if payload is not None else 0
     cdef const uint8_t *pptr = &payload[0] if plen else NULL
-    if ip_options is not None and ip_options.shape[0]:
+    cdef int version = _family(src, dst)
+    if version == 6:
+        if ip_options is not None and ip_options.shape[0]:
+            raise ValueError("IPv6 has no header options (extension headers are not built)")
+        _fill_headers6(&ip6, &tcp, src, dst, sport, dport, seq, ack, flags, window, options,
+                       ttl, ip_id, tos, flow_label, urgent)
+    else:
+        if flow_label:
+            raise ValueError("a flow label is IPv6's: the addresses are IPv4")
+        _fill_headers(&ip, &tcp, src, dst, sport, dport, seq, ack, flags, window, options,
+                      ttl, ip_id, tos, df, urgent)
+    if version == 4 and ip_options is not None and ip_options.shape[0]:
         if ip_options.shape[0] > 40:
             raise _error(-FP_E_IP_OPTIONS, "build")
         ip.options = &ip_options[0]
@@ -716,7 +911,10 @@ def build(src, dst, uint16_t sport, uint16_t dport, uint32_t seq=0, uint32_t ack
             raise MemoryError()
     cdef int n
     try:
-        n = fp_segment_build(buf, <size_t>cap, &ip, &tcp, pptr, <size_t>plen)
+        if version == 6:
+            n = fp_segment6_build(buf, <size_t>cap, &ip6, &tcp, pptr, <size_t>plen)
+        else:
+            n = fp_segment_build(buf, <size_t>cap, &ip, &tcp, pptr, <size_t>plen)
         if n < 0:
             raise _error(n, "build")
         return PyBytes_FromStringAndSize(<char *>buf, n)
@@ -764,12 +962,35 @@ cdef class SegmentBatch:
         chopped into equal segments; seq advances by payload_len unless seqs is
         given) and takes sports[i], dports[i], seqs[i], ttls[i], saddrs[i],
         daddrs[i] (host-order ints) from whichever arrays are given. Returns count.
+        With IPv6 src and dst the segments are IPv6 (ttls are hop limits; one
+        address pair for the batch, so no saddrs/daddrs; ip_id must be 0).
         """
         cdef fp_ipv4 ip
+        cdef fp_ipv6 ip6
         cdef fp_tcp tcp
         cdef fp_batch_vary vary
+        cdef fp_batch_vary6 vary6
         if not 0 <= count <= self.capacity:
             raise ValueError(f"count must be within 0..{self.capacity}")
+        if _family(src, dst) == 6:
+            if saddrs is not None or daddrs is not None:
+                raise ValueError("saddrs/daddrs are IPv4 ints: an IPv6 batch has one address pair")
+            _fill_headers6(&ip6, &tcp, src, dst, sport, dport, seq, ack, flags, window,
+                           options, ttl, ip_id, tos, 0, 0)
+            memset(&vary6, 0, sizeof(vary6))
+            if sports is not None:
+                _need(sports.shape[0], count, "sports")
+                vary6.sports = &sports[0] if count else NULL
+            if dports is not None:
+                _need(dports.shape[0], count, "dports")
+                vary6.dports = &dports[0] if count else NULL
+            if seqs is not None:
+                _need(seqs.shape[0], count, "seqs")
+                vary6.seqs = &seqs[0] if count else NULL
+            if ttls is not None:
+                _need(ttls.shape[0], count, "ttls")
+                vary6.hop_limits = &ttls[0] if count else NULL
+            return self._finish(count, payloads, payload_len, NULL, NULL, &ip6, &tcp, &vary6)
         _fill_headers(&ip, &tcp, src, dst, sport, dport, seq, ack, flags, window, options,
                       ttl, ip_id, tos, df, 0)
         memset(&vary, 0, sizeof(vary))
@@ -791,18 +1012,31 @@ cdef class SegmentBatch:
         if daddrs is not None:
             _need(daddrs.shape[0], count, "daddrs")
             vary.daddrs = &daddrs[0] if count else NULL
+        return self._finish(count, payloads, payload_len, &ip, &vary, NULL, &tcp, NULL)
+
+    cdef Py_ssize_t _finish(self, Py_ssize_t count, const uint8_t[::1] payloads,
+                            Py_ssize_t payload_len, fp_ipv4 *ip, fp_batch_vary *vary,
+                            fp_ipv6 *ip6, fp_tcp *tcp, fp_batch_vary6 *vary6) except -1:
+        """The C batch build of either family (ip or ip6 given)."""
         cdef const uint8_t *pptr = NULL
         if payload_len < 0:
             raise ValueError("payload_len must not be negative")
         if payload_len:
-            if payloads is None or payloads.shape[0] < payload_len * count:
+            if payloads is None or payloads.shape[0] < _area(count, payload_len,
+                                                             "SegmentBatch.fill"):
                 raise ValueError("payloads must hold count * payload_len bytes")
             if count:
                 pptr = &payloads[0]
         cdef long rc
         with nogil:
-            rc = fp_segment_build_batch(self._ptr, <size_t>self.stride, <size_t>count, &ip,
-                                        &tcp, pptr, <size_t>payload_len, &vary, self._lens)
+            if ip6 != NULL:
+                rc = fp_segment6_build_batch(self._ptr, <size_t>self.stride, <size_t>count,
+                                             ip6, tcp, pptr, <size_t>payload_len, vary6,
+                                             self._lens)
+            else:
+                rc = fp_segment_build_batch(self._ptr, <size_t>self.stride, <size_t>count,
+                                            ip, tcp, pptr, <size_t>payload_len, vary,
+                                            self._lens)
         if rc < 0:
             self.count = 0
             raise _error(rc, "build")
@@ -954,9 +1188,19 @@ def rst_for(Segment seg not None):
 ENGINE_MARK = 0x46500001
 
 
+cdef int _version_of(object family) except -1:
+    """4 or 6 from 4, 6, socket.AF_INET or socket.AF_INET6."""
+    if family in (4, AF_INET):
+        return 4
+    if family in (6, AF_INET6):
+        return 6
+    raise ValueError(f"family must be 4, 6, AF_INET or AF_INET6, not {family!r}")
+
+
 cdef class _RawSocket:
     """What both raw sockets share: one descriptor, closed exactly once."""
     cdef int fd
+    cdef readonly int version      # 4 or 6: the IP version it sends or sees
 
     def __cinit__(self, *args, **kwargs):
         self.fd = -1
@@ -987,11 +1231,14 @@ cdef class _RawSocket:
 
 cdef class RawSender(_RawSocket):
     """Non-blocking IP_HDRINCL raw socket; each datagram goes to the address in
-    its own header. Needs CAP_NET_RAW; ``mark`` (SO_MARK, 0 for none) needs
-    CAP_NET_ADMIN."""
+    its own header. ``family`` 6: an IPv6 one (IPPROTO_RAW, on which Linux
+    sets IPV6_HDRINCL), for IPv6 datagrams. Needs CAP_NET_RAW; ``mark``
+    (SO_MARK, 0 for none) needs CAP_NET_ADMIN."""
 
-    def __cinit__(self, int sndbuf=0, uint32_t mark=0):
-        cdef int fd = fp_raw_open_send(sndbuf, mark)
+    def __cinit__(self, int sndbuf=0, uint32_t mark=0, family=4):
+        self.version = _version_of(family)
+        cdef int fd = (fp_raw6_open_send(sndbuf, mark) if self.version == 6
+                       else fp_raw_open_send(sndbuf, mark))
         if fd == FP_RAW_MARK_DENIED:
             raise _errors.InsufficientPrivilegeError("CAP_NET_ADMIN", "marking raw packets (SO_MARK)")
         if fd < 0:
@@ -1002,8 +1249,11 @@ cdef class RawSender(_RawSocket):
         """Send one datagram; returns 1, or raises (BlockingIOError when full)."""
         self._check_open()
         cdef uint32_t n = <uint32_t>PyBytes_GET_SIZE(datagram)
-        cdef long rc = fp_raw_send_each(self.fd, <const uint8_t *>PyBytes_AS_STRING(datagram),
-                                        n, &n, 1)
+        cdef const uint8_t *d = <const uint8_t *>PyBytes_AS_STRING(datagram)
+        if not n or d[0] >> 4 != self.version:
+            raise ValueError(f"an IPv{self.version} sender sends IPv{self.version} datagrams")
+        cdef long rc = (fp_raw6_send_each(self.fd, d, n, &n, 1) if self.version == 6
+                        else fp_raw_send_each(self.fd, d, n, &n, 1))
         if rc < 0:
             raise _error(rc, "raw-send")
         return rc
@@ -1026,8 +1276,13 @@ cdef class RawSender(_RawSocket):
             raise ValueError("start/count outside the batch")
         cdef long rc
         cdef const uint8_t *base = batch._ptr + start * batch.stride
+        if count and base[0] >> 4 != self.version:
+            raise ValueError(f"an IPv{self.version} sender sends IPv{self.version} datagrams")
         with nogil:
-            if batched:
+            if self.version == 6:
+                rc = (fp_raw6_send_batch if batched else fp_raw6_send_each)(
+                    self.fd, base, <size_t>batch.stride, batch._lens + start, <size_t>count)
+            elif batched:
                 rc = fp_raw_send_batch(self.fd, base, <size_t>batch.stride,
                                        batch._lens + start, <size_t>count)
             else:
@@ -1043,14 +1298,36 @@ cdef class RawReceiver(_RawSocket):
     (a classic BPF filter on the 4-tuple; None/0 are wildcards), or with
     ``matches`` (up to 16 ``(src, dst, sport, dport)`` clauses) the segments
     of any of several: one socket for every crafted flow of a punch. Use
-    fileno() with loop.add_reader(). Needs CAP_NET_RAW."""
+    fileno() with loop.add_reader(). Needs CAP_NET_RAW.
+
+    IPv6 addresses (or ``family=6`` with no address given) make it an IPv6
+    receiver: an AF_PACKET socket for ETH_P_IPV6 (a raw AF_INET6 socket
+    never shows its reader the IPv6 header: docs/engine.md), whose filter
+    also refuses the kernel's copies of what this host sends; it yields
+    whole IPv6 datagrams, which parse() and ParsedBatch read."""
     cdef Py_ssize_t capacity, stride
     cdef uint8_t *_buf
     cdef uint32_t *_lens
 
     def __cinit__(self, src=None, dst=None, uint16_t sport=0, uint16_t dport=0, int rcvbuf=0,
-                  Py_ssize_t capacity=64, Py_ssize_t stride=2048, matches=None):
+                  Py_ssize_t capacity=64, Py_ssize_t stride=2048, matches=None, family=None):
         cdef uint32_t s = 0, d = 0
+        addrs = [a for a in ([src, dst] if matches is None else
+                             [x for clause in list(matches) for x in tuple(clause)[:2]])
+                 if a is not None]
+        v6 = [_is_v6(a) for a in addrs]
+        if any(v6) and not all(v6):
+            raise ValueError("a receiver's addresses are all IPv4 or all IPv6")
+        self.version = 6 if (v6 and v6[0]) else 4
+        if family is not None:
+            if addrs and _version_of(family) != self.version:
+                raise ValueError(f"family {family!r} but IPv{self.version} addresses")
+            self.version = _version_of(family)
+        if capacity <= 0 or stride < 60:
+            raise ValueError("capacity must be positive and stride at least 60")
+        if self.version == 6:
+            self._open6(src, dst, sport, dport, rcvbuf, capacity, stride, matches)
+            return
         if src is not None:
             _addr(src, &s)
         if dst is not None:
@@ -1090,6 +1367,39 @@ cdef class RawReceiver(_RawSocket):
         if fd < 0:
             raise _error(fd, "raw-socket")
         self.fd = fd
+
+    cdef int _open6(self, src, dst, uint16_t sport, uint16_t dport, int rcvbuf,
+                    Py_ssize_t capacity, Py_ssize_t stride, matches) except -1:
+        self.capacity = capacity
+        self.stride = stride
+        self._buf = <uint8_t *>PyMem_Malloc(_area(capacity, stride, "RawReceiver"))
+        self._lens = <uint32_t *>PyMem_Malloc(_area(capacity, sizeof(uint32_t), "RawReceiver"))
+        if self._buf == NULL or self._lens == NULL:
+            raise MemoryError()
+        cdef fp_match6 clauses[16]
+        memset(clauses, 0, sizeof(clauses))
+        if matches is None:
+            matches = [(src, dst, sport, dport)]
+        elif src is not None or dst is not None or sport or dport:
+            raise ValueError("give either matches or src/dst/sport/dport, not both")
+        matches = list(matches)
+        if not 1 <= len(matches) <= FP_MAX_MATCHES:
+            raise ValueError(f"matches: 1 to {FP_MAX_MATCHES} (src, dst, sport, dport) "
+                             f"clauses, not {len(matches)}")
+        for i, clause in enumerate(matches):
+            c_src, c_dst, c_sport, c_dport = clause
+            if c_src is not None:
+                _addr6(c_src, clauses[i].saddr)
+            if c_dst is not None:
+                _addr6(c_dst, clauses[i].daddr)
+            if not (0 <= (c_sport or 0) <= 65535 and 0 <= (c_dport or 0) <= 65535):
+                raise ValueError(f"matches[{i}]: ports are 0..65535")
+            clauses[i].sport, clauses[i].dport = c_sport or 0, c_dport or 0
+        cdef int fd = fp_raw6_open_recv_any(clauses, len(matches), rcvbuf)
+        if fd < 0:
+            raise _error(fd, "raw-socket")
+        self.fd = fd
+        return 0
 
     def __dealloc__(self):          # the base class closes the descriptor
         PyMem_Free(self._buf)

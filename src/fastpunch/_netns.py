@@ -100,7 +100,8 @@ def veth_between(ns1: str, name1: str, ns2: str, name2: str) -> None:
 @dataclass
 class VethPair:
     """Namespaces ``ns_a`` and ``ns_b`` joined by veth ``if_a``/``if_b`` with
-    ``addr_a``/``addr_b`` (RFC 5737 TEST-NET-2 by default)."""
+    ``addr_a``/``addr_b`` (RFC 5737 TEST-NET-2 by default; IPv6 addresses
+    from 2001:db8::/32, RFC 3849, with prefixlen 64 for an IPv6 pair)."""
 
     addr_a: str = "198.51.100.1"
     addr_b: str = "198.51.100.2"
@@ -122,9 +123,13 @@ class VethPair:
             veth_between(self.ns_a, self.if_a, self.ns_b, self.if_b)
             for ifname, ns, addr in ((self.if_a, self.ns_a, self.addr_a),
                                      (self.if_b, self.ns_b, self.addr_b)):
+                # an IPv6 address skips duplicate address detection: a fresh
+                # link of two namespaces has no duplicate, and a tentative
+                # address cannot be bound for the second or so DAD takes
+                extra = {"flags": 0x02} if ":" in addr else {}      # IFA_F_NODAD
                 with pyroute2.NetNS(ns) as ipr:
                     ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=addr,
-                             prefixlen=self.prefixlen)
+                             prefixlen=self.prefixlen, **extra)
         except BaseException:
             self.down()
             raise

@@ -102,16 +102,4 @@ def cmd_camera(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_subparser(sub) -> None:
-    """`fastpunch camera` in the CLI (its login flags are every command's:
-    the one use of a module that is not public API)."""
-    from fastpunch.tools import add_login_args
-
-    p = sub.add_parser("camera", help="serve a live MPEG-TS stream to every authorized viewer",
-                       description=__doc__.split("\n\n")[0])
-    add_login_args(p)
-    p.add_argument("--nat", default="auto", help="NAT kind (auto: natcheck finds out)")
-    p.add_argument("--source", default=TEST_SOURCE, help="ffmpeg input arguments")
-    p.add_argument("--max-viewers", type=int, metavar="N", help="stop accepting after N viewers")
-    p.set_defaults(func=cmd_camera)
 

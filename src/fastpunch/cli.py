@@ -66,7 +66,7 @@ COMMANDS = (
     (("ccs",), "fastpunch.ccs.cli", "add_ccs_subparser"),
     (("device",), "fastpunch.ccs.cli", "add_device_subparser"),
     (("natcheck", "connect", "send", "recv", "exec"), "fastpunch.tools", "add_subparsers"),
-    (("camera",), "fastpunch.camera", "add_subparser"),
+    (("camera",), "fastpunch.tools", "add_camera_subparser"),
     (("agent", "forward"), "fastpunch.agent.cli", "add_subparsers"),
 )
 

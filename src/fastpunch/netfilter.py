@@ -333,6 +333,15 @@ class RstSuppression:
     peer_port: Optional[int] = None
     exempt_mark: Optional[int] = ENGINE_MARK
 
+    @property
+    def version(self) -> Optional[int]:
+        """4 or 6: the peer's IP version; None when any peer is meant."""
+        if self.peer is None:
+            return None
+        import ipaddress
+
+        return ipaddress.ip_address(self.peer).version
+
     def rule(self) -> str:
         if not 0 < self.local_port < 65536:
             raise ValueError("local_port must be 1..65535")
@@ -340,7 +349,8 @@ class RstSuppression:
         if self.peer is not None:
             import ipaddress
 
-            parts.append(f"ip daddr {ipaddress.IPv4Address(self.peer)}")
+            peer = ipaddress.ip_address(self.peer)
+            parts.append(f"{'ip6' if peer.version == 6 else 'ip'} daddr {peer}")
         parts.append(f"tcp sport {self.local_port}")
         if self.peer_port is not None:
             if not 0 < self.peer_port < 65536:
@@ -454,10 +464,15 @@ def _remove_live() -> None:
 
 
 def suppress_rsts(rules: Iterable[RstSuppression], nft: Optional[Nftables] = None) -> ScopedTable:
-    """A scoped table dropping the kernel's RSTs for the given flows."""
+    """A scoped table dropping the kernel's RSTs for the given flows: an
+    ``ip`` table for IPv4 peers (and rules for any peer), ``ip6`` for IPv6
+    peers, ``inet`` (both) when they are mixed."""
+    rules = list(rules)
+    versions = {r.version for r in rules}
+    family = "ip6" if versions == {6} else "inet" if 6 in versions else "ip"
     table = Table(
         owned_table_name("rst"),
-        (Chain("out", "output", tuple(r.rule() for r in rules)),),
+        (Chain("out", "output", tuple(r.rule() for r in rules)),), family,
     )
     return ScopedTable(table, nft)
 
@@ -489,7 +504,7 @@ def spoof_rewrite(local_port: int, peer: str, peer_port: int, ccs: str,
     return ScopedTable(table, nft)
 
 
-def sweep_stale(nft: Optional[Nftables] = None, family: str = "ip", *,
+def sweep_stale(nft: Optional[Nftables] = None, family: Optional[str] = None, *,
                 unmarked: bool = True) -> list[str]:
     """Delete tables left by fastpunch processes that no longer exist.
     Returns the names removed.
@@ -504,14 +519,15 @@ def sweep_stale(nft: Optional[Nftables] = None, family: str = "ip", *,
     removed = []
     here = pid_namespace()
     pattern = re.compile(rf"^{TABLE_PREFIX}(\d+)_(?:ns(\d+)_)?")
-    for name in nft.tables(family):
-        m = pattern.match(name)
-        if not m:
-            continue
-        ns = m.group(2)
-        if ns is None and not unmarked or ns is not None and int(ns) != here:
-            continue
-        if not pid_alive(int(m.group(1))):
-            nft.run(Table(name, family=family).delete_commands())
-            removed.append(name)
+    for fam in (family,) if family else ("ip", "ip6", "inet"):
+        for name in nft.tables(fam):
+            m = pattern.match(name)
+            if not m:
+                continue
+            ns = m.group(2)
+            if ns is None and not unmarked or ns is not None and int(ns) != here:
+                continue
+            if not pid_alive(int(m.group(1))):
+                nft.run(Table(name, family=fam).delete_commands())
+                removed.append(name)
     return removed

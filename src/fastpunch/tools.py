@@ -89,6 +89,21 @@ def _keepalive(text: str):
             f"{text!r}") from None
 
 
+def add_camera_subparser(sub) -> None:
+    """`fastpunch camera` (fastpunch.camera runs it; its flags live here, so
+    that module imports nothing but the public API: it is the example of a
+    program of your own)."""
+    from fastpunch import camera
+
+    p = sub.add_parser("camera", help="serve a live MPEG-TS stream to every authorized viewer",
+                       description=camera.__doc__.split("\n\n")[0])
+    add_login_args(p)
+    p.add_argument("--nat", default="auto", help="NAT kind (auto: natcheck finds out)")
+    p.add_argument("--source", default=camera.TEST_SOURCE, help="ffmpeg input arguments")
+    p.add_argument("--max-viewers", type=int, metavar="N", help="stop accepting after N viewers")
+    p.set_defaults(func=camera.cmd_camera)
+
+
 def add_subparsers(sub) -> None:
     p = sub.add_parser("natcheck", help="classify this device's NAT mapping with the CCS's help")
     add_login_args(p)

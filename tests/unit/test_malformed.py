@@ -51,7 +51,7 @@ def mutate(offset, value, fix=True):
 
 CASES = {
     "truncated": GOOD[:19],
-    "ip-version": mutate(0, 0x65),
+    "ip-version": mutate(0, 0x55),
     "ip-ihl": mutate(0, 0x44),
     "ip-total-length": bytes(fix_ip_checksum(bytearray(GOOD[:2] + (len(GOOD) + 1).to_bytes(2, "big") + GOOD[4:]))),
     "ip-checksum": mutate(8, 7, fix=False),

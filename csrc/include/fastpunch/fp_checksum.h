@@ -27,6 +27,11 @@ fp_sum16 fp_csum(const void *buf, size_t len);
 /* Running sum of the IPv4 pseudo-header. Addresses in host order. */
 uint64_t fp_csum_pseudo(uint32_t saddr, uint32_t daddr, uint8_t proto, uint16_t len);
 
+/* Running sum of the IPv6 pseudo-header (RFC 8200 §8.1): addresses as on
+ * the wire, the upper-layer length as a 32-bit field, the next header. */
+uint64_t fp_csum_pseudo6(const uint8_t saddr[16], const uint8_t daddr[16], uint8_t proto,
+                         uint32_t len);
+
 /* RFC 1624 eqn. 3 incremental update: HC' = ~(~HC + ~m + m').
  * old/new are the replaced field's bytes as loaded with memcpy (wire order). */
 fp_sum16 fp_csum_replace2(fp_sum16 check, uint16_t old_wire, uint16_t new_wire);

@@ -13,7 +13,7 @@ enum fp_reason {
     FP_OK = 0,
     /* IPv4 */
     FP_E_TRUNCATED = FP_E_BASE, /* buffer shorter than the header claims       */
-    FP_E_IP_VERSION,            /* version field is not 4                      */
+    FP_E_IP_VERSION,            /* version field is not 4 (nor 6 where v6 is read) */
     FP_E_IP_IHL,                /* IHL below 5 or beyond the buffer            */
     FP_E_IP_TOTLEN,             /* total length below IHL or beyond the buffer */
     FP_E_IP_CHECKSUM,           /* header checksum does not verify             */
@@ -31,6 +31,10 @@ enum fp_reason {
     FP_E_NOSPACE,               /* caller buffer too small                     */
     FP_E_TOOBIG,                /* datagram would exceed 65535 bytes           */
     FP_E_INVAL,                 /* argument out of range                       */
+    /* IPv6 (after the others: codes already published keep their values) */
+    FP_E_IP6_PAYLEN,            /* payload length past the buffer, or a jumbogram */
+    FP_E_IP6_EXTHDR,            /* an extension header refused: ESP, too many,
+                                   or one running past the payload              */
     FP_E_LAST
 };
 

@@ -61,4 +61,43 @@ long fp_raw_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t 
  * the count received (0 when none is waiting) or -errno. */
 long fp_raw_recv_batch(int fd, uint8_t *buf, size_t stride, uint32_t *lens, size_t count);
 
+/* ---- IPv6 ------------------------------------------------------------
+ *
+ * Send: an AF_INET6 IPPROTO_RAW socket; Linux sets IPV6_HDRINCL on it by
+ * itself (inet6_create), so the datagram goes out with our own header, as
+ * IP_HDRINCL does for IPv4. The destination is taken from each header.
+ *
+ * Receive: an AF_INET6 raw socket never hands its reader the IPv6 header
+ * (RFC 3542 §3), so a filter there cannot see addresses, and a parse could
+ * not check the pseudo-header checksum. The engine reads IPv6 from an
+ * AF_PACKET SOCK_DGRAM socket for ETH_P_IPV6 instead: whole datagrams from
+ * the network header on, behind a classic BPF filter on the 4-tuple, with
+ * the kernel's own copies of what we send (PACKET_OUTGOING) refused by the
+ * filter. Segments with extension headers before TCP do not pass the
+ * filter (its offsets are the fixed header's). Both need CAP_NET_RAW. */
+
+int fp_raw6_open_send(int sndbuf, uint32_t mark);
+
+/* One clause of an IPv6 receive filter: addresses as on the wire (all
+ * zero = any), ports host order (0 = any). */
+struct fp_match6 {
+    uint8_t saddr[16], daddr[16];
+    uint16_t sport, dport;
+};
+#define FP_BPF6_MAX (6 + 21 * FP_MAX_MATCHES)
+
+int fp_bpf6_match_filter(struct sock_filter *prog, int cap, const struct fp_match6 *m,
+                         int count);
+
+/* The AF_PACKET receive socket above, seeing what matches any of count
+ * clauses (1..FP_MAX_MATCHES). Returns the descriptor or -errno. Read it
+ * with fp_raw_recv_batch. */
+int fp_raw6_open_recv_any(const struct fp_match6 *m, int count, int rcvbuf);
+
+/* As fp_raw_send_batch / fp_raw_send_each, for IPv6 datagrams. */
+long fp_raw6_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
+                        size_t count);
+long fp_raw6_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
+                       size_t count);
+
 #endif

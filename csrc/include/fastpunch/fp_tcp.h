@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "fp_ip.h"
+#include "fp_ip6.h"
 
 #define FP_TCP_MIN_HLEN 20
 #define FP_TCP_MAX_OPTLEN 40
@@ -124,5 +125,39 @@ long fp_segment_build_batch(uint8_t *out, size_t stride, size_t count,
                             const struct fp_ipv4 *ip, const struct fp_tcp *tcp,
                             const uint8_t *payloads, size_t payload_len,
                             const struct fp_batch_vary *vary, uint32_t *lens);
+
+/* The same over IPv6. A parsed segment6's TCP part starts after the
+ * extension headers (ip.ext_len bytes into the payload); verify takes
+ * FP_VERIFY_TCP only (IPv6 has no header checksum). */
+struct fp_segment6 {
+    struct fp_ipv6 ip;
+    struct fp_tcp tcp;
+    const uint8_t *payload;
+    uint32_t payload_len;
+};
+
+int fp_segment6_parse(const uint8_t *buf, size_t len, int verify, struct fp_segment6 *out);
+
+long fp_segment6_parse_batch(const uint8_t *buf, size_t stride, const uint32_t *lens,
+                             size_t count, int verify, struct fp_segment6 *out,
+                             int32_t *status);
+
+/* One IPv6/TCP datagram, no extension headers, TCP checksum filled. */
+int fp_segment6_build(uint8_t *buf, size_t cap, const struct fp_ipv6 *ip,
+                      const struct fp_tcp *tcp, const uint8_t *payload, size_t payload_len);
+
+/* Per-segment fields of an IPv6 batch (NULL: the template's). */
+struct fp_batch_vary6 {
+    const uint8_t *daddrs;   /* 16 bytes per segment, as on the wire */
+    const uint16_t *sports;
+    const uint16_t *dports;
+    const uint32_t *seqs;
+    const uint8_t *hop_limits;
+};
+
+long fp_segment6_build_batch(uint8_t *out, size_t stride, size_t count,
+                             const struct fp_ipv6 *ip, const struct fp_tcp *tcp,
+                             const uint8_t *payloads, size_t payload_len,
+                             const struct fp_batch_vary6 *vary, uint32_t *lens);
 
 #endif
