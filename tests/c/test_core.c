@@ -196,11 +196,96 @@ static void test_sizes_refuse_what_wraps_here(void)
     CHECK(status[0] == -FP_E_TOOBIG && status[3] == -FP_E_TOOBIG);
 }
 
+/* raw(IPv6(src="2001:db8::1", dst="2001:db8:ffff::7", hlim=64, fl=0xabcde, tc=0x28) /
+ *     TCP(the SYN above, MSS 1440) / b"hi"), scapy 2.5 */
+static const uint8_t SCAPY_SYN6[82] = {
+    0x62,0x8a,0xbc,0xde,0x00,0x2a,0x06,0x40,0x20,0x01,0x0d,0xb8,0x00,0x00,0x00,0x00,
+    0x00,0x00,0x00,0x00,0x00,0x00,0x00,0x01,0x20,0x01,0x0d,0xb8,0xff,0xff,0x00,0x00,
+    0x00,0x00,0x00,0x00,0x00,0x00,0x00,0x07,0x9c,0x40,0x01,0xbb,0xde,0xad,0xbe,0xef,
+    0x00,0x00,0x00,0x00,0xa0,0x02,0xfa,0xf0,0x49,0x9f,0x00,0x00,0x02,0x04,0x05,0xa0,
+    0x04,0x02,0x08,0x0a,0x01,0x02,0x03,0x04,0x00,0x00,0x00,0x00,0x01,0x03,0x03,0x07,
+    0x68,0x69};
+
+static void test_ipv6_matches_scapy_and_refuses_by_reason(void)
+{
+    struct fp_ipv6 ip;
+    struct fp_tcp tcp;
+    memset(&ip, 0, sizeof ip);
+    fill_syn(&(struct fp_ipv4){0}, &tcp);
+    tcp.opts.mss = 1440;
+    memcpy(ip.saddr, SCAPY_SYN6 + 8, 16);
+    memcpy(ip.daddr, SCAPY_SYN6 + 24, 16);
+    ip.hop_limit = 64;
+    ip.flow = 0xabcde;
+    ip.tclass = 0x28;
+    uint8_t buf[256];
+    int n = fp_segment6_build(buf, sizeof buf, &ip, &tcp, (const uint8_t *)"hi", 2);
+    CHECK(n == (int)sizeof SCAPY_SYN6);
+    CHECK(n > 0 && memcmp(buf, SCAPY_SYN6, sizeof SCAPY_SYN6) == 0);
+
+    struct fp_segment6 s;
+    CHECK(fp_segment6_parse(SCAPY_SYN6, sizeof SCAPY_SYN6, FP_VERIFY_TCP, &s) == 0);
+    CHECK(s.ip.flow == 0xabcde && s.ip.tclass == 0x28 && s.ip.hop_limit == 64);
+    CHECK(s.ip.proto == 6 && s.ip.ext_len == 0 && s.ip.payload_len == 42);
+    CHECK(s.tcp.sport == 40000 && s.tcp.seq == 0xdeadbeefu && s.tcp.opts.mss == 1440);
+    CHECK(s.payload_len == 2 && memcmp(s.payload, "hi", 2) == 0);
+
+    /* behind a destination-options header: walked past, checksum still right */
+    uint8_t ext[90];
+    memcpy(ext, SCAPY_SYN6, 40);
+    ext[4] = 0, ext[5] = 42 + 8, ext[6] = FP_IP6_DSTOPTS;
+    memcpy(ext + 40, (const uint8_t[8]){6, 0, 1, 4, 0, 0, 0, 0}, 8);
+    memcpy(ext + 48, SCAPY_SYN6 + 40, 42);
+    CHECK(fp_segment6_parse(ext, sizeof ext, FP_VERIFY_TCP, &s) == 0);
+    CHECK(s.ip.ext_len == 8 && s.ip.next == FP_IP6_DSTOPTS && s.tcp.dport == 443);
+    ext[40 + 1] = 9;                              /* it now claims 80 bytes */
+    CHECK(fp_segment6_parse(ext, sizeof ext, 0, &s) == -FP_E_IP6_EXTHDR);
+    ext[40 + 1] = 0;
+    ext[6] = FP_IP6_ESP;
+    CHECK(fp_segment6_parse(ext, sizeof ext, 0, &s) == -FP_E_IP6_EXTHDR);
+    ext[6] = FP_IP6_FRAGMENT;                     /* offset 0, M 0: atomic, walked */
+    memcpy(ext + 40, (const uint8_t[8]){6, 0, 0, 0, 0, 0, 0, 7}, 8);
+    CHECK(fp_segment6_parse(ext, sizeof ext, FP_VERIFY_TCP, &s) == 0);
+    ext[43] = 1;                                  /* more fragments */
+    CHECK(fp_segment6_parse(ext, sizeof ext, 0, &s) == -FP_E_IP_FRAGMENT);
+
+    uint8_t bad[82];
+    memcpy(bad, SCAPY_SYN6, sizeof bad);
+    bad[81] ^= 1;
+    CHECK(fp_segment6_parse(bad, sizeof bad, FP_VERIFY_TCP, &s) == -FP_E_TCP_CHECKSUM);
+    CHECK(fp_segment6_parse(bad, sizeof bad, 0, &s) == 0);
+    CHECK(fp_segment6_parse(SCAPY_SYN6, 81, 0, &s) == -FP_E_IP6_PAYLEN);
+    CHECK(fp_segment6_parse(SCAPY_SYN6, 39, 0, &s) == -FP_E_TRUNCATED);
+    ip.flow = 0x100000;
+    CHECK(fp_segment6_build(buf, sizeof buf, &ip, &tcp, NULL, 0) == -FP_E_INVAL);
+    ip.flow = 0;
+    CHECK(fp_segment6_build(buf, 60, &ip, &tcp, NULL, 0) == -FP_E_NOSPACE);
+
+    /* a batch at an odd stride: each segment is what build makes */
+    enum { COUNT6 = 5, STRIDE6 = 101 };
+    static uint8_t out[COUNT6 * STRIDE6];
+    uint32_t lens[COUNT6];
+    uint16_t sports[COUNT6] = {1, 2, 3, 4, 65535};
+    struct fp_batch_vary6 vary = {.sports = sports};
+    CHECK(fp_segment6_build_batch(out, STRIDE6, COUNT6, &ip, &tcp, NULL, 0, &vary, lens) ==
+          COUNT6);
+    for (int i = 0; i < COUNT6; i++) {
+        struct fp_tcp t = tcp;
+        t.sport = sports[i];
+        int m = fp_segment6_build(buf, sizeof buf, &ip, &t, NULL, 0);
+        CHECK(m > 0 && lens[i] == (uint32_t)m && memcmp(out + i * STRIDE6, buf, (size_t)m) == 0);
+    }
+    /* a layout that wraps size_t is refused, never written */
+    CHECK(fp_segment6_build_batch(out, (size_t)-1 / 2, 3, &ip, &tcp, NULL, 0, NULL, lens) ==
+          -FP_E_TOOBIG);
+}
+
 int main(void)
 {
     test_checksums();
     test_build_matches_scapy_and_parses_back();
     test_batches_at_odd_strides();
+    test_ipv6_matches_scapy_and_refuses_by_reason();
     test_sequence_arithmetic();
     test_sizes_refuse_what_wraps_here();
     printf("test_core: %d checks, %d failed (size_t %zu bits, %s-endian)\n", checks, failures,

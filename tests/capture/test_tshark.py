@@ -90,6 +90,11 @@ def check(layers, case):
     assert ip["ip.flags_tree"]["ip.flags.df"] == ("1" if case.get("df", True) else "0")
     opts = case.get("ip_options", b"")
     assert int(ip["ip.hdr_len"]) == 20 + len(opts)
+    check_tcp(tcp, case)
+
+
+def check_tcp(tcp, case):
+    assert tcp["tcp.checksum.status"] == GOOD
     assert (int(tcp["tcp.srcport"]), int(tcp["tcp.dstport"])) == (case["sport"], case["dport"])
     assert int(tcp["tcp.seq_raw"]) == case["seq"]
     assert int(tcp["tcp.ack_raw"]) == case.get("ack", 0)
@@ -152,3 +157,50 @@ def test_tshark_flags_corrupted_checksums_so_the_check_is_really_on(tmp_path):
     assert first["ip"]["ip.checksum.status"] == BAD
     assert second["ip"]["ip.checksum.status"] == GOOD
     assert second["tcp"]["tcp.checksum.status"] == BAD
+
+
+CASES6 = [
+    dict(src="2001:db8::1", dst="2001:db8:ffff::2", sport=40000, dport=443, seq=1000,
+         flags=Flags.SYN, window=64240, ttl=64, tos=0, flow_label=0x12345,
+         options=TCPOptions(mss=1440, wscale=7, sack_permitted=True, timestamp=(123456, 0))),
+    dict(src="2001:db8:ffff::2", dst="2001:db8::1", sport=443, dport=40000, seq=2**32 - 1,
+         ack=1001, flags=Flags.SYN | Flags.ACK, window=65160, ttl=57, tos=0x28,
+         options=TCPOptions(mss=1400, sack_permitted=True, timestamp=(7, 123456), wscale=10)),
+    dict(src="2001:db8::1", dst="2001:db8:ffff::2", sport=1, dport=2, seq=77, ack=88,
+         flags=Flags.ACK | Flags.PSH, payload=b"fastpunch over IPv6 \x00\xff" * 50,
+         options=TCPOptions(timestamp=(1, 2), sack=[(100, 200), (300, 400)])),
+]
+
+
+def check6(layers, case):
+    ip, tcp = layers["ipv6"], layers["tcp"]
+    assert tcp["tcp.checksum.status"] == GOOD
+    assert (ip["ipv6.src"], ip["ipv6.dst"]) == (case["src"], case["dst"])
+    assert int(ip["ipv6.hlim"]) == case.get("ttl", 64)
+    assert int(ip["ipv6.tclass"], 16) == case.get("tos", 0)
+    assert int(ip["ipv6.flow"], 16) == case.get("flow_label", 0)
+    assert int(ip["ipv6.nxt"]) == 6
+    check_tcp(tcp, case)
+
+
+def test_tshark_decodes_ipv6_segments_with_good_checksums(tmp_path):
+    """The same check over IPv6 (LINKTYPE_RAW carries either version):
+    tshark validates the TCP checksum under the IPv6 pseudo-header."""
+    datagrams = [build(**c) for c in CASES6]
+    batch = SegmentBatch(8, stride=256)
+    batch.fill(8, "2001:db8::9", "2001:db8::7", 0, 8080, options=TCPOptions(mss=1440),
+               sports=array.array("H", range(30000, 30008)))
+    datagrams += [batch[i] for i in range(8)]
+    bad = bytearray(datagrams[0])
+    bad[-1] ^= 0x01
+    datagrams.append(bytes(bad))
+    path = tmp_path / "ours6.pcap"
+    write_pcap(path, datagrams)
+    decoded = tshark(path)
+    assert len(decoded) == len(datagrams)
+    for layers, case in zip(decoded, CASES6):
+        check6(layers, case)
+    for i, layers in enumerate(decoded[len(CASES6):-1]):
+        check6(layers, dict(src="2001:db8::9", dst="2001:db8::7", sport=30000 + i, dport=8080,
+                            seq=0, flags=Flags.SYN, options=TCPOptions(mss=1440)))
+    assert decoded[-1]["tcp"]["tcp.checksum.status"] == BAD     # the check is really on

@@ -17,7 +17,8 @@ with atheris.instrument_imports():
 ACCESSORS = ("src", "dst", "tos", "total_length", "ip_header_length", "ip_id", "df", "ip_flags",
              "ttl", "ip_checksum", "ip_options", "sport", "dport", "seq", "ack", "flags",
              "flags_str", "window", "tcp_checksum", "urgent", "options", "payload",
-             "payload_length", "seg_len")
+             "payload_length", "seg_len", "version", "family", "src_int", "dst_int",
+             "flow_label", "next_header", "ext_header_length", "hop_limit", "traffic_class")
 
 
 def test_one_input(data: bytes) -> None:
@@ -53,6 +54,13 @@ def seeds():
     yield build("192.0.2.1", "198.51.100.2", 1, 2, flags=Flags.ACK | Flags.PSH,
                 payload=b"x" * 100, ip_options=b"\x01\x01\x01\x00")
     yield b"\x02\x04\x05\xb4\x01\x03\x03\x07\x04\x02\x08\x0a" + b"\x00" * 8
+    yield build("2001:db8::1", "2001:db8::2", 40000, 443, seq=1, flags=Flags.SYN, options=opts,
+                flow_label=0x12345)
+    six = build("2001:db8::2", "2001:db8::1", 443, 40000, seq=9, ack=2,
+                flags=Flags.ACK | Flags.PSH, payload=b"y" * 64)
+    # the same behind a destination-options header (next header 60, 8 bytes)
+    yield (six[:4] + (int.from_bytes(six[4:6], "big") + 8).to_bytes(2, "big") + b"\x3c"
+           + six[7:40] + b"\x06\x00" + b"\x01\x04\x00\x00\x00\x00" + six[40:])
 
 
 def main() -> None:
