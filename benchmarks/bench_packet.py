@@ -12,6 +12,7 @@ import warnings
 import dpkt
 import pytest
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 from scapy.utils import checksum as scapy_checksum
 
 from fastpunch.packet import (
@@ -158,6 +159,101 @@ def test_syn_parse_fastpunch_batch(benchmark):
     benchmark.group = "syn-parse"
     src = SegmentBatch(BATCH, stride=128)
     src.fill(BATCH, SRC, DST, 40000, 443, seq=1000, flags=Flags.SYN, window=64240,
+             options=OPTS, seqs=array.array("I", [1000] * BATCH))
+    lens = array.array("I", src.lengths)
+    parsed = ParsedBatch(BATCH, stride=128)
+
+    def parse_and_read():
+        parsed.parse_from(src.buffer, 128, lens)
+        return tuple(parsed.column(c) for c in ("sport", "dport", "seq", "ack", "flags",
+                                                "window", "mss"))
+
+    cols = benchmark(parse_and_read)
+    ok = parsed.good == BATCH and all(
+        tuple(col[i] for col in cols) == EXPECTED for i in range(0, BATCH, 101))
+    benchmark.extra_info.update(correct=ok, segments_per_call=BATCH)
+
+
+# -- IPv6: the same SYN, build and parse, beside dpkt and scapy --------------------------
+
+SRC6, DST6 = "2001:db8::1", "2001:db8:ffff::2"
+SYN6_REF = build(SRC6, DST6, 40000, 443, seq=1000, flags=Flags.SYN, window=64240, options=OPTS)
+
+
+def dpkt_segment6():
+    tcp = dpkt.tcp.TCP(sport=40000, dport=443, seq=1000, flags=dpkt.tcp.TH_SYN, win=64240,
+                       opts=OPT_BYTES)
+    tcp.off = (20 + len(OPT_BYTES)) // 4
+    ip = dpkt.ip6.IP6(src=socket.inet_pton(socket.AF_INET6, SRC6),
+                      dst=socket.inet_pton(socket.AF_INET6, DST6), nxt=6, hlim=64, data=tcp)
+    ip.plen = len(tcp)
+    return bytes(ip)
+
+
+def scapy_segment6():
+    return bytes(IPv6(src=SRC6, dst=DST6) /
+                 TCP(sport=40000, dport=443, seq=1000, flags="S", window=64240,
+                     options=SCAPY_OPTS))
+
+
+def test_syn6_build_fastpunch_single(benchmark):
+    benchmark.group = "syn6-build"
+    out = benchmark(build, SRC6, DST6, 40000, 443, seq=1000, flags=Flags.SYN, window=64240,
+                    options=OPTS)
+    benchmark.extra_info.update(correct=out == SYN6_REF == scapy_segment6(),
+                                segments_per_call=1)
+
+
+def test_syn6_build_fastpunch_batch(benchmark):
+    benchmark.group = "syn6-build"
+    batch = SegmentBatch(BATCH, stride=128)
+    sports = array.array("H", (1024 + i for i in range(BATCH)))
+    seqs = array.array("I", (i * 2654435761 % 2**32 for i in range(BATCH)))
+    benchmark(batch.fill, BATCH, SRC6, DST6, 0, 443, flags=Flags.SYN, window=64240,
+              options=OPTS, sports=sports, seqs=seqs)
+    ok = all(parse(batch[i]).sport == sports[i] and parse(batch[i]).seq == seqs[i]
+             for i in range(0, BATCH, 97))
+    ok = ok and batch[0] == build(SRC6, DST6, sports[0], 443, seq=seqs[0], window=64240,
+                                  options=OPTS)
+    benchmark.extra_info.update(correct=ok, segments_per_call=BATCH)
+
+
+def test_syn6_build_dpkt(benchmark):
+    benchmark.group = "syn6-build"
+    out = benchmark(dpkt_segment6)
+    benchmark.extra_info.update(correct=out == SYN6_REF, segments_per_call=1)
+
+
+def test_syn6_build_scapy(benchmark):
+    benchmark.group = "syn6-build"
+    out = benchmark(scapy_segment6)
+    benchmark.extra_info.update(correct=out == SYN6_REF, segments_per_call=1)
+
+
+def read6_dpkt(raw):
+    t = dpkt.ip6.IP6(raw).data
+    mss = next(int.from_bytes(v, "big") for k, v in dpkt.tcp.parse_opts(t.opts)
+               if k == dpkt.tcp.TCP_OPT_MSS)
+    return t.sport, t.dport, t.seq, t.ack, t.flags, t.win, mss
+
+
+def read6_scapy(raw):
+    t = IPv6(raw)[TCP]
+    return t.sport, t.dport, t.seq, t.ack, int(t.flags), t.window, dict(t.options)["MSS"]
+
+
+@pytest.mark.parametrize("reader", [read_fastpunch, read6_dpkt, read6_scapy],
+                         ids=["fastpunch", "dpkt", "scapy"])
+def test_syn6_parse(benchmark, reader):
+    benchmark.group = "syn6-parse"
+    out = benchmark(reader, SYN6_REF)
+    benchmark.extra_info.update(correct=out == EXPECTED, segments_per_call=1)
+
+
+def test_syn6_parse_fastpunch_batch(benchmark):
+    benchmark.group = "syn6-parse"
+    src = SegmentBatch(BATCH, stride=128)
+    src.fill(BATCH, SRC6, DST6, 40000, 443, seq=1000, flags=Flags.SYN, window=64240,
              options=OPTS, seqs=array.array("I", [1000] * BATCH))
     lens = array.array("I", src.lengths)
     parsed = ParsedBatch(BATCH, stride=128)
