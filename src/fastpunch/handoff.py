@@ -9,7 +9,8 @@ ordinary ESTABLISHED socket, and data flows through the kernel's own TCP at
 full speed. The order follows CRIU's (criu/sk-tcp.c) and the kernel's checks
 in net/ipv4/tcp.c (tcp_repair_set_window, tcp_repair_options_est).
 
-Needs CAP_NET_ADMIN (the kernel refuses TCP_REPAIR otherwise).
+IPv4 and IPv6 alike (the family is the local address's). Needs
+CAP_NET_ADMIN (the kernel refuses TCP_REPAIR otherwise).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def repair_socket(state: Established, *, nonblocking: bool = False,
     before the socket joins the flow: the peer's bytes that came since
     ``state`` was taken, which the kernel dropped for want of a socket, go
     into the receive queue after ``state.received``."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in state.local[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         _set(sock, "repair-on", TCP_REPAIR, TCP_REPAIR_ON)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

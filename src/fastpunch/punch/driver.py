@@ -226,7 +226,8 @@ class _IO:
                     self.ip_id = (self.ip_id + 1) & 0xFFFF
                     self.tx.send(build(s.src, s.dst, s.sport, s.dport, seq=s.seq, ack=s.ack,
                                        flags=s.flags, window=s.window, options=s.options,
-                                       payload=s.payload or None, ttl=s.ttl, ip_id=self.ip_id))
+                                       payload=s.payload or None, ttl=s.ttl,
+                                       ip_id=0 if ":" in s.dst else self.ip_id))
             except OSError as exc:
                 # a full socket buffer or a route that is gone: that segment
                 # is lost, as on the wire; the machine's pacing resends
@@ -402,7 +403,8 @@ class _RaceIO:
 
 class Engine:
     """One crafted flow that is never handed off: the engine end to end
-    against a real TCP stack (the live tests, ``fastpunch demo --engine``).
+    against a real TCP stack (the live tests, ``fastpunch demo --engine``),
+    over IPv4 or, with IPv6 addresses, IPv6.
     Segments built in C, sent through an IP_HDRINCL socket, the peer's
     received behind a BPF filter on the 4-tuple, sequence numbers tracked by
     the punch machine's flow (``keep=True``). Each call runs the loop until
@@ -412,20 +414,25 @@ class Engine:
     with RSTs: wrap it in ``rst_suppression()``."""
 
     def __init__(self, local: tuple, peer: tuple, *, iss: Optional[int] = None,
-                 peer_isn: Optional[int] = None, mss: int = 1460, wscale: Optional[int] = 7,
+                 peer_isn: Optional[int] = None, mss: Optional[int] = None,
+                 wscale: Optional[int] = 7,
                  sack_permitted: bool = True, timestamps: bool = True,
                  rcv_wnd: int = 64240, limits: Limits = Limits(), keep: bool = True) -> None:
         """``keep`` False: the flow is for a hand-off (``handoff_state``,
         ``late_data``), not for data of the engine's own."""
         self.local, self.peer = tuple(local), tuple(peer)
+        six = ":" in self.local[0]
+        if six != (":" in self.peer[0]):
+            raise ValueError(f"local {self.local[0]} and peer {self.peer[0]} are of two families")
         self.keep = keep
         self.iss = int.from_bytes(os.urandom(4), "big") if iss is None else iss
-        self.mss = mss
+        # (a 1500-byte link's: IPv6's header is 20 bytes longer than IPv4's)
+        self.mss = mss if mss is not None else (1440 if six else 1460)
         self._opts = TcpOptionsOffer(wscale, sack_permitted, timestamps, rcv_wnd)
         self._peer_isn = peer_isn
         self._limits = limits
         self.machine: Optional[PunchMachine] = None
-        self.tx = RawSender(mark=ENGINE_MARK)
+        self.tx = RawSender(mark=ENGINE_MARK, family=6 if six else 4)
         try:
             self.rx = RawReceiver(src=peer[0], dst=local[0], sport=peer[1], dport=local[1])
         except BaseException:
