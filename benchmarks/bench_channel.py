@@ -131,8 +131,11 @@ def plain_round(payload: bytes, sink: mmap.mmap) -> tuple[float, float]:
     return forked_round(lambda sock, role: sock, send, receive)
 
 
-def channel_round(payload: bytes, sink: mmap.mmap, cipher: Cipher) -> tuple[float, float]:
-    """The same through SecureSocket: encrypt, send, receive, decrypt."""
+def channel_round(payload: bytes, sink: mmap.mmap, cipher: Cipher,
+                  into: bool = False) -> tuple[float, float]:
+    """The same through SecureSocket: encrypt, send, receive, decrypt.
+    ``into``: the receiver reads as the plain round does, recv_into its
+    buffer (records opened straight into it); else recv() and a copy."""
     def setup(sock, role):
         return SecureSocket(sock, role, KEY, cipher=cipher)
 
@@ -140,7 +143,18 @@ def channel_round(payload: bytes, sink: mmap.mmap, cipher: Cipher) -> tuple[floa
         end.sendall(payload)
         end.close_write()
 
-    return forked_round(setup, send, lambda end: drain_into(sink, end.recv))
+    def receive_into(end):
+        n = 0
+        with memoryview(sink) as dst:
+            while n < TOTAL:
+                got = end.recv_into(dst[n:], min(CHUNK, TOTAL - n))
+                if not got:
+                    break
+                n += got
+        assert n == TOTAL and end.recv(1) == b"", n
+
+    return forked_round(setup, send, receive_into if into else
+                        (lambda end: drain_into(sink, end.recv)))
 
 
 def drain_into(sink, recv) -> None:
@@ -175,11 +189,15 @@ def test_plain_tcp_loopback_64mib(benchmark, payload):
         cpu_cycles_per_byte=round(cpu * mhz * 1e6 / TOTAL, 3) if mhz else None)
 
 
-def test_channel_loopback_64mib(benchmark, payload):
+@pytest.mark.parametrize("reader", ["recv_into", "recv"])
+def test_channel_loopback_64mib(benchmark, payload, reader):
+    """recv_into: the receiver reads as the plain round's does (into its own
+    buffer); recv: it takes the bytes objects recv() returns and copies."""
     benchmark.group = "channel-loopback-64MiB"
     cipher = default_cipher()
     sink = make_sink()
-    wall, cpu = run_rounds(benchmark, channel_round, payload, sink, cipher)
+    wall, cpu = run_rounds(benchmark, channel_round, payload, sink, cipher,
+                           reader == "recv_into")
     mbps = TOTAL / wall / 1e6
     correct = hashlib.sha256(sink).digest() == hashlib.sha256(payload).digest()
     plain = _PLAIN_MBPS.get("plain")
@@ -187,7 +205,7 @@ def test_channel_loopback_64mib(benchmark, payload):
         plain = TOTAL / min(plain_round(payload, make_sink()) for _ in range(ROUNDS))[0] / 1e6
     mhz = cpu_mhz()
     benchmark.extra_info.update(
-        correct=correct,
+        correct=correct, reader=reader,
         bytes=TOTAL, cipher=cipher.name, mb_per_s=round(mbps, 1),
         plain_tcp_mb_per_s=round(plain, 1), ratio_to_plain=round(mbps / plain, 3),
         cpu_cycles_per_byte=round(cpu * mhz * 1e6 / TOTAL, 3) if mhz else None)

@@ -195,6 +195,41 @@ class SecureSocket:
                 self.channel.receive_data(self._rview[:n] if n else b"")
         return plain.take_some(bufsize) if bufsize > 0 and plain.size else b""
 
+    def recv_into(self, buffer, nbytes: int = 0) -> int:
+        """Up to ``nbytes`` (0: len(buffer)) plaintext bytes into ``buffer``,
+        as socket.recv_into; 0 once the peer closed cleanly. Whole records
+        are opened straight into the buffer (no copy between the cipher and
+        the caller; give it at least 16 KiB for that); bytes of the buffer
+        past the returned count are undefined."""
+        view = memoryview(buffer).cast("B")
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes:
+            view = view[:nbytes]
+        if not view.nbytes:
+            return 0
+        plain, channel = self._plain, self.channel
+        while True:
+            if plain.size:
+                chunk = plain.take_some(view.nbytes)
+                n = len(chunk)
+                view[:n] = chunk
+                return n
+            if self._peer_closed:
+                return 0
+            n = channel.read_into(view)
+            if n:
+                return n
+            event = channel.next_event()
+            if event is NEED_DATA:
+                with _liveness(self.keepalive):
+                    got = self.sock.recv_into(self._rbuf)
+                channel.receive_data(self._rview[:got] if got else b"")
+            elif type(event) is Data:
+                plain.push(event.data)
+            elif type(event) is Closed:
+                self._peer_closed = True
+
     def close_write(self) -> None:
         """Send our close record and shut the socket for writing; recv()
         still works until the peer's close."""

@@ -793,3 +793,99 @@ def test_two_threads_sealing_at_once_never_share_a_nonce():
     for t in threads:
         t.join(60)
     assert len(used) == 3 * 50 * 4 and len(set(used)) == len(used)
+
+
+# -- read_into / recv_into: records opened straight into the caller's buffer -------------
+
+def test_read_into_opens_whole_records_that_fit_and_leaves_the_rest():
+    a, b = confirmed_pair()
+    msg = os.urandom(3 * MAX_PLAINTEXT + 100)
+    b.receive_data(a.send_data(msg))
+    out = bytearray(2 * MAX_PLAINTEXT + 50)            # room for two whole records
+    n = b.read_into(out)
+    assert n == 2 * MAX_PLAINTEXT and out[:n] == msg[:n]
+    assert b.read_into(bytearray(MAX_PLAINTEXT - 1)) == 0    # the next does not fit
+    n2 = b.read_into(out)                              # the third and the short last one
+    assert out[:n2] == msg[n:] and n2 == MAX_PLAINTEXT + 100
+    assert drain(b) == (b"", [])
+    assert b.read_into(out) == 0                       # nothing left
+    b.receive_data(a.send_data(b"x" * 100))
+    tail, events = drain(b)                            # next_event still reads them
+    assert tail == b"x" * 100 and events == []
+
+
+def test_read_into_leaves_what_is_not_data_to_next_event():
+    a, b = confirmed_pair()
+    b.receive_data(a.send_data(b"") + a.close())        # (an empty send makes no record)
+    assert b.read_into(bytearray(1 << 16)) == 0
+    assert b.next_event() == Closed()
+    fresh = Channel("responder", KEY)
+    assert fresh.read_into(bytearray(100)) == 0         # before any hello: nothing to read
+
+
+def test_read_into_refuses_a_tampered_record_and_keeps_refusing():
+    a, b = confirmed_pair()
+    stream = bytearray(a.send_data(os.urandom(2 * MAX_PLAINTEXT)))
+    stream[HEADER_BYTES + MAX_BODY + HEADER_BYTES + 10] ^= 1     # inside the second record
+    b.receive_data(bytes(stream))
+    out = bytearray(4 * MAX_PLAINTEXT)
+    assert b.read_into(out) == MAX_PLAINTEXT           # the authentic first one is released
+    with pytest.raises(ChannelViolation) as err:
+        b.read_into(out)
+    assert err.value.code == "bad-record-mac"
+    with pytest.raises(ChannelViolation):
+        b.next_event()                                  # the channel stays failed
+    with pytest.raises(TypeError):
+        confirmed_pair()[1].read_into(bytes(100))       # read-only
+
+
+@pytest.mark.parametrize("size", [1, 1000, MAX_PLAINTEXT, 5 * MAX_PLAINTEXT + 7, 1 << 20])
+def test_recv_into_delivers_the_stream_exactly_at_any_buffer_size(size):
+    left, right = socket.socketpair()
+    payload = os.urandom(300_000)
+    box: dict = {}
+
+    def serve():
+        s = SecureSocket(right, "responder", KEY)
+        got, buf = bytearray(), bytearray(size)
+        while n := s.recv_into(buf):
+            got += buf[:n]
+        box["got"] = bytes(got)
+        s.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    s = SecureSocket(left, "initiator", KEY)
+    s.sendall(payload)
+    s.close_write()
+    t.join(30)
+    s.close()
+    assert box["got"] == payload
+
+
+def test_recv_into_honours_nbytes_and_mixes_with_recv():
+    left, right = socket.socketpair()
+    box: dict = {}
+
+    def serve():
+        s = SecureSocket(right, "responder", KEY)
+        buf = bytearray(64)
+        parts = [bytes(buf[:s.recv_into(buf, 10)])]      # a record taken in part...
+        parts.append(s.recv(5))                          # ...the rest by either call
+        parts.append(bytes(buf[:s.recv_into(buf)]))
+        with pytest.raises(ValueError):
+            s.recv_into(buf, -1)
+        assert s.recv_into(bytearray(0)) == 0
+        box["parts"] = parts
+        box["end"] = s.recv_into(buf)
+        s.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    s = SecureSocket(left, "initiator", KEY)
+    s.sendall(b"0123456789abcdefghij")
+    s.close_write()
+    t.join(30)
+    s.close()
+    assert b"".join(box["parts"]) == b"0123456789abcdefghij" and box["parts"][0] == b"0123456789"
+    assert box["end"] == 0

@@ -554,18 +554,55 @@ class Channel:
         self._set_recv_state(nxt)
         return Closed()
 
-    def _open_data_run(self, buf: bytearray, pos: int) -> Optional[Event]:
+    def read_into(self, dst) -> int:
+        """Open the complete data records at the head of what was received
+        straight into ``dst`` (a writable buffer), as many as fit whole, with
+        no buffer of the channel's own between the cipher and the caller.
+        Returns the plaintext bytes written: 0 when nothing can be read that
+        way (no complete data record next, or the first does not fit in
+        ``dst``, or an empty one): then next_event() says what comes. Bytes
+        of ``dst`` past the count are undefined (a record that fails
+        authentication may have been written there before it was refused,
+        and it raises BadRecordMAC at the next call, as in next_event)."""
+        with memoryview(dst) as view:
+            if view.readonly:
+                raise TypeError("read_into needs a writable buffer")
+            if self._error is not None:
+                raise self._error
+            if self._decrypt_into is None or self.recv_state is not RecvState.OPEN:
+                return 0
+            buf, pos = self._buf, self._pos
+            if len(buf) - pos < HEADER_BYTES:
+                return 0
+            rtype, length = _unpack_header(buf, pos)
+            if rtype != RecordType.DATA or not TAG_BYTES < length <= MAX_BODY \
+                    or len(buf) < pos + HEADER_BYTES + length:
+                return 0
+            with view.cast("B") as out:
+                if out.nbytes < length - TAG_BYTES:
+                    return 0
+                try:
+                    return self._open_data_run(buf, pos, out)
+                except ChannelViolation as exc:
+                    raise self._fail(exc)
+
+    def _open_data_run(self, buf: bytearray, pos: int, into=None):
         """Open the complete data records that follow one another from pos
         (at most RUN_RECORDS) into one buffer: one event, one allocation and
         no per-record Python objects for a whole TCP read. A record that
         fails stops the run: the records before it are released, and the
-        next call raises for it (they were authentic; it is not)."""
+        next call raises for it (they were authentic; it is not). ``into``
+        (read_into): the caller's buffer instead, as many records as fit
+        whole; the count written is returned instead of an event."""
         end_of_data, runs, total = len(buf), [], 0
+        room = into.nbytes if into is not None else None
         p = pos
         while len(runs) < RUN_RECORDS and end_of_data - p >= HEADER_BYTES:
             rtype, length = _unpack_header(buf, p)
             if rtype != RecordType.DATA or not TAG_BYTES <= length <= MAX_BODY \
                     or end_of_data < p + HEADER_BYTES + length:
+                break
+            if room is not None and total + length - TAG_BYTES > room:
                 break
             runs.append((p, length))
             total += length - TAG_BYTES
@@ -574,7 +611,7 @@ class Channel:
             self._next_recv_nonce()
             self._pos = pos + HEADER_BYTES + _unpack_header(buf, pos)[1]
             raise BadRecordMAC(f"data record #{self._recv_seq - 1} is shorter than a tag")
-        out = bytearray(total)
+        out = bytearray(total) if into is None else into
         decrypt_into, iv, seq, w = self._decrypt_into, self._recv_iv, self._recv_seq, 0
         failed = False
         with memoryview(buf) as src, memoryview(out) as dst:
@@ -602,6 +639,8 @@ class Channel:
             self._pos = pos + HEADER_BYTES + runs[0][1]
             raise BadRecordMAC(f"data record #{seq} failed authentication "
                                "(altered, replayed, reordered or dropped)")
+        if into is not None:
+            return w
         if w < total:
             del out[w:]                     # drop what the failed record left behind
         return Data(out) if w else None
