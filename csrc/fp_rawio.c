@@ -123,22 +123,15 @@ int fp_bpf_flow_filter(struct sock_filter *prog, int cap, uint32_t saddr, uint32
     return fp_bpf_match_filter(prog, cap, &one, 1);
 }
 
-int fp_raw_open_recv_any(const struct fp_match *m, int count, int rcvbuf)
+/* Attach fprog to a fresh receive socket fd without letting through what
+ * queued before it: packets that arrive between socket() and the filter
+ * bypass it. A drop-everything filter goes first, the queue it closed is
+ * drained, then the real filter replaces it: the drain ends (nothing new can
+ * queue meanwhile, however much traffic there is) and drops no packet the
+ * real filter would have let in after it was attached. Returns fd, or
+ * -errno with fd closed. */
+static int attach_drained(int fd, const struct sock_fprog *fprog, int rcvbuf)
 {
-    struct sock_filter prog[FP_BPF_MAX];
-    int n = fp_bpf_match_filter(prog, FP_BPF_MAX, m, count);
-    if (n < 0)
-        return n;
-    struct sock_fprog fprog = {.len = (unsigned short)n, .filter = prog};
-
-    int fd = socket(AF_INET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
-    if (fd < 0)
-        return -errno;
-    /* Packets that arrive between socket() and the filter bypass it. A
-     * drop-everything filter goes first, the queue it closed is drained,
-     * then the real filter replaces it: the drain ends (nothing new can
-     * queue meanwhile, however much traffic there is) and drops no packet
-     * the real filter would have let in after it was attached. */
     struct sock_filter none[] = {BPF_STMT(BPF_RET | BPF_K, 0)};
     struct sock_fprog drop_all = {.len = 1, .filter = none};
     int e = 0;
@@ -152,7 +145,7 @@ int fp_raw_open_recv_any(const struct fp_match *m, int count, int rcvbuf)
             if (recv(fd, scratch, sizeof scratch, MSG_DONTWAIT | MSG_TRUNC) < 0)
                 break;
     }
-    if (!e && setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &fprog, sizeof fprog) < 0)
+    if (!e && setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, fprog, sizeof *fprog) < 0)
         e = errno;
     if (e) {
         close(fd);
@@ -161,18 +154,45 @@ int fp_raw_open_recv_any(const struct fp_match *m, int count, int rcvbuf)
     return fd;
 }
 
+int fp_raw_open_recv_any(const struct fp_match *m, int count, int rcvbuf)
+{
+    struct sock_filter prog[FP_BPF_MAX];
+    int n = fp_bpf_match_filter(prog, FP_BPF_MAX, m, count);
+    if (n < 0)
+        return n;
+    struct sock_fprog fprog = {.len = (unsigned short)n, .filter = prog};
+
+    int fd = socket(AF_INET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
+    if (fd < 0)
+        return -errno;
+    return attach_drained(fd, &fprog, rcvbuf);
+}
+
 int fp_raw_open_recv(uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport, int rcvbuf)
 {
     struct fp_match one = {saddr, daddr, sport, dport};
     return fp_raw_open_recv_any(&one, 1, rcvbuf);
 }
 
-static void dest_of(const uint8_t *pkt, uint32_t len, struct sockaddr_in *sa)
+union fp_sockaddr {
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+};
+
+/* Where a datagram goes: the destination in its own header, of its own
+ * version (an IPv4 socket is given IPv4 datagrams, an IPv6 one IPv6). */
+static socklen_t dest_of(const uint8_t *pkt, uint32_t len, union fp_sockaddr *sa)
 {
     memset(sa, 0, sizeof *sa);
-    sa->sin_family = AF_INET;
+    if (len >= 40 && pkt[0] >> 4 == 6) {
+        sa->v6.sin6_family = AF_INET6;
+        memcpy(&sa->v6.sin6_addr, pkt + 24, 16);
+        return sizeof sa->v6;
+    }
+    sa->v4.sin_family = AF_INET;
     if (len >= 20)
-        memcpy(&sa->sin_addr.s_addr, pkt + 16, 4); /* already network order */
+        memcpy(&sa->v4.sin_addr.s_addr, pkt + 16, 4); /* already network order */
+    return sizeof sa->v4;
 }
 
 long fp_raw_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
@@ -180,7 +200,7 @@ long fp_raw_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t
 {
     struct mmsghdr msgs[BATCH_CHUNK];
     struct iovec iovs[BATCH_CHUNK];
-    struct sockaddr_in addrs[BATCH_CHUNK];
+    union fp_sockaddr addrs[BATCH_CHUNK];
     size_t done = 0;
 
     while (done < count) {
@@ -188,12 +208,12 @@ long fp_raw_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t
         for (size_t i = 0; i < n; i++) {
             const uint8_t *pkt = buf + (done + i) * stride;
             uint32_t len = lens[done + i];
-            dest_of(pkt, len, &addrs[i]);
+            socklen_t alen = dest_of(pkt, len, &addrs[i]);
             iovs[i].iov_base = (void *)pkt;
             iovs[i].iov_len = len;
             memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
             msgs[i].msg_hdr.msg_name = &addrs[i];
-            msgs[i].msg_hdr.msg_namelen = sizeof addrs[i];
+            msgs[i].msg_hdr.msg_namelen = alen;
             msgs[i].msg_hdr.msg_iov = &iovs[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
         }
@@ -216,9 +236,9 @@ long fp_raw_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t 
     size_t done = 0;
     while (done < count) {
         const uint8_t *pkt = buf + done * stride;
-        struct sockaddr_in sa;
-        dest_of(pkt, lens[done], &sa);
-        ssize_t r = sendto(fd, pkt, lens[done], 0, (struct sockaddr *)&sa, sizeof sa);
+        union fp_sockaddr sa;
+        socklen_t alen = dest_of(pkt, lens[done], &sa);
+        ssize_t r = sendto(fd, pkt, lens[done], 0, (struct sockaddr *)&sa, alen);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -361,87 +381,5 @@ int fp_raw6_open_recv_any(const struct fp_match6 *m, int count, int rcvbuf)
     int fd = socket(AF_PACKET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, htons(ETH_P_IPV6));
     if (fd < 0)
         return -errno;
-    /* as for IPv4: a drop-everything filter, the queue drained, the real one */
-    struct sock_filter none[] = {BPF_STMT(BPF_RET | BPF_K, 0)};
-    struct sock_fprog drop_all = {.len = 1, .filter = none};
-    int e = 0;
-    if (rcvbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf) < 0)
-        e = errno;
-    if (!e && setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &drop_all, sizeof drop_all) < 0)
-        e = errno;
-    if (!e) {
-        uint8_t scratch[64];
-        for (int i = 0; i < FP_DRAIN_MAX; i++)
-            if (recv(fd, scratch, sizeof scratch, MSG_DONTWAIT | MSG_TRUNC) < 0)
-                break;
-    }
-    if (!e && setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &fprog, sizeof fprog) < 0)
-        e = errno;
-    if (e) {
-        close(fd);
-        return -e;
-    }
-    return fd;
-}
-
-static void dest6_of(const uint8_t *pkt, uint32_t len, struct sockaddr_in6 *sa)
-{
-    memset(sa, 0, sizeof *sa);
-    sa->sin6_family = AF_INET6;
-    if (len >= 40)
-        memcpy(&sa->sin6_addr, pkt + 24, 16);
-}
-
-long fp_raw6_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
-                        size_t count)
-{
-    struct mmsghdr msgs[BATCH_CHUNK];
-    struct iovec iovs[BATCH_CHUNK];
-    struct sockaddr_in6 addrs[BATCH_CHUNK];
-    size_t done = 0;
-
-    while (done < count) {
-        size_t n = count - done < BATCH_CHUNK ? count - done : BATCH_CHUNK;
-        for (size_t i = 0; i < n; i++) {
-            const uint8_t *pkt = buf + (done + i) * stride;
-            uint32_t len = lens[done + i];
-            dest6_of(pkt, len, &addrs[i]);
-            iovs[i].iov_base = (void *)pkt;
-            iovs[i].iov_len = len;
-            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
-            msgs[i].msg_hdr.msg_name = &addrs[i];
-            msgs[i].msg_hdr.msg_namelen = sizeof addrs[i];
-            msgs[i].msg_hdr.msg_iov = &iovs[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
-        int r = sendmmsg(fd, msgs, (unsigned)n, 0);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return done ? (long)done : -errno;
-        }
-        done += (size_t)r;
-        if ((size_t)r < n)
-            break;
-    }
-    return (long)done;
-}
-
-long fp_raw6_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
-                       size_t count)
-{
-    size_t done = 0;
-    while (done < count) {
-        const uint8_t *pkt = buf + done * stride;
-        struct sockaddr_in6 sa;
-        dest6_of(pkt, lens[done], &sa);
-        ssize_t r = sendto(fd, pkt, lens[done], 0, (struct sockaddr *)&sa, sizeof sa);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return done ? (long)done : -errno;
-        }
-        done++;
-    }
-    return (long)done;
+    return attach_drained(fd, &fprog, rcvbuf);       /* as for IPv4 */
 }

@@ -182,7 +182,3 @@ cdef extern from "fastpunch/fp_rawio.h" nogil:
         uint16_t sport, dport
     int fp_raw6_open_send(int sndbuf, uint32_t mark)
     int fp_raw6_open_recv_any(const fp_match6 *m, int count, int rcvbuf)
-    long fp_raw6_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
-                            size_t count)
-    long fp_raw6_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
-                           size_t count)

@@ -1252,8 +1252,7 @@ cdef class RawSender(_RawSocket):
         cdef const uint8_t *d = <const uint8_t *>PyBytes_AS_STRING(datagram)
         if not n or d[0] >> 4 != self.version:
             raise ValueError(f"an IPv{self.version} sender sends IPv{self.version} datagrams")
-        cdef long rc = (fp_raw6_send_each(self.fd, d, n, &n, 1) if self.version == 6
-                        else fp_raw_send_each(self.fd, d, n, &n, 1))
+        cdef long rc = fp_raw_send_each(self.fd, d, n, &n, 1)
         if rc < 0:
             raise _error(rc, "raw-send")
         return rc
@@ -1279,10 +1278,7 @@ cdef class RawSender(_RawSocket):
         if count and base[0] >> 4 != self.version:
             raise ValueError(f"an IPv{self.version} sender sends IPv{self.version} datagrams")
         with nogil:
-            if self.version == 6:
-                rc = (fp_raw6_send_batch if batched else fp_raw6_send_each)(
-                    self.fd, base, <size_t>batch.stride, batch._lens + start, <size_t>count)
-            elif batched:
+            if batched:
                 rc = fp_raw_send_batch(self.fd, base, <size_t>batch.stride,
                                        batch._lens + start, <size_t>count)
             else:
@@ -1312,8 +1308,10 @@ cdef class RawReceiver(_RawSocket):
     def __cinit__(self, src=None, dst=None, uint16_t sport=0, uint16_t dport=0, int rcvbuf=0,
                   Py_ssize_t capacity=64, Py_ssize_t stride=2048, matches=None, family=None):
         cdef uint32_t s = 0, d = 0
+        if matches is not None:
+            matches = list(matches)            # (once: a generator would be used up here)
         addrs = [a for a in ([src, dst] if matches is None else
-                             [x for clause in list(matches) for x in tuple(clause)[:2]])
+                             [x for clause in matches for x in tuple(clause)[:2]])
                  if a is not None]
         v6 = [_is_v6(a) for a in addrs]
         if any(v6) and not all(v6):

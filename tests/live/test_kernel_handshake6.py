@@ -7,9 +7,7 @@ receive socket's filter must show one flow's segments and nothing else."""
 from __future__ import annotations
 
 import array
-import select
 import socket
-import time
 
 import pytest
 
@@ -25,9 +23,9 @@ from fastpunch.packet import (
     SegmentBatch,
     TCPOptions,
     build,
-    parse,
 )
 from tests.conftest import require_root
+from tests.live.test_kernel_handshake import collect
 
 pytestmark = pytest.mark.live
 
@@ -49,20 +47,6 @@ def listener(ns: str, port: int = PORT) -> socket.socket:
         s.bind((B, port))
         s.listen(8)
     return s
-
-
-def collect(rx: RawReceiver, want: int, timeout: float = 3.0, until=None) -> list:
-    got = []
-    deadline = time.monotonic() + timeout
-    while len(got) < want and time.monotonic() < deadline:
-        ready, _, _ = select.select([rx], [], [], max(0.0, deadline - time.monotonic()))
-        if ready:
-            for datagram in rx.recv_many():
-                seg = parse(datagram)          # verify=True: the kernel's checksums hold
-                got.append(seg)
-                if until is not None and until(seg):
-                    return got
-    return got
 
 
 def test_a_crafted_ipv6_syn_gets_the_kernels_synack(veth6):
@@ -187,5 +171,9 @@ def test_an_ipv4_sender_refuses_an_ipv6_datagram_and_back():
             v6.send(four)
     with pytest.raises(ValueError, match="all IPv4 or all IPv6"):
         RawReceiver(src=B, dst="198.51.100.1")
+    # matches may be any iterable, a generator too (read once)
+    for peer in (B, "198.51.100.2"):
+        with RawReceiver(matches=((peer, None, p, 0) for p in (1, 2))) as rx:
+            assert rx.version == (6 if ":" in peer else 4)
     with pytest.raises(ValueError, match="family"):
         RawReceiver(src=B, family=4)

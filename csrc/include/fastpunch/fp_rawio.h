@@ -45,7 +45,8 @@ int fp_bpf_flow_filter(struct sock_filter *prog, int cap, uint32_t saddr, uint32
                        uint16_t sport, uint16_t dport);
 
 /* Send count datagrams laid out stride bytes apart with lengths lens[]: each
- * is addressed to the destination in its own IP header. Uses sendmmsg in
+ * is addressed to the destination in its own IP header (IPv4 or IPv6, as
+ * the header's version says). Uses sendmmsg in
  * chunks. Returns the number sent (possibly short when the socket buffer
  * fills: EAGAIN after at least one) or -errno when none was sent. */
 long fp_raw_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
@@ -94,10 +95,7 @@ int fp_bpf6_match_filter(struct sock_filter *prog, int cap, const struct fp_matc
  * with fp_raw_recv_batch. */
 int fp_raw6_open_recv_any(const struct fp_match6 *m, int count, int rcvbuf);
 
-/* As fp_raw_send_batch / fp_raw_send_each, for IPv6 datagrams. */
-long fp_raw6_send_batch(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
-                        size_t count);
-long fp_raw6_send_each(int fd, const uint8_t *buf, size_t stride, const uint32_t *lens,
-                       size_t count);
+/* Send on it with fp_raw_send_batch / fp_raw_send_each: they address each
+ * datagram by the version and destination in its own header. */
 
 #endif
