@@ -31,8 +31,8 @@ static const struct fp_reason_entry reasons[FP_E_LAST - FP_E_BASE] = {
                                      "IPv6 payload length is past the buffer, or zero behind a "
                                      "hop-by-hop header (a jumbogram)"},
     [FP_E_IP6_EXTHDR - FP_E_BASE] = {"ip6-extension-header",
-                                     "an IPv6 extension header is refused: ESP, more than 8, "
-                                     "or one running past the payload"},
+                                     "an IPv6 extension header is refused: ESP, routing with "
+                                     "segments left, more than 8, or one running past the payload"},
 };
 
 const char *fp_reason_name(int code)

@@ -39,6 +39,11 @@ int fp_ipv6_parse(const uint8_t *buf, size_t len, struct fp_ipv6 *out)
         } else if (next == FP_IP6_AH) {
             hlen = ((size_t)h[1] + 2) * 4;
         } else {
+            /* a routing header with segments left: we are not the final
+             * destination, and the pseudo-header's address is another's
+             * (RFC 8200 §8.1), so nothing after it is ours to read */
+            if (next == FP_IP6_ROUTING && h[3] != 0)
+                return -FP_E_IP6_EXTHDR;
             hlen = ((size_t)h[1] + 1) * 8;
         }
         if (hlen > plen - off)

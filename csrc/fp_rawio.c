@@ -378,8 +378,26 @@ int fp_raw6_open_recv_any(const struct fp_match6 *m, int count, int rcvbuf)
     if (n < 0)
         return n;
     struct sock_fprog fprog = {.len = (unsigned short)n, .filter = prog};
-    int fd = socket(AF_PACKET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, htons(ETH_P_IPV6));
+    /* Protocol 0: a packet socket receives nothing until it is bound to a
+     * protocol, so the filter goes on first and no packet ever passes
+     * without it (no drain needed, unlike the IPv4 raw socket). */
+    int fd = socket(AF_PACKET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
-    return attach_drained(fd, &fprog, rcvbuf);       /* as for IPv4 */
+    int e = 0;
+    if (rcvbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf) < 0)
+        e = errno;
+    if (!e && setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &fprog, sizeof fprog) < 0)
+        e = errno;
+    struct sockaddr_ll sll;
+    memset(&sll, 0, sizeof sll);
+    sll.sll_family = AF_PACKET;
+    sll.sll_protocol = htons(ETH_P_IPV6);           /* every interface (ifindex 0) */
+    if (!e && bind(fd, (struct sockaddr *)&sll, sizeof sll) < 0)
+        e = errno;
+    if (e) {
+        close(fd);
+        return -e;
+    }
+    return fd;
 }

@@ -127,7 +127,7 @@ cdef int _addr(object a, uint32_t *out) except -1:
         return 0
     if isinstance(a, str):
         b = (<str>a).encode("ascii", "replace")
-        if inet_pton(AF_INET, b, &net) == 1:
+        if b"\0" not in b and inet_pton(AF_INET, b, &net) == 1:
             out[0] = ntohl(net)
             return 0
         raise ValueError(f"not an IPv4 address: {a!r}")
@@ -150,7 +150,7 @@ cdef bint _is_v6(object a):
 cdef int _addr6(object a, uint8_t *out) except -1:
     if isinstance(a, str):
         b = (<str>a).encode("ascii", "replace")
-        if inet_pton(AF_INET6, b, out) == 1:
+        if b"\0" not in b and inet_pton(AF_INET6, b, out) == 1:
             return 0
         raise ValueError(f"not an IPv6 address: {a!r}")
     cdef bytes raw
@@ -159,8 +159,10 @@ cdef int _addr6(object a, uint8_t *out) except -1:
         memcpy(out, <const char *>raw, 16)
         return 0
     if getattr(a, "version", 0) == 6 and hasattr(a, "packed"):      # ipaddress.IPv6Address
-        packed = a.packed
-        memcpy(out, <const char *>packed, 16)
+        raw = bytes(a.packed)
+        if len(raw) != 16:
+            raise ValueError(f"an IPv6 address packs to 16 bytes, not {len(raw)}: {a!r}")
+        memcpy(out, <const char *>raw, 16)
         return 0
     raise TypeError(f"IPv6 address must be str, 16 bytes or IPv6Address, "
                     f"not {type(a).__name__}")

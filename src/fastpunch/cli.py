@@ -113,6 +113,27 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     return parser
 
 
+def _columns() -> int:
+    """What argparse asks shutil.get_terminal_size for (COLUMNS, else the
+    terminal's width, else 80, a value of 0 or less skipped as shutil does),
+    without importing shutil (and with it bz2 and lzma: 0.8 MB of a
+    gateway's idle agent): argparse makes a formatter for every
+    add_argument, not only for --help."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+        if columns > 0:
+            return columns
+    except ValueError:
+        pass
+    try:
+        columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        if columns > 0:
+            return columns
+    except (AttributeError, ValueError, OSError):
+        pass
+    return 80
+
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default, unless it already names
     one (or there is none to show)."""
@@ -120,16 +141,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
                  width: Optional[int] = None) -> None:
         if width is None:
-            # what argparse asks shutil for, without importing shutil (and
-            # with it bz2 and lzma: 0.8 MB of a gateway's idle agent): argparse
-            # makes a formatter for every add_argument, not only for --help
-            try:
-                width = int(os.environ.get("COLUMNS", "")) - 2
-            except ValueError:
-                try:
-                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns - 2
-                except (AttributeError, ValueError, OSError):
-                    width = 78
+            width = _columns() - 2
         super().__init__(prog, indent_increment, max_help_position, width)
 
     def _get_help_string(self, action: argparse.Action) -> str:

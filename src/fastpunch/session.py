@@ -407,6 +407,18 @@ class Upgrade:
         self._wfd.close()
 
 
+def _end_writer(dst) -> None:
+    """bridge()'s end of ``dst``: a socket is shut for writing (it may be
+    src too), anything else closed."""
+    try:
+        if isinstance(dst, socket.socket):
+            dst.shutdown(socket.SHUT_WR)
+        else:
+            dst.close()
+    except OSError:                     # (a broken pipe's close flushes nothing here)
+        pass
+
+
 class ResumableSocket:
     """A session that outlives its sockets (blocking). ``reconnect``: a
     callable returning a new Transport (or None to give up), or a
@@ -520,13 +532,17 @@ class ResumableSocket:
         return None if until is None else max(0.0, until - self._clock())
 
     def _read_once(self, until: Optional[float] = None, extra_r: Sequence[int] = (),
-                   extra_w: Sequence[int] = (), read: bool = True) -> Tuple[list, list]:
+                   extra_w: Sequence[int] = (), read: bool = True,
+                   extra_hup: Sequence[int] = ()) -> Tuple[list, list]:
         """Wait (until the clock reads ``until``, at most) for bytes from the
         transport, a new transport offered, a better path, or an ACK falling
         due, and feed the session what came. ``extra_r``/``extra_w``: the
         caller's descriptors to watch as well (bridge()); returns those of
-        them that are ready. ``read=False`` leaves the transport unread (its
-        peer meets TCP's back-pressure) while the rest is watched."""
+        them that are ready, a descriptor of ``extra_hup`` among the
+        writable ones once its reader is gone (POLLERR/POLLHUP). ``read=False``
+        leaves the transport unread (its peer meets TCP's back-pressure)
+        while the rest is watched. An extra descriptor that is not open is
+        the caller's error (ValueError), never the transport's loss."""
         s = self.session
         is_open = s.state is _s.SessionState.OPEN
         if self._peer_moved and is_open:
@@ -535,7 +551,6 @@ class ResumableSocket:
             self._peer_moved = False
             raise _Lost("peer-moved", "the peer moved to a better path")
         watch: list = [self.sock] if read else []
-        watch.extend(extra_r)
         if _waits(self.reconnect):
             watch.append(self.reconnect)
         up = self._upgrade if is_open else None
@@ -550,11 +565,45 @@ class ResumableSocket:
         if due is not None:
             wait = max(0.0, due - self._clock())
             timeout = wait if timeout is None else min(timeout, wait)
+        # poll, not select: no limit on descriptor numbers, and a pipe whose
+        # reader is gone is told apart (POLLERR) from one with room
+        poller = select.poll()
+        ours: Dict[int, object] = {}
         try:
-            ready, ready_w, _ = select.select(watch, extra_w, [], timeout)
+            for obj in watch:
+                fd = obj.fileno()
+                ours[fd] = obj
+                poller.register(fd, select.POLLIN)
         except (OSError, ValueError) as exc:
             raise _Lost("select-failed", str(exc)) from exc
-        mine = [fd for fd in extra_r if fd in ready], ready_w
+        masks: Dict[int, int] = {}
+        for fd in extra_r:
+            masks[fd] = masks.get(fd, 0) | select.POLLIN
+        for fd in extra_w:
+            masks[fd] = masks.get(fd, 0) | select.POLLOUT
+        for fd in extra_hup:
+            masks.setdefault(fd, 0)          # (POLLERR and POLLHUP are always reported)
+        for fd, mask in masks.items():
+            if fd in ours:
+                raise ValueError(f"descriptor {fd} is the session's own")
+            poller.register(fd, mask)
+        try:
+            events = poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+        except OSError as exc:
+            raise _Lost("select-failed", str(exc)) from exc
+        ready, got_r, got_w = [], [], []
+        for fd, ev in events:
+            if fd in ours:
+                ready.append(ours[fd])
+                continue
+            if ev & select.POLLNVAL:
+                raise ValueError(f"descriptor {fd} is not open")
+            if ev & (select.POLLIN | select.POLLHUP | select.POLLERR) and fd in extra_r:
+                got_r.append(fd)
+            if ev & (select.POLLOUT | select.POLLERR | select.POLLHUP) and \
+                    (fd in extra_w or fd in extra_hup):
+                got_w.append(fd)
+        mine = got_r, got_w
         if self.reconnect in ready and s.session_id is not None and \
                 self.reconnect.offered(s.session_id, s.preamble_valid):
             # The peer brought a new transport (its preamble proves it is
@@ -614,11 +663,12 @@ class ResumableSocket:
         raise _Lost("moved", "a better path is ready", transport=better)
 
     def _step(self, until: Optional[float] = None, extra_r: Sequence[int] = (),
-              extra_w: Sequence[int] = (), read: bool = True) -> Tuple[list, list]:
+              extra_w: Sequence[int] = (), read: bool = True,
+              extra_hup: Sequence[int] = ()) -> Tuple[list, list]:
         """One read and its events; resumes across a lost transport. Returns
-        the ready ones of ``extra_r``/``extra_w`` (see _read_once)."""
+        the ready ones of ``extra_r``/``extra_w``/``extra_hup`` (see _read_once)."""
         try:
-            mine = self._read_once(until, extra_r, extra_w, read)
+            mine = self._read_once(until, extra_r, extra_w, read, extra_hup)
             self._pump()
             return mine
         except _Lost as lost:
@@ -822,13 +872,21 @@ class ResumableSocket:
         sockets: objects with fileno(), made non-blocking here) in this one
         thread, until both streams ended: src's EOF ends ours (close_write),
         and once the peer's stream ended and all of it is written, ``dst`` is
-        closed (its reader sees EOF). A ``dst`` whose reader is gone (EPIPE)
-        is closed and the peer's further bytes dropped, as a pipe would.
+        closed (a socket is shut for writing instead), so its reader sees
+        EOF. A ``dst`` whose reader is gone (EPIPE, or a pipe's POLLERR while
+        nothing waits for it) is closed and the peer's further bytes
+        dropped, as a pipe would; then the bridge ends with our stream.
         ``sent``/``received``: called with each count of bytes taken from
         src / written to dst. Neither side blocks the other: while dst takes
-        nothing, the peer's bytes are held (up to max_unread, then the
-        transport is left unread) and src is still carried; while the window
-        is full, src is left unread. Resumes happen inside, as in recv()."""
+        nothing, the peer's bytes are held and src is still carried; while
+        the window is full, src is left unread. Past ``max_unread`` bytes
+        held the transport is left unread (its sender meets TCP's
+        back-pressure), but the peer's acknowledgements come on that same
+        transport: if our window is full then too, the bridge raises
+        SessionUsageError("unread-limit") as sendall() does, rather than
+        wait for ever (each side would wait for the other). Resumes happen
+        inside, as in recv()."""
+        s = self.session
         src_fd, dst_fd = src.fileno(), dst.fileno()
         os.set_blocking(src_fd, False)
         os.set_blocking(dst_fd, False)
@@ -857,10 +915,7 @@ class ResumableSocket:
                 if dst_open and not pending and not self._plain.size and self._peer_closed:
                     dst_open = False
                 if not dst_open:
-                    try:
-                        dst.close()
-                    except OSError:             # (a pipe's close flushes nothing here)
-                        pass
+                    _end_writer(dst)
             if not dst_open and self._plain.size:
                 self._plain = _Plaintext()      # dropped: nobody can read them
             if off < len(out):
@@ -875,9 +930,22 @@ class ResumableSocket:
                 return
             want_src = src_open and off >= len(out)
             held = len(pending) + self._plain.size
-            ready_r, _ = self._step(None, [src_fd] if want_src else [],
-                                    [dst_fd] if dst_open and pending else [],
-                                    read=not (dst_open and held >= self.max_unread))
+            full = dst_open and held >= self.max_unread
+            if full and off < len(out) and not s.writable:
+                raise _s.SessionUsageError(
+                    "unread-limit", f"{held} bytes from the peer wait for the local reader "
+                    "while our window waits for the peer's acknowledgements, which come "
+                    "behind them")
+            finished = s.state is _s.SessionState.FINISHED     # (nothing more can come)
+            ready_r, ready_w = self._step(None, [src_fd] if want_src else [],
+                                          [dst_fd] if dst_open and pending else [],
+                                          read=not (full or finished),
+                                          extra_hup=[dst_fd] if dst_open and not pending
+                                          else [])
+            if dst_open and not pending and dst_fd in ready_w:
+                dst_open = False                # its reader is gone: the pipe's POLLERR
+                self._plain = _Plaintext()
+                _end_writer(dst)
             if src_fd in ready_r:
                 try:
                     data = os.read(src_fd, WRITE_CHUNK)

@@ -436,6 +436,13 @@ def _exec(args, cmd, conn, secure) -> int:
                           received=progress_in.add)
         except (PathLost, SessionLost) as exc:
             lost.append(exc)
+        except BaseException:
+            # anything else (a usage limit, a protocol violation, Ctrl-C):
+            # the child and the session go too, nothing left running
+            proc.kill()
+            proc.wait()
+            secure.close()
+            raise
         finally:
             for pipe in (proc.stdin, proc.stdout):
                 try:

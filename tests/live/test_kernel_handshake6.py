@@ -115,9 +115,9 @@ def test_a_crafted_ipv6_handshake_makes_accept_return_and_data_flows(veth6):
 
 def test_the_ipv6_filter_shows_one_flow_and_not_our_own_segments(veth6):
     """Two flows toward B and their SYN-ACKs: each receiver sees its own
-    flow's answer, never the other's, never the SYNs this host sent (the
-    kernel's outgoing copies an AF_PACKET socket would otherwise get), never
-    IPv4."""
+    flow's answer, never the other's, never the SYNs this host sent (an
+    ETH_P_IPV6 packet socket is not given outgoing copies; the filter would
+    refuse them), never IPv4."""
     srv = listener(veth6.ns_b)
     try:
         with inside(veth6.ns_a):

@@ -148,6 +148,11 @@ def test_every_refusal_has_its_reason():
     jumbo[4:6] = b"\x00\x00"
     assert reason_of(bytes(jumbo)) == "ip6-payload-length"
     assert reason_of(bytes(base / UDP(sport=1, dport=2))) == "ip-protocol"
+    # a routing header with segments left: the datagram is on its way elsewhere
+    transit = base / IPv6ExtHdrRouting(addresses=["2001:db8::9"], segleft=1) / tcp
+    assert reason_of(bytes(transit)) == "ip6-extension-header"
+    done = base / IPv6ExtHdrRouting(addresses=["2001:db8::9"], segleft=0) / tcp
+    assert parse(bytes(done), verify=False).dport == 2
     bad = bytearray(raw)
     bad[-1] ^= 0xFF
     assert reason_of(bytes(bad)) == "tcp-checksum"
@@ -174,6 +179,16 @@ def test_build_refuses_what_ipv6_cannot_carry():
         build("198.51.100.1", "198.51.100.2", 1, 2, flow_label=1)
     with pytest.raises(ValueError, match="not an IPv6 address"):
         build("2001:db8::zz", "2001:db8::2", 1, 2)
+    with pytest.raises(ValueError, match="not an IPv6 address"):
+        build("2001:db8::1\0junk", "2001:db8::2", 1, 2)      # (C would stop at the NUL)
+    with pytest.raises(ValueError, match="not an IPv4 address"):
+        build("198.51.100.1\0junk", "198.51.100.2", 1, 2)
+
+    class Short:                                   # duck-typed, packs short
+        version, packed = 6, b"\x20\x01"
+
+    with pytest.raises(ValueError, match="16 bytes"):
+        build(Short(), "2001:db8::2", 1, 2)
     with pytest.raises(PacketBuildError) as err:
         build("2001:db8::1", "2001:db8::2", 1, 2, payload=bytes(65536))
     assert err.value.reason == "too-big"

@@ -145,6 +145,16 @@ def test_a_command_loads_only_its_own_module_and_parses_as_with_every_command():
                            if isinstance(a, argparse._SubParsersAction)).choices) == sorted(words)
 
 
+def test_help_width_follows_columns_and_skips_nonsense(monkeypatch):
+    from fastpunch.cli import _columns
+
+    monkeypatch.setenv("COLUMNS", "120")
+    assert _columns() == 120
+    for odd in ("0", "-5", "wide"):
+        monkeypatch.setenv("COLUMNS", odd)
+        assert _columns() > 0                      # the terminal's width, else 80
+
+
 def test_the_demo_says_what_its_rate_is_and_how_it_connected():
     from fastpunch.labdemo import summary_lines
 

@@ -34,7 +34,8 @@ struct fp_ipv6 {
 /* Parse an IPv6 header and walk its extension headers: hop-by-hop,
  * routing, destination options and AH are skipped (bounds-checked each),
  * an atomic fragment header (offset 0, no more fragments: RFC 6946) too; a
- * real fragment is FP_E_IP_FRAGMENT, ESP or more than FP_IPV6_MAX_EXT
+ * real fragment is FP_E_IP_FRAGMENT, ESP, a routing header with segments
+ * left (we are not its final destination), more than FP_IPV6_MAX_EXT
  * headers, or one running past the payload, is FP_E_IP6_EXTHDR. A payload
  * length past the buffer (a longer buffer is allowed: link padding), or zero
  * behind a hop-by-hop header (a jumbogram), is FP_E_IP6_PAYLEN. proto and

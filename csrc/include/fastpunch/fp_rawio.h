@@ -72,10 +72,12 @@ long fp_raw_recv_batch(int fd, uint8_t *buf, size_t stride, uint32_t *lens, size
  * (RFC 3542 §3), so a filter there cannot see addresses, and a parse could
  * not check the pseudo-header checksum. The engine reads IPv6 from an
  * AF_PACKET SOCK_DGRAM socket for ETH_P_IPV6 instead: whole datagrams from
- * the network header on, behind a classic BPF filter on the 4-tuple, with
- * the kernel's own copies of what we send (PACKET_OUTGOING) refused by the
- * filter. Segments with extension headers before TCP do not pass the
- * filter (its offsets are the fixed header's). Both need CAP_NET_RAW. */
+ * the network header on, behind a classic BPF filter on the 4-tuple that
+ * is attached before the socket is bound to ETH_P_IPV6, so no packet ever
+ * passes without it (outgoing copies reach only ETH_P_ALL sockets; the
+ * filter refuses PACKET_OUTGOING all the same). Segments with extension
+ * headers before TCP do not pass the filter (its offsets are the fixed
+ * header's). Both need CAP_NET_RAW. */
 
 int fp_raw6_open_send(int sndbuf, uint32_t mark);
 
