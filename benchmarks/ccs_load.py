@@ -30,6 +30,7 @@ from typing import Optional
 from fastpunch.ccs import pki
 from fastpunch.ccs.keystore import KeyStore
 from fastpunch.ccs.server import new_event_loop
+from fastpunch.credentials import client_context
 from fastpunch.proto import wire
 from fastpunch.proto.connection import CLOSED, NEED_DATA, Connection, Role
 
@@ -120,7 +121,7 @@ def percentile(xs: list, p: float) -> float:
 async def drive(port: int, ca: str, names: list, keys: dict, rate: float, seconds: float,
                 server_pid: int, connect_concurrency: int = 200, limit: float = 600) -> dict:
     loop = asyncio.get_running_loop()
-    ctx = pki.client_context(ca)
+    ctx = client_context(ca)
     waiters: dict = {}
     devices: dict = {}
     sem = asyncio.Semaphore(connect_concurrency)

@@ -20,6 +20,7 @@ import re
 import stat
 from typing import Iterator, Optional, Sequence
 
+from fastpunch import credentials as _credentials
 from fastpunch.errors import FastpunchError
 
 SERVER_DAYS = 730
@@ -342,3 +343,6 @@ def reload_server_context(ctx, directory: str) -> dict:
             "names": names, "ips": ips}
 
 
+#: the device's TLS context lives in fastpunch.credentials (a device's process
+#: need not load this module to dial); kept here for callers of the old place
+client_context = _credentials.client_context
