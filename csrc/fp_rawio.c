@@ -22,9 +22,12 @@
 
 #define BATCH_CHUNK 256 /* mmsghdr entries per sendmmsg/recvmmsg call */
 
-int fp_raw_open_send(int sndbuf, uint32_t mark)
+/* An IPPROTO_RAW send socket of ``family`` (IPv4: IP_HDRINCL implied;
+ * IPv6: the caller's datagram carries its own IPv6 header, docs/engine.md),
+ * with SO_SNDBUF and SO_MARK as asked. */
+static int open_send(int family, int sndbuf, uint32_t mark)
 {
-    int fd = socket(AF_INET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_RAW);
+    int fd = socket(family, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_RAW);
     if (fd < 0)
         return -errno;
     if (sndbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf) < 0) {
@@ -38,6 +41,11 @@ int fp_raw_open_send(int sndbuf, uint32_t mark)
         return e == EPERM ? FP_RAW_MARK_DENIED : -e;
     }
     return fd;
+}
+
+int fp_raw_open_send(int sndbuf, uint32_t mark)
+{
+    return open_send(AF_INET, sndbuf, mark);
 }
 
 int fp_bpf_match_filter(struct sock_filter *prog, int cap, const struct fp_match *m, int count)
@@ -281,20 +289,7 @@ long fp_raw_recv_batch(int fd, uint8_t *buf, size_t stride, uint32_t *lens, size
 
 int fp_raw6_open_send(int sndbuf, uint32_t mark)
 {
-    int fd = socket(AF_INET6, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_RAW);
-    if (fd < 0)
-        return -errno;
-    if (sndbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf) < 0) {
-        int e = errno;
-        close(fd);
-        return -e;
-    }
-    if (mark && setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof mark) < 0) {
-        int e = errno;
-        close(fd);
-        return e == EPERM ? FP_RAW_MARK_DENIED : -e;
-    }
-    return fd;
+    return open_send(AF_INET6, sndbuf, mark);
 }
 
 static int all_zero(const uint8_t *a, size_t n)

@@ -177,16 +177,24 @@ int fp_segment_parse(const uint8_t *buf, size_t len, int verify, struct fp_segme
     return fp_tcp_opts_decode(t + FP_TCP_MIN_HLEN, doff - FP_TCP_MIN_HLEN, &h->opts);
 }
 
+/* A parse batch's layout, count * stride bytes, refused (every status
+ * TOOBIG) when it wraps size_t: no buffer can hold it. Both families. */
+static int refuse_layout(size_t count, size_t stride, int32_t *status)
+{
+    size_t span;
+    if (fp_size_mul(count, stride, &span) == 0)
+        return 0;
+    for (size_t i = 0; i < count; i++)
+        status[i] = -FP_E_TOOBIG;
+    return -FP_E_TOOBIG;
+}
+
 long fp_segment_parse_batch(const uint8_t *buf, size_t stride, const uint32_t *lens,
                             size_t count, int verify, struct fp_segment *out, int32_t *status)
 {
     long ok = 0;
-    size_t span;
-    if (fp_size_mul(count, stride, &span) < 0) {     /* a layout no buffer can hold */
-        for (size_t i = 0; i < count; i++)
-            status[i] = -FP_E_TOOBIG;
+    if (refuse_layout(count, stride, status) < 0)
         return -FP_E_TOOBIG;
-    }
     for (size_t i = 0; i < count; i++) {
         size_t len = lens[i] < stride ? lens[i] : stride;
         status[i] = fp_segment_parse(buf + i * stride, len, verify, &out[i]);
@@ -251,6 +259,22 @@ int fp_segment_build(uint8_t *buf, size_t cap, const struct fp_ipv4 *ip,
     return (int)((size_t)ihl + tlen);
 }
 
+/* Segment i's TCP part in a batch: the ports and sequence number that vary
+ * (each array optional; by default the sequence advances by the payload),
+ * and its payload. Both families. */
+static void vary_tcp(uint8_t *t, size_t i, const uint16_t *sports, const uint16_t *dports,
+                     const uint32_t *seqs, uint32_t seq, size_t doff, const uint8_t *payloads,
+                     size_t payload_len)
+{
+    if (sports)
+        wr16(t, sports[i]);
+    if (dports)
+        wr16(t + 2, dports[i]);
+    wr32(t + 4, seqs ? seqs[i] : seq + (uint32_t)(i * payload_len));
+    if (payload_len)
+        memcpy(t + doff, payloads + i * payload_len, payload_len);
+}
+
 long fp_segment_build_batch(uint8_t *out, size_t stride, size_t count,
                             const struct fp_ipv4 *ip, const struct fp_tcp *tcp,
                             const uint8_t *payloads, size_t payload_len,
@@ -296,13 +320,8 @@ long fp_segment_build_batch(uint8_t *out, size_t stride, size_t count,
             p[8] = vary->ttls[i];
         wr32(p + 12, saddr);
         wr32(p + 16, daddr);
-        if (vary->sports)
-            wr16(t, vary->sports[i]);
-        if (vary->dports)
-            wr16(t + 2, vary->dports[i]);
-        wr32(t + 4, vary->seqs ? vary->seqs[i] : tcp->seq + (uint32_t)(i * payload_len));
-        if (payload_len)
-            memcpy(t + doff, payloads + i * payload_len, payload_len);
+        vary_tcp(t, i, vary->sports, vary->dports, vary->seqs, tcp->seq, doff, payloads,
+                 payload_len);
         finish_checksums(p, ihl, doff, doff + payload_len, saddr, daddr);
         lens[i] = (uint32_t)dlen;
     }
@@ -361,12 +380,8 @@ long fp_segment6_parse_batch(const uint8_t *buf, size_t stride, const uint32_t *
                              int32_t *status)
 {
     long ok = 0;
-    size_t span;
-    if (fp_size_mul(count, stride, &span) < 0) {     /* a layout no buffer can hold */
-        for (size_t i = 0; i < count; i++)
-            status[i] = -FP_E_TOOBIG;
+    if (refuse_layout(count, stride, status) < 0)
         return -FP_E_TOOBIG;
-    }
     for (size_t i = 0; i < count; i++) {
         size_t len = lens[i] < stride ? lens[i] : stride;
         status[i] = fp_segment6_parse(buf + i * stride, len, verify, &out[i]);
@@ -441,13 +456,8 @@ long fp_segment6_build_batch(uint8_t *out, size_t stride, size_t count,
             p[7] = vary->hop_limits[i];
         if (vary->daddrs)
             memcpy(p + 24, vary->daddrs + 16 * i, 16);
-        if (vary->sports)
-            wr16(t, vary->sports[i]);
-        if (vary->dports)
-            wr16(t + 2, vary->dports[i]);
-        wr32(t + 4, vary->seqs ? vary->seqs[i] : tcp->seq + (uint32_t)(i * payload_len));
-        if (payload_len)
-            memcpy(t + doff, payloads + i * payload_len, payload_len);
+        vary_tcp(t, i, vary->sports, vary->dports, vary->seqs, tcp->seq, doff, payloads,
+                 payload_len);
         finish_checksum6(p, doff, doff + payload_len);
         lens[i] = (uint32_t)dlen;
     }

@@ -974,46 +974,25 @@ cdef class SegmentBatch:
         cdef fp_batch_vary6 vary6
         if not 0 <= count <= self.capacity:
             raise ValueError(f"count must be within 0..{self.capacity}")
+        # what varies per segment, checked alike for both families
+        cdef const uint16_t *sp = _vary16(sports, count, "sports")
+        cdef const uint16_t *dp = _vary16(dports, count, "dports")
+        cdef const uint32_t *sq = _vary32(seqs, count, "seqs")
+        cdef const uint8_t *tl = _vary8(ttls, count, "ttls")
         if _family(src, dst) == 6:
             if saddrs is not None or daddrs is not None:
                 raise ValueError("saddrs/daddrs are IPv4 ints: an IPv6 batch has one address pair")
             _fill_headers6(&ip6, &tcp, src, dst, sport, dport, seq, ack, flags, window,
                            options, ttl, ip_id, tos, 0, 0)
             memset(&vary6, 0, sizeof(vary6))
-            if sports is not None:
-                _need(sports.shape[0], count, "sports")
-                vary6.sports = &sports[0] if count else NULL
-            if dports is not None:
-                _need(dports.shape[0], count, "dports")
-                vary6.dports = &dports[0] if count else NULL
-            if seqs is not None:
-                _need(seqs.shape[0], count, "seqs")
-                vary6.seqs = &seqs[0] if count else NULL
-            if ttls is not None:
-                _need(ttls.shape[0], count, "ttls")
-                vary6.hop_limits = &ttls[0] if count else NULL
+            vary6.sports, vary6.dports, vary6.seqs, vary6.hop_limits = sp, dp, sq, tl
             return self._finish(count, payloads, payload_len, NULL, NULL, &ip6, &tcp, &vary6)
         _fill_headers(&ip, &tcp, src, dst, sport, dport, seq, ack, flags, window, options,
                       ttl, ip_id, tos, df, 0)
         memset(&vary, 0, sizeof(vary))
-        if sports is not None:
-            _need(sports.shape[0], count, "sports")
-            vary.sports = &sports[0] if count else NULL
-        if dports is not None:
-            _need(dports.shape[0], count, "dports")
-            vary.dports = &dports[0] if count else NULL
-        if seqs is not None:
-            _need(seqs.shape[0], count, "seqs")
-            vary.seqs = &seqs[0] if count else NULL
-        if ttls is not None:
-            _need(ttls.shape[0], count, "ttls")
-            vary.ttls = &ttls[0] if count else NULL
-        if saddrs is not None:
-            _need(saddrs.shape[0], count, "saddrs")
-            vary.saddrs = &saddrs[0] if count else NULL
-        if daddrs is not None:
-            _need(daddrs.shape[0], count, "daddrs")
-            vary.daddrs = &daddrs[0] if count else NULL
+        vary.sports, vary.dports, vary.seqs, vary.ttls = sp, dp, sq, tl
+        vary.saddrs = _vary32(saddrs, count, "saddrs")
+        vary.daddrs = _vary32(daddrs, count, "daddrs")
         return self._finish(count, payloads, payload_len, &ip, &vary, NULL, &tcp, NULL)
 
     cdef Py_ssize_t _finish(self, Py_ssize_t count, const uint8_t[::1] payloads,
@@ -1069,6 +1048,28 @@ cdef int _need(Py_ssize_t have, Py_ssize_t count, str name) except -1:
     if have < count:
         raise ValueError(f"{name} has {have} entries, fewer than count={count}")
     return 0
+
+
+cdef const uint16_t *_vary16(const uint16_t[::1] a, Py_ssize_t count, str what) except? NULL:
+    """A per-segment array of a batch (None: not varied), checked to hold count."""
+    if a is None:
+        return NULL
+    _need(a.shape[0], count, what)
+    return &a[0] if count else NULL
+
+
+cdef const uint32_t *_vary32(const uint32_t[::1] a, Py_ssize_t count, str what) except? NULL:
+    if a is None:
+        return NULL
+    _need(a.shape[0], count, what)
+    return &a[0] if count else NULL
+
+
+cdef const uint8_t *_vary8(const uint8_t[::1] a, Py_ssize_t count, str what) except? NULL:
+    if a is None:
+        return NULL
+    _need(a.shape[0], count, what)
+    return &a[0] if count else NULL
 
 
 # ---------------------------------------------------------------- flow tracking
