@@ -242,3 +242,43 @@ def test_proofs_bind_every_input(name, s_nonce, c_nonce):
     assert p != auth.server_proof(KEY, name, s_nonce, c_nonce)
     assert p != auth.client_proof(KEY, name + "x", s_nonce, c_nonce)
     assert p != auth.client_proof(KEY, name, c_nonce, s_nonce) or s_nonce == c_nonce
+
+
+def _ready(addr: str, relay_addr: str = "198.51.100.1", **kw) -> wire.RendezvousReady:
+    return wire.RendezvousReady(
+        request=1, peer="cam", addr=addr, key=b"k" * 32, plan=("nat",), start_at=1,
+        role="initiator", relay_token=b"t" * 32, relay_addr=relay_addr, relay_port=7444,
+        port=40000, isn=1, mss=1440, sack_permitted=True, timestamps=True, nat="none", **kw)
+
+
+def test_address_fields_carry_ipv6_from_version_5_and_ipv4_alike_in_every_version():
+    six = _ready("2001:db8:a::10", "2001:db8::1", local_addr="2001:db8:a::10")
+    back = wire.decode_frame(bytearray(wire.encode(six, 5)))
+    assert (back.addr, back.relay_addr, back.local_addr) == \
+        ("2001:db8:a::10", "2001:db8::1", "2001:db8:a::10")
+    # an IPv4 address is the same 4 bytes in version 4 and 5: a version-4 peer reads it
+    four = _ready("203.0.113.10")
+    assert wire.encode(four, 5)[1:] == wire.encode(four, 4)[1:]
+    # a dual-stack socket's mapped spelling goes out as the IPv4 address
+    assert wire.decode_frame(bytearray(wire.encode(_ready("::ffff:203.0.113.10"), 5))).addr \
+        == "203.0.113.10"
+    # never an IPv6 address to a peer that spoke version 4
+    with pytest.raises(ValueError, match="version 5"):
+        wire.encode(six, 4)
+    ok = wire.encode(wire.AuthOk(b"m" * 32, "2001:db8:a::10", 5, 15, probe_token=b"p" * 16,
+                                 alt_addr="198.51.100.1"), 5)
+    msg = wire.decode_frame(bytearray(ok))
+    assert (msg.addr, msg.probe_token, msg.alt_addr) == ("2001:db8:a::10", b"p" * 16,
+                                                          "198.51.100.1")
+
+
+@pytest.mark.parametrize("raw, version, code", [
+    (b"\x20\x01\x0d\xb8" + b"\0" * 12, 4, "bad-field-size"),     # 16 bytes in a version-4 frame
+    (b"\1\2\3\4\5", 5, "bad-field-size"),                         # neither 4 nor 16
+    (b"\0" * 10 + b"\xff\xff" + b"\xcb\0\x71\x0a", 5, "bad-field-value"),   # mapped
+])
+def test_malformed_address_fields_are_refused(raw, version, code):
+    payload = field(1, b"m" * 32) + field(2, raw) + field(3, b"\0\5") + field(4, b"\0\x0f")
+    with pytest.raises(WireError) as err:
+        wire.decode_frame(bytearray(struct.pack("!BBH", version, 65, len(payload)) + payload))
+    assert err.value.code == code

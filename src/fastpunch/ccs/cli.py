@@ -309,7 +309,8 @@ def cmd_serve(args) -> int:
                       probes_per_source=budgets.probes_per_source,
                       hellos_per_source=budgets.relay_hellos_per_source)
         server = CCSServer(store, ssl_context, registry=registry, relay=relay,
-                           public_addr=cfg["public_addr"], heartbeat=cfg["heartbeat"],
+                           public_addr=cfg["public_addr"], public_addr6=cfg["public_addr6"],
+                           heartbeat=cfg["heartbeat"],
                            keepalive=cfg["keepalive"],
                            rendezvous_timeout=cfg["rendezvous_timeout"],
                            auth_timeout=cfg["auth_timeout"], cluster_key=cluster_key,

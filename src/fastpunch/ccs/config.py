@@ -112,13 +112,24 @@ def parse_hostport(value: Any) -> tuple:
 
 
 def _ipv4(value: Any) -> str:
-    # the relay address travels in a 4-byte field (proto/wire.py: relay_addr)
     try:
         if not isinstance(value, str):
             raise ValueError(value)
         return str(ipaddress.IPv4Address(value.strip()))
     except ValueError:
         raise _Bad("an IPv4 address") from None
+
+
+def _ipv6(value: Any) -> str:
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        ip = ipaddress.IPv6Address(value.strip().strip("[]"))
+    except ValueError:
+        raise _Bad("an IPv6 address") from None
+    if ip.ipv4_mapped is not None or ip.is_link_local:
+        raise _Bad("a global IPv6 address (not an IPv4-mapped or link-local one)")
+    return str(ip)
 
 
 def _redis_url(value: Any) -> str:
@@ -168,8 +179,12 @@ GENERAL = (
     Setting("probe_port", _PORT_OR_OFF, 7445, "a second port answering address probes "
             "(natcheck sees whether a mapping depends on the destination port); 0 = any, "
             "-1 = none", "PORT"),
-    Setting("public_addr", _ipv4, None, "IPv4 address devices reach the relay at", "ADDR",
-            shown="the --listen host", optional=True),
+    Setting("public_addr", _ipv4, None, "IPv4 address devices reach the relay and probes "
+            "at", "ADDR", shown="the --listen host", optional=True),
+    Setting("public_addr6", _ipv6, None, "IPv6 address devices reach the relay and probes "
+            "at (with --listen [::]:PORT, which takes both families: devices that log in "
+            "over IPv4 learn it and announce IPv6 candidates)", "ADDR",
+            shown="the --listen host if IPv6, else none", optional=True),
     Setting("metrics", parse_hostport, None, "serve /metrics, /healthz and /readyz here",
             "HOST:PORT", shown="off", optional=True),
     Setting("redis", _redis_url, None, "share presence with other nodes through Redis "

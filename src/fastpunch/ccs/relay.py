@@ -48,7 +48,8 @@ from typing import Callable, Optional
 from fastpunch import _loop, liveness
 from fastpunch.ccs.budget import Gate
 from fastpunch.liveness import Keepalive
-from fastpunch.proto.probe import FILTERING, WHOAMI
+from fastpunch._addr import source_key, unmap
+from fastpunch.proto.probe import FILTERING, TOKEN, WHOAMI, reply_of
 
 MAGIC = b"FPR1"
 FILTER_PROBE_SECONDS = 1.0  # at most: a SYN unanswered this long was dropped
@@ -129,6 +130,8 @@ class Relay:
         self._filter_probes = 0
         self.probes_per_source = probes_per_source
         self._probes_from: dict[str, int] = {}
+        # (token, address): a "who am I" probe carried a device's probe token
+        self.on_whoami: Optional[Callable[[bytes, str], None]] = None
         self._hellos = Gate(hellos_per_source, HELLOS_TOTAL)
         self._hello_keys = 0
         self._admits: set[asyncio.Task] = set()
@@ -198,7 +201,7 @@ class Relay:
             task = loop.create_task(self._admit(conn, probes_only, key))
             self._admits.add(task)
             task.add_done_callback(self._admits.discard)
-            self._hellos.admit(key, addr[0], task.cancel)
+            self._hellos.admit(key, source_key(addr[0]), task.cancel)
 
     # -- revocation (a device removed, disabled or re-keyed; a pair denied) -----------
     def revoke(self, device: str) -> None:
@@ -243,7 +246,7 @@ class Relay:
         finally:
             self._hellos.leave(key)
         if len(hello) == HELLO_BYTES and hello.startswith(WHOAMI):
-            return self._whoami(conn)
+            return self._whoami(conn, hello[len(WHOAMI):len(WHOAMI) + TOKEN])
         if probes_only:
             return self._refuse(conn, BAD_HELLO, None)
         if len(hello) == HELLO_BYTES and hello.startswith(FILTERING):
@@ -380,16 +383,23 @@ class Relay:
             self._threads.add(t)
             t.start()
 
-    def _whoami(self, conn: socket.socket) -> None:
+    def _whoami(self, conn: socket.socket, token: bytes = b"") -> None:
         """The reflexive address of this very connection (what STUN does):
         a device's natcheck compares it with its local port. It reveals
-        nothing but the asker's own address, so it needs no token."""
-        ip, port = conn.getpeername()[:2]
+        nothing but the asker's own address, so it needs no token; one that
+        carries a device's probe token (``on_whoami``) also tells the CCS,
+        from a connection the device made itself, where that device is in
+        this family (the candidates it may announce in it: ccs.server)."""
         try:
-            conn.send(socket.inet_aton(ip) + port.to_bytes(2, "big"))
+            ip, port = conn.getpeername()[:2]
+            ip = unmap(ip)
+            conn.send(reply_of(ip, port))
         except OSError:
-            pass
+            conn.close()
+            return
         conn.close()
+        if any(token) and self.on_whoami is not None:
+            self.on_whoami(bytes(token), ip)
 
     async def _filtering(self, conn: socket.socket) -> None:
         """How the asker's gateway treats an unsolicited SYN to the mapping
@@ -401,7 +411,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         verdict = b"B"
         try:
-            source = conn.getpeername()[0]
+            source = source_key(conn.getpeername()[0])
         except OSError:
             conn.close()
             return
@@ -409,7 +419,7 @@ class Relay:
         if self._filter_probes < MAX_FILTER_PROBES and mine < self.probes_per_source:
             self._filter_probes += 1
             self._probes_from[source] = mine + 1
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probe = socket.socket(conn.family, socket.SOCK_STREAM)
             try:
                 probe.setblocking(False)
                 probe.bind((conn.getsockname()[0], 0))

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from fastpunch import _loop, liveness
+from fastpunch._addr import family, source_key, unmap
 from fastpunch.ccs.budget import Budgets, Gate
 from fastpunch.ccs.events import event
 from fastpunch.ccs.keystore import KeyStore
@@ -111,6 +112,7 @@ class Metrics:
 class CCSServer:
     def __init__(self, keystore: KeyStore, ssl_context, *, registry=None,
                  relay: Optional[Relay] = None, public_addr: Optional[str] = None,
+                 public_addr6: Optional[str] = None,
                  heartbeat: int = 15, rendezvous_timeout: float = 30.0,
                  auth_timeout: float = 10.0, start_delay_ms: int = 250,
                  random: Callable[[int], bytes] = os.urandom,
@@ -131,7 +133,12 @@ class CCSServer:
             self._seal = AESGCM(cluster_key)
         self.node = self.registry.node
         self.relay = relay if relay is not None else Relay(log=event)
-        self.public_addr = public_addr
+        # where devices reach this node's relay and probes, per family (start()
+        # fills a family from the listener's own address when it is not a wildcard)
+        self.public_addr, self.public_addr6 = public_addr, public_addr6
+        self.public: dict = {}
+        self._probe_tokens: dict = {}          # probe token -> DeviceSession
+        self.relay.on_whoami = self._whoami_seen
         self.relay_port = 0
         self.heartbeat = heartbeat
         # the keepalive period devices are told to keep their peer streams
@@ -199,8 +206,22 @@ class CCSServer:
         self._accepting = loop.create_task(self._accept_loop())
         bound = self._listener.getsockname()[:2]
         self._housekeeping = loop.create_task(self._housekeep())
+        for addr in (self.public_addr, self.public_addr6):
+            if addr:
+                self.public.setdefault(family(addr), unmap(addr))
+        here = unmap(bound[0])
+        if here not in ("0.0.0.0", "::"):
+            self.public.setdefault(family(here), here)
+        elif not self.public:
+            self.public[family(here)] = here
         if self.public_addr is None:
-            self.public_addr = bound[0]
+            self.public_addr = self.public_for(4) or here
+        if self._listener.family == socket.AF_INET and 6 in self.public:
+            # devices would probe and announce IPv6 toward a node that never hears it
+            event("config-warning", reason=f"public_addr6 {self.public[6]} given, but this "
+                                           f"node listens on IPv4 only ({bound[0]}): listen "
+                                           "on [::] to serve IPv6")
+            del self.public[6]
         if relay_port is not None:
             self.relay_port = await self.relay.start(host, relay_port)
             if probe_port is not None:
@@ -251,7 +272,7 @@ class CCSServer:
                 task.cancel()
                 if not handed:           # cut before its task ran: the socket is ours
                     conn.close()
-            self.gate.admit(key, addr[0], cut)
+            self.gate.admit(key, source_key(addr[0]), cut)
 
     async def _handshake(self, conn: socket.socket, key: int, handed: list) -> None:
         """TLS on an accepted socket within ``handshake_timeout``; the
@@ -325,7 +346,38 @@ class CCSServer:
         else:
             await self._peer_online(name, self.node)
 
+    def public_for(self, fam: int, exact: bool = False) -> Optional[str]:
+        """This node's address in family ``fam`` (4 or 6); without one, the
+        other family's unless ``exact``."""
+        addr = self.public.get(fam)
+        if addr is None and not exact:
+            addr = next(iter(self.public.values()), None)
+        return addr
+
+    def issue_probe_token(self, session: "DeviceSession") -> bytes:
+        """A fresh probe token for ``session`` (AuthOk, protocol 5)."""
+        if session.probe_token is not None:
+            self._probe_tokens.pop(session.probe_token, None)
+        token = self.random(wire.PROBE_TOKEN)
+        self._probe_tokens[token] = session
+        return token
+
+    def _whoami_seen(self, token: bytes, ip: str) -> None:
+        """A "who am I" probe came from ``ip`` with a device's token: the
+        device, by a TCP connection of its own (no spoofed source completes
+        one), is at ``ip`` in that family. Its login's family keeps the
+        login's address."""
+        session = self._probe_tokens.get(token)
+        if session is None or session.transport is None or session.transport.is_closing():
+            return
+        fam = family(ip)
+        if fam != family(session.peer[0]) and session.seen.get(fam) != ip:
+            session.seen[fam] = ip
+            event("seen", device=session.name, addr=ip)
+
     def offline(self, session: "DeviceSession") -> None:
+        if session.probe_token is not None:
+            self._probe_tokens.pop(session.probe_token, None)
         name = session.name
         if self.sessions.get(name) is not session:
             return
@@ -416,7 +468,8 @@ class CCSServer:
                 await self.deliver(msg["origin"], {
                     "op": "answer", "pid": msg["pid"], "oid": STANDING, "b": msg["b"],
                     "node": self.node, "addr": session.peer[0], "rtt": session.rtt,
-                    "version": session.machine.version, "info": info.to_json()})
+                    "seen": _seen_json(session), "version": session.machine.version,
+                    "info": info.to_json()})
                 return
             budgets = self.budgets
             if session.offers_pending >= budgets.offers_pending or \
@@ -587,6 +640,7 @@ class CCSServer:
         await self.deliver(offer.origin, {"op": "answer", "pid": offer.pid, "oid": msg.request,
                                           "b": offer.b, "node": self.node,
                                           "addr": session.peer[0], "rtt": session.rtt,
+                                          "seen": _seen_json(session),
                                           "version": session.machine.version,
                                           "info": wire.next_info_of(msg).to_json()})
 
@@ -686,35 +740,42 @@ class CCSServer:
 
     def _own_addresses(self) -> set:
         """Addresses of the CCS itself, which no candidate may carry."""
-        own = {self.public_addr} if self.public_addr else set()
+        own = set(self.public.values())
+        if self.public_addr:
+            own.add(self.public_addr)
         if self._listener is not None:
-            addr = self._listener.getsockname()[0]
+            addr = unmap(self._listener.getsockname()[0])
             if addr not in ("0.0.0.0", "::"):
                 own.add(addr)
         return own
 
-    def _screen(self, a: str, a_addr: str, a_info: wire.NextInfo, b: str, b_addr: str,
-                b_info: wire.NextInfo) -> tuple:
+    def _screen(self, a: str, a_addr: str, a_seen: dict, a_info: wire.NextInfo, b: str,
+                b_addr: str, b_seen: dict, b_info: wire.NextInfo) -> tuple:
         """Both sides' info as the other may see it, and whether they share
         a LAN: candidates aimed at anyone but the device itself dropped
         (``candidates.sanitize``), and LAN addresses given to the peer only
         when they can serve it (the two behind one public address, or on one
         LAN by their prefixes): a LAN address is none of a stranger's
-        business."""
+        business (a global IPv6 address is not a LAN address)."""
         out = []
         kept = {}
-        for name, addr, info in ((a, a_addr, a_info), (b, b_addr, b_info)):
-            good, dropped = cands.sanitize(info.candidates or (), addr, self._own_addresses())
+        for name, addr, seen, info in ((a, a_addr, a_seen, a_info), (b, b_addr, b_seen, b_info)):
+            good, dropped = cands.sanitize(info.candidates or (), addr, self._own_addresses(),
+                                           seen=seen.values())
             for c, why in dropped:
                 event("candidate-dropped", device=name, candidate=str(c), why=why)
             kept[name] = good
-        lan = a_addr == b_addr or cands.same_lan(kept[a], kept[b])
+        # one gateway: the same public IPv4 address (IPv6 has no shared one)
+        lan = a_seen.get(4, a_addr) == b_seen.get(4, b_addr) or \
+            cands.same_lan(kept[a], kept[b])
         for name, info in ((a, a_info), (b, b_info)):
             if info.candidates is None:
                 out.append(info)
                 continue
+            # (a global IPv6 host address is public, not a LAN's)
             c = kept[name] if lan else tuple(x for x in kept[name]
-                                             if x.kind is not cands.CandidateKind.HOST)
+                                             if x.kind is not cands.CandidateKind.HOST
+                                             or cands.public_v6(x.addr))
             out.append(wire.NextInfo(**{**info.fields(), "candidates": c}))
         has_host = any(c.kind is cands.CandidateKind.HOST for c in kept[a]) and \
             any(c.kind is cands.CandidateKind.HOST for c in kept[b])
@@ -742,15 +803,29 @@ class CCSServer:
             return
         self._finish(pending)
         b_info = wire.NextInfo.from_json(msg["info"])
-        a_info, b_info, lan = self._screen(pending.a, a.peer[0], pending.a_info,
-                                           pending.b, msg["addr"], b_info)
+        b_addr, b_version = msg["addr"], msg.get("version", 1)
+        b_seen = _seen_of(msg.get("seen"), b_addr)
+        fam_a, fam_b = family(a.peer[0]), family(b_addr)
+        # each side is told the other's address in its own family where known
+        to_a, to_b = b_seen.get(fam_a, b_addr), a.seen.get(fam_b, a.peer[0])
+        if (family(to_a) == 6 and a.machine.version < wire.IP_SINCE) or \
+                (family(to_b) == 6 and b_version < wire.IP_SINCE):
+            why = (f"{pending.a} and {pending.b} share no address family the older "
+                   f"one's protocol version carries")
+            self._refuse(a, pending.a_request, "no-common-family", why)
+            await self.deliver(msg["node"], {"op": "refuse", "b": pending.b, "oid": msg["oid"],
+                                             "code": "no-common-family", "reason": why})
+            return
+        a_info, b_info, lan = self._screen(pending.a, a.peer[0], a.seen, pending.a_info,
+                                           pending.b, b_addr, b_seen, b_info)
         key = self.random(32)
         legacy = a.machine.version < 2 or msg.get("version", 1) < 2
-        steps = make_plan(a_info, b_info, legacy=legacy, lan=lan)
+        v6 = cands.v6_path(a_info.candidates, b_info.candidates)
+        steps = make_plan(a_info, b_info, legacy=legacy, lan=lan, v6=v6)
         session_id = int.from_bytes(self.random(8), "big") or 1
         start_at = int(self.clock() * 1000) + self.start_delay(a.rtt, msg.get("rtt"))
-        if "spoof" in steps:
-            self._assist_spoof(((a.peer[0], pending.a_info.port), (msg["addr"], b_info.port)),
+        if "spoof" in steps and fam_a == fam_b == 4:
+            self._assist_spoof(((a.peer[0], pending.a_info.port), (b_addr, b_info.port)),
                                start_at / 1000 - self.clock())
         token_a, token_b = self.relay.issue(pending.a, pending.b)
         # relay-first only when B's protocol has it too (an older B would
@@ -758,22 +833,44 @@ class CCSServer:
         asked = pending.relay_first
         relay_first = msg.get("version", 1) >= 4 and (
             asked is RelayFirst.YES or
-            (asked is RelayFirst.AUTO and relay_first_helps(a_info, b_info, lan=lan)))
-        common = dict(key=key, plan=steps, start_at=start_at, relay_addr=self.public_addr,
+            (asked is RelayFirst.AUTO and relay_first_helps(a_info, b_info, lan=lan, v6=v6)))
+        common = dict(key=key, plan=steps, start_at=start_at,
                       relay_port=self.relay_port, session=session_id,
                       relay_first=True if relay_first else None)
         self._track(session_id, pending.a, pending.b, msg["node"])
-        a.write(wire.RendezvousReady(request=pending.a_request, peer=pending.b, addr=msg["addr"],
-                                     role="initiator", relay_token=token_a, **common,
+        a.write(wire.RendezvousReady(request=pending.a_request, peer=pending.b, addr=to_a,
+                                     role="initiator", relay_token=token_a,
+                                     relay_addr=self.public_for(fam_a), **common,
                                      **b_info.fields()))
-        b_fields = dict(request=msg["oid"], peer=pending.a, addr=a.peer[0], role="responder",
-                        relay_token=token_b.hex(), **common, info=a_info.to_json())
+        b_fields = dict(request=msg["oid"], peer=pending.a, addr=to_b, role="responder",
+                        relay_token=token_b.hex(), relay_addr=self.public_for(fam_b), **common,
+                        info=a_info.to_json())
         b_fields["key"] = self._seal_key(key, pending.b)
         await self.deliver(msg["node"], {"op": "ready", "b": pending.b, "fields": b_fields,
                                          "origin": self.node})
         elapsed = time.monotonic() - pending.started
         self.metrics.observe(elapsed)
         event("rendezvous", a=pending.a, b=pending.b, plan=steps, seconds=round(elapsed, 6))
+
+
+def _seen_json(session: "DeviceSession") -> dict:
+    """A session's per-family addresses for a message between nodes."""
+    return {str(fam): addr for fam, addr in session.seen.items()}
+
+
+def _seen_of(data, login_addr: str) -> dict:
+    """The per-family addresses of a peer on another node (``_seen_json``),
+    checked: only addresses, each in its own family; its login address
+    whatever the message says."""
+    out = {}
+    if isinstance(data, dict):
+        for addr in data.values():
+            try:
+                out[family(addr)] = unmap(addr)
+            except (TypeError, ValueError):
+                continue
+    out[family(login_addr)] = login_addr
+    return out
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -10,6 +10,7 @@ import collections
 import time
 from typing import TYPE_CHECKING, Optional
 
+from fastpunch._addr import family, unmap
 from fastpunch.ccs.budget import Bucket
 from fastpunch.ccs.events import event
 from fastpunch.ccs.lifecycle import REFUSALS, stale
@@ -31,7 +32,7 @@ class DeviceSession(asyncio.Protocol):
 
     __slots__ = ("server", "machine", "name", "peer", "transport", "_deadline", "rtt",
                  "_challenged", "standing", "key", "bucket", "in_flight", "offers_pending",
-                 "offers_from", "expired", "generation")
+                 "offers_from", "expired", "generation", "seen", "probe_token")
 
     def __init__(self, server: CCSServer, key: int = 0) -> None:
         self.server = server
@@ -50,10 +51,15 @@ class DeviceSession(asyncio.Protocol):
         self.rtt: Optional[float] = None          # Challenge -> AuthResponse, seconds
         self._challenged = 0.0
         self.standing: Optional[wire.NextInfo] = None   # announced ahead, for the next offer
+        # where the CCS has seen this device, per family: its login's address,
+        # and what its token-carrying "who am I" probes came from (protocol 5)
+        self.seen: dict = {}
+        self.probe_token: Optional[bytes] = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.peer = transport.get_extra_info("peername")[:2]
+        ip, port = transport.get_extra_info("peername")[:2]
+        self.peer = (unmap(ip), port)
         budgets = self.server.budgets
         transport.set_write_buffer_limits(high=min(64 * 1024, budgets.write_buffer))
         self.bucket = Bucket(budgets.messages_per_second, budgets.message_burst,
@@ -145,9 +151,17 @@ class DeviceSession(asyncio.Protocol):
                 return self.close(why, REFUSALS[why])
             self.rtt = time.monotonic() - self._challenged
             self.name = self.machine.name
-            self.transport.write(self.machine.accept(self.peer[0], self.peer[1], srv.heartbeat,
-                                                     srv.node, srv.relay_port or None,
-                                                     srv.probe_port2 or None, srv.keepalive))
+            fam = family(self.peer[0])
+            if fam == 6 and self.machine.version < wire.IP_SINCE:
+                return self.close("protocol-too-old", f"a login over IPv6 needs protocol "
+                                                      f"version {wire.IP_SINCE} or later")
+            self.seen = {fam: self.peer[0]}
+            if self.machine.version >= wire.IP_SINCE:
+                self.probe_token = srv.issue_probe_token(self)
+            self.transport.write(self.machine.accept(
+                self.peer[0], self.peer[1], srv.heartbeat, srv.node, srv.relay_port or None,
+                srv.probe_port2 or None, srv.keepalive, probe_token=self.probe_token,
+                alt_addr=srv.public_for(10 - fam, exact=True)))
             self._arm(3 * srv.heartbeat, "dead-peer")
             srv.gate.leave(self.key)
             srv.online(self)

@@ -234,11 +234,12 @@ class Connection:
 
     def accept(self, addr: str, port: int, heartbeat: int, node: Optional[str] = None,
                probe_port: Optional[int] = None, probe_port2: Optional[int] = None,
-               keepalive: Optional[int] = None) -> bytes:
+               keepalive: Optional[int] = None, *, probe_token: Optional[bytes] = None,
+               alt_addr: Optional[str] = None) -> bytes:
         """Server: after a verified AuthResponse."""
         return self.send(AuthOk(auth.server_proof(self._key, self.name, self.server_nonce,
                                                   self.client_nonce), addr, port, heartbeat, node,
-                                probe_port, probe_port2, keepalive))
+                                probe_port, probe_port2, keepalive, probe_token, alt_addr))
 
     def error(self, code: str, reason: str) -> bytes:
         """Server: a fatal error; the connection is closed afterwards. The

@@ -14,7 +14,13 @@ to AuthOk, and the messages Abandon and PeerLeft. Version 3 adds the
 keepalive period a CCS advertises in AuthOk. Version 4 adds relay-first:
 A asks for it ("yes" or "auto") in RendezvousRequest, and the CCS says in both Readys
 whether the rendezvous is relay-first (both sides join the relay at once,
-the punch goes on behind it). A field or message
+the punch goes on behind it). Version 5 adds IPv6: every address field
+takes 4 or 16 bytes (an IPv4 address is 4 bytes in every version, so a
+version-4 peer reads them as before; a 16-byte one is refused in a frame of
+an earlier version), and AuthOk carries ``probe_token`` (the device's
+"who am I" probes carry it, so the CCS learns, from a connection the device
+made itself, the address it has in the family it did not log in over) and
+``alt_addr`` (the CCS's address in that other family). A field or message
 carries the version it appeared in (``since``); a frame of version N may not
 hold a field of a later version (``unknown-field``, as a version-N decoder
 would say), and ``encode(msg, N)`` leaves later fields out, so a CCS speaks
@@ -36,8 +42,8 @@ from fastpunch.proto import candidates as _candidates
 __all__ = ["VERSION", "MAX_FRAME", "WireError", "Message", "encode", "decode_frame", "MESSAGES",
            "fit"]
 
-VERSION = 4
-VERSIONS = (1, 2, 3, 4)        # a CCS accepts each; a device speaks the newest the CCS takes
+VERSION = 5
+VERSIONS = (1, 2, 3, 4, 5)       # a CCS accepts each; a device speaks the newest the CCS takes
 MAX_FRAME = 8192          # bytes of payload; every field is capped far below this
 HEADER = struct.Struct("!BBH")
 FIELD = struct.Struct("!BH")
@@ -61,7 +67,32 @@ def _ipv4_packed(text: str) -> bytes:
         return ipaddress.IPv4Address(text).packed     # raises its own, clear ValueError
 
 
-# field kinds: (encode, decode, fixed size or None)
+def _ip_packed(text: str) -> bytes:
+    """An IPv4 (4 bytes) or IPv6 (16 bytes) address; an IPv4-mapped IPv6
+    one is its IPv4 address (a dual-stack socket's view of an IPv4 peer)."""
+    if ":" not in text:
+        return _ipv4_packed(text)
+    try:
+        ip = ipaddress.IPv6Address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv4 or IPv6 address") from None
+    return ip.ipv4_mapped.packed if ip.ipv4_mapped is not None else ip.packed
+
+
+def _ip_text(raw: bytes) -> str:
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    if len(raw) == 16:
+        ip = ipaddress.IPv6Address(raw)
+        if ip.ipv4_mapped is not None:
+            raise ValueError("an IPv4-mapped IPv6 address: send the IPv4 address")
+        return str(ip)
+    raise ValueError(f"an address of {len(raw)} bytes")
+
+
+IP_SINCE = 5       # the version whose address fields may hold IPv6 (16 bytes)
+
+# field kinds: (encode, decode, fixed size or None; a tuple: one of those sizes)
 def _u(n: int):
     fmt = {1: "!B", 2: "!H", 4: "!I", 8: "!Q"}[n]
     return (lambda v: struct.pack(fmt, v), lambda b: struct.unpack(fmt, b)[0], n)
@@ -72,7 +103,7 @@ _KINDS = {
     "bool": (lambda v: b"\x01" if v else b"\x00", lambda b: {b"\x00": False, b"\x01": True}[b], 1),
     "bytes": (bytes, bytes, None),
     "str": (lambda v: v.encode("utf-8"), lambda b: b.decode("utf-8"), None),
-    "ipv4": (lambda v: _ipv4_packed(v), lambda b: socket.inet_ntop(socket.AF_INET, b), 4),
+    "ip": (_ip_packed, _ip_text, (4, 16)),
     "strs": (lambda v: "\n".join(v).encode("utf-8"),
              lambda b: tuple(b.decode("utf-8").split("\n")) if b else (), None),
     "cands": (lambda v: _candidates.encode(v), lambda b: _candidates.decode(b), None),
@@ -105,6 +136,7 @@ MAC = 32
 REASON = 256
 RELAY_TOKEN = 32
 CODE = 32          # error and refusal codes
+PROBE_TOKEN = 16
 
 
 def fit(text: str, cap: int = REASON) -> str:
@@ -136,7 +168,7 @@ NEXT_INFO = {
     "port": (10, "u16", 2, True), "isn": (11, "u32", 4, True), "mss": (12, "u16", 2, True),
     "wscale": (13, "u8", 1, False), "sack_permitted": (14, "bool", 1, True),
     "timestamps": (15, "bool", 1, True), "nat": (16, "str", 32, True),
-    "local_addr": (17, "ipv4", 4, False), "crafted": (19, "bool", 1, False),
+    "local_addr": (17, "ip", 16, False), "crafted": (19, "bool", 1, False),
     # version 2: where the peer may reach us, and what natcheck saw of our gateway
     "candidates": (20, "cands", _candidates.WIRE_BYTES, False, 2),
     "mapping": (21, "str", 16, False, 2), "filtering": (22, "str", 16, False, 2),
@@ -203,10 +235,12 @@ class Challenge(Message):
     nonce: bytes
 
 
-@_msg(65, {"mac": (1, "bytes", MAC, True), "addr": (2, "ipv4", 4, True),
+@_msg(65, {"mac": (1, "bytes", MAC, True), "addr": (2, "ip", 16, True),
            "port": (3, "u16", 2, True), "heartbeat": (4, "u16", 2, True),
            "node": (5, "str", NAME, False), "probe_port": (6, "u16", 2, False),
-           "probe_port2": (7, "u16", 2, False, 2), "keepalive": (8, "u16", 2, False, 3)})
+           "probe_port2": (7, "u16", 2, False, 2), "keepalive": (8, "u16", 2, False, 3),
+           "probe_token": (9, "bytes", PROBE_TOKEN, False, 5),
+           "alt_addr": (10, "ip", 16, False, 5)})
 class AuthOk(Message):
     """Server proof, and the address and port the CCS sees (reflexive).
     ``node`` names the CCS node, for logs; ``probe_port`` is where it answers
@@ -214,7 +248,11 @@ class AuthOk(Message):
     ``probe_port2`` a second port that answers them, so natcheck can tell
     whether a mapping depends on the destination port; ``keepalive`` the
     period (seconds) of the keepalives devices should keep their peer
-    streams alive with (fastpunch.liveness)."""
+    streams alive with (fastpunch.liveness). Version 5: ``probe_token``
+    is what this device's "who am I" probes carry so the CCS ties their
+    address to it (fastpunch.proto.probe), ``alt_addr`` the CCS's address in
+    the family this login did not use (an IPv6 one after an IPv4 login and
+    the other way round), where such probes go."""
     mac: bytes
     addr: str
     port: int
@@ -223,6 +261,8 @@ class AuthOk(Message):
     probe_port: Optional[int] = None
     probe_port2: Optional[int] = None
     keepalive: Optional[int] = None
+    probe_token: Optional[bytes] = None
+    alt_addr: Optional[str] = None
 
 
 @_msg(66, {"seq": (1, "u32", 4, True)})
@@ -238,9 +278,9 @@ class RendezvousOffer(Message):
 
 
 PEER_INFO = {
-    "peer": (2, "str", NAME, True), "addr": (3, "ipv4", 4, True), "key": (4, "bytes", 32, True),
+    "peer": (2, "str", NAME, True), "addr": (3, "ip", 16, True), "key": (4, "bytes", 32, True),
     "plan": (5, "strs", 256, True), "start_at": (6, "u64", 8, True), "role": (7, "str", 16, True),
-    "relay_token": (8, "bytes", RELAY_TOKEN, True), "relay_addr": (9, "ipv4", 4, True),
+    "relay_token": (8, "bytes", RELAY_TOKEN, True), "relay_addr": (9, "ip", 16, True),
     "relay_port": (18, "u16", 2, True),
     "session": (23, "u64", 8, False, 2),
     "relay_first": (24, "bool", 1, False, 4),
@@ -328,6 +368,9 @@ def encode(msg: Message, version: int = VERSION) -> bytes:
                 raise ValueError(f"{type(msg).__name__}.{name} is required")
             continue
         raw = _KINDS[kind][0](value)
+        if kind == "ip" and len(raw) == 16 and version < IP_SINCE:
+            raise ValueError(f"{type(msg).__name__}.{name} is an IPv6 address: protocol "
+                             f"version {IP_SINCE} or later carries it, not {version}")
         if len(raw) > cap:
             raise ValueError(f"{type(msg).__name__}.{name} is {len(raw)} bytes, cap {cap}")
         parts.append(FIELD.pack(fid, len(raw)) + raw)
@@ -378,7 +421,9 @@ def decode_frame(buf: bytearray, version: Optional[int] = None) -> Optional[Mess
         if name in values:
             raise WireError("duplicate-field", f"{cls.__name__}.{name} given twice")
         fixed = _KINDS[kind][2]
-        if flen > cap or (fixed is not None and flen != fixed):
+        if flen > cap or (fixed is not None and flen not in
+                          (fixed if isinstance(fixed, tuple) else (fixed,))) or \
+                (kind == "ip" and flen == 16 and frame_v < IP_SINCE):
             raise WireError("bad-field-size", f"{cls.__name__}.{name}: {flen} bytes")
         try:
             values[name] = _KINDS[kind][1](payload[off:off + flen])
