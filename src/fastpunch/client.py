@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
 from fastpunch import liveness
+from fastpunch._addr import unmap
 from fastpunch.errors import FastpunchError, RemoteProtocolError
 from fastpunch.liveness import Keepalive
 from fastpunch.proto import wire
@@ -226,6 +227,24 @@ def _address(ccs: Union[str, tuple]) -> tuple:
     return tuple(ccs)
 
 
+HAPPY_EYEBALLS_DELAY = 0.25   # RFC 8305's recommended connection attempt delay
+
+
+def _eyeballs() -> dict:
+    """The happy-eyeballs option for this loop's create_connection, where
+    it has one (asyncio's does; uvloop's tries the resolver's addresses in
+    turn, IPv6 first by RFC 6724's order)."""
+    import inspect
+
+    loop = asyncio.get_running_loop()
+    try:
+        params = inspect.signature(loop.create_connection).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"happy_eyeballs_delay": HAPPY_EYEBALLS_DELAY} \
+        if "happy_eyeballs_delay" in params else {}
+
+
 class Device:
     def __init__(self, ccs: Union[str, tuple, Sequence], name: str, key: bytes, *, ca_file: str,
                  server_hostname: Optional[str] = None, reconnect: bool = True,
@@ -263,6 +282,8 @@ class Device:
         self._left_early: dict = {}                   # session -> code: the peer left before we began
         self.probe_port: Optional[int] = None
         self.probe_port2: Optional[int] = None
+        self.probe_token: Optional[bytes] = None      # what our probes carry (protocol 5)
+        self.ccs_alt_addr: Optional[str] = None       # the CCS's address in the other family
         self.public_addr: Optional[tuple] = None      # what the CCS sees (reflexive)
         self.ccs: Optional[tuple] = None              # the node we are connected to
         self.ccs_ip = ""                              # its address (resolved)
@@ -306,7 +327,7 @@ class Device:
         g.report = None if value == "auto" else report_for_guess(value)
         g.forget_prepared()                  # gathered on the old guess
         if value == "auto" and self.connected and g._ccs is not None:
-            g.logged_in(*g._ccs)
+            self._gather_for_session()
 
     @property
     def natcheck_result(self) -> Optional[dict]:
@@ -357,9 +378,11 @@ class Device:
         from fastpunch.credentials import client_context
 
         host, port = addr
+        # a name with both A and AAAA records: RFC 8305's race, IPv6 first,
+        # IPv4 250 ms later if IPv6 has not connected by then
         reader, writer = await asyncio.wait_for(asyncio.open_connection(
             host, port, ssl=client_context(self.ca_file),
-            server_hostname=self.server_hostname or host), self.connect_timeout)
+            server_hostname=self.server_hostname or host, **_eyeballs()), self.connect_timeout)
         try:
             m = self._machine = Connection(Role.CLIENT, version)
             writer.write(m.hello(self.name, self.key, os.urandom))
@@ -377,6 +400,7 @@ class Device:
         self._writer = writer
         self.public_addr, self.heartbeat, self.node = (msg.addr, msg.port), msg.heartbeat, msg.node
         self.probe_port, self.probe_port2 = msg.probe_port, msg.probe_port2
+        self.probe_token, self.ccs_alt_addr = msg.probe_token, msg.alt_addr
         self.advertised_keepalive = None
         if msg.keepalive is not None:
             try:
@@ -386,16 +410,20 @@ class Device:
                             "using the default", self.name, msg.keepalive, exc)
         self._supervise_control(writer)
         self.ccs = addr
-        self.ccs_ip = writer.get_extra_info("peername")[0]
+        self.ccs_ip = unmap(writer.get_extra_info("peername")[0])
         self.connections += 1
         self.backoff.reset()
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
         self._up.set()
         self._drop_standing()                          # a new session holds none yet
-        self.gatherer.logged_in(self.ccs_ip, self.probe_port, self.probe_port2)
+        self._gather_for_session()
         if self.standing:
             self._spawn(self._announce())
         return reader
+
+    def _gather_for_session(self) -> None:
+        self.gatherer.logged_in(self.ccs_ip, self.probe_port, self.probe_port2,
+                                token=self.probe_token, alt_addr=self.ccs_alt_addr)
 
     async def _read(self, reader: asyncio.StreamReader):
         while True:
@@ -609,7 +637,8 @@ class Device:
         from fastpunch.ccs.relay import JOINED, MAGIC, relay_status_error
 
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in ready.relay_addr else socket.AF_INET,
+                             socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (ready.relay_addr, ready.relay_port)),

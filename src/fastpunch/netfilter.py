@@ -463,13 +463,16 @@ def _remove_live() -> None:
             pass
 
 
-def suppress_rsts(rules: Iterable[RstSuppression], nft: Optional[Nftables] = None) -> ScopedTable:
+def suppress_rsts(rules: Iterable[RstSuppression], nft: Optional[Nftables] = None, *,
+                  both: bool = False) -> ScopedTable:
     """A scoped table dropping the kernel's RSTs for the given flows: an
     ``ip`` table for IPv4 peers (and rules for any peer), ``ip6`` for IPv6
-    peers, ``inet`` (both) when they are mixed."""
+    peers, ``inet`` (both) when they are mixed or ``both`` is asked for (a
+    rule for any peer that must hold over IPv6 too)."""
     rules = list(rules)
     versions = {r.version for r in rules}
-    family = "ip6" if versions == {6} else "inet" if 6 in versions else "ip"
+    family = "inet" if both or {4, 6} <= versions or (6 in versions and None in versions) \
+        else "ip6" if versions == {6} else "ip"
     table = Table(
         owned_table_name("rst"),
         (Chain("out", "output", tuple(r.rule() for r in rules)),), family,

@@ -156,7 +156,53 @@ def test_the_ccs_drops_candidates_aimed_at_someone_else():
     kept, dropped = cands.sanitize(theirs, "203.0.113.10")
     assert kept == (HOST, SRFLX, MAPPED, theirs[5])
     assert [(c.addr, why.split(" ")[0]) for c, why in dropped] == [
-        ("198.51.100.77", "not"), ("198.51.100.78", "a"), ("2001:db8::1", "IPv6")]
+        ("198.51.100.77", "not"), ("198.51.100.78", "a"), ("2001:db8::1", "the")]
+    assert "no IPv6 address" in dropped[2][1]
+
+
+def test_ipv6_candidates_are_kept_only_near_where_the_ccs_saw_the_device():
+    seen6 = "2001:db8:a:1::10"
+    theirs = (SRFLX,
+              Candidate(K.HOST, seen6, 9, 5),                         # the address seen
+              Candidate(K.HOST, "2001:db8:a:1:aaaa::77", 9, 5),       # its /64 (temporary)
+              Candidate(K.HOST, "fd00:1::5", 9, 5, 64),               # a LAN's (ULA)
+              Candidate(K.SRFLX, seen6, 9, 3),                        # NAT66's reflexive
+              Candidate(K.HOST, "2001:db8:b::1", 9, 5),               # another site's
+              Candidate(K.SRFLX, "2001:db8:a:1::99", 9, 3),           # not what was seen
+              Candidate(K.HOST, "fe80::1", 9, 5, 64))                 # link-local
+    kept, dropped = cands.sanitize(theirs, "203.0.113.10", seen=[seen6])
+    assert kept == theirs[:5]
+    assert [c.addr for c, _ in dropped] == ["2001:db8:b::1", "2001:db8:a:1::99", "fe80::1"]
+    assert "link-local" in dropped[2][1]
+    # logged in over IPv6, seen over IPv4 by a probe: the same rules, each family its own
+    kept, dropped = cands.sanitize((SRFLX, theirs[1]), seen6, seen=["203.0.113.10"])
+    assert kept == (SRFLX, theirs[1])
+    # a probe's claim never overrides the login's family
+    kept, _ = cands.sanitize((theirs[1],), seen6, seen=["2001:db8:b::1"])
+    assert kept == (theirs[1],)
+
+
+def test_ipv6_pairs_form_between_global_addresses_and_in_their_family_only():
+    ours = (HOST, SRFLX, Candidate(K.HOST, "2001:db8:a::10", 40000, cands.priority(K.HOST, 65534)))
+    theirs = (Candidate(K.HOST, "10.9.0.3", 50000, cands.priority(K.HOST), 24),
+              Candidate(K.SRFLX, "198.51.100.20", 50000, cands.priority(K.SRFLX)),
+              Candidate(K.HOST, "2001:db8:b::20", 50000, cands.priority(K.HOST, 65534)),
+              Candidate(K.HOST, "fd00:9::3", 50000, cands.priority(K.HOST, 65533), 64))
+    pairs = form_pairs(ours, theirs, Side.INITIATOR, our_public="203.0.113.10",
+                       peer_public="198.51.100.20")
+    # the global IPv6 host pairs across gateways (no NAT); the foreign LAN's
+    # IPv4 and the ULA do not; each pair's base is of the remote's family
+    assert [(p.ours.addr, p.remote.addr) for p in pairs] == [
+        ("2001:db8:a::10", "2001:db8:b::20"), ("203.0.113.10", "198.51.100.20")]
+    assert pairs[0].kind == "host-host"
+    # without an IPv6 candidate of ours, nothing toward theirs
+    v4_only = form_pairs((HOST, SRFLX), theirs, Side.INITIATOR, our_public="203.0.113.10",
+                         peer_public="198.51.100.20")
+    assert [p.remote.addr for p in v4_only] == ["198.51.100.20"]
+    # both sides order the same logical pairs alike
+    back = form_pairs(theirs[1:3], ours, Side.RESPONDER, our_public="198.51.100.20",
+                      peer_public="203.0.113.10")
+    assert sorted(p.priority for p in back) == sorted(p.priority for p in pairs)
 
 
 def test_pairs_toward_lan_candidates_only_behind_one_public_address():
@@ -235,11 +281,11 @@ def test_the_ccs_gives_lan_addresses_only_to_a_neighbour():
         Candidate(K.SRFLX, "198.51.100.1", 7443, 1)))          # the CCS itself
     b = wire.NextInfo(port=2, isn=2, nat="nat", candidates=(
         host("192.168.7.9", 24), Candidate(K.SRFLX, "203.0.113.20", 50000, 1)))
-    a_out, b_out, lan = server._screen("a", "203.0.113.10", a, "b", "203.0.113.20", b)
+    a_out, b_out, lan = server._screen("a", "203.0.113.10", {}, a, "b", "203.0.113.20", {}, b)
     assert not lan
     assert [c.addr for c in b_out.candidates] == ["203.0.113.20"]     # b's LAN kept from a
     assert [c.addr for c in a_out.candidates] == ["203.0.113.10"]
     # a real neighbour, by both prefixes, learns the LAN address
     a = wire.NextInfo(port=1, isn=1, nat="nat", candidates=(host("192.168.7.2", 24),))
-    a_out, b_out, lan = server._screen("a", "203.0.113.10", a, "b", "203.0.113.20", b)
+    a_out, b_out, lan = server._screen("a", "203.0.113.10", {}, a, "b", "203.0.113.20", {}, b)
     assert lan and "192.168.7.9" in [c.addr for c in b_out.candidates]

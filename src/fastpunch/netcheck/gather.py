@@ -11,7 +11,14 @@
 * predicted: a sequential NAPT's next mapping (the reflexive one + its
   step), and, behind a port-preserving NAT whose probe of this port got
   another number (a port another host held toward the CCS at that moment),
-  the port itself: toward the peer it is likely kept.
+  the port itself: toward the peer it is likely kept;
+* IPv6, when the CCS has an IPv6 address (the one we logged in to, or the
+  one AuthOk names): the same port number held on IPv6 too, every usable
+  global address as a host candidate, and a ``whoami`` over IPv6 from the
+  port, carrying our probe token: the CCS learns from it where we are over
+  IPv6 (it checks our IPv6 candidates against that), and behind NAT66 it
+  is our reflexive candidate there. (The same token on the IPv4 probe
+  tells a CCS we logged in to over IPv6 where we are over IPv4.)
 
 The report says what was left out and why.
 """
@@ -26,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from fastpunch.netcheck import probes
-from fastpunch.netcheck.interfaces import interfaces
+from fastpunch.netcheck.interfaces import interfaces, interfaces6
 from fastpunch.netcheck.natcheck import NatReport
 from fastpunch.netcheck.route import route_source
 from fastpunch.proto.candidates import (MAX_CANDIDATES, Candidate, normalize, priority,
@@ -35,7 +42,7 @@ from fastpunch.proto.kinds import CandidateKind as Kind
 from fastpunch.proto.kinds import Mapping
 
 __all__ = ["Gathered", "gather", "with_mapping", "with_guard", "host_candidates",
-           "reserve_port", "guard_port"]
+           "host_candidates6", "reserve_port", "reserve_port6", "guard_port"]
 
 MAP_TIMEOUT = 0.75
 log = logging.getLogger(__name__)
@@ -53,6 +60,12 @@ class Gathered:
     notes: tuple = ()
     reservation: Optional[socket.socket] = None   # holds local_port (reserve_port)
     guard: object = None              # netfilter.ScopedTable: our kernel's RSTs from the port
+    reservation6: Optional[socket.socket] = None  # holds local_port on IPv6 (reserve_port6)
+
+    @property
+    def v6(self) -> bool:
+        """Whether the port is ours on IPv6 too (IPv6 candidates)."""
+        return self.reservation6 is not None
 
     def age(self) -> float:
         return time.monotonic() - self.at
@@ -62,8 +75,9 @@ class Gathered:
         or nobody needs it). Never raises: a guard table that cannot be
         removed is logged (the sweep of stale tables takes it later), and
         must not turn a punch that worked into an error."""
-        if self.reservation is not None:
-            self.reservation.close()
+        for held in (self.reservation, self.reservation6):
+            if held is not None:
+                held.close()
         if self.guard is not None:
             try:
                 self.guard.remove()
@@ -71,7 +85,7 @@ class Gathered:
                 log.warning("RST guard of port %d not removed: %s", self.local_port, exc)
 
 
-def guard_port(port: int):
+def guard_port(port: int, v6: bool = False):
     """The nftables table that keeps our kernel from resetting anything
     that arrives for ``port``, from the moment a punch takes it: a
     peer's first SYN may come before our own side has the peer's candidates
@@ -84,7 +98,7 @@ def guard_port(port: int):
     from fastpunch import netfilter
 
     _sweep(netfilter)
-    table = netfilter.suppress_rsts([netfilter.RstSuppression(port)])
+    table = netfilter.suppress_rsts([netfilter.RstSuppression(port)], both=v6)
     return table.apply()
 
 
@@ -120,11 +134,43 @@ def reserve_port() -> tuple:
     return s.getsockname()[1], s
 
 
-def host_candidates(port: int, toward: str) -> list:
+def reserve_port6(port: int) -> socket.socket:
+    """Hold ``port`` on IPv6 too (IPV6_V6ONLY: the IPv4 side is
+    ``reserve_port``'s socket), as ``reserve_port`` does; OSError when the
+    host has no IPv6 or another socket holds the port there."""
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("::", port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+V6_LOCAL_PREFERENCE = 65535 - MAX_CANDIDATES // 2   # below a LAN's IPv4 host candidates
+
+
+def host_candidates6(port: int, toward: str) -> list:
+    """IPv6 host candidates of ``port``: the address of the route toward
+    ``toward`` first, then the other stable ones, then temporary ones
+    (``interfaces6``' order), at most a quarter of the list."""
+    try:
+        first = route_source(toward)
+    except OSError:
+        first = None
+    found = [i for i in interfaces6() if usable_address(i.addr) is None]
+    found.sort(key=lambda i: i.addr != first)         # (stable: keeps the order otherwise)
+    return [Candidate(Kind.HOST, i.addr, port, priority(Kind.HOST, V6_LOCAL_PREFERENCE - n),
+                      i.prefix) for n, i in enumerate(found[:MAX_CANDIDATES // 4])]
+
+
+def host_candidates(port: int, toward: Optional[str]) -> list:
     """Host candidates of ``port``: the address of the route toward
     ``toward`` first (local preference 65535), the others after it."""
     try:
-        first = route_source(toward)
+        first = route_source(toward) if toward else None
     except OSError:
         first = None
     found = [i for i in interfaces() if usable_address(i.addr) is None]
@@ -136,22 +182,67 @@ def host_candidates(port: int, toward: str) -> list:
     return out
 
 
-async def gather(ccs_ip: str, probe_port: Optional[int], local_port: Optional[int] = None,
-                 report: Optional[NatReport] = None, portmap_protocol: Optional[str] = None,
-                 ) -> Gathered:
+async def gather(ccs_ip: Optional[str], probe_port: Optional[int],
+                 local_port: Optional[int] = None, report: Optional[NatReport] = None,
+                 portmap_protocol: Optional[str] = None, *, ccs6: Optional[str] = None,
+                 token: Optional[bytes] = None) -> Gathered:
     """The candidates of ``local_port`` (None: a port reserved for it,
     ``reserve_port``; see the module docstring); a port mapping only when
-    ``portmap_protocol`` is given (``with_mapping``)."""
+    ``portmap_protocol`` is given (``with_mapping``). ``ccs_ip``: the CCS's
+    IPv4 address (None: we know none, no IPv4 candidates but a host's);
+    ``ccs6`` its IPv6 one (IPv6 candidates); ``token`` our probe token."""
+    if ccs_ip is None and ccs6 is None:
+        raise ValueError("gathering needs the CCS's address in one family at least")
     reservation = None
     if local_port is None:
         local_port, reservation = reserve_port()
     try:
-        return await _gather(ccs_ip, probe_port, local_port, report, portmap_protocol,
-                             reservation)
+        g = await _gather(ccs_ip, probe_port, local_port, report, portmap_protocol,
+                          reservation, ccs6, token)
     except BaseException:
         if reservation is not None:
             reservation.close()
         raise
+    if ccs6 is not None:
+        g = await _with_v6(g, ccs6, probe_port, token)
+    return g
+
+
+async def _with_v6(g: Gathered, ccs6: str, probe_port: Optional[int],
+                   token: Optional[bytes]) -> Gathered:
+    """``g`` with its port's IPv6 candidates (see the module docstring);
+    without them, and a note saying why, when the port cannot be held on
+    IPv6 or this host has no global IPv6 address."""
+    try:
+        held = reserve_port6(g.local_port)
+    except OSError as exc:
+        return replace(g, notes=g.notes + (f"no IPv6 candidates: port {g.local_port} "
+                                           f"not held on IPv6 ({exc})",))
+    try:
+        hosts = host_candidates6(g.local_port, ccs6)
+        if not hosts:
+            held.close()
+            return replace(g, notes=g.notes + ("no IPv6 candidates: no usable global "
+                                               "IPv6 address here",))
+        notes = list(g.notes)
+        extra = []
+        if probe_port:
+            try:
+                addr, port = await probes.whoami(ccs6, probe_port, g.local_port, token=token)
+            except (probes.ProbeError, OSError) as exc:
+                notes.append(f"no IPv6 reflexive probe ({exc}): the CCS may not know our "
+                             "IPv6 address, and then drops our IPv6 candidates")
+            else:
+                if (addr, port) not in [c.endpoint for c in hosts] and \
+                        usable_address(addr) is None:
+                    # NAT66 (or a prefix translator) between us and the CCS
+                    extra.append(Candidate(Kind.SRFLX, addr, port, priority(Kind.SRFLX)))
+        cands = normalize(list(g.candidates[:MAX_CANDIDATES - len(hosts) - len(extra)]) +
+                          hosts + extra)
+    except BaseException:
+        held.close()
+        raise
+    return replace(g, candidates=cands, reservation6=held, notes=tuple(notes))
 
 
 def with_guard(g: Gathered) -> Gathered:
@@ -164,7 +255,7 @@ def with_guard(g: Gathered) -> Gathered:
     if g.guard is not None:
         return g
     try:
-        return replace(g, guard=guard_port(g.local_port))
+        return replace(g, guard=guard_port(g.local_port, v6=g.v6))
     except (FastpunchError, OSError) as exc:     # the punch makes its own then
         return replace(g, notes=g.notes + (f"no RST guard for port {g.local_port} ahead of "
                                            f"the punch: {exc}",))
@@ -180,15 +271,31 @@ def _next_mapping(srflx, mapping_kind, report) -> Optional[int]:
     return port if port <= 0xFFFF else None
 
 
+def _route_source_any(*toward) -> str:
+    """Our address toward the first of ``toward`` this host has a route to
+    (an IPv6-only host has none toward the CCS's IPv4 address)."""
+    last: Optional[OSError] = None
+    for addr in toward:
+        if addr is None:
+            continue
+        try:
+            return route_source(addr)
+        except OSError as exc:
+            last = exc
+    raise last if last is not None else OSError("no address to route toward")
+
+
 async def _gather(ccs_ip, probe_port, local_port, report, portmap_protocol,
-                  reservation) -> Gathered:
+                  reservation, ccs6=None, token=None) -> Gathered:
     notes = []
-    local_addr = route_source(ccs_ip)
+    local_addr = _route_source_any(ccs_ip, ccs6)
     cands = host_candidates(local_port, ccs_ip)
     srflx = None
-    if probe_port:
+    if ccs_ip is None:
+        notes.append("no IPv4 address of the CCS known: no IPv4 reflexive candidate")
+    elif probe_port:
         try:
-            srflx = await probes.whoami(ccs_ip, probe_port, local_port)
+            srflx = await probes.whoami(ccs_ip, probe_port, local_port, token=token)
         except (probes.ProbeError, OSError) as exc:
             notes.append(f"no server-reflexive candidate: {exc}")
     mapping_kind = report.mapping if report is not None else Mapping.UNKNOWN

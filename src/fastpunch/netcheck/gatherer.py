@@ -88,15 +88,25 @@ class Gatherer:
         self._prepared: Optional[Gathered] = None
         self._preparing: Optional[asyncio.Task] = None
         self._ccs: Optional[tuple] = None          # (ccs ip, probe port, second probe port)
+        self._ccs4: Optional[str] = None           # the CCS's address in each family, if known
+        self._ccs6: Optional[str] = None
+        self._token: Optional[bytes] = None        # our probe token (AuthOk, protocol 5)
         self._lock: Optional[asyncio.Lock] = None
         self._out: dict = {}                       # id -> Gathered taken, not yet released
 
     # -- lifecycle -------------------------------------------------------------------
     def logged_in(self, ccs_ip: str, probe_port: Optional[int],
-                  probe_port2: Optional[int]) -> None:
+                  probe_port2: Optional[int], *, token: Optional[bytes] = None,
+                  alt_addr: Optional[str] = None) -> None:
         """A new CCS session: natcheck (once per session, when asked for),
-        then the next port's candidates, in the background."""
-        self._ccs = (ccs_ip, probe_port, probe_port2)
+        then the next port's candidates, in the background. ``alt_addr``:
+        the CCS's address in the family ``ccs_ip`` is not of (IPv6
+        candidates after an IPv4 login, and the other way round)."""
+        by_family = {":" in a: a for a in (alt_addr, ccs_ip) if a}    # (the login's wins)
+        self._ccs4, self._ccs6 = by_family.get(False), by_family.get(True)
+        self._token = token
+        # natcheck is about an IPv4 NAT: toward the CCS's IPv4 address when known
+        self._ccs = (self._ccs4 or ccs_ip, probe_port, probe_port2)
         self.forget_prepared()
         if self.nat == "auto" and probe_port and (self._natcheck is None or
                                                   self._natcheck.done()):
@@ -161,11 +171,12 @@ class Gatherer:
         comes out translated means another host behind it holds that port
         toward the CCS right now, and likely elsewhere too: that port is
         swapped for another (a few tries), as its flows would collide."""
-        ccs_ip, p1, _ = self._ccs
+        _, p1, _ = self._ccs
         protocol = self._portmap() if mapping else None
         swapped = []
         for attempt in range(SWAPS):
-            g = await gather(ccs_ip, p1, None, self.report)
+            g = await gather(self._ccs4, p1, None, self.report, ccs6=self._ccs6,
+                             token=self._token)
             kept = g.srflx is None or g.srflx[1] == g.local_port
             if kept or self.report is None or self.report.mapping is not Mapping.PRESERVE or \
                     attempt == SWAPS - 1:

@@ -1,8 +1,9 @@
-"""This host's own IPv4 addresses and their on-link prefixes: host candidates.
+"""This host's own addresses and their on-link prefixes: host candidates.
 
-Read with the kernel's interface ioctls (SIOCGIFFLAGS, SIOCGIFADDR,
-SIOCGIFNETMASK), in the calling thread's network namespace, with no
-dependency (pyroute2 is for the lab only).
+IPv4: read with the kernel's interface ioctls (SIOCGIFFLAGS, SIOCGIFADDR,
+SIOCGIFNETMASK). IPv6: from /proc/net/if_inet6 (every address, with its
+prefix, scope and flags). Both in the calling thread's network namespace,
+with no dependency (pyroute2 is for the lab only).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-__all__ = ["Interface", "interfaces", "parse_ifreq_addr"]
+__all__ = ["Interface", "interfaces", "interfaces6", "parse_if_inet6", "parse_ifreq_addr",
+           "proc_net"]
 
 _SIOCGIFFLAGS, _SIOCGIFADDR, _SIOCGIFNETMASK = 0x8913, 0x8915, 0x891B
 _IFF_UP, _IFF_LOOPBACK = 0x1, 0x8
@@ -66,3 +68,55 @@ def interfaces() -> list:
                 continue
             out.append(Interface(name, addr, prefix_of(mask)))
     return out
+
+
+# /proc/net/if_inet6: scope and the flags that make an address unusable
+_SCOPE_GLOBAL = 0x00
+_IFA_F_DADFAILED, _IFA_F_DEPRECATED, _IFA_F_TENTATIVE = 0x08, 0x20, 0x40
+_IFA_F_TEMPORARY = 0x01
+
+
+def parse_if_inet6(text: str) -> list:
+    """The usable global-scope IPv6 addresses of a /proc/net/if_inet6 dump
+    (``addr ifindex prefix scope flags name`` per line, hex): not
+    link-local, loopback or site-local; not tentative (DAD unfinished: the
+    kernel would not send from it yet), failed or deprecated. Stable ones
+    before temporary (RFC 8981) ones: a peer may keep them longer."""
+    out = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 6 or len(f[0]) != 32:
+            continue
+        try:
+            raw = bytes.fromhex(f[0])
+            prefix, scope, flags = int(f[2], 16), int(f[3], 16), int(f[4], 16)
+        except ValueError:
+            continue
+        if scope != _SCOPE_GLOBAL or flags & (_IFA_F_DADFAILED | _IFA_F_DEPRECATED |
+                                              _IFA_F_TENTATIVE):
+            continue
+        addr = ipaddress.IPv6Address(raw)
+        if addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.ipv4_mapped:
+            continue
+        out.append((bool(flags & _IFA_F_TEMPORARY), Interface(f[5], str(addr), prefix)))
+    return [i for _, i in sorted(out, key=lambda t: t[0])]
+
+
+def interfaces6() -> list:
+    """This host's usable global IPv6 addresses (``parse_if_inet6``); none
+    when the kernel has no IPv6."""
+    try:
+        with open(proc_net("if_inet6")) as f:
+            return parse_if_inet6(f.read())
+    except OSError:
+        return []
+
+
+def proc_net(name: str) -> str:
+    """/proc's view of this thread's network namespace: /proc/net is the
+    process's (its main thread's), and a device's loop may run in a thread
+    that entered another (the lab's, an agent's per-namespace worker)."""
+    import os
+
+    path = f"/proc/thread-self/net/{name}"
+    return path if os.path.exists(path) else f"/proc/net/{name}"

@@ -28,7 +28,7 @@ from fastpunch.proto.kinds import CandidateKind, Role
 
 __all__ = ["Candidate", "CandidatePair", "MAX_CANDIDATES", "MAX_PAIRS", "CandidateError",
            "encode", "decode", "normalize", "priority", "pair_priority", "sanitize",
-           "form_pairs", "same_lan", "usable_address"]
+           "form_pairs", "same_lan", "usable_address", "v6_path", "public_v6"]
 
 MAX_CANDIDATES = 16        # per side: every pair costs SYNs, and the wire field is bounded
 MAX_PAIRS = 16             # crafted flows one punch drives (spray's are counted apart)
@@ -182,35 +182,68 @@ _PRIVATE_V4 = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"))
 
 
+V6_SITE_PREFIX = 64       # an IPv6 host's addresses (stable, temporary) share its /64
+
+
+def _v6_global(ip) -> bool:
+    return ip.version == 6 and ip in _V6_GLOBAL
+
+
+_V6_GLOBAL = ipaddress.ip_network("2000::/3")
+_V6_ULA = ipaddress.ip_network("fc00::/7")
+
+
 def sanitize(candidates: Iterable[Candidate], reflexive: str,
-             refused: Iterable[str] = ()) -> tuple:
+             refused: Iterable[str] = (), seen: Iterable[str] = ()) -> tuple:
     """The CCS's check of what a device announces, before the peer sees it:
     (kept, dropped as (candidate, why)).
 
-    A device must not make its peer send SYNs anywhere it likes: every
-    candidate that is not a host candidate must carry the address the CCS
-    itself sees the device at (its gateway's public address), and a host
+    A device must not make its peer send SYNs anywhere it likes. The CCS
+    has seen the device at ``reflexive`` (its login) and at ``seen`` (what
+    its token-carrying probes came from: its address in the other family).
+    A candidate of a family in which the CCS has seen the device at no
+    address is dropped. IPv4: every candidate that is not a host candidate
+    must carry the address seen (its gateway's public address), and a host
     candidate must be a LAN address (private, shared or link-local) or that
-    same public address, and none of ``refused`` (the CCS's own addresses:
-    devices that reach it over a private network must not aim their peers
-    at it). Also drops the IPv6 candidates nothing here can use yet."""
-    refused = set(refused) - {reflexive}
+    same public address. IPv6: a candidate carries the address seen, or,
+    as a host candidate, another address of the seen one's /64 (a host's
+    stable and temporary addresses) or a unique local address (a LAN's,
+    fc00::/7); never a link-local one (it means nothing without the
+    interface it is on). None of them may be ``refused`` (the CCS's own
+    addresses: devices that reach it over a private network must not aim
+    their peers at it)."""
+    evidence = {}
+    for addr in (*seen, reflexive):            # the login's address last: it wins its family
+        try:
+            evidence[ipaddress.ip_address(addr).version] = ipaddress.ip_address(addr)
+        except ValueError:
+            continue
+    refused = set(refused) - {str(a) for a in evidence.values()}
     kept, dropped = [], []
     for c in candidates:
         ip = ipaddress.ip_address(c.addr)
-        if ip.version != 4:
-            dropped.append((c, "IPv6 is not supported yet"))
+        at = evidence.get(ip.version)
+        if at is None:
+            dropped.append((c, f"the CCS has seen this device at no IPv{ip.version} address"))
         elif c.addr in refused:
             dropped.append((c, "the CCS's own address"))
-        elif c.kind is CandidateKind.HOST:
-            if c.addr == reflexive or _private(ip):
+        elif ip == at:
+            kept.append(c)
+        elif c.kind is not CandidateKind.HOST:
+            dropped.append((c, f"not the address the CCS sees ({at})"))
+        elif ip.version == 4:
+            if _private(ip):
                 kept.append(c)
             else:
                 dropped.append((c, "a host candidate is a LAN address or the public one"))
-        elif c.addr == reflexive:
+        elif ip.is_link_local:
+            dropped.append((c, "a link-local address (no interface to reach it by)"))
+        elif ip in _V6_ULA or (_v6_global(ip) and _v6_global(at) and ip in
+                               ipaddress.IPv6Network(f"{at}/{V6_SITE_PREFIX}", strict=False)):
             kept.append(c)
         else:
-            dropped.append((c, f"not the address the CCS sees ({reflexive})"))
+            dropped.append((c, f"an IPv6 host candidate is in the /{V6_SITE_PREFIX} of the "
+                               f"address the CCS sees ({at}) or a unique local one"))
     return tuple(kept), tuple(dropped)
 
 
@@ -258,35 +291,66 @@ def same_lan(ours: Sequence[Candidate], theirs: Sequence[Candidate]) -> bool:
     return any(_on_link(p.addr, m) and _on_link(m.addr, p) for m in mine for p in peer)
 
 
+def public_v6(addr: str) -> bool:
+    """A global unicast IPv6 address: reachable from anywhere over IPv6
+    (through the stateful firewall a punch opens), unlike a ULA or a
+    link-local one."""
+    try:
+        return _v6_global(ipaddress.ip_address(addr))
+    except ValueError:
+        return False
+
+
+def v6_path(ours: Optional[Sequence[Candidate]], theirs: Optional[Sequence[Candidate]]) -> bool:
+    """Whether both sides announced a global IPv6 candidate: a pair no NAT
+    translates (the plan's ``v6``)."""
+    return any(public_v6(c.addr) for c in ours or ()) and \
+        any(public_v6(c.addr) for c in theirs or ())
+
+
 def form_pairs(ours: Sequence[Candidate], theirs: Sequence[Candidate], role: Role, *,
                our_public: str, peer_public: str, limit: int = MAX_PAIRS) -> list:
     """The pairs to try, highest priority first, the same logical pairs on
-    both sides (a flow toward each remote candidate, from our one port).
+    both sides (a flow toward each remote candidate, from our one port, in
+    the remote's family: a family we announced no candidate in has no base
+    to send from, and pairs none).
 
-    Host candidates pair only when they can be reached: both sides behind
-    the same public address (one gateway: the LAN), or, across public
-    addresses, a LAN address of the peer inside one of our own announced
-    LANs while the two share a LAN (``same_lan``). A LAN address of someone
-    else's LAN would send our SYNs out of our default route to nobody."""
+    Host candidates pair only when they can be reached: a global IPv6
+    address whenever we have one too (no NAT between: the firewalls are
+    what the punch opens); otherwise both sides behind the same public
+    address (one gateway: the LAN), or, across public addresses, a LAN
+    address of the peer inside one of our own announced LANs while the two
+    share a LAN (``same_lan``). A LAN address of someone else's LAN would
+    send our SYNs out of our default route to nobody."""
     one_gateway = our_public == peer_public
     lan = one_gateway or same_lan(ours, theirs)
     our_hosts = [c for c in ours if c.kind is CandidateKind.HOST]
+    families = {c.family for c in ours}
 
     def reachable(remote: Candidate) -> bool:
-        return one_gateway or any(_on_link(remote.addr, m) for m in our_hosts)
+        if public_v6(remote.addr):
+            return any(public_v6(c.addr) for c in ours)
+        return lan and (one_gateway or any(_on_link(remote.addr, m) for m in our_hosts))
 
     def ours_for(remote: Candidate) -> Candidate:
         want = CandidateKind.HOST if remote.kind is CandidateKind.HOST else CandidateKind.SRFLX
-        fitting = [c for c in ours if c.kind is want] or list(ours)
+        same = [c for c in ours if c.family == remote.family]
+        if remote.family == 6 and public_v6(remote.addr):
+            # over IPv6 our host address is what the peer sees (no NAT)
+            fitting = [c for c in same if public_v6(c.addr)] or same
+        else:
+            fitting = [c for c in same if c.kind is want] or same
         if not fitting:
             return Candidate(want, "0.0.0.0", 1, priority(want))
         return max(fitting, key=lambda c: c.priority)
 
     best: dict = {}
     for remote in theirs:
-        if remote.kind is CandidateKind.HOST and not (lan and reachable(remote)):
+        if ours and remote.family not in families:
             continue
-        if ipaddress.ip_address(remote.addr).version != 4:
+        if not ours and remote.family != 4:
+            continue
+        if remote.kind is CandidateKind.HOST and not reachable(remote):
             continue
         mine = ours_for(remote)
         g, d = (mine.priority, remote.priority) if role is Role.INITIATOR else \

@@ -7,7 +7,9 @@ is a sequential NAPT and by ``spray`` where exactly one side is a random
 one and the other offers no port mapping; ``spoof`` after it between two
 hosts without NAT; the relay last,
 and alone (joined at once) when nothing direct can work: two random NAPTs
-with no port mapping on either side. A side that cannot craft segments
+with no port mapping on either side, no LAN in common and no IPv6 path
+(``v6``: both sides announced a global IPv6 candidate, which no NAT
+translates: the crafted race's IPv6 pairs go through the firewalls). A side that cannot craft segments
 (no privilege, no nf_tables) gets the kernel strategies only: ``upnp``
 where a side has a mapped candidate, then ``simopen``.
 
@@ -44,11 +46,13 @@ def _mapped(info) -> bool:
     return any(c.kind is CandidateKind.MAPPED for c in (getattr(info, "candidates", None) or ()))
 
 
-def plan(a, b, *, legacy: bool = False, lan: bool = False) -> tuple:
+def plan(a, b, *, legacy: bool = False, lan: bool = False, v6: bool = False) -> tuple:
     """Ordered strategy names for sides ``a`` and ``b`` (NextInfo-like);
     "relay" always last. ``legacy``: one side speaks version 1. ``lan``:
     the two share a LAN (one public address, or a prefix), and their LAN
-    candidates make a pair whatever their NATs do."""
+    candidates make a pair whatever their NATs do. ``v6``: both have a
+    global IPv6 candidate (``candidates.v6_path``): the NATs' mappings,
+    which are IPv4's, do not decide alone."""
     crafted = a.crafted is not False and b.crafted is not False
     if legacy:
         return legacy_plan(a.nat, b.nat, crafted)
@@ -61,7 +65,7 @@ def plan(a, b, *, legacy: bool = False, lan: bool = False) -> tuple:
     if Mapping.SEQUENTIAL in (ma, mb):
         steps.append("predict")
     randoms = (ma is Mapping.RANDOM) + (mb is Mapping.RANDOM)
-    if randoms == 2 and not mapped and not lan:
+    if randoms == 2 and not mapped and not lan and not v6:
         return ("relay",)
     other = b if ma is Mapping.RANDOM else a
     if randoms == 1 and not _mapped(other) and not lan:
@@ -74,7 +78,7 @@ def plan(a, b, *, legacy: bool = False, lan: bool = False) -> tuple:
     return tuple(steps) + ("relay",)
 
 
-def relay_first_helps(a, b, *, lan: bool = False) -> bool:
+def relay_first_helps(a, b, *, lan: bool = False, v6: bool = False) -> bool:
     """RelayFirst.AUTO's rule: start on the relay where the punch rests on
     guessing on both sides: both gateways give each destination its own
     port (endpoint-dependent mapping, RFC 4787: sequential or random), at
@@ -82,7 +86,7 @@ def relay_first_helps(a, b, *, lan: bool = False) -> bool:
     nor a LAN in common with the other. There the plan sprays for seconds
     and mostly ends on the relay (docs/compatibility.md); elsewhere the
     punch takes about a round trip and relay-first only adds its join."""
-    if lan or _mapped(a) or _mapped(b):
+    if lan or v6 or _mapped(a) or _mapped(b):
         return False
     ma, mb = mapping_of(a), mapping_of(b)
     dependent = (Mapping.SEQUENTIAL, Mapping.RANDOM)

@@ -1056,9 +1056,12 @@ class PunchMachine:
         self.winner = flow
         self.state = MachineState.COMPLETE
         flow.stats.outcome = "won (early)" if early else "won"
+        six = ":" in flow.plan.remote[0]
         for other in self.flows.values():
             if other is not flow and not other.dead and not other.stats.outcome:
-                other.stats.outcome = "lost"
+                # (which family won, for a pair of the other one: the report's why)
+                other.stats.outcome = "lost" if (":" in other.plan.remote[0]) == six else \
+                    f"lost to the IPv{6 if six else 4} pair"
         self.outcome = Outcome(flow.stats, early, now)
         self._note(Completed(now, flow.name, early))
 

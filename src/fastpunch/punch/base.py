@@ -119,6 +119,7 @@ class Report:
     seconds: float = 0.0            # from connect()/accept() to a connected socket
     attempts: list = field(default_factory=list)
     pair: str = ""                  # the candidate pair that won ("" for the relay)
+    family: str = ""                # "IPv4" or "IPv6": the winning pair's, or the relay's
     history: list = field(default_factory=list)    # (seconds, what): gathering, stages, relay
 
     @property
@@ -127,11 +128,12 @@ class Report:
 
     def as_dict(self) -> dict:
         return {"peer": self.peer, "path": self.path, "strategy": self.strategy,
-                "pair": self.pair, "seconds": round(self.seconds, 4), "sent": self.sent,
+                "pair": self.pair, "family": self.family, "seconds": round(self.seconds, 4), "sent": self.sent,
                 "attempts": [a.as_dict() for a in self.attempts]}
 
     def lines(self) -> list:
         out = [f"{self.peer}: {self.path or 'failed'} via {self.strategy or '-'} "
+               f"{f'over {self.family} ' if self.family else ''}"
                f"in {self.seconds * 1000:.0f} ms" + (f" ({self.pair})" if self.pair else "")]
         for t, what in self.history:
             out.append(f"  {t * 1000:7.0f} ms  {what}")

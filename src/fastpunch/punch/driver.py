@@ -108,6 +108,13 @@ class Race:
             rules += [netfilter.RstSuppression(p, s.remote_ip, s.remote_port) for p in s.sources]
         return rules
 
+    def _families(self) -> list:
+        """The IP families of the attempt's flows (sprays are IPv4's)."""
+        fams = {6 if ":" in p.local[0] else 4 for p in self.pairs}
+        if self.sprays:
+            fams.add(4)
+        return sorted(fams)
+
     def _matches(self) -> list:
         matches = [(None, None, 0, port) for port in
                    sorted({p.local[1] for p in self.pairs} |
@@ -143,13 +150,19 @@ class Race:
         if table is not None:
             table.apply()
         try:
-            tx = RawSender(mark=ENGINE_MARK)
+            families = self._families()
+            tx = _open_senders(families)
+            rxs: list = []
             try:
-                rx = RawReceiver(matches=matches, capacity=256)
+                for fam in families:
+                    rxs.append(RawReceiver(matches=[m for m in matches if _fits(m, fam)],
+                                           capacity=256, family=fam))
             except BaseException:
+                for rx in rxs:
+                    rx.close()
                 tx.close()
                 raise
-            io = _RaceIO(self, rx, tx, done, [table] if table is not None else [])
+            io = _RaceIO(self, rxs, tx, done, [table] if table is not None else [])
             io.bind(loop)
             cancelled = None
             if self.cancel is not None:
@@ -181,17 +194,55 @@ class Race:
             a.winner = f"{p.kind} {p.local[0]}:{p.local[1]} -> {p.remote[0]}:{p.remote[1]}"
 
 
+class _Senders:
+    """One raw send socket per IP family a machine's flows use, as one:
+    each datagram goes out of its own family's (the version nibble of its
+    first byte says which)."""
+
+    def __init__(self, by_family: dict) -> None:
+        self.by = by_family
+
+    def _of(self, version: int):
+        tx = self.by.get(version)
+        if tx is None:
+            raise OSError(f"no IPv{version} send socket in this attempt")
+        return tx
+
+    def send(self, datagram: bytes) -> None:
+        self._of(datagram[0] >> 4).send(datagram)
+
+    def send_batch(self, batch, start: int, count: int, version: int = 4) -> None:
+        self._of(version).send_batch(batch, start, count)
+
+    def close(self) -> None:
+        for tx in self.by.values():
+            tx.close()
+
+
+def _open_senders(families) -> _Senders:
+    out: dict = {}
+    try:
+        for fam in sorted(families):
+            out[fam] = RawSender(mark=ENGINE_MARK, family=fam)
+    except BaseException:
+        _Senders(out).close()
+        raise
+    return _Senders(out)
+
+
 class _IO:
     """The sockets, the reader and the timer around one machine: whatever
     is received goes to ``machine.receive``, whatever it returns is sent,
     the timer always sits at ``machine.next_timer``; ``changed()`` is called
     after each turn. Bound to one event loop at a time (``bind``/``unbind``),
-    so a synchronous caller may drive it with ``asyncio.run`` call by call."""
+    so a synchronous caller may drive it with ``asyncio.run`` call by call.
+    ``rx``: one receive socket or a list of them (one per IP family)."""
 
     def __init__(self, machine: PunchMachine, rx, tx, changed: Callable[[], None],
                  fault: Optional[Callable[[BaseException], None]] = None) -> None:
         self.m = machine
-        self.rx, self.tx = rx, tx
+        self.rxs = list(rx) if isinstance(rx, (list, tuple)) else [rx]
+        self.tx = tx
         self.changed = changed
         self.fault = fault
         self.loop = None
@@ -202,7 +253,8 @@ class _IO:
 
     def bind(self, loop) -> None:
         self.loop = loop
-        loop.add_reader(self.rx.fileno(), self.readable)
+        for rx in self.rxs:
+            loop.add_reader(rx.fileno(), self.readable, rx)
         self.wake()
 
     def unbind(self) -> None:
@@ -210,10 +262,11 @@ class _IO:
             self.timer.cancel()
             self.timer = None
         if self.loop is not None and not self.closed:
-            try:
-                self.loop.remove_reader(self.rx.fileno())
-            except (ValueError, OSError):
-                pass
+            for rx in self.rxs:
+                try:
+                    self.loop.remove_reader(rx.fileno())
+                except (ValueError, OSError):
+                    pass
         self.loop = None
 
     # -- sending ---------------------------------------------------------------------------
@@ -242,26 +295,27 @@ class _IO:
             n = self.batch.fill(len(chunk), b.src, b.dst, b.sport, b.dport, seq=b.seq,
                                 flags=b.flags, window=b.window, options=b.options,
                                 **({"sports": chunk} if b.sports else {"dports": chunk}))
-            self.tx.send_batch(self.batch, 0, n)
+            self.tx.send_batch(self.batch, 0, n, 6 if ":" in b.src else 4)
 
     # -- receiving and timers ------------------------------------------------------------
     def parsed(self) -> list:
         """Every segment waiting on the receive socket, parsed (malformed
         ones counted and dropped)."""
         out = []
-        try:
-            while datagrams := self.rx.recv_many():
-                for d in datagrams:
-                    try:
-                        out.append(parse(d))
-                    except MalformedPacket:
-                        self.m.ignored += 1
-        except OSError as exc:
-            log.debug("raw receive failed: %s", exc)
+        for rx in self.rxs:
+            try:
+                while datagrams := rx.recv_many():
+                    for d in datagrams:
+                        try:
+                            out.append(parse(d))
+                        except MalformedPacket:
+                            self.m.ignored += 1
+            except OSError as exc:
+                log.debug("raw receive failed: %s", exc)
         return out
 
-    def readable(self) -> None:
-        self._guarded(self._readable)
+    def readable(self, rx=None) -> None:
+        self._guarded(lambda: self._readable(rx if rx is not None else self.rxs[0]))
 
     def wake(self) -> None:
         self.timer = None
@@ -281,9 +335,9 @@ class _IO:
             self.m.fault(time.time(), f"{type(exc).__name__}: {exc}")
             self.fault(exc)
 
-    def _readable(self) -> None:
+    def _readable(self, rx) -> None:
         try:
-            datagrams = self.rx.recv_many()
+            datagrams = rx.recv_many()
         except OSError as exc:
             log.debug("raw receive failed: %s", exc)
             return
@@ -321,8 +375,16 @@ class _IO:
             return
         self.unbind()
         self.closed = True
-        self.rx.close()
+        for rx in self.rxs:
+            rx.close()
         self.tx.close()
+
+
+def _fits(match: tuple, family: int) -> bool:
+    """Whether a receive clause (src, dst, sport, dport) belongs to a
+    receiver of ``family``: one with no address to either."""
+    addrs = [a for a in match[:2] if a is not None]
+    return not addrs or all((":" in a) == (family == 6) for a in addrs)
 
 
 def _remove_all(tables: list) -> None:
@@ -432,7 +494,7 @@ class Engine:
         self._peer_isn = peer_isn
         self._limits = limits
         self.machine: Optional[PunchMachine] = None
-        self.tx = RawSender(mark=ENGINE_MARK, family=6 if six else 4)
+        self.tx = _open_senders([6 if six else 4])
         try:
             self.rx = RawReceiver(src=peer[0], dst=local[0], sport=peer[1], dport=local[1])
         except BaseException:

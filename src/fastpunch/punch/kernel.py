@@ -44,11 +44,14 @@ async def connect_until(remote: tuple, local_port: int, end: float, attempt: Att
     last: Optional[BaseException] = None
     wait = retry
     while time.time() < stop:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        six = ":" in remote[0]
+        s = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
         try:
+            if six:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.setblocking(False)
-            s.bind(("0.0.0.0", local_port))
+            s.bind(("::" if six else "0.0.0.0", local_port))
             attempt.sent += 1
             attempt.events.append((round(time.time() - t0, 3),
                                    f"connect() to {remote[0]}:{remote[1]}"))

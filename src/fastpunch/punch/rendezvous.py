@@ -4,6 +4,7 @@ PunchContext, the planner run with the relay beside it, the report."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Callable, Optional
 
@@ -41,7 +42,11 @@ async def punch_ready(ready: RendezvousReady, info: NextInfo, gathered, *, our_p
     failure)."""
     began = time.time() if began is None else began
     ours, peer = sides_of(ready, info, our_public)
-    ctx = PunchContext(role=Role(ready.role), local_ip=route_source(ready.addr),
+    try:
+        local_ip = route_source(ready.addr)
+    except OSError:               # the peer's address is of a family we have no route in
+        local_ip = getattr(gathered, "local_addr", None) or "0.0.0.0"
+    ctx = PunchContext(role=Role(ready.role), local_ip=local_ip,
                        local_port=gathered.local_port, ours=ours, peer=peer, ccs_ip=ccs_ip,
                        session=ready.session,
                        guarded=getattr(gathered, "guard", None) is not None, tracer=tracer)
@@ -64,5 +69,6 @@ async def punch_ready(ready: RendezvousReady, info: NextInfo, gathered, *, our_p
         raise
     report.path = "relay" if strategy == "relay" else "direct"
     report.strategy = strategy
+    report.family = "IPv6" if sock.family == socket.AF_INET6 else "IPv4"
     report.seconds = time.time() - began
     return sock, report

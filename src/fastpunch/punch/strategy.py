@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from fastpunch.netcheck.route import mss_toward, route_source
-from fastpunch.proto.candidates import Candidate, form_pairs, priority
+from fastpunch.proto.candidates import Candidate, form_pairs, priority, public_v6
 from fastpunch.proto.kinds import CandidateKind, Filtering, Mapping
 from fastpunch.proto.punch import Mode, PairPlan
 from fastpunch.punch.base import Attempt, PunchContext
@@ -110,6 +110,17 @@ def our_candidates(ctx: PunchContext) -> tuple:
                       priority(CandidateKind.SRFLX)))
 
 
+def _same_64(a: str, b: str) -> bool:
+    """Two IPv6 addresses on one /64 (one link: no router between)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_network(f"{a}/64", strict=False) == \
+            ipaddress.ip_network(f"{b}/64", strict=False)
+    except ValueError:
+        return False
+
+
 def candidate_pairs(ctx: PunchContext, start: float, policy: str, *,
                     mode: Mode = Mode.OPEN, early: Optional[bool] = None,
                     kinds: Optional[set] = None) -> tuple:
@@ -118,6 +129,12 @@ def candidate_pairs(ctx: PunchContext, start: float, policy: str, *,
 
     * toward a LAN (host) candidate: no opener (no gateway between us), the
       SYN at once;
+    * toward a global IPv6 host candidate outside our own /64: through the
+      two sites' firewalls, as toward a reflexive one; our own filtering and
+      the peer's are what natcheck says of IPv4, so over IPv6 an opener is
+      always sent and the full SYN follows the longer gap (a firewall that
+      answers an unsolicited SYN with a RST, its conntrack entry killed by
+      the RST of the other, stayed closed otherwise);
     * toward anything through gateways: an opener first, unless we are an
       open host or the remote address is our own public one (a hairpin),
       and the full SYN after the gap the peer's filtering calls for (see
@@ -151,14 +168,18 @@ def candidate_pairs(ctx: PunchContext, start: float, policy: str, *,
             except OSError:
                 continue                     # no route toward it from here
         local_ip, mss = sources[remote.addr]
-        through = remote.kind is not CandidateKind.HOST
+        six = remote.family == 6
+        through = remote.kind is not CandidateKind.HOST or \
+            (six and public_v6(remote.addr) and not _same_64(local_ip, remote.addr))
         # (toward our own public address, a hairpin, nothing crosses a far
         # gateway: an opener would only meet ours)
-        opener = mode is Mode.OPEN and through and we_filter and remote.addr != ours.public
+        opener = mode is Mode.OPEN and through and (we_filter or six) and \
+            remote.addr != ours.public
+        g = FIRST_GAP if six else gap
         t = start + i * PACE
         out.append(PairPlan(
             (local_ip, ctx.local_port), remote.endpoint, policy, p.kind, p.priority, mode,
-            t + (gap if opener else 0.0), FIRST_TTL if opener else 0, gap if opener else 0.0,
+            t + (g if opener else 0.0), FIRST_TTL if opener else 0, g if opener else 0.0,
             early=(not translating and remote.kind is not CandidateKind.PREDICTED)
             if early is None else early, mss=mss))
     return tuple(out)
