@@ -25,16 +25,19 @@ pytestmark = pytest.mark.lab
 
 
 @contextlib.contextmanager
-def deployed(tmp_path, devices: dict, **lab_kw):
+def deployed(tmp_path, devices: dict, over: dict = None, **lab_kw):
     """A lab (``lab_kw``), a CCS, and ``devices`` {name: (host, may_reach)}
-    logged in and done gathering (natcheck's evidence in hand)."""
+    logged in (over IPv4, or the family ``over`` names for a device) and
+    done gathering (natcheck's evidence in hand)."""
     require_root("a punching lab test")
+    over = over or {}
     with Lab(**lab_kw) as lab:
         ccs = LabCCS(lab, str(tmp_path))
         try:
             for name, (_, reach) in devices.items():
                 ccs.enroll(name, *reach)
-            out = {name: ccs.device(host, name) for name, (host, _) in devices.items()}
+            out = {name: ccs.device(host, name, over=over.get(name, 4))
+                   for name, (host, _) in devices.items()}
             for loop, dev in out.values():
                 loop.run(dev.ready(15))
             try:

@@ -148,6 +148,10 @@ def test_map_table_renders_maps_before_chains_and_refuses_injection():
     (dict(a="nat", port_range={"a": (1023, 2000)}), "must lie in 1024..65535"),
     (dict(a="nat", port_range={"a": "40000"}), r"is \(low, high\)"),
     (dict(a="nat", hosts={"a": 3}, a3="open"), "host a3 has the name of site a3"),
+    (dict(a="nat", v6={"a": "nat44"}), "unknown IPv6 profile 'nat44'"),
+    (dict(a="cgn", v6="firewall"), "cgn site's IPv6 is not modelled"),
+    (dict(a="nat", v4=False), "without IPv4 needs an IPv6 profile"),
+    (dict(a="nat", v6="open", v4={"a": "no"}), "v4 for 'a' is True or False"),
 ])
 def test_lab_refuses_bad_topology_settings(kwargs, message):
     with pytest.raises(LabError, match=message):
@@ -161,3 +165,20 @@ def test_lab_names_hosts_and_accepts_one_value_for_every_site():
     assert lab.mtu == {"a": 1400, "b": 1400} and lab.wan_mtu == {"a": None, "b": None}
     assert lab.port_range == {"a": (40000, 40063), "b": (40000, 40063)}
     assert lab.hairpin == {"a": "wan", "b": "off"} and lab.frag_needed["b"] == "pass"
+
+
+def test_ipv6_profiles_filter_in_their_own_table_beside_ipv4s():
+    from fastpunch.lab.profiles import PROFILES, gateway_tables, v6_tables
+
+    assert v6_tables("open", "wan", "lan") == []
+    fw = v6_tables("firewall", "wan", "lan")[0].render()
+    assert fw.startswith("table ip6 lab_filter6") and "ct state established,related accept" in fw
+    assert 'iifname "lan" accept' in fw and "counter drop" in fw and "reset" not in fw
+    rst = v6_tables("firewall-rst", "wan", "lan")[0].render()
+    assert "tcp flags & (syn | ack) == syn counter reject with tcp reset" in rst
+    # the IPv4 profile's filter no longer touches IPv6 (it was an inet table)
+    v4 = [t for t in gateway_tables(PROFILES["nat"], "wan", "lan", "203.0.113.10")
+          if t.name == "lab_filter"][0]
+    assert v4.render().startswith("table ip lab_filter")
+    with pytest.raises(ValueError):
+        v6_tables("nat44", "wan", "lan")

@@ -32,7 +32,7 @@ import os
 import threading
 from concurrent.futures import Future
 
-from fastpunch.lab.topology import CCS_ADDR, LabError
+from fastpunch.lab.topology import CCS_ADDR, CCS_ADDR6, LabError
 
 __all__ = ["LoopThread", "LabCCS", "CCS_PORT"]
 
@@ -120,9 +120,15 @@ class LabCCS:
         self.lab = lab
         self.addr = (CCS_ADDR, CCS_PORT)
         self.core = LoopThread(lab, "inet")
+        # dual stack when a site has IPv6: one listener on "::" takes both families
+        self.dual = any(v is not None for v in getattr(lab, "v6", {}).values())
+        if self.dual:
+            server_kw.setdefault("public_addr", CCS_ADDR)
+            server_kw.setdefault("public_addr6", CCS_ADDR6)
         self.server = CCSServer(self.store, pki.server_context(self.dir), **server_kw)
         try:
-            self.core.run(self.server.start(CCS_ADDR, CCS_PORT, CCS_PORT + 1))
+            self.core.run(self.server.start("::" if self.dual else CCS_ADDR, CCS_PORT,
+                                            CCS_PORT + 1))
         except BaseException:
             self.core.stop()
             self.store.close()
@@ -146,16 +152,19 @@ class LabCCS:
             self.loops[host] = LoopThread(self.lab, host)
         return self.loops[host]
 
-    def device(self, site: str, name: str, **kw) -> tuple:
+    def device(self, site: str, name: str, *, over: int = 4, **kw) -> tuple:
         """(loop thread, Device logged in) for enrolled device ``name`` on
         ``site``: a site's first host ("a") or any other host of it ("a2",
-        ...). ``kw`` go to :class:`fastpunch.client.Device` (``nat=``,
-        ``standing=``, ...). The login does not wait for natcheck: call
-        ``loop.run(dev.ready(15))`` for that."""
+        ...). ``over``: the family it logs in over (6: to the CCS's IPv6
+        address, in a lab with IPv6). ``kw`` go to
+        :class:`fastpunch.client.Device` (``nat=``, ``standing=``, ...). The
+        login does not wait for natcheck: call ``loop.run(dev.ready(15))``
+        for that."""
         from fastpunch.client import Device
 
         loop = self.loop(site)
-        dev = Device(self.addr, name, self.keys[name], ca_file=self.paths["ca"],
+        addr = (CCS_ADDR6, CCS_PORT) if over == 6 else self.addr
+        dev = Device(addr, name, self.keys[name], ca_file=self.paths["ca"],
                      server_hostname="localhost", **kw)
         loop.run(dev.login())
         return loop, dev

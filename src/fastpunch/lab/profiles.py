@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 
 from fastpunch.netfilter import Chain, Table
 
-__all__ = ["Profile", "PROFILES", "gateway_tables", "core_tables", "HAIRPIN_MODES",
+__all__ = ["Profile", "PROFILES", "V6_PROFILES", "gateway_tables", "v6_tables", "core_tables",
+           "HAIRPIN_MODES", "NAT66",
            "FRAG_NEEDED_MODES", "EI_OFFSET", "ei_port", "Map", "MapTable"]
 
 
@@ -210,11 +211,12 @@ def gateway_tables(profile: Profile, wan: str, lan: str, wan_addr: str,
             inbound.append(f'iifname "{wan}" tcp flags & (syn | ack) == syn '
                            "counter reject with tcp reset")
         inbound.append(f'iifname "{wan}" counter drop')
+        # IPv4's: a site's IPv6 is its own profile's (V6_PROFILES, v6_tables)
         tables.append(Table("lab_filter", (
             Chain("forward", "forward", tuple(forward),
                   policy="drop" if profile.filtering else "accept"),
             Chain("input", "input", tuple(inbound)),
-        ), family="inet"))
+        ), family="ip"))
     if profile.nat != "none":
         maps: list[Map] = []
         chains: list[Chain] = []
@@ -294,6 +296,40 @@ def gateway_tables(profile: Profile, wan: str, lan: str, wan_addr: str,
             Chain("wan_in", "prerouting", (f'iifname "{wan}" {rule}',), priority=-300),
             Chain("wan_out", "postrouting", (f'oifname "{wan}" {rule}',), priority=300),
         ), family="ip"))
+    return tables
+
+
+# A site's IPv6, independent of its IPv4 profile (no NAT on either side's
+# IPv6 here: every host has a global address of its site's /64):
+V6_PROFILES = {
+    "open": "no filtering: a host reachable from anywhere over IPv6",
+    "firewall": "stateful IPv6 firewall (RFC 6092, the common home-router default): "
+                "replies and what the LAN opened pass, unsolicited inbound is dropped",
+    "firewall-rst": "as firewall, but an unsolicited inbound SYN is answered with a RST",
+    "nat66": "NAT66 masquerade (rare but real): the LAN has a unique local /64, the "
+             "gateway translates it to its own global address, and filters as firewall",
+}
+NAT66 = "nat66"
+
+
+def v6_tables(v6: str, wan: str, lan: str) -> list[Table]:
+    """The gateway's IPv6 filter for site IPv6 profile ``v6``."""
+    if v6 not in V6_PROFILES:
+        raise ValueError(f"IPv6 profile must be one of {', '.join(V6_PROFILES)}: {v6!r}")
+    if v6 == "open":
+        return []
+    forward = ["ct state established,related accept", f'iifname "{lan}" accept',
+               # neighbour discovery is the link's, never forwarded; path MTU is related
+               f'iifname "{wan}" icmpv6 type {{ echo-request, packet-too-big }} accept']
+    if v6 == "firewall-rst":
+        forward.append(f'iifname "{wan}" tcp flags & (syn | ack) == syn '
+                       "counter reject with tcp reset")
+    tables = [Table("lab_filter6", (
+        Chain("forward", "forward", tuple(forward) + ("counter drop",)),), family="ip6")]
+    if v6 == NAT66:
+        # masquerade keeps the source port where it can, as the IPv4 "nat" does
+        tables.append(Table("lab_nat6", (Chain("postrouting", "postrouting", (
+            f'oifname "{wan}" masquerade',), type="nat", priority=100),), family="ip6"))
     return tables
 
 

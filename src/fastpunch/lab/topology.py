@@ -11,6 +11,13 @@ profiles, joined by an "internet" core namespace that hosts the CCS.
     reply delay of up to 0.8 s would stall first packets), so traffic between
     sites crosses one routed hop whose TTL decrement is real: a SYN sent with
     TTL 2 leaves its own NAT and dies in the core, before the far gateway.
+    Dual stack (``v6=``): the core's lo also has 2001:db8::1 (CCS) and
+    2001:db8::2 (relay); a site i with an IPv6 profile gets the /64
+    2001:db8:i::/64 on its LAN (gateway ::1, hosts ::2...), routed over its
+    access link's 2001:db8:ff0i::/64, with the site's IPv6 profile as the
+    gateway's IPv6 filter (every host has a global address; a ``nat66`` site
+    has fd00:i::/64 instead, masqueraded to its gateway's address); with
+    ``v4=False`` its hosts have no IPv4 at all (an IPv6-only site).
     (no-NAT profiles give the site a public /28 from 198.51.100.0/24 instead;
      cgn puts a home NAT 10.i.0.1 | 100.64.i.2 behind a carrier NAT
      100.64.i.1 | 203.0.113.(10 i); a site with several hosts has a Linux
@@ -37,14 +44,17 @@ from fastpunch import _caps, _netns
 from fastpunch._netns import create_namespace, inside, veth_between
 from fastpunch._proc import pid_alive
 from fastpunch.errors import FastpunchError, KernelFeatureMissing
-from fastpunch.lab.profiles import (CGN, FRAG_NEEDED_MODES, HAIRPIN_MODES, PROFILES, Profile,
-                                    core_tables, gateway_tables)
+from fastpunch.lab.profiles import (CGN, FRAG_NEEDED_MODES, HAIRPIN_MODES, NAT66, PROFILES,
+                                    V6_PROFILES, Profile, core_tables, gateway_tables, v6_tables)
 from fastpunch.netfilter import Nftables
 
-__all__ = ["Lab", "Site", "Host", "LabError", "sweep_stale", "CCS_ADDR", "RELAY_ADDR"]
+__all__ = ["Lab", "Site", "Host", "LabError", "sweep_stale", "CCS_ADDR", "RELAY_ADDR",
+           "CCS_ADDR6", "RELAY_ADDR6"]
 
 CCS_ADDR = "203.0.113.1"
 RELAY_ADDR = "203.0.113.2"
+CCS_ADDR6 = "2001:db8::1"        # RFC 3849 documentation prefix only
+RELAY_ADDR6 = "2001:db8::2"
 PUBLIC_NET = "203.0.113.0/24"
 PREFIX = "fpl"
 _NS_RE = re.compile(rf"^{PREFIX}(\d+)x(\d+)-")
@@ -66,6 +76,7 @@ class Host:
     name: str
     ns: str
     addr: str
+    addr6: Optional[str] = None     # its global IPv6 address (a site with an IPv6 profile)
 
 
 @dataclass
@@ -81,6 +92,7 @@ class Site:
     home_ns: Optional[str] = None   # cgn only: the home NAT behind the carrier
     namespaces: list = field(default_factory=list)
     hosts: list = field(default_factory=list)   # [Host]; hosts[0] is host_ns/host_addr
+    v6: Optional[str] = None        # its IPv6 profile (V6_PROFILES), None: IPv4 only
 
     @property
     def nat(self) -> bool:
@@ -115,7 +127,10 @@ class Lab:
     576-9000), ``wan_mtu`` (the gateway's WAN link, with MSS clamping in the
     gateway), ``frag_needed`` ("pass", "drop": ICMP fragmentation-needed for
     the site dropped in its gateway and in the core), ``port_range`` ((low,
-    high) ephemeral ports of every host of the site).
+    high) ephemeral ports of every host of the site), ``v6`` (the site's
+    IPv6 profile, one of V6_PROFILES, or None: IPv4 only; not with cgn),
+    ``v4`` (False: the site's hosts have no IPv4 address or route, an
+    IPv6-only site, as on mobile networks without 464XLAT; needs ``v6``).
     """
 
     def __init__(self, *, loss: Union[float, dict] = 0.0, delay_ms: Union[float, dict] = 0.0,
@@ -124,7 +139,9 @@ class Lab:
                  hosts: Union[int, dict] = 1, hairpin: Union[str, dict] = "off",
                  mtu: Union[int, None, dict] = None, wan_mtu: Union[int, None, dict] = None,
                  frag_needed: Union[str, dict] = "pass",
-                 port_range: Union[Sequence[int], None, dict] = None, **sites: str) -> None:
+                 port_range: Union[Sequence[int], None, dict] = None,
+                 v6: Union[str, None, dict] = None, v4: Union[bool, dict] = True,
+                 **sites: str) -> None:
         if not sites:
             raise LabError("a lab needs at least one site, e.g. Lab(a='nat')")
         for name, profile in sites.items():
@@ -157,6 +174,8 @@ class Lab:
         self.frag_needed = self._per_site(frag_needed, "frag_needed", "pass",
                                           self._check_frag_needed)
         self.port_range = self._per_site(port_range, "port_range", None, self._check_port_range)
+        self.v6 = self._per_site(v6, "v6", None, self._check_v6)
+        self.v4 = self._per_site(v4, "v4", True, self._check_v4)
         self.host_names = {s: [s] + [f"{s}{k}" for k in range(2, n + 1)]
                            for s, n in self.hosts.items()}
         for site, names in self.host_names.items():
@@ -218,6 +237,51 @@ class Lab:
                            f"{', '.join(FRAG_NEEDED_MODES)}: {mode!r}")
         return mode
 
+    def _check_v6(self, site: str, v6) -> Optional[str]:
+        if v6 is None:
+            return None
+        if v6 not in V6_PROFILES:
+            raise LabError(f"unknown IPv6 profile {v6!r} for site {site}; choose from "
+                           f"{', '.join(V6_PROFILES)} (or None: IPv4 only)")
+        if self.profiles[site] == CGN:
+            raise LabError(f"v6 for site {site}: a cgn site's IPv6 is not modelled")
+        return v6
+
+    def _v6_site(self, inet: str, gw: str, i: int, hosts: list, v6: str) -> None:
+        """Site ``i``'s IPv6 (see the module docstring): addresses without
+        duplicate address detection (nothing else claims them; DAD would
+        hold each address tentative, unusable, for a second), routes both
+        ways, forwarding on, and the profile's filter."""
+        # a NAT66 site's LAN is a unique local /64, behind its gateway's own address
+        net = f"fd00:{i:x}::" if v6 == NAT66 else f"2001:db8:{i:x}::"
+        link = f"2001:db8:ff{i:02x}::"
+        for ns, ifname, cidr in ((inet, f"s{self._site_of(i)}", f"{link}1/64"),
+                                 (gw, "wan", f"{link}2/64"), (gw, "lan", f"{net}1/64")):
+            self._addr(ns, ifname, cidr)
+        for k, host in enumerate(hosts, start=2):
+            host.addr6 = f"{net}{k:x}"
+            self._addr(host.ns, "eth0", f"{host.addr6}/64")
+            self._route(host.ns, "::/0", f"{net}1")
+        self._route(gw, "::/0", f"{link}1")
+        if v6 != NAT66:
+            self._route(inet, f"{net}/64", f"{link}2")
+        self._sysctls(gw, {"net/ipv6/conf/all/forwarding": "1"})
+        with inside(gw):
+            for table in v6_tables(v6, "wan", "lan"):
+                self._nft.run(table.apply_commands())
+
+    def _check_v4(self, site: str, v4) -> bool:
+        if not isinstance(v4, bool):
+            raise LabError(f"v4 for {site!r} is True or False: {v4!r}")
+        if not v4 and self.v6[site] is None:
+            raise LabError(f"site {site} without IPv4 needs an IPv6 profile (v6=...)")
+        if not v4 and self.profiles[site] == CGN:
+            raise LabError(f"v4=False for site {site}: a cgn site's IPv6 is not modelled")
+        return v4
+
+    def _site_of(self, i: int) -> str:
+        return list(self.profiles)[i - 1]
+
     @staticmethod
     def _check_port_range(site: str, value) -> Optional[tuple]:
         if value is None:
@@ -251,9 +315,10 @@ class Lab:
     def _addr(self, ns: str, ifname: str, cidr: str) -> None:
         pyroute2 = _pyroute2()
         iface = ipaddress.ip_interface(cidr)
+        extra = {"flags": 0x02} if iface.version == 6 else {}        # IFA_F_NODAD
         with pyroute2.NetNS(ns) as ipr:
             ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0],
-                     address=str(iface.ip), prefixlen=iface.network.prefixlen)
+                     address=str(iface.ip), prefixlen=iface.network.prefixlen, **extra)
 
     def _route(self, ns: str, dst: str, gateway: str) -> None:
         pyroute2 = _pyroute2()
@@ -283,7 +348,7 @@ class Lab:
             for path, value in sysctls.items():
                 _write_sysctl(path, value)
 
-    def _delay(self, ns: str, ms: float, queue: int, link: str) -> None:
+    def _delay(self, ns: str, ms: float, queue: int, link: str, v6: bool = False) -> None:
         """Hold every packet crossing ``link`` of namespace ``ns`` for ``ms``.
 
         The lab calls it in the core, on the core's end of a site's access
@@ -304,8 +369,10 @@ class Lab:
         line = proc.stdout.readline()            # printed once the queue is bound
         if not line.startswith("delaying"):
             raise LabError(f"the delay process failed: {proc.stderr.read().strip()}")
-        for chain, flag in (("PREROUTING", "-i"), ("POSTROUTING", "-o")):
-            argv = ["iptables", "-t", "mangle", "-A", chain, flag, link, "-j", "NFQUEUE",
+        tools = ("iptables", "ip6tables") if v6 else ("iptables",)   # (one queue: both)
+        for tool, (chain, flag) in [(t, c) for t in tools
+                                    for c in (("PREROUTING", "-i"), ("POSTROUTING", "-o"))]:
+            argv = [tool, "-t", "mangle", "-A", chain, flag, link, "-j", "NFQUEUE",
                     "--queue-num", str(queue)]
             try:
                 result = self.run(ns, argv)
@@ -360,7 +427,8 @@ class Lab:
                 ipr.tc("add", "tbf", index=ipr.link_lookup(ifname=ifname)[0], handle="1:",
                        rate=rate, burst=burst, latency="50ms")
 
-    def _lan(self, gw: str, hosts: list, lan_gw: str, prefix: int, mtu: Optional[int]) -> None:
+    def _lan(self, gw: str, hosts: list, lan_gw: str, prefix: int, mtu: Optional[int],
+             v4: bool = True) -> None:
         """The site's LAN between gateway namespace ``gw`` (interface "lan",
         address ``lan_gw``) and its hosts (each "eth0" with a default route
         via ``lan_gw``). One host: a veth whose gateway end is "lan", as it
@@ -397,16 +465,21 @@ class Lab:
                         ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], mtu=mtu)
         self._addr(gw, "lan", f"{lan_gw}/{prefix}")
         for host in hosts:
-            self._addr(host.ns, "eth0", f"{host.addr}/{prefix}")
-            self._route(host.ns, "default", lan_gw)
+            if v4:                    # (an IPv6-only site's hosts have no IPv4 at all)
+                self._addr(host.ns, "eth0", f"{host.addr}/{prefix}")
+                self._route(host.ns, "default", lan_gw)
 
     def _build(self) -> None:
         pyroute2 = _pyroute2()
         inet = self._ns("inet")
         with pyroute2.NetNS(inet) as ipr:          # (no dummy links in this kernel)
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        for cidr in (f"{CCS_ADDR}/32", f"{RELAY_ADDR}/32"):
+        dual = any(v is not None for v in self.v6.values())
+        for cidr in (f"{CCS_ADDR}/32", f"{RELAY_ADDR}/32") + \
+                ((f"{CCS_ADDR6}/128", f"{RELAY_ADDR6}/128") if dual else ()):
             self._addr(inet, "lo", cidr)
+        if dual:
+            self._sysctls(inet, {"net/ipv6/conf/all/forwarding": "1"})
         # accept_local: the core forwards packets whose source is the CCS's
         # address (the spoof strategy's), as a real router that does not own
         # that address would; Linux drops them as martians otherwise.
@@ -464,12 +537,14 @@ class Lab:
                 p = PROFILES[profile]
                 if p.nat == "none":
                     self._route(inet, public_net, wan_addr)
-                self._lan(gw, hosts, lan_gw, prefix, self.mtu[name])
+                self._lan(gw, hosts, lan_gw, prefix, self.mtu[name], v4=self.v4[name])
                 self._gateway(gw, p, wan_addr, loss, lan_net=f"10.{i}.0.0/24" if nat else None,
                               hairpin=self.hairpin[name], **edge)
                 if p.upnp:
                     self._miniupnpd(gw, wan_addr, f"10.{i}.0.0/24")
             public = wan_addr if nat else hosts[0].addr
+            if self.v6[name] is not None:
+                self._v6_site(inet, gw, i, hosts, self.v6[name])
             if self.port_range[name] is not None:
                 low, high = self.port_range[name]
                 for host in hosts:        # a per-namespace sysctl
@@ -478,11 +553,12 @@ class Lab:
                 for table in core_tables(name, f"s{name}", public_net, self.frag_needed[name]):
                     self._nft.run(table.apply_commands())
             if self.delay_ms[name]:
-                self._delay(inet, self.delay_ms[name], queue=i, link=f"s{name}")
+                self._delay(inet, self.delay_ms[name], queue=i, link=f"s{name}",
+                            v6=self.v6[name] is not None)
             if self.rate_mbit[name]:
                 self._rate(gw, self.rate_mbit[name])
             self.sites[name] = Site(name, profile, i, hosts[0].ns, gw, hosts[0].addr, public,
-                                    lan_gw, home, site_ns, hosts)
+                                    lan_gw, home, site_ns, hosts, self.v6[name])
         # the public /28s of no-NAT sites are routed by the core (default routes)
 
     # -- teardown ---------------------------------------------------------------
