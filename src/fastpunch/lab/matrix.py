@@ -101,12 +101,16 @@ class Unit:
     """One lab of the matrix: a pair of profiles, a same-LAN cell or a
     crowded cell. Site a's hosts connect, site b's (the LAN cell: host a2)
     accept."""
-    kind: str                            # "pair", "lan", "crowded"
+    kind: str                            # "pair", "lan", "crowded", "dual"
     a: str                               # profile of site a
     b: str                               # profile of site b (lan: the same gateway, a)
     hairpin: str = "off"                 # lan: the gateway's hairpin mode
     hosts: int = 1                       # crowded: hosts (and connections) a side
     port_range: Optional[tuple] = None   # crowded: every host's ephemeral ports
+    v6a: Optional[str] = None            # dual: site a's IPv6 profile (None: no IPv6)
+    v6b: Optional[str] = None
+    v4a: bool = True                     # dual: False, site a is IPv6-only
+    v4b: bool = True
 
     @property
     def name(self) -> str:
@@ -114,13 +118,45 @@ class Unit:
             return f"{self.a} hairpin {self.hairpin}"
         if self.kind == "crowded":
             return f"{self.a}:{self.b} x{self.hosts}"
+        if self.kind == "dual":
+            return f"{self.spec(self.a, self.v6a, self.v4a)}:{self.spec(self.b, self.v6b, self.v4b)}"
         return f"{self.a}:{self.b}"
+
+    @staticmethod
+    def spec(profile: str, v6: Optional[str], v4: bool) -> str:
+        """A dual-stack side as --dual writes it: PROFILE/V6, none/V6 for an
+        IPv6-only site, PROFILE alone for one without IPv6."""
+        return f"{profile if v4 else 'none'}" + (f"/{v6}" if v6 else "")
+
+    def login_family(self, device: str) -> int:
+        """The family ``device`` logs in over: an IPv6-only site's, IPv6."""
+        on_a = device.startswith("cam")
+        return 6 if self.kind == "dual" and not (self.v4a if on_a else self.v4b) else 4
+
+    def expect(self) -> Optional[str]:
+        """What the goals want of every "auto" trial: "v6" (direct over
+        IPv6), "direct", "relay", or None (the known limit: measured, not
+        checked)."""
+        if self.kind == "lan":
+            return "direct"
+        if self.kind != "dual":
+            return "direct" if direct_expected(self.a, self.b, self.kind) else None
+        v6 = self.v6a is not None and self.v6b is not None
+        v4 = self.v4a and self.v4b
+        if v6:
+            return "direct" if v4 and direct_expected(self.a, self.b) else "v6"
+        if not v4:
+            return "relay"           # no family in common: only the CCS joins them
+        return "direct" if direct_expected(self.a, self.b) else "relay"
 
     def lab_kwargs(self, delay_ms: float = 0.0) -> dict:
         if self.kind == "lan":
             return {"a": self.a, "hosts": {"a": 2}, "hairpin": {"a": self.hairpin},
                     "delay_ms": delay_ms}
         kw = {"a": self.a, "b": self.b, "delay_ms": delay_ms}
+        if self.kind == "dual":
+            kw.update(v6={s: v for s, v in (("a", self.v6a), ("b", self.v6b)) if v},
+                      v4={"a": self.v4a, "b": self.v4b})
         if self.kind == "crowded":
             kw.update(hosts={"a": self.hosts, "b": self.hosts},
                       port_range={"a": self.port_range, "b": self.port_range})
@@ -144,7 +180,7 @@ class Unit:
         return out
 
     def strategies(self, asked: Sequence[str]) -> list:
-        """Pairs run what was asked; same-LAN and crowded cells the plan."""
+        """Pairs run what was asked; same-LAN, crowded and dual-stack cells the plan."""
         return list(asked) if self.kind == "pair" else ["auto"]
 
     def argv(self) -> list:
@@ -155,12 +191,16 @@ class Unit:
             low, high = self.port_range
             return ["--crowded", f"{self.a}:{self.b}", "--hosts", str(self.hosts),
                     "--port-range", f"{low}-{high}"]
+        if self.kind == "dual":
+            return ["--dual", self.name]
         return ["--pairs", f"{self.a}:{self.b}"]
 
     def describe(self) -> dict:
         return {"kind": self.kind, "name": self.name, "a": self.a, "b": self.b,
                 "hairpin": self.hairpin, "hosts": self.hosts,
-                "port_range": list(self.port_range) if self.port_range else None}
+                "port_range": list(self.port_range) if self.port_range else None,
+                "v6a": self.v6a, "v6b": self.v6b, "v4a": self.v4a, "v4b": self.v4b,
+                "expect": self.expect()}
 
 
 def default_pairs(profiles: Sequence[str]) -> list:
@@ -210,11 +250,32 @@ def default_crowded(profiles: Sequence[str]) -> list:
     return out
 
 
+# dual stack: every pair of IPv6 profiles on two sites whose IPv4 only the
+# relay joins (it must go direct over IPv6), a pair whose IPv4 works too, two
+# IPv6-only sites, an IPv6-only site facing an IPv4-only one and IPv6 on one
+# side only (the relay, both), as --dual specs
+DUAL_DEFAULT = ("nat/firewall:nat/firewall", "none/firewall:none/firewall",
+                "none/firewall:nat", "napt-random/firewall:napt-random")
+
+
+def dual_units(profiles: Sequence[str]) -> list:
+    """The dual-stack cells whose IPv4 profiles are all among ``profiles``."""
+    from fastpunch.lab.profiles import V6_PROFILES
+
+    v6 = list(V6_PROFILES)
+    specs = [f"napt-random/{x}:napt-random/{y}" for x, y in default_pairs(v6)] + \
+        list(DUAL_DEFAULT)
+    units = parse_dual(",".join(specs))
+    return [u for u in units
+            if all(p in profiles for p, v4 in ((u.a, u.v4a), (u.b, u.v4b)) if v4)]
+
+
 def default_units(profiles: Sequence[str], hosts: int = CROWDED_HOSTS,
                   port_range: tuple = CROWDED_PORTS) -> list:
-    """The full matrix over ``profiles``: pairs, same LAN, crowded."""
+    """The full matrix over ``profiles``: pairs, same LAN, crowded, dual stack."""
     return ([Unit("pair", a, b) for a, b in default_pairs(profiles)] + lan_units(profiles)
-            + crowded_units(default_crowded(profiles), hosts, port_range))
+            + crowded_units(default_crowded(profiles), hosts, port_range)
+            + dual_units(profiles))
 
 
 def _items(text: str) -> list:
@@ -257,6 +318,39 @@ def parse_lan(text: str) -> list:
         if refused:
             raise ValueError(f"{item}: {refused}")
         units.append(Unit("lan", profile, profile, hairpin=mode))
+    return units
+
+
+def _dual_side(text: str, item: str) -> tuple:
+    """(IPv4 profile, IPv6 profile or None, has IPv4) of one --dual side."""
+    from fastpunch.lab.profiles import V6_PROFILES
+
+    v4, _, v6 = text.partition("/")
+    if v6 and v6 not in V6_PROFILES:
+        raise ValueError(f"unknown IPv6 profile {v6!r} in {item!r}; choose from "
+                         f"{', '.join(V6_PROFILES)}")
+    if v4 == "none":
+        if not v6:
+            raise ValueError(f"an IPv6-only side needs its IPv6 profile (none/V6): {item!r}")
+        return "nat", v6, False        # (its gateway's IPv4 profile serves no host)
+    profile = _profile(v4, item)
+    if v6 and profile == "cgn":
+        raise ValueError(f"a cgn site's IPv6 is not modelled: {item!r}")
+    return profile, v6 or None, True
+
+
+def parse_dual(text: str) -> list:
+    """"napt-random/firewall:none/open,nat:nat/firewall" as dual-stack
+    units: each side PROFILE[/V6], or none/V6 for an IPv6-only site."""
+    units = []
+    for item in _items(text):
+        left, sep, right = item.partition(":")
+        if not sep:
+            raise ValueError(f"a dual-stack cell is SIDE:SIDE (PROFILE[/V6] or none/V6): "
+                             f"{item!r}")
+        a, v6a, v4a = _dual_side(left, item)
+        b, v6b, v4b = _dual_side(right, item)
+        units.append(Unit("dual", a, b, v6a=v6a, v6b=v6b, v4a=v4a, v4b=v4b))
     return units
 
 
@@ -345,6 +439,7 @@ def _connection(fa, fb, strategy: str, wall: float, hung: bool) -> dict:
         "pair": ra.pair if ok and ra is not None else "",
         "accept_pair": rb.pair if ok and rb is not None else "",
         "pair_kind": pair_kind(ra.pair) if ok and ra is not None else "",
+        "family": ra.family if ok and ra is not None else "",
         "accept_pair_kind": pair_kind(rb.pair) if ok and rb is not None else "",
         "seconds": round(ra.seconds, 4) if ra is not None else None,
         "start_seconds": (round(won.seconds, 4)
@@ -439,7 +534,8 @@ def _login(ccs, unit: Unit, nat_hints: bool, log: Callable) -> tuple:
         for name, (host, profile) in unit.placement().items():
             # without hints each device classifies its own gateway (natcheck)
             # and announces that, as a deployed device with nat="auto" does
-            devices[name] = ccs.device(host, name, nat=profile if nat_hints else "auto")
+            devices[name] = ccs.device(host, name, nat=profile if nat_hints else "auto",
+                                       over=unit.login_family(name))
         waits = {name: loop.submit(dev.ready(READY_TIMEOUT))
                  for name, (loop, dev) in devices.items()}
         for name, fut in waits.items():
@@ -556,6 +652,7 @@ def summarize(results: list) -> dict:
         "median_from_start_s": round(statistics.median(starts), 4) if starts else None,
         "strategies": dict(collections.Counter(r["strategy"] for r in ok)),
         "pairs": dict(collections.Counter(r.get("pair_kind") or "?" for r in direct)),
+        "families": dict(collections.Counter(r.get("family") or "?" for r in direct)),
         "accept_pairs": dict(collections.Counter(r.get("accept_pair_kind") or "?"
                                                  for r in direct)),
         # every trial's packets, failed ones included: what the cell cost
@@ -726,6 +823,17 @@ def check(result: dict) -> list:
                     problems.append(f"{name}: the {side} side sent up to {spread['max']} "
                                     f"packets (median {spread['median']:g}), expected fewer "
                                     f"than {LAN_PACKETS}")
+        elif u["kind"] == "dual":
+            want = u.get("expect")
+            if want in ("direct", "v6") and cell["direct"] < n:
+                problems.append(f"{name}: direct in {cell['direct']}/{n} auto trials "
+                                f"(relay {cell['relay']}), expected {n}/{n}")
+            if want == "v6" and (cell.get("families") or {}).get("IPv6", 0) < cell["direct"]:
+                problems.append(f"{name}: won over {_counts(cell['families'])}, expected "
+                                f"IPv6 in every trial")
+            if want == "relay" and cell["relay"] < cell["ok"]:
+                problems.append(f"{name}: {cell['direct']} direct trials where only the "
+                                f"relay can join the two (no family in common)")
         elif direct_expected(u["a"], u["b"], u["kind"]) and cell["direct"] < n:
             problems.append(f"{name}: direct in {cell['direct']}/{n} auto trials "
                             f"(relay {cell['relay']}), expected {n}/{n}")
@@ -964,9 +1072,10 @@ def _summary(result: dict) -> list:
         items = groups.get(key, [])
         out.append(f"* **{label}** ({len(items)}): " + (", ".join(items) or "none"))
     autos = [u for u in units_of(result) if "auto" in u["cells"]]
-    expected = [u for u in autos if u["kind"] != "lan" and
+    expected = [u for u in autos if u["kind"] not in ("lan", "dual") and
                 direct_expected(u["a"], u["b"], u["kind"])]
     lans = [u for u in autos if u["kind"] == "lan"]
+    duals = [u for u in autos if u["kind"] == "dual"]
     problems = check(result)
 
     def met(units, test) -> str:
@@ -978,8 +1087,10 @@ def _summary(result: dict) -> list:
                 and all((c.get(k) or {"max": 0})["max"] < LAN_PACKETS
                         for k in ("sent", "accept_sent")))
 
-    limits = [u for u in autos if u["kind"] != "lan" and
+    limits = [u for u in autos if u["kind"] not in ("lan", "dual") and
               not direct_expected(u["a"], u["b"], u["kind"])]
+    dual_failed = [u["name"] for u in duals
+                   if any(p.startswith(u["name"] + ":") for p in problems)]
     out += ["", "Goals of the punching issue, as measured here:", "",
             "* Every pair and crowded cell where at least one side is not `napt-random` "
             "connects directly in 100% of trials, except `napt-sequential:napt-random` "
@@ -991,6 +1102,10 @@ def _summary(result: dict) -> list:
             f"`host-host` on both sides in every trial, each side sending fewer than "
             f"{LAN_PACKETS} packets, whatever the hairpin mode: {met(lans, host_host)} "
             f"({len(lans)} same-LAN cell(s)).",
+            "* Dual stack: where both sides have IPv6, direct in every trial, over IPv6 "
+            "where IPv4 alone cannot go direct; with no family in common, the relay: "
+            + ("**met**" if not dual_failed else f"**NOT met** ({', '.join(dual_failed)})")
+            + f" ({len(duals)} dual-stack cell(s)).",
             "* Measured, not checked (the known limit): "
             + ("; ".join(f"{u['name']}: {u['cells']['auto']['direct']} direct, "
                          f"{u['cells']['auto']['relay']} relay" for u in limits) or "none run")
@@ -1103,6 +1218,27 @@ def _crowded_section(result: dict) -> list:
                     lambda u: [f"`{u['a']}`", f"`{u['b']}`"], intro)
 
 
+def _dual_section(result: dict) -> list:
+    duals = units_of(result, "dual")
+    if not duals:
+        return []
+    intro = (
+        "Dual stack (docs/lab.md, IPv6): each side is `PROFILE/V6`, its IPv4 gateway "
+        "profile and its IPv6 one (`open`; `firewall`, stateful, the home-router "
+        "default; `firewall-rst`, which answers unsolicited SYNs with RST), `PROFILE` "
+        "alone for a site without IPv6, `none/V6` for an IPv6-only site (its devices log "
+        "in over IPv6; the others over IPv4, and learn the CCS's IPv6 address at login). "
+        "Goals: where both sides have IPv6, direct in every trial, over IPv6 where IPv4 "
+        "alone could not go direct; where they share no family, the relay in every trial.")
+    return _section("Dual stack", duals, ["camera side", "viewer side", "expected", "won over"],
+                    lambda u: [f"`{Unit.spec(u['a'], u['v6a'], u['v4a'])}`",
+                               f"`{Unit.spec(u['b'], u['v6b'], u['v4b'])}`",
+                               {"v6": "direct over IPv6", "direct": "direct",
+                                "relay": "relay"}.get(u.get("expect"), "measured"),
+                               _counts(u["cells"]["auto"].get("families") or {}) or "-"],
+                    intro)
+
+
 def _attempts_text(items: list) -> str:
     return "; ".join(f"{a['strategy']} {'ok' if a['ok'] else a['reason'] or 'failed'}"
                      f" (sent {a['sent']}, seen {a['seen']})" for a in items) or "no report"
@@ -1124,7 +1260,8 @@ def _shortfalls(result: dict) -> list:
         c = u["cells"].get("auto")
         if c is None or not any(p.startswith(u["name"] + ":") for p in problems):
             continue
-        expect_direct = u["kind"] == "lan" or direct_expected(u["a"], u["b"], u["kind"])
+        expect_direct = u["kind"] == "lan" or u.get("expect") in ("direct", "v6") if \
+            u["kind"] in ("lan", "dual") else direct_expected(u["a"], u["b"], u["kind"])
         sample = next((r for r in u["trials"]["auto"]
                        if not r["ok"] or (expect_direct and r["path"] != "direct")
                        or (u["kind"] == "lan" and r.get("pair_kind") != "host-host")), None)
@@ -1162,7 +1299,8 @@ def render(result: dict, command: str) -> str:
     if any("auto" in u["cells"] for u in units_of(result)):
         out += _summary(result)
     out += LEGEND
-    out += _pair_sections(result) + _lan_section(result) + _crowded_section(result)
+    out += _pair_sections(result) + _lan_section(result) + _crowded_section(result) + \
+        _dual_section(result)
     if units_of(result, "pair") or units_of(result, "crowded"):
         out += ["## The known limit", "", KNOWN_LIMIT, ""]
     out += _shortfalls(result)
@@ -1185,7 +1323,7 @@ def _port_range(text: str) -> tuple:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of ``fastpunch lab matrix``."""
     which = ap.add_argument_group(
-        "which cells", "with none of --pairs, --lan, --crowded: the full matrix over "
+        "which cells", "with none of --pairs, --lan, --crowded, --dual: the full matrix over "
                        "--profiles (every pair, every same-LAN cell, the crowded cells: each "
                        f"profile facing itself and {CROWDED_AGAINST} facing every other, "
                        "napt-ei left out: the lab's cannot pick another port on a collision); "
@@ -1205,6 +1343,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                        help="crowded cells: --hosts cameras behind P connect at once to as "
                             "many viewers behind Q; all: the full matrix's crowded cells over "
                             "--profiles")
+    which.add_argument("--dual", metavar="SIDE:SIDE,...|all",
+                       help="dual-stack cells, each side PROFILE/V6 (V6: an IPv6 profile: "
+                            "open, firewall, firewall-rst), PROFILE alone (no IPv6) or "
+                            "none/V6 (IPv6-only); all: the full matrix's over --profiles")
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), metavar="STRATEGY",
                     help="for the pairs, forced on both sides, or auto (the plan); same-LAN "
                          "and crowded cells run auto only (default: "
@@ -1252,7 +1394,7 @@ def _units_from(args, ap) -> list:
         profiles = _split(args.profiles) if args.profiles else all_profiles()
         for p in profiles:
             _profile(p, p)
-        if not (args.pairs or args.lan or args.crowded):
+        if not (args.pairs or args.lan or args.crowded or args.dual):
             return default_units(profiles, args.hosts, args.port_range)
         units = []
         if args.pairs == "all":
@@ -1267,6 +1409,10 @@ def _units_from(args, ap) -> list:
             units += crowded_units(default_crowded(profiles), args.hosts, args.port_range)
         elif args.crowded:
             units += parse_crowded(args.crowded, args.hosts, args.port_range)
+        if args.dual == "all":
+            units += dual_units(profiles)
+        elif args.dual:
+            units += parse_dual(args.dual)
         return units
     except ValueError as exc:
         ap.error(str(exc))
