@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
-from fastpunch import liveness
+from fastpunch import _loop, liveness
 from fastpunch._addr import unmap
 from fastpunch.errors import FastpunchError, RemoteProtocolError
 from fastpunch.liveness import Keepalive
@@ -228,6 +228,7 @@ def _address(ccs: Union[str, tuple]) -> tuple:
 
 
 HAPPY_EYEBALLS_DELAY = 0.25   # RFC 8305's recommended connection attempt delay
+CLOSE_TIMEOUT = 5.0           # seconds close() waits for a task to stop, or for the CCS's close_notify
 
 
 def _eyeballs() -> dict:
@@ -449,16 +450,22 @@ class Device:
                 return
             while True:
                 await asyncio.sleep(self.backoff.next_delay())
+                if self._closing:
+                    return
                 self._next_addr += 1
                 try:
                     reader = await self._login_any()
-                    break
                 except AuthenticationError as exc:
                     self._fatal = exc
                     self._offers.put_nowait(exc)
                     return
                 except CCSError:
+                    if self._closing:       # close()'s cancellation, turned into the login's error
+                        return
                     continue
+                if self._closing:           # logged in though close() cancelled us (a lost
+                    return                  # cancellation): close() takes this session down
+                break
 
     async def _serve(self, reader: asyncio.StreamReader) -> BaseException:
         try:
@@ -729,7 +736,8 @@ class Device:
                         crafted=g.crafted().crafted,
                         candidates=gathered.candidates,
                         mapping=report.mapping.value if report is not None else "unknown",
-                        filtering=report.filtering.value if report is not None else "unknown")
+                        filtering=report.filtering.value if report is not None else "unknown",
+                        filtering6=g.filtering6.value if gathered.v6 else None)
         return info, gathered
 
     # -- direct connections (fastpunch.punch) -----------------------------------------
@@ -898,25 +906,25 @@ class Device:
 
     async def close(self) -> None:
         self._closing = True
-        tasks = [t for t in (self._supervisor, self._heartbeat) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        if not await _loop.stop(self._supervisor, timeout=CLOSE_TIMEOUT):
+            log.warning("%s: the CCS session did not stop within %g s of close()",
+                        self.name, CLOSE_TIMEOUT)
+        # (after the supervisor: its last login may have started another)
+        await _loop.stop(self._heartbeat, timeout=CLOSE_TIMEOUT)
         self._down(CCSError("closed", "closed by the device"))
+        # an incoming()/accept() still waiting ends now, not never
+        self._offers.put_nowait(CCSError("closed", "the device is closed"))
         if self._standing is not None:
             await self.gatherer.release(self._standing[1])
             self._standing = None
         await self.gatherer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _loop.stop(*self._tasks, timeout=CLOSE_TIMEOUT)
         if self._writer is not None:
             try:
-                await self._writer.wait_closed()
+                # the CCS answers our close_notify at once; if it does not, do
+                # not sit out the loop's SSL shutdown timeout (uvloop's: 30 s)
+                await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+            except asyncio.TimeoutError:
+                self._writer.transport.abort()
             except (ConnectionError, OSError):
                 pass

@@ -33,6 +33,7 @@ __all__ = ["Gatherer", "Capability", "crafted_capability", "report_for_guess"]
 log = logging.getLogger("fastpunch.netcheck")
 FRESH = 30.0            # seconds a prepared port's candidates are used without a new probe
 SWAPS = 3               # punch ports tried when the probe of one collided
+CLOSE_TIMEOUT = 5.0     # seconds close() waits for natcheck and gathering to stop
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ class Gatherer:
         self._ccs4: Optional[str] = None           # the CCS's address in each family, if known
         self._ccs6: Optional[str] = None
         self._token: Optional[bytes] = None        # our probe token (AuthOk, protocol 5)
+        # how our IPv6 firewall treats an unsolicited SYN (the filtering probe
+        # over IPv6, after natcheck): the peer's gap before its full SYN
+        self.filtering6: Filtering = Filtering.UNKNOWN
         self._lock: Optional[asyncio.Lock] = None
         self._out: dict = {}                       # id -> Gathered taken, not yet released
 
@@ -98,12 +102,14 @@ class Gatherer:
     def logged_in(self, ccs_ip: str, probe_port: Optional[int],
                   probe_port2: Optional[int], *, token: Optional[bytes] = None,
                   alt_addr: Optional[str] = None) -> None:
-        """A new CCS session: natcheck (once per session, when asked for),
-        then the next port's candidates, in the background. ``alt_addr``:
+        """A new CCS session: natcheck (once per session, when asked for)
+        and, with an IPv6 address of the CCS known, the filtering probe over
+        IPv6, then the next port's candidates, in the background. ``alt_addr``:
         the CCS's address in the family ``ccs_ip`` is not of (IPv6
         candidates after an IPv4 login, and the other way round)."""
         by_family = {":" in a: a for a in (alt_addr, ccs_ip) if a}    # (the login's wins)
         self._ccs4, self._ccs6 = by_family.get(False), by_family.get(True)
+        self.filtering6 = Filtering.UNKNOWN
         self._token = token
         # natcheck is about an IPv4 NAT: toward the CCS's IPv4 address when known
         self._ccs = (self._ccs4 or ccs_ip, probe_port, probe_port2)
@@ -111,6 +117,9 @@ class Gatherer:
         if self.nat == "auto" and probe_port and (self._natcheck is None or
                                                   self._natcheck.done()):
             self._natcheck = asyncio.get_running_loop().create_task(self._check())
+        elif self._ccs6 is not None and probe_port and (self._natcheck is None or
+                                                        self._natcheck.done()):
+            self._natcheck = asyncio.get_running_loop().create_task(self._check6())
         self._prepare_later()
 
     async def _check(self) -> None:
@@ -120,6 +129,21 @@ class Gatherer:
             log.info("%s: natcheck: %s", self.name, self.report.as_dict())
         except (OSError, asyncio.TimeoutError, Exception) as exc:   # never fatal to the device
             log.warning("%s: natcheck failed: %s", self.name, exc)
+        await self._check6()
+
+    async def _check6(self) -> None:
+        """The filtering probe over IPv6 (what natcheck's says of IPv4, for
+        our IPv6 firewall), whatever NAT guess the device was told."""
+        _, p1, _ = self._ccs
+        if self._ccs6 is None or not p1:
+            return
+        from fastpunch.netcheck import probes
+
+        try:
+            self.filtering6 = await probes.filtering(self._ccs6, p1)
+            log.info("%s: IPv6 filtering: %s", self.name, self.filtering6.value)
+        except (OSError, probes.ProbeError) as exc:
+            log.info("%s: no IPv6 filtering probe: %s", self.name, exc)
 
     async def settled(self) -> None:
         """Wait for the background work of this session: natcheck, then the
@@ -252,10 +276,11 @@ class Gatherer:
                      gathered.mapping.external_port, exc, gathered.mapping.lifetime)
 
     async def close(self) -> None:
-        for task in (self._natcheck, self._preparing):
-            if task is not None and not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        from fastpunch import _loop
+
+        if not await _loop.stop(self._natcheck, self._preparing, timeout=CLOSE_TIMEOUT):
+            log.warning("%s: natcheck or the next port's gathering did not stop within %g s",
+                        self.name, CLOSE_TIMEOUT)
         self.forget_prepared()
         for g in list(self._out.values()):
             await self.release(g)

@@ -172,6 +172,8 @@ NEXT_INFO = {
     # version 2: where the peer may reach us, and what natcheck saw of our gateway
     "candidates": (20, "cands", _candidates.WIRE_BYTES, False, 2),
     "mapping": (21, "str", 16, False, 2), "filtering": (22, "str", 16, False, 2),
+    # version 5: how our IPv6 firewall treats an unsolicited SYN (natcheck's is IPv4's)
+    "filtering6": (25, "str", 16, False, 5),
 }
 
 
@@ -193,6 +195,7 @@ class RendezvousRequest(Message):
     candidates: Optional[tuple] = None
     mapping: Optional[str] = None
     filtering: Optional[str] = None
+    filtering6: Optional[str] = None       # version 5
     relay_first: Optional[str] = None      # version 4: kinds.RelayFirst ("yes", "auto")
 
 
@@ -217,6 +220,7 @@ class RendezvousAnswer(Message):
     candidates: Optional[tuple] = None
     mapping: Optional[str] = None
     filtering: Optional[str] = None
+    filtering6: Optional[str] = None
 
 
 @_msg(6, {"session": (1, "u64", 8, True), "code": (2, "str", 32, True),
@@ -316,6 +320,7 @@ class RendezvousReady(Message):
     candidates: Optional[tuple] = None
     mapping: Optional[str] = None
     filtering: Optional[str] = None
+    filtering6: Optional[str] = None
     session: Optional[int] = None
     relay_first: Optional[bool] = None     # version 4: this rendezvous is relay-first
 
@@ -456,6 +461,7 @@ class NextInfo:
     candidates: Optional[tuple] = None
     mapping: Optional[str] = None
     filtering: Optional[str] = None
+    filtering6: Optional[str] = None       # version 5: the IPv6 firewall's, probed over IPv6
 
     def fields(self) -> dict:
         """The fields as keyword arguments of a message (shallow: the

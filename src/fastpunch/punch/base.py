@@ -40,6 +40,7 @@ class Side:
     nat: NatClass = NatClass.UNKNOWN
     mapping: Mapping = Mapping.UNKNOWN
     filtering: Filtering = Filtering.UNKNOWN
+    filtering6: Filtering = Filtering.UNKNOWN     # its IPv6 firewall's (protocol 5)
     crafted: bool = True
 
     def reachable_at(self) -> tuple:

@@ -23,6 +23,7 @@ def _side(public: str, info) -> Side:
                 sack_permitted=info.sack_permitted, timestamps=info.timestamps,
                 nat=parse(NatClass, info.nat), mapping=parse(Mapping, info.mapping or "unknown"),
                 filtering=parse(Filtering, info.filtering or "unknown"),
+                filtering6=parse(Filtering, getattr(info, "filtering6", None) or "unknown"),
                 crafted=info.crafted is not False)
 
 

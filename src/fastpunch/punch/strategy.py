@@ -130,11 +130,14 @@ def candidate_pairs(ctx: PunchContext, start: float, policy: str, *,
     * toward a LAN (host) candidate: no opener (no gateway between us), the
       SYN at once;
     * toward a global IPv6 host candidate outside our own /64: through the
-      two sites' firewalls, as toward a reflexive one; our own filtering and
-      the peer's are what natcheck says of IPv4, so over IPv6 an opener is
-      always sent and the full SYN follows the longer gap (a firewall that
-      answers an unsolicited SYN with a RST, its conntrack entry killed by
-      the RST of the other, stayed closed otherwise);
+      two sites' firewalls, as toward a reflexive one; natcheck's filtering
+      is IPv4's, so over IPv6 an opener is always sent, and the full SYN
+      follows the longer gap unless the peer's IPv6 filtering probe found a
+      firewall that drops (``filtering6``): one that answers an unsolicited
+      SYN with a RST, its conntrack entry killed by the RST of the other,
+      stayed closed otherwise; it completes on the
+      peer's SYN unless a side is behind NAT66 (natcheck's mapping is
+      IPv4's: over IPv6 the reflexive candidate says whether one translates);
     * toward anything through gateways: an opener first, unless we are an
       open host or the remote address is our own public one (a hairpin),
       and the full SYN after the gap the peer's filtering calls for (see
@@ -147,6 +150,10 @@ def candidate_pairs(ctx: PunchContext, start: float, policy: str, *,
     pairs = form_pairs(our_candidates(ctx), peer.reachable_at(), ctx.role,
                        our_public=ours.public, peer_public=peer.public)
     translating = ours.mapping.translates or peer.mapping.translates
+    # natcheck's mapping is IPv4's; over IPv6 only a NAT66 translates, and a
+    # side behind one announced a reflexive IPv6 candidate (its host's differs)
+    translating6 = any(c.kind is CandidateKind.SRFLX and c.family == 6
+                       for c in tuple(our_candidates(ctx)) + tuple(peer.reachable_at()))
     we_filter = not (ours.mapping is Mapping.NONE and ours.filtering is Filtering.OPEN)
     gap = MIN_GAP if peer.filtering in (Filtering.DROP, Filtering.OPEN) else FIRST_GAP
     if peer.mapping is Mapping.SEQUENTIAL:
@@ -175,11 +182,13 @@ def candidate_pairs(ctx: PunchContext, start: float, policy: str, *,
         # gateway: an opener would only meet ours)
         opener = mode is Mode.OPEN and through and (we_filter or six) and \
             remote.addr != ours.public
-        g = FIRST_GAP if six else gap
+        g = (MIN_GAP if peer.filtering6 in (Filtering.DROP, Filtering.OPEN) else FIRST_GAP) \
+            if six else gap
         t = start + i * PACE
         out.append(PairPlan(
             (local_ip, ctx.local_port), remote.endpoint, policy, p.kind, p.priority, mode,
             t + (g if opener else 0.0), FIRST_TTL if opener else 0, g if opener else 0.0,
-            early=(not translating and remote.kind is not CandidateKind.PREDICTED)
-            if early is None else early, mss=mss))
+            early=(not (translating6 if six else translating) and
+                   remote.kind is not CandidateKind.PREDICTED) if early is None else early,
+            mss=mss))
     return tuple(out)
