@@ -277,6 +277,44 @@ def test_time_to_connect_on_one_lan(benchmark):
     info["correct"] = len(ok) == TRIALS and info["pairs"] == ["host-host"]
 
 
+def test_time_to_connect_over_ipv6_beside_ipv4(benchmark):
+    """Time to a direct connection over IPv6 (two sites whose IPv4 is a
+    random NAPT each, only the relay's; their IPv6 behind stateful
+    firewalls) beside the same over IPv4 (two port-preserving NATs, no
+    IPv6), 20 ms one way on each site's link, the CCS's whole plan ("auto")
+    in both. Target: IPv6 no slower than IPv4 (the same race, the same
+    round trips: no NAT to map)."""
+    require_root("connecting through a NAT lab")
+    results = {"ipv6": [], "ipv4": []}
+    labs = {"ipv6": dict(a="napt-random", b="napt-random", v6="firewall"),
+            "ipv4": dict(a="nat", b="nat")}
+
+    def run():
+        for name, kw in labs.items():
+            a, b = kw.pop("a"), kw.pop("b")
+            with lab_devices(a, b, delay_ms=DELAY_MS, **kw) as (lab, ccs, cam, viewer):
+                for _ in range(TRIALS):
+                    results[name].append(timed_trial(cam, viewer, "auto"))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    info = benchmark.extra_info
+    info.update({"trials": TRIALS, "delay_ms_one_way_per_site": DELAY_MS,
+                 "ipv6_lab": "napt-random:napt-random, IPv6 firewall:firewall",
+                 "ipv4_lab": "nat:nat, no IPv6"})
+    for name, rs in results.items():
+        ok = [r for r in rs if r["ok"]]
+        info[f"{name}_ok"] = f"{len(ok)}/{TRIALS}"
+        info[f"{name}_pairs"] = sorted({r["pair"] for r in ok})
+        if ok:
+            for key in ("seconds", "from_start", "sent"):
+                info[f"{name}_{key}_median"] = round(statistics.median(r[key] for r in ok), 4)
+    info["failures"] = [r["error"] for rs in results.values() for r in rs if "error" in r][:5]
+    v6, v4 = info.get("ipv6_seconds_median"), info.get("ipv4_seconds_median")
+    info["ratio_v6_to_v4"] = round(v6 / v4, 3) if v6 and v4 else None
+    info["target_met"] = info["ratio_v6_to_v4"] is not None and info["ratio_v6_to_v4"] <= 1.1
+    info["correct"] = all(len([r for r in rs if r["ok"]]) == TRIALS for rs in results.values())
+
+
 @pytest.mark.parametrize("a,b,strategies", [
     ("upnp", "nat", ("upnp", "symmetric", "simopen")),
     ("firewall-liberal", "firewall-liberal", ("spoof", "symmetric", "simopen"))])
