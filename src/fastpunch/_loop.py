@@ -37,7 +37,7 @@ async def cancel(*tasks: Optional[asyncio.Task]) -> None:
 
 
 async def stop(*tasks: Optional[asyncio.Task], timeout: float = 5.0,
-               grace: float = 1.0) -> bool:
+               grace: float = 2.0) -> bool:
     """Cancel each task (None: skipped) and wait, ``timeout`` s at most in
     all, until every one has ended; one that runs on is cancelled again
     every ``grace`` s: before Python 3.12, asyncio.wait_for loses a

@@ -401,7 +401,10 @@ class Device:
         self._writer = writer
         self.public_addr, self.heartbeat, self.node = (msg.addr, msg.port), msg.heartbeat, msg.node
         self.probe_port, self.probe_port2 = msg.probe_port, msg.probe_port2
-        self.probe_token, self.ccs_alt_addr = msg.probe_token, msg.alt_addr
+        # (a token of another size would make every probe, and so every gathering, fail)
+        self.probe_token = msg.probe_token if msg.probe_token is not None and \
+            len(msg.probe_token) == wire.PROBE_TOKEN else None
+        self.ccs_alt_addr = msg.alt_addr
         self.advertised_keepalive = None
         if msg.keepalive is not None:
             try:
@@ -421,6 +424,16 @@ class Device:
         if self.standing:
             self._spawn(self._announce())
         return reader
+
+    def _our_public(self, gathered) -> str:
+        """Our IPv4 address as the CCS sees it (what the peer is told: the
+        CCS's Ready names the peer's IPv4 address where it has one): the
+        login's when it was over IPv4, else our IPv4 reflexive candidate's,
+        else the login's (an IPv6-only device)."""
+        if ":" not in self.public_addr[0]:
+            return self.public_addr[0]
+        srflx = getattr(gathered, "srflx", None)
+        return srflx[0] if srflx and ":" not in srflx[0] else self.public_addr[0]
 
     def _gather_for_session(self) -> None:
         self.gatherer.logged_in(self.ccs_ip, self.probe_port, self.probe_port2,
@@ -803,7 +816,7 @@ class Device:
             return await self._relay_first(ready, info, gathered, began, strategies, gone)
         try:
             sock, report = await punch_ready(
-                ready, info, gathered, our_public=self.public_addr[0], ccs_ip=self.ccs_ip,
+                ready, info, gathered, our_public=self._our_public(gathered), ccs_ip=self.ccs_ip,
                 relay=lambda: self.relay(ready), strategies=strategies,
                 relay_after=relay_after, cancel=gone, began=began, tracer=self.tracer)
         except BaseException as exc:
@@ -841,7 +854,8 @@ class Device:
                 if not direct:
                     raise CCSError("no-direct", "no direct strategy in the plan")
                 sock, report = await punch_ready(
-                    ready, info, gathered, our_public=self.public_addr[0], ccs_ip=self.ccs_ip,
+                    ready, info, gathered, our_public=self._our_public(gathered),
+                    ccs_ip=self.ccs_ip,
                     relay=None, strategies=direct, cancel=gone, began=began,
                     tracer=self.tracer)
                 self._kept_alive(sock)

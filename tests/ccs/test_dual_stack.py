@@ -121,3 +121,40 @@ def test_a_device_speaking_version_4_may_not_log_in_over_ipv6(deployment):
             await server.close()
 
     arun(main())
+
+
+def test_a_version_4_device_is_refused_a_peer_it_could_not_address(deployment):
+    # the peer logged in over IPv6 and showed the CCS no IPv4 address: the
+    # old device could not read it; both hear why, and nothing is left behind
+    _v6_loopback()
+    deployment.enroll_pair()
+
+    async def main():
+        from fastpunch.client import RendezvousRefusedError
+
+        server, port = await _dual(deployment)
+        try:
+            async with deployment.device(("127.0.0.1", port), "cam", protocol=4) as a, \
+                    deployment.device(("::1", port), "viewer") as b:
+                asking = asyncio.create_task(a.rendezvous("viewer", A_INFO))
+                offer = await asyncio.wait_for(b.incoming().__anext__(), 5)
+                with pytest.raises(RendezvousRefusedError) as refused:
+                    await offer.answer(B_INFO)
+                with pytest.raises(RendezvousRefusedError) as err:
+                    await asking
+                assert err.value.code == refused.value.code == "no-common-family"
+                assert server.pending == {} and server.offers == {}
+        finally:
+            await server.close()
+
+    arun(main())
+
+
+def test_the_wildcard_listener_takes_ipv4_whatever_bindv6only_says():
+    from fastpunch.ccs.relay import listen
+
+    sock = listen("::", 0)
+    try:
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    finally:
+        sock.close()

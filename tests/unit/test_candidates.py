@@ -170,10 +170,24 @@ def test_ipv6_candidates_are_kept_only_near_where_the_ccs_saw_the_device():
               Candidate(K.HOST, "2001:db8:b::1", 9, 5),               # another site's
               Candidate(K.SRFLX, "2001:db8:a:1::99", 9, 3),           # not what was seen
               Candidate(K.HOST, "fe80::1", 9, 5, 64))                 # link-local
-    kept, dropped = cands.sanitize(theirs, "203.0.113.10", seen=[seen6])
+    kept, dropped = cands.sanitize(theirs, "203.0.113.10", seen=[seen6], ports={6: [9]})
     assert kept == theirs[:5]
     assert [c.addr for c, _ in dropped] == ["2001:db8:b::1", "2001:db8:a:1::99", "fe80::1"]
     assert "link-local" in dropped[2][1]
+    # a neighbour in its /64 only on a port the device probed from: not
+    # someone else's machine on the café's network at a port of its choice
+    other = Candidate(K.HOST, "2001:db8:a:1:bbbb::1", 22, 5)
+    kept, dropped = cands.sanitize((theirs[1], other), "203.0.113.10", seen=[seen6],
+                                   ports={6: [9]})
+    assert kept == (theirs[1],) and "port 22" in dropped[0][1]
+    kept, _ = cands.sanitize((theirs[2],), "203.0.113.10", seen=[seen6])
+    assert kept == ()                                            # no probe ports known
+    # Teredo's /64 is a relay's clients, not a site: no neighbours there
+    teredo = "2001:0:4136:e378:8000:63bf:3fff:fdd2"
+    kept, _ = cands.sanitize((Candidate(K.HOST, "2001:0:4136:e378::9", 9, 5),
+                              Candidate(K.HOST, teredo, 9, 5)), "203.0.113.10",
+                             seen=[teredo], ports={6: [9]})
+    assert [c.addr for c in kept] == [teredo]
     # logged in over IPv6, seen over IPv4 by a probe: the same rules, each family its own
     kept, dropped = cands.sanitize((SRFLX, theirs[1]), seen6, seen=["203.0.113.10"])
     assert kept == (SRFLX, theirs[1])

@@ -127,8 +127,8 @@ def _ipv6(value: Any) -> str:
         ip = ipaddress.IPv6Address(value.strip().strip("[]"))
     except ValueError:
         raise _Bad("an IPv6 address") from None
-    if ip.ipv4_mapped is not None or ip.is_link_local:
-        raise _Bad("a global IPv6 address (not an IPv4-mapped or link-local one)")
+    if ip.ipv4_mapped is not None or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
+        raise _Bad("a global IPv6 address (not IPv4-mapped, link-local, :: or multicast)")
     return str(ip)
 
 

@@ -130,8 +130,8 @@ class Relay:
         self._filter_probes = 0
         self.probes_per_source = probes_per_source
         self._probes_from: dict[str, int] = {}
-        # (token, address): a "who am I" probe carried a device's probe token
-        self.on_whoami: Optional[Callable[[bytes, str], None]] = None
+        # (token, address, port): a "who am I" probe carried a device's probe token
+        self.on_whoami: Optional[Callable[[bytes, str, int], None]] = None
         self._hellos = Gate(hellos_per_source, HELLOS_TOTAL)
         self._hello_keys = 0
         self._admits: set[asyncio.Task] = set()
@@ -399,7 +399,7 @@ class Relay:
             return
         conn.close()
         if any(token) and self.on_whoami is not None:
-            self.on_whoami(bytes(token), ip)
+            self.on_whoami(bytes(token), ip, port)
 
     async def _filtering(self, conn: socket.socket) -> None:
         """How the asker's gateway treats an unsolicited SYN to the mapping
@@ -521,6 +521,9 @@ def listen(host: str, port: int, backlog: int = 1024) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host.strip("[]") == "::":
+            # both families on one socket whatever net.ipv6.bindv6only says
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

@@ -60,6 +60,7 @@ START_RTT_SHARE = 0.5  # of the farther device's round trip: its Ready's way the
 START_SETUP_MS = 5     # and time to set up (sockets, nftables) once it is there
 SPOOF_ASSIST_SECONDS = 20.0     # covers every slot of a plan (planner.BUDGET)
 MAX_SPOOF_ASSISTS = 256         # at once; past that spoof goes unassisted (plans order it late)
+SEEN_PORTS = 4                  # per family, a device's last token-probe ports kept
 ACTIVE_SECONDS = 60.0           # a rendezvous is watched for its sides leaving this long
                                 # (every slot of a plan, and the relay's join timeout)
 
@@ -216,6 +217,11 @@ class CCSServer:
             self.public[family(here)] = here
         if self.public_addr is None:
             self.public_addr = self.public_for(4) or here
+        if self._listener.family == socket.AF_INET6 and here == "::" and \
+                self.public_for(4, exact=True) is None:
+            event("config-warning", reason="listening on [::] with no public_addr: IPv4 "
+                                           "devices would be given no relay address of "
+                                           "their family")
         if self._listener.family == socket.AF_INET and 6 in self.public:
             # devices would probe and announce IPv6 toward a node that never hears it
             event("config-warning", reason=f"public_addr6 {self.public[6]} given, but this "
@@ -354,6 +360,24 @@ class CCSServer:
             addr = next(iter(self.public.values()), None)
         return addr
 
+    def relay_addr_for(self, fam: int, version: int) -> str:
+        """The relay address to give a device that logged in over ``fam``
+        and speaks ``version``: its own family's, else the other family's
+        only where the device's protocol carries it (an IPv6 one would make
+        the encoder refuse the whole Ready for a version-4 device)."""
+        addr = self.public_for(fam, exact=True)
+        if addr is None:
+            other = self.public_for(10 - fam, exact=True)
+            if other is not None and (family(other) == 4 or version >= wire.IP_SINCE):
+                addr = other
+        return addr if addr is not None else self.public_addr or "0.0.0.0"
+
+    def alt_addr_for(self, fam: int) -> Optional[str]:
+        """AuthOk's ``alt_addr``: the node's address in the other family,
+        never a wildcard (a [::] listener with no --public-addr6)."""
+        addr = self.public_for(10 - fam, exact=True)
+        return None if addr in (None, "0.0.0.0", "::") else addr
+
     def issue_probe_token(self, session: "DeviceSession") -> bytes:
         """A fresh probe token for ``session`` (AuthOk, protocol 5)."""
         if session.probe_token is not None:
@@ -362,15 +386,20 @@ class CCSServer:
         self._probe_tokens[token] = session
         return token
 
-    def _whoami_seen(self, token: bytes, ip: str) -> None:
-        """A "who am I" probe came from ``ip`` with a device's token: the
-        device, by a TCP connection of its own (no spoofed source completes
-        one), is at ``ip`` in that family. Its login's family keeps the
-        login's address."""
+    def _whoami_seen(self, token: bytes, ip: str, port: int = 0) -> None:
+        """A "who am I" probe came from ``ip``:``port`` with a device's
+        token: the device, by a TCP connection of its own (no spoofed source
+        completes one), is at ``ip`` in that family and punches from that
+        port (its gathering probes from the very port). Its login's family
+        keeps the login's address."""
         session = self._probe_tokens.get(token)
         if session is None or session.transport is None or session.transport.is_closing():
             return
         fam = family(ip)
+        if port:
+            ports = session.seen_ports.setdefault(fam, collections.deque(maxlen=SEEN_PORTS))
+            if port not in ports:
+                ports.append(port)
         if fam != family(session.peer[0]) and session.seen.get(fam) != ip:
             session.seen[fam] = ip
             event("seen", device=session.name, addr=ip)
@@ -468,7 +497,8 @@ class CCSServer:
                 await self.deliver(msg["origin"], {
                     "op": "answer", "pid": msg["pid"], "oid": STANDING, "b": msg["b"],
                     "node": self.node, "addr": session.peer[0], "rtt": session.rtt,
-                    "seen": _seen_json(session), "version": session.machine.version,
+                    "seen": _seen_json(session), "ports": _ports_json(session),
+                    "version": session.machine.version,
                     "info": info.to_json()})
                 return
             budgets = self.budgets
@@ -641,6 +671,7 @@ class CCSServer:
                                           "b": offer.b, "node": self.node,
                                           "addr": session.peer[0], "rtt": session.rtt,
                                           "seen": _seen_json(session),
+                                          "ports": _ports_json(session),
                                           "version": session.machine.version,
                                           "info": wire.next_info_of(msg).to_json()})
 
@@ -750,7 +781,8 @@ class CCSServer:
         return own
 
     def _screen(self, a: str, a_addr: str, a_seen: dict, a_info: wire.NextInfo, b: str,
-                b_addr: str, b_seen: dict, b_info: wire.NextInfo) -> tuple:
+                b_addr: str, b_seen: dict, b_info: wire.NextInfo,
+                a_ports: Optional[dict] = None, b_ports: Optional[dict] = None) -> tuple:
         """Both sides' info as the other may see it, and whether they share
         a LAN: candidates aimed at anyone but the device itself dropped
         (``candidates.sanitize``), and LAN addresses given to the peer only
@@ -759,9 +791,10 @@ class CCSServer:
         business (a global IPv6 address is not a LAN address)."""
         out = []
         kept = {}
-        for name, addr, seen, info in ((a, a_addr, a_seen, a_info), (b, b_addr, b_seen, b_info)):
+        for name, addr, seen, ports, info in ((a, a_addr, a_seen, a_ports, a_info),
+                                              (b, b_addr, b_seen, b_ports, b_info)):
             good, dropped = cands.sanitize(info.candidates or (), addr, self._own_addresses(),
-                                           seen=seen.values())
+                                           seen=seen.values(), ports=ports)
             for c, why in dropped:
                 event("candidate-dropped", device=name, candidate=str(c), why=why)
             kept[name] = good
@@ -806,8 +839,11 @@ class CCSServer:
         b_addr, b_version = msg["addr"], msg.get("version", 1)
         b_seen = _seen_of(msg.get("seen"), b_addr)
         fam_a, fam_b = family(a.peer[0]), family(b_addr)
-        # each side is told the other's address in its own family where known
-        to_a, to_b = b_seen.get(fam_a, b_addr), a.seen.get(fam_b, a.peer[0])
+        # each side is told the other's IPv4 address where there is one (what
+        # every IPv4 strategy aims at, and compares with its own: one gateway),
+        # else its address in the receiver's family, else its login's
+        to_a = b_seen.get(4) or b_seen.get(fam_a, b_addr)
+        to_b = a.seen.get(4) or a.seen.get(fam_b, a.peer[0])
         if (family(to_a) == 6 and a.machine.version < wire.IP_SINCE) or \
                 (family(to_b) == 6 and b_version < wire.IP_SINCE):
             why = (f"{pending.a} and {pending.b} share no address family the older "
@@ -817,7 +853,8 @@ class CCSServer:
                                              "code": "no-common-family", "reason": why})
             return
         a_info, b_info, lan = self._screen(pending.a, a.peer[0], a.seen, pending.a_info,
-                                           pending.b, b_addr, b_seen, b_info)
+                                           pending.b, b_addr, b_seen, b_info,
+                                           a.seen_ports, _ports_of(msg.get("ports")))
         key = self.random(32)
         legacy = a.machine.version < 2 or msg.get("version", 1) < 2
         v6 = cands.v6_path(a_info.candidates, b_info.candidates)
@@ -838,12 +875,19 @@ class CCSServer:
                       relay_port=self.relay_port, session=session_id,
                       relay_first=True if relay_first else None)
         self._track(session_id, pending.a, pending.b, msg["node"])
+        # (local_addr is the device's own word, passed on unchecked: an
+        # IPv6 one must not reach a device whose protocol cannot carry it)
+        if a.machine.version < wire.IP_SINCE and b_info.local_addr and ":" in b_info.local_addr:
+            b_info = wire.NextInfo(**{**b_info.fields(), "local_addr": None})
+        if b_version < wire.IP_SINCE and a_info.local_addr and ":" in a_info.local_addr:
+            a_info = wire.NextInfo(**{**a_info.fields(), "local_addr": None})
         a.write(wire.RendezvousReady(request=pending.a_request, peer=pending.b, addr=to_a,
                                      role="initiator", relay_token=token_a,
-                                     relay_addr=self.public_for(fam_a), **common,
-                                     **b_info.fields()))
+                                     relay_addr=self.relay_addr_for(fam_a, a.machine.version),
+                                     **common, **b_info.fields()))
         b_fields = dict(request=msg["oid"], peer=pending.a, addr=to_b, role="responder",
-                        relay_token=token_b.hex(), relay_addr=self.public_for(fam_b), **common,
+                        relay_token=token_b.hex(),
+                        relay_addr=self.relay_addr_for(fam_b, b_version), **common,
                         info=a_info.to_json())
         b_fields["key"] = self._seal_key(key, pending.b)
         await self.deliver(msg["node"], {"op": "ready", "b": pending.b, "fields": b_fields,
@@ -856,6 +900,21 @@ class CCSServer:
 def _seen_json(session: "DeviceSession") -> dict:
     """A session's per-family addresses for a message between nodes."""
     return {str(fam): addr for fam, addr in session.seen.items()}
+
+
+def _ports_json(session: "DeviceSession") -> dict:
+    return {str(fam): list(ports) for fam, ports in session.seen_ports.items()}
+
+
+def _ports_of(data) -> dict:
+    """The per-family probe ports of a peer on another node, checked."""
+    out: dict = {}
+    if isinstance(data, dict):
+        for fam, ports in data.items():
+            if fam in ("4", "6") and isinstance(ports, list):
+                out[int(fam)] = [p for p in ports[:SEEN_PORTS]
+                                 if isinstance(p, int) and 0 < p < 65536]
+    return out
 
 
 def _seen_of(data, login_addr: str) -> dict:

@@ -32,7 +32,8 @@ class DeviceSession(asyncio.Protocol):
 
     __slots__ = ("server", "machine", "name", "peer", "transport", "_deadline", "rtt",
                  "_challenged", "standing", "key", "bucket", "in_flight", "offers_pending",
-                 "offers_from", "expired", "generation", "seen", "probe_token")
+                 "offers_from", "expired", "generation", "seen", "seen_ports",
+                 "probe_token")
 
     def __init__(self, server: CCSServer, key: int = 0) -> None:
         self.server = server
@@ -54,6 +55,9 @@ class DeviceSession(asyncio.Protocol):
         # where the CCS has seen this device, per family: its login's address,
         # and what its token-carrying "who am I" probes came from (protocol 5)
         self.seen: dict = {}
+        # per family, the last few source ports of its token probes: the ports
+        # it punches from (its IPv6 neighbours' addresses pass only on these)
+        self.seen_ports: dict = {}
         self.probe_token: Optional[bytes] = None
 
     def connection_made(self, transport) -> None:
@@ -161,7 +165,7 @@ class DeviceSession(asyncio.Protocol):
             self.transport.write(self.machine.accept(
                 self.peer[0], self.peer[1], srv.heartbeat, srv.node, srv.relay_port or None,
                 srv.probe_port2 or None, srv.keepalive, probe_token=self.probe_token,
-                alt_addr=srv.public_for(10 - fam, exact=True)))
+                alt_addr=srv.alt_addr_for(fam)))
             self._arm(3 * srv.heartbeat, "dead-peer")
             srv.gate.leave(self.key)
             srv.online(self)

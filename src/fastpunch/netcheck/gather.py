@@ -199,12 +199,14 @@ async def gather(ccs_ip: Optional[str], probe_port: Optional[int],
     try:
         g = await _gather(ccs_ip, probe_port, local_port, report, portmap_protocol,
                           reservation, ccs6, token)
+        if ccs6 is not None:
+            # (inside the try: cancelled during the IPv6 probe, the IPv4
+            # reservation must not outlive this call)
+            g = await _with_v6(g, ccs6, probe_port, token)
     except BaseException:
         if reservation is not None:
             reservation.close()
         raise
-    if ccs6 is not None:
-        g = await _with_v6(g, ccs6, probe_port, token)
     return g
 
 

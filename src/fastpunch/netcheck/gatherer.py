@@ -114,8 +114,9 @@ class Gatherer:
         # natcheck is about an IPv4 NAT: toward the CCS's IPv4 address when known
         self._ccs = (self._ccs4 or ccs_ip, probe_port, probe_port2)
         self.forget_prepared()
-        if self.nat == "auto" and probe_port and (self._natcheck is None or
-                                                  self._natcheck.done()):
+        # (natcheck is about an IPv4 NAT: none when no IPv4 address of the CCS is known)
+        if self.nat == "auto" and probe_port and self._ccs4 is not None and \
+                (self._natcheck is None or self._natcheck.done()):
             self._natcheck = asyncio.get_running_loop().create_task(self._check())
         elif self._ccs6 is not None and probe_port and (self._natcheck is None or
                                                         self._natcheck.done()):

@@ -191,10 +191,14 @@ def _v6_global(ip) -> bool:
 
 _V6_GLOBAL = ipaddress.ip_network("2000::/3")
 _V6_ULA = ipaddress.ip_network("fc00::/7")
+# a /64 that is not one site's: Teredo's (RFC 4380) is every client of one
+# server, its low 64 bits an arbitrary IPv4 address and port
+_V6_NO_SITE = (ipaddress.ip_network("2001::/32"),)
 
 
 def sanitize(candidates: Iterable[Candidate], reflexive: str,
-             refused: Iterable[str] = (), seen: Iterable[str] = ()) -> tuple:
+             refused: Iterable[str] = (), seen: Iterable[str] = (),
+             ports: Optional[dict] = None) -> tuple:
     """The CCS's check of what a device announces, before the peer sees it:
     (kept, dropped as (candidate, why)).
 
@@ -207,9 +211,13 @@ def sanitize(candidates: Iterable[Candidate], reflexive: str,
     candidate must be a LAN address (private, shared or link-local) or that
     same public address. IPv6: a candidate carries the address seen, or,
     as a host candidate, another address of the seen one's /64 (a host's
-    stable and temporary addresses) or a unique local address (a LAN's,
-    fc00::/7); never a link-local one (it means nothing without the
-    interface it is on). None of them may be ``refused`` (the CCS's own
+    stable and temporary addresses) on a port the device's token probes
+    came from (``ports``, per family: the /64 of a public network or a
+    shared server holds other people's machines, and the device must not
+    steer its peers at their ports; not for Teredo's 2001::/32, whose /64 is
+    a whole relay's clients), or a unique local address (a LAN's, fc00::/7);
+    never a link-local one (it means nothing without the interface it is
+    on). None of them may be ``refused`` (the CCS's own
     addresses: devices that reach it over a private network must not aim
     their peers at it)."""
     evidence = {}
@@ -238,9 +246,15 @@ def sanitize(candidates: Iterable[Candidate], reflexive: str,
                 dropped.append((c, "a host candidate is a LAN address or the public one"))
         elif ip.is_link_local:
             dropped.append((c, "a link-local address (no interface to reach it by)"))
-        elif ip in _V6_ULA or (_v6_global(ip) and _v6_global(at) and ip in
-                               ipaddress.IPv6Network(f"{at}/{V6_SITE_PREFIX}", strict=False)):
+        elif ip in _V6_ULA:
             kept.append(c)
+        elif _v6_global(ip) and _v6_global(at) and not any(at in n for n in _V6_NO_SITE) \
+                and ip in ipaddress.IPv6Network(f"{at}/{V6_SITE_PREFIX}", strict=False):
+            if c.port in (ports or {}).get(6, ()):
+                kept.append(c)
+            else:
+                dropped.append((c, f"port {c.port} of another address of its /64 is none "
+                                   "it probed from"))
         else:
             dropped.append((c, f"an IPv6 host candidate is in the /{V6_SITE_PREFIX} of the "
                                f"address the CCS sees ({at}) or a unique local one"))

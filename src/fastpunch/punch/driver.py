@@ -109,10 +109,9 @@ class Race:
         return rules
 
     def _families(self) -> list:
-        """The IP families of the attempt's flows (sprays are IPv4's)."""
+        """The IP families of the attempt's flows and sprays."""
         fams = {6 if ":" in p.local[0] else 4 for p in self.pairs}
-        if self.sprays:
-            fams.add(4)
+        fams |= {6 if ":" in s.remote_ip else 4 for s in self.sprays}
         return sorted(fams)
 
     def _matches(self) -> list:
