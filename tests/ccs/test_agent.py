@@ -318,6 +318,13 @@ def test_bad_configurations_are_named(tmp_path):
     assert got.services["web"].port == 80 and got["peers"] == ("viewer",)
     assert got.sources["services"] == "environment FASTPUNCH_AGENT_SERVICES"
     assert got.allows(got.services["web"], "viewer") and not got.allows(got.services["web"], "x")
+    # concurrent punches: 2 unless told, 1-64
+    assert got["punches"] == 2
+    assert agent_config.load({**base, "punches": "8"}, {})["punches"] == 8
+    for bad in ("0", "65", "two"):
+        with pytest.raises(agent_config.ConfigError) as err:
+            agent_config.load({**base, "punches": bad}, {})
+        assert err.value.setting == "punches"
 
 
 def test_a_second_agent_does_not_take_a_live_status_socket(tmp_path):

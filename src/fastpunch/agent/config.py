@@ -197,6 +197,9 @@ SETTINGS = (
        "BYTES"),
     _s("max_peers", _integer(1, 4096, "an integer 1-4096"), 16,
        "peers served at once (those beyond wait for a slot)", "N"),
+    _s("punches", _integer(1, 64, "an integer 1-64"), 2,
+       "offers punched at once (more wait their turn: each punch holds a port, raw "
+       "sockets and an nftables table while it runs)", "N"),
     _s("connect_timeout", _seconds, 10, "seconds to reach a local service", "SECONDS"),
     _s("status_socket", _text, DEFAULT_STATUS_SOCKET, "where `fastpunch agent status` asks "
        "(a unix socket, owner only; empty: none)", "PATH", optional=True),

@@ -36,8 +36,6 @@ __all__ = ["Agent", "log", "event"]
 
 log = logging.getLogger("fastpunch.agent")
 LIST_LABEL = "?services"
-#: accepts (punches) under way at once; the peers served at once are max_peers
-ACCEPTORS = 2
 
 
 def event(kind: str, **fields) -> None:
@@ -108,7 +106,7 @@ class Agent:
             raise
         self.emit("logged-in", name=self.device.name, node=self.device.node,
                   ccs=self.device.ccs, services=sorted(cfg.services))
-        for _ in range(ACCEPTORS):
+        for _ in range(cfg["punches"]):
             self._acceptors.append(asyncio.ensure_future(self._accept_loop()))
 
     async def stop(self, reason: str = "stopping") -> None:
