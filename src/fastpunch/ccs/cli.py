@@ -365,6 +365,13 @@ def cmd_serve(args) -> int:
             os.replace(cfg["ready_file"] + ".tmp", cfg["ready_file"])
         notify(f"READY=1\nSTATUS=listening on {bound[0]}:{bound[1]}\nMAINPID={os.getpid()}")
         await stop.wait()
+        # asked to stop: a repeated request (an impatient operator, a
+        # supervisor's second TERM) must not kill the clean exit half way
+        # through, with -15 for a status (seen under load: the store still
+        # closing after the loop had given TERM its default back)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
         notify("STOPPING=1")
         event("stopping", node=server.node)
         if mserver is not None:
